@@ -1,0 +1,29 @@
+"""shardckpt: sharded, checksummed, atomic checkpoints for PyTorch training."""
+
+__version__ = "0.1.0"
+
+from .errors import (
+    CollectiveError,
+    CorruptCheckpointError,
+    IncompleteCheckpointError,
+    ShardckptError,
+    StorageError,
+    VerificationError,
+)
+from .manager import CheckpointInfo, CheckpointManager, PruneReport, SaveHandle
+from .policy import RetentionPolicy
+
+__all__ = [
+    "CheckpointInfo",
+    "CheckpointManager",
+    "CollectiveError",
+    "CorruptCheckpointError",
+    "IncompleteCheckpointError",
+    "PruneReport",
+    "RetentionPolicy",
+    "SaveHandle",
+    "ShardckptError",
+    "StorageError",
+    "VerificationError",
+    "__version__",
+]

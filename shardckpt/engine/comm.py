@@ -1,0 +1,115 @@
+"""JSON-only collectives for the save/load protocols: no pickle crosses a process boundary.
+
+:class:`GlooComm` runs on its own gloo group (created once per manager, collectively), so the
+checkpoint protocol never touches training's process group or stream. :class:`LocalComm` is the
+single-process stand-in with the same interface.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+from typing import Any
+
+import torch
+
+from ..errors import CollectiveError
+
+
+class LocalComm:
+    rank = 0
+    world_size = 1
+
+    def all_gather_json(self, obj: Any, what: str = "") -> list[Any]:
+        return [json.loads(json.dumps(obj))]
+
+    def gather_json(self, obj: Any, what: str = "", dst: int = 0) -> list[Any] | None:
+        return [json.loads(json.dumps(obj))]
+
+    def broadcast_json(self, obj: Any, what: str = "", src: int = 0) -> Any:
+        return json.loads(json.dumps(obj))
+
+
+class GlooComm:
+    """Collectives over a private gloo group. Every rank of ``group`` must call each in order."""
+
+    def __init__(self, process_group: Any = None, timeout_s: float = 600.0) -> None:
+        import torch.distributed as dist
+
+        self._dist = dist
+        ranks = dist.get_process_group_ranks(process_group) if process_group is not None \
+            else list(range(dist.get_world_size()))
+        self.group = dist.new_group(ranks=ranks, backend="gloo",
+                                    timeout=timedelta(seconds=timeout_s))
+        self.rank = dist.get_rank(self.group)
+        self.world_size = dist.get_world_size(self.group)
+        self._global = ranks
+
+    def _fail(self, what: str, exc: BaseException) -> CollectiveError:
+        return CollectiveError(
+            f"rank {self.rank}: collective {what!r} failed (a peer died, hung past the timeout "
+            f"or raised outside the protocol): {type(exc).__name__}: {str(exc)[:300]}")
+
+    @staticmethod
+    def _encode(obj: Any) -> torch.Tensor:
+        data = json.dumps(obj, separators=(",", ":")).encode()
+        return torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else \
+            torch.empty(0, dtype=torch.uint8)
+
+    def all_gather_json(self, obj: Any, what: str = "all_gather") -> list[Any]:
+        dist = self._dist
+        payload = self._encode(obj)
+        try:
+            sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world_size)]
+            dist.all_gather(sizes, torch.tensor([payload.numel()]), group=self.group)
+            top = max(int(s) for s in sizes)
+            padded = torch.zeros(top, dtype=torch.uint8)
+            padded[: payload.numel()] = payload
+            bufs = [torch.empty(top, dtype=torch.uint8) for _ in range(self.world_size)]
+            dist.all_gather(bufs, padded, group=self.group)
+        except RuntimeError as exc:
+            raise self._fail(what, exc) from exc
+        return [json.loads(bytes(b[: int(n)].numpy())) for b, n in zip(bufs, sizes)]
+
+    def gather_json(self, obj: Any, what: str = "gather", dst: int = 0) -> list[Any] | None:
+        dist = self._dist
+        payload = self._encode(obj)
+        try:
+            size = torch.tensor([payload.numel()])
+            sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world_size)]
+            dist.all_gather(sizes, size, group=self.group)
+            top = max(int(s) for s in sizes)
+            padded = torch.zeros(top, dtype=torch.uint8)
+            padded[: payload.numel()] = payload
+            bufs = [torch.empty(top, dtype=torch.uint8) for _ in range(self.world_size)] \
+                if self.rank == dst else None
+            dist.gather(padded, bufs, dst=self._global[dst], group=self.group)
+        except RuntimeError as exc:
+            raise self._fail(what, exc) from exc
+        if bufs is None:
+            return None
+        return [json.loads(bytes(b[: int(n)].numpy())) for b, n in zip(bufs, sizes)]
+
+    def broadcast_json(self, obj: Any, what: str = "broadcast", src: int = 0) -> Any:
+        dist = self._dist
+        try:
+            payload = self._encode(obj) if self.rank == src else None
+            size = torch.tensor([payload.numel() if payload is not None else 0])
+            dist.broadcast(size, src=self._global[src], group=self.group)
+            buf = payload if payload is not None else torch.empty(int(size), dtype=torch.uint8)
+            if int(size):
+                dist.broadcast(buf, src=self._global[src], group=self.group)
+        except RuntimeError as exc:
+            raise self._fail(what, exc) from exc
+        return json.loads(bytes(buf.numpy()))
+
+
+def make_comm(process_group: Any, timeout_s: float) -> LocalComm | GlooComm:
+    """The comm for a manager: gloo when torch.distributed is initialized, else local."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return GlooComm(process_group, timeout_s)
+    if process_group is not None:
+        raise ValueError("process_group given but torch.distributed is not initialized")
+    return LocalComm()

@@ -1,0 +1,120 @@
+"""The collective load protocol: every rank reads the boxes it needs, then all agree on success.
+
+Tensors are loaded in place: the local shard of a DTensor gets exactly its box of the global
+tensor (whatever the saving world size was), a plain tensor gets the whole tensor. Reads run in
+parallel threads and every chunk is checked against its checksum.
+"""
+
+from __future__ import annotations
+
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..errors import CollectiveError, CorruptCheckpointError
+from ..format.dtypes import torch_dtype
+from ..format.manifest import Manifest, TensorMeta
+from ..planning.statedict import LoadContext, local_box, restore
+from .comm import GlooComm, LocalComm
+from .reader import CheckpointReader
+from .save import describe
+
+
+@dataclass
+class ReadRequest:
+    key: str
+    meta: TensorMeta
+    offsets: tuple[int, ...]
+    lengths: tuple[int, ...]
+    out: torch.Tensor
+
+
+class LoadPlanner:
+    """Turns tensor references of the tree into read requests against a manifest."""
+
+    def __init__(self, manifest: Manifest, rank: int | None, strict: bool) -> None:
+        self.manifest = manifest
+        self.rank = rank
+        self.strict = strict
+        self.requests: list[ReadRequest] = []
+        self.skipped: list[str] = []
+
+    def request(self, key: str, dest: torch.Tensor | None, where: str) -> Any:
+        if key not in self.manifest.tensors:
+            raise CorruptCheckpointError(f"manifest: tree refers to tensor {key!r}, which the "
+                                         f"manifest does not list")
+        meta = self.manifest.resolve(key, self.rank)
+        if meta is None:  # per-rank tensor saved at another world size
+            self.skipped.append(where)
+            return dest
+        dtype = torch_dtype(meta.dtype, key)
+        if dest is None:
+            out = torch.empty(meta.shape, dtype=dtype)
+            self.requests.append(ReadRequest(key, meta, (0,) * len(meta.shape), meta.shape, out))
+            return out
+        local, shape, offsets, _ = local_box(dest)
+        if tuple(shape) != meta.shape:
+            raise ValueError(f"{where}: checkpoint shape {list(meta.shape)} differs from the "
+                             f"given tensor's {list(shape)}")
+        if local.dtype != dtype and self.strict:
+            raise ValueError(f"{where}: checkpoint dtype {meta.dtype} differs from the given "
+                             f"tensor's {str(local.dtype).removeprefix('torch.')} (strict=True)")
+        self.requests.append(ReadRequest(key, meta, offsets, tuple(local.shape), local))
+        return dest
+
+
+def _execute(reader: CheckpointReader, req: ReadRequest) -> None:
+    out = req.out
+    if out.device.type != "cpu":
+        host = torch.empty(out.shape, dtype=out.dtype)
+        reader.read_box(req.meta, req.offsets, req.lengths, host)
+        out.copy_(host)
+    else:
+        reader.read_box(req.meta, req.offsets, req.lengths, out)
+
+
+def load_step(comm: LocalComm | GlooComm, reader: CheckpointReader, state: dict[str, Any],
+              strict: bool, threads: int) -> list[str]:
+    """Fill ``state`` from the checkpoint on this rank; every rank calls it. Returns skipped paths.
+
+    If any rank fails, every rank raises :class:`CollectiveError` naming the failing ranks, so no
+    rank goes on training with state its peers did not load.
+    """
+    manifest = reader.manifest
+    same_world = manifest.world_size == comm.world_size
+    rank = comm.rank if same_world else None
+    planner = LoadPlanner(manifest, rank, strict)
+    error: BaseException | None = None
+    skipped: list[str] = []
+    try:
+        ctx = LoadContext(planner.request, rank, manifest.world_size, strict)
+        restore(state, manifest.tree, ctx)
+        with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+            for f in [pool.submit(_execute, reader, r) for r in planner.requests]:
+                f.result()
+        for apply in ctx.appliers:
+            apply()
+        skipped = sorted(set(ctx.skipped + planner.skipped))
+    except Exception as exc:
+        error = exc
+    if comm.world_size == 1:
+        if error is not None:
+            raise error
+    else:
+        outcomes = comm.all_gather_json(describe(error) if error else None, "load: outcome")
+        failures = {r: m for r, m in enumerate(outcomes) if m}
+        if failures:
+            if error is not None and len(failures) == 1:
+                raise error
+            lines = "; ".join(f"rank {r}: {m}" for r, m in sorted(failures.items()))
+            raise CollectiveError(f"load failed on rank(s) {sorted(failures)}: {lines}",
+                                  failures) from error
+    if skipped:
+        warnings.warn(
+            f"checkpoint step {manifest.step} was saved at world size {manifest.world_size}, this "
+            f"job has {comm.world_size}: per-rank state not restored: {', '.join(skipped[:20])}"
+            + (" ..." if len(skipped) > 20 else ""), stacklevel=3)
+    return skipped

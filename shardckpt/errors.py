@@ -1,0 +1,50 @@
+"""The exception family of shardckpt.
+
+Every error the package raises on purpose derives from :class:`ShardckptError`, apart from the
+ordinary ``TypeError`` / ``ValueError`` / ``KeyError`` for wrong arguments. Messages name the file,
+key, offset or rank involved so that an operator can act on them without a traceback.
+"""
+
+from __future__ import annotations
+
+
+class ShardckptError(Exception):
+    """Base class of every shardckpt error."""
+
+
+class CorruptCheckpointError(ShardckptError):
+    """Checksum mismatch, bad magic or version, truncation, bad offsets, duplicate keys."""
+
+
+class IncompleteCheckpointError(ShardckptError):
+    """No commit, a missing shard, or a tensor whose pieces do not cover it."""
+
+
+class StorageError(ShardckptError):
+    """A storage backend failed (unreachable, full, permission denied) after retries."""
+
+
+class VerificationError(ShardckptError):
+    """Replayed outputs differ from the golden outputs recorded at save time."""
+
+
+class CollectiveError(ShardckptError):
+    """A collective save or load failed on one or more ranks.
+
+    ``failures`` maps each failing rank to a one-line description of its error, so that every rank
+    raises the same, complete account of what went wrong.
+    """
+
+    def __init__(self, message: str, failures: dict[int, str] | None = None) -> None:
+        super().__init__(message)
+        self.failures = dict(failures or {})
+
+
+__all__ = [
+    "CollectiveError",
+    "CorruptCheckpointError",
+    "IncompleteCheckpointError",
+    "ShardckptError",
+    "StorageError",
+    "VerificationError",
+]

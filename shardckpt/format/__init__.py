@@ -1,0 +1,1 @@
+"""Serialization: the ``.shard`` file and ``manifest.json``. Bytes and checksums only."""

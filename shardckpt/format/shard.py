@@ -1,0 +1,320 @@
+"""The ``.shard`` file: chunks of tensor bytes with a checksum each, then a JSON header.
+
+Layout (all integers little-endian; full specification in ``docs/format.md``)::
+
+    preamble  64 bytes   magic b"SHRDCKPT", u32 version, u32 flags, zero padding
+    chunks               each at an aligned offset; stored bytes = raw or zstd frame
+    header    JSON       {"format", "version", "save_id", "step", "rank", "pieces": [...]}
+    trailer   32 bytes   u64 header offset, u64 header length, u64 XXH3-64 of header, b"SHRDEND1"
+
+The header sits at the end so that a file streams to any byte sink (an object-store upload
+included) without seeking back; the fixed-size trailer finds it. Every chunk carries the XXH3-64 of
+its *stored* bytes, so corruption is caught before any decompression runs.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import xxhash
+import zstandard
+
+from . import fields as F
+from . import safejson
+from .dtypes import itemsize
+
+MAGIC = b"SHRDCKPT"
+TRAILER_MAGIC = b"SHRDEND1"
+VERSION = 1
+PREAMBLE = struct.Struct("<8sII48x")
+TRAILER = struct.Struct("<QQQ8s")
+PREAMBLE_SIZE = PREAMBLE.size  # 64
+TRAILER_SIZE = TRAILER.size  # 32
+MAX_HEADER_BYTES = 256 << 20
+CODECS = ("raw", "zstd")
+_ZERO = bytes(4096)
+
+
+def chunk_alignment(nbytes: int) -> int:
+    """Large chunks start on 4 KiB boundaries (page- and O_DIRECT-friendly); small ones on 64 B."""
+    return 4096 if nbytes >= 64 * 1024 else 64
+
+
+def checksum(data: Any) -> str:
+    return xxhash.xxh3_64_hexdigest(data)
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One checksummed run of stored bytes: ``raw`` bytes of tensor data once decoded."""
+
+    offset: int
+    stored: int
+    raw: int
+    xxh3: str
+    codec: str = "raw"
+
+    def to_json(self) -> list[Any]:
+        return [self.offset, self.stored, self.raw, self.xxh3, self.codec]
+
+    @classmethod
+    def from_json(cls, value: Any, where: str) -> Chunk:
+        if not isinstance(value, list) or len(value) != 5:
+            raise F.fail(where, "a chunk is [offset, stored, raw, xxh3, codec]")
+        offset = F.integer(value[0], f"{where} offset", PREAMBLE_SIZE)
+        stored = F.integer(value[1], f"{where} stored size")
+        raw = F.integer(value[2], f"{where} raw size")
+        digest = F.hex16(value[3], f"{where} checksum")
+        codec = value[4]
+        if codec not in CODECS:
+            raise F.fail(where, f"unknown codec {codec!r}")
+        if codec == "raw" and stored != raw:
+            raise F.fail(where, f"raw chunk stores {stored} bytes but declares {raw}")
+        if codec == "zstd" and (stored == 0 or raw == 0):
+            raise F.fail(where, "empty zstd chunk")
+        return cls(offset, stored, raw, digest, codec)
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A box of one tensor (``offsets``/``lengths`` in the global tensor) stored in one file."""
+
+    key: str
+    dtype: str
+    offsets: tuple[int, ...]
+    lengths: tuple[int, ...]
+    chunks: tuple[Chunk, ...]
+    file: str = ""
+
+    @property
+    def nbytes(self) -> int:
+        n = itemsize(self.dtype)
+        for d in self.lengths:
+            n *= d
+        return n
+
+    def to_json(self, with_key: bool = True) -> dict[str, Any]:
+        out: dict[str, Any] = {"key": self.key, "dtype": self.dtype} if with_key else {}
+        if self.file:
+            out["file"] = self.file
+        out["offsets"] = list(self.offsets)
+        out["lengths"] = list(self.lengths)
+        out["chunks"] = [c.to_json() for c in self.chunks]
+        return out
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    """What the manifest knows of a shard file, to check it before trusting any byte of it."""
+
+    name: str
+    nbytes: int
+    header_offset: int
+    header_xxh3: str
+    rank: int
+
+
+class ByteSink(Protocol):
+    def write(self, data: Any, /) -> Any: ...
+
+
+class Codec:
+    """zstd at a level, or raw; a chunk that zstd does not shrink is stored raw."""
+
+    def __init__(self, spec: str | None) -> None:
+        self.spec = spec
+        self.level: int | None = None
+        if spec is None or spec == "none":
+            return
+        name, _, level = spec.partition(":")
+        if name != "zstd":
+            raise ValueError(f"compression must be None, 'zstd' or 'zstd:LEVEL', not {spec!r}")
+        try:
+            self.level = int(level) if level else 3
+        except ValueError:
+            raise ValueError(f"compression level in {spec!r} is not an integer") from None
+        if not -7 <= self.level <= 22:
+            raise ValueError(f"zstd level {self.level} is outside [-7, 22]")
+
+    def encode(self, raw: memoryview) -> tuple[Any, str]:
+        if self.level is None or len(raw) == 0:
+            return raw, "raw"
+        packed = zstandard.ZstdCompressor(level=self.level).compress(raw)
+        if len(packed) >= len(raw):
+            return raw, "raw"
+        return packed, "zstd"
+
+
+class ShardWriter:
+    """Streams pieces into one ``.shard`` file through any sink with ``write``.
+
+    Call :meth:`add` for each piece, then :meth:`finish` exactly once; the caller flushes, fsyncs
+    and closes the sink (that is the storage layer's business, not the format's).
+    """
+
+    def __init__(self, sink: ByteSink, name: str, *, save_id: str, step: int, rank: int,
+                 chunk_size: int, codec: Codec | None = None) -> None:
+        self._sink = sink
+        self.name = name
+        self._meta = {"save_id": save_id, "step": step, "rank": rank}
+        self._chunk_size = max(1, chunk_size)
+        self._codec = codec or Codec(None)
+        self._pos = 0
+        self._pieces: list[Piece] = []
+        self._write(PREAMBLE.pack(MAGIC, VERSION, 0))
+
+    def _write(self, data: Any) -> None:
+        self._sink.write(data)
+        self._pos += len(data)
+
+    def _pad_to(self, alignment: int) -> None:
+        pad = -self._pos % alignment
+        if pad:
+            self._write(_ZERO[:pad])
+
+    def write_chunk(self, raw: memoryview) -> Chunk:
+        stored, codec = self._codec.encode(raw)
+        self._pad_to(chunk_alignment(len(stored)))
+        chunk = Chunk(self._pos, len(stored), len(raw), checksum(stored), codec)
+        self._write(stored)
+        return chunk
+
+    def add(self, key: str, dtype: str, offsets: tuple[int, ...], lengths: tuple[int, ...],
+            data: memoryview) -> Piece:
+        """Write the raw bytes of one piece (C order) as chunks; return where they went."""
+        data = memoryview(data).cast("B")
+        piece = Piece(key, dtype, tuple(offsets), tuple(lengths), (), self.name)
+        if len(data) != piece.nbytes:
+            raise ValueError(f"{key}: {len(data)} bytes given for a piece of {piece.nbytes}")
+        step = self._chunk_size
+        chunks = tuple(self.write_chunk(data[i:i + step]) for i in range(0, len(data), step))
+        piece = Piece(key, dtype, piece.offsets, piece.lengths, chunks, self.name)
+        self._pieces.append(piece)
+        return piece
+
+    def finish(self) -> FileRecord:
+        self._pad_to(64)
+        header = safejson.dumps({"format": "shardckpt-shard", "version": VERSION, **self._meta,
+                                 "pieces": [p.to_json() for p in self._pieces]})
+        offset = self._pos
+        digest = xxhash.xxh3_64_intdigest(header)
+        self._write(header)
+        self._write(TRAILER.pack(offset, len(header), digest, TRAILER_MAGIC))
+        return FileRecord(self.name, self._pos, offset, f"{digest:016x}", self._meta["rank"])
+
+
+# ----------------------------------------------------------------------------- reading
+
+ReadRange = Callable[[int, int], bytes]
+
+
+def decode_chunk(stored: bytes | memoryview, chunk: Chunk, where: str) -> bytes | memoryview:
+    """Verify a chunk's stored bytes against its checksum, then decode them to raw bytes."""
+    if len(stored) != chunk.stored:
+        raise F.fail(where, f"chunk at offset {chunk.offset}: read {len(stored)} of "
+                            f"{chunk.stored} bytes (truncated file?)")
+    digest = checksum(stored)
+    if digest != chunk.xxh3:
+        raise F.fail(where, f"checksum mismatch in chunk at offset {chunk.offset} "
+                            f"(expected {chunk.xxh3}, found {digest})")
+    if chunk.codec == "raw":
+        return stored
+    try:
+        raw = zstandard.ZstdDecompressor().decompress(stored, max_output_size=chunk.raw)
+    except zstandard.ZstdError as exc:
+        raise F.fail(where, f"chunk at offset {chunk.offset} does not decompress: {exc}") from None
+    if len(raw) != chunk.raw:
+        raise F.fail(where, f"chunk at offset {chunk.offset} decodes to {len(raw)} bytes, "
+                            f"expected {chunk.raw}")
+    return raw
+
+
+def check_chunk_layout(pieces: list[Piece], data_end: int, where: str) -> None:
+    """Every chunk lies inside ``[PREAMBLE_SIZE, data_end)`` and no two overlap."""
+    spans = sorted((c.offset, c.offset + c.stored, p.key) for p in pieces for c in p.chunks)
+    prev_end, prev_key = PREAMBLE_SIZE, "preamble"
+    for start, end, key in spans:
+        if start < prev_end:
+            raise F.fail(where, f"chunk of {key!r} at offset {start} overlaps {prev_key!r}")
+        if end > data_end:
+            raise F.fail(where, f"chunk of {key!r} at offset {start} runs past the data "
+                                f"region ending at {data_end}")
+        prev_end, prev_key = max(prev_end, end), key
+
+
+def parse_piece(value: Any, where: str, *, with_key: bool, file: str | None = None) -> Piece:
+    d = F.obj(value, where)
+    key = F.string(F.get(d, "key", where), f"{where}.key") if with_key else ""
+    dtype = F.string(F.get(d, "dtype", where), f"{where}.dtype") if with_key else "uint8"
+    itemsize(dtype, where)
+    fname = file if file is not None else F.string(F.get(d, "file", where), f"{where}.file")
+    offsets = F.int_list(F.get(d, "offsets", where), f"{where}.offsets")
+    lengths = F.int_list(F.get(d, "lengths", where), f"{where}.lengths")
+    if len(offsets) != len(lengths):
+        raise F.fail(where, "offsets and lengths differ in rank")
+    raw_chunks = F.get(d, "chunks", where)
+    if not isinstance(raw_chunks, list):
+        raise F.fail(where, "chunks must be a list")
+    chunks = tuple(Chunk.from_json(c, f"{where}.chunks[{i}]") for i, c in enumerate(raw_chunks))
+    piece = Piece(key, dtype, tuple(offsets), tuple(lengths), chunks, fname)
+    F.numel(lengths, f"{where}.lengths")
+    if with_key and sum(c.raw for c in chunks) != piece.nbytes:
+        raise F.fail(where, f"chunks hold {sum(c.raw for c in chunks)} bytes, the piece needs "
+                            f"{piece.nbytes}")
+    return piece
+
+
+@dataclass(frozen=True)
+class ShardHeader:
+    save_id: str
+    step: int
+    rank: int
+    pieces: tuple[Piece, ...]
+    header_offset: int
+    header_xxh3: str
+
+
+def read_header(read: ReadRange, size: int, name: str) -> ShardHeader:
+    """Validate a shard file's preamble, trailer and header using only small, bounded reads."""
+    if size < PREAMBLE_SIZE + TRAILER_SIZE:
+        raise F.fail(name, f"{size} bytes is too short for a shard file")
+    magic, version, _flags = PREAMBLE.unpack(_exact(read, 0, PREAMBLE_SIZE, name))
+    if magic != MAGIC:
+        raise F.fail(name, f"bad magic {magic!r} at offset 0 (not a shardckpt shard)")
+    if version != VERSION:
+        raise F.fail(name, f"unsupported shard version {version}")
+    tail = _exact(read, size - TRAILER_SIZE, TRAILER_SIZE, name)
+    offset, length, digest, tmagic = TRAILER.unpack(tail)
+    if tmagic != TRAILER_MAGIC:
+        raise F.fail(name, f"bad trailer magic at offset {size - TRAILER_SIZE} (truncated?)")
+    if length > MAX_HEADER_BYTES or offset < PREAMBLE_SIZE or offset + length != size - \
+            TRAILER_SIZE:
+        raise F.fail(name, f"header at offset {offset} of length {length} does not fit "
+                           f"a file of {size} bytes")
+    raw = _exact(read, offset, length, name)
+    if xxhash.xxh3_64_intdigest(raw) != digest:
+        raise F.fail(name, f"header checksum mismatch at offset {offset}")
+    head = F.obj(safejson.loads(raw, f"{name} header"), f"{name} header")
+    if head.get("format") != "shardckpt-shard" or head.get("version") != VERSION:
+        raise F.fail(name, "header is not a version-1 shardckpt shard header")
+    pieces = head.get("pieces")
+    if not isinstance(pieces, list):
+        raise F.fail(name, "header pieces must be a list")
+    parsed = [parse_piece(p, f"{name} piece[{i}]", with_key=True, file=name)
+              for i, p in enumerate(pieces)]
+    check_chunk_layout(parsed, offset, name)
+    return ShardHeader(F.string(F.get(head, "save_id", name), f"{name} save_id"),
+                       F.integer(F.get(head, "step", name), f"{name} step", 0, 10**10 - 1),
+                       F.integer(F.get(head, "rank", name), f"{name} rank", 0, 1 << 24),
+                       tuple(parsed), offset, f"{digest:016x}")
+
+
+def _exact(read: ReadRange, offset: int, length: int, name: str) -> bytes:
+    data = read(offset, length)
+    if len(data) != length:
+        raise F.fail(name, f"short read of {len(data)}/{length} bytes at offset {offset}")
+    return data
+

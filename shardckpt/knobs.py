@@ -1,0 +1,57 @@
+"""Tunables in one place, each overridable by an environment variable.
+
+Tests use the variables to force awkward cases (tiny chunks, one thread, a small budget); operators
+use them to tune a cluster without touching training code. Values are read when asked for, so a
+variable set after import still takes effect.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class Knob:
+    env: str
+    default: int
+    minimum: int = 0
+    doc: str = ""
+
+    def get(self) -> int:
+        raw = os.environ.get(self.env)
+        if raw is None or raw.strip() == "":
+            return self.default
+        try:
+            value = _parse_size(raw)
+        except ValueError:
+            raise ValueError(f"{self.env}={raw!r} is not an integer or size (e.g. 64M)") from None
+        if value < self.minimum:
+            raise ValueError(f"{self.env}={raw!r} is below the minimum {self.minimum}")
+        return value
+
+
+def _parse_size(text: str) -> int:
+    text = text.strip().upper().removesuffix("B").removesuffix("I")
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+    if scale != 1:
+        text = text[:-1]
+    return int(text) * scale
+
+
+CHUNK_SIZE = Knob("SHARDCKPT_CHUNK_SIZE", 16 * MiB, 1, "bytes of tensor data per checksummed chunk")
+IO_THREADS = Knob("SHARDCKPT_IO_THREADS", 4, 1, "concurrent file writers / readers per rank")
+FILES_PER_RANK = Knob("SHARDCKPT_FILES_PER_RANK", 2, 1, "shard files each rank writes per save")
+MEMORY_BUDGET = Knob(
+    "SHARDCKPT_MEMORY_BUDGET", 512 * MiB, 1, "bytes the I/O pipeline may hold beyond the snapshot"
+)
+ZSTD_THREADS = Knob("SHARDCKPT_ZSTD_THREADS", 0, 0, "zstd worker threads (0: compress inline)")
+COLLECTIVE_TIMEOUT_S = Knob(
+    "SHARDCKPT_COLLECTIVE_TIMEOUT", 600, 1, "seconds a save/load collective may wait for peers"
+)
+FSYNC = Knob("SHARDCKPT_FSYNC", 1, 0, "1: fsync files and directories before commit; 0: skip")
+
+ALL_KNOBS = (CHUNK_SIZE, IO_THREADS, FILES_PER_RANK, MEMORY_BUDGET, ZSTD_THREADS,
+             COLLECTIVE_TIMEOUT_S, FSYNC)

@@ -1,0 +1,276 @@
+"""``CheckpointManager``: the public entry point that ties storage, planning and engine together.
+
+``save`` and ``load`` are collective: every rank of the process group calls them with the same
+arguments, in the same order. Construction is collective too when torch.distributed is
+initialized (it creates a private gloo group for the checkpoint protocol).
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+from collections.abc import Iterable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from . import __version__, knobs
+from .engine.comm import make_comm
+from .engine.load import load_step
+from .engine.reader import CheckpointReader
+from .engine.save import SaveOptions, SaveRequest, save_step
+from .engine.snapshot import snapshot
+from .errors import CorruptCheckpointError, IncompleteCheckpointError, ShardckptError
+from .format import manifest as M
+from .format.shard import Codec
+from .planning.statedict import collect
+from .policy import CheckpointRecord, RetentionPlan, RetentionPolicy, plan_retention
+from .storage import Location, open_location, step_dirname
+
+MAX_MANIFEST_BYTES = 1 << 30
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    step: int
+    time: str
+    metrics: Mapping[str, float]
+    tags: tuple[str, ...]
+    world_size: int
+    nbytes: int
+    replicas: tuple[str, ...]
+
+    @classmethod
+    def from_manifest(cls, m: M.Manifest, locations: Iterable[str]) -> CheckpointInfo:
+        return cls(m.step, m.time, dict(m.metrics), m.tags, m.world_size, m.nbytes,
+                   tuple(locations))
+
+
+PruneReport = RetentionPlan
+
+
+class SaveHandle:
+    """The outcome of one ``save``: ``wait()`` returns its :class:`CheckpointInfo` or raises."""
+
+    def __init__(self, step: int, future: Future[CheckpointInfo | None]) -> None:
+        self.step = step
+        self._future = future
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def wait(self, timeout: float | None = None) -> CheckpointInfo | None:
+        """Block until committed; re-raises the background error, if any. None on ranks > 0."""
+        return self._future.result(timeout)
+
+
+def read_manifest(location: Location, step: int) -> M.Manifest:
+    """The validated manifest of ``step``; ``IncompleteCheckpointError`` if it is not committed."""
+    rel = f"{step_dirname(step)}/{M.MANIFEST_NAME}"
+    try:
+        data = location.read_file(rel, MAX_MANIFEST_BYTES)
+    except FileNotFoundError:
+        raise IncompleteCheckpointError(
+            f"{location.display}/{rel}: no manifest, step {step} is not committed") from None
+    manifest = M.parse(data, f"{location.display}/{rel}")
+    if manifest.step != step:
+        raise CorruptCheckpointError(f"{location.display}/{rel}: manifest is for step "
+                                     f"{manifest.step}, found in the directory of step {step}")
+    return manifest
+
+
+def _options_for(url: str, storage_options: Mapping[str, Mapping[str, Any]] | None) -> dict:
+    best, kwargs = -1, {}
+    for prefix, opts in (storage_options or {}).items():
+        if url.startswith(prefix) and len(prefix) > best:
+            best, kwargs = len(prefix), dict(opts)
+    return kwargs
+
+
+class CheckpointManager:
+    """Saves and restores training state under ``root``. See ``shared/INTERFACE.md``."""
+
+    def __init__(self, root: str, replicas: Iterable[str] = (), min_replicas: int | None = None,
+                 retention: RetentionPolicy | None = None, save_every: int | None = None,
+                 async_save: bool = True, compression: str | None = None,
+                 storage_options: Mapping[str, Mapping[str, Any]] | None = None,
+                 process_group: Any = None) -> None:
+        replicas = tuple(replicas)
+        if replicas:
+            raise NotImplementedError("replicas are not implemented yet (issue 5)")
+        if min_replicas is not None and min_replicas != 1:
+            raise ValueError(f"min_replicas={min_replicas} but there is 1 location")
+        if save_every is not None and (type(save_every) is not int or save_every < 1):
+            raise ValueError(f"save_every must be a positive int, got {save_every!r}")
+        if retention is not None and not isinstance(retention, RetentionPolicy):
+            raise TypeError("retention must be a shardckpt.RetentionPolicy")
+        self.location = open_location(str(root), _options_for(str(root), storage_options))
+        self.retention = retention
+        self.save_every = save_every
+        self.async_save = async_save
+        self._codec = Codec(compression)
+        self._comm = make_comm(process_group, knobs.COLLECTIVE_TIMEOUT_S.get())
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shardckpt-save")
+        self._pending: list[SaveHandle] = []
+        self._lock = threading.Lock()
+        self._manifests: dict[int, M.Manifest] = {}
+        self._closed = False
+
+    @property
+    def rank(self) -> int:
+        return self._comm.rank
+
+    @property
+    def world_size(self) -> int:
+        return self._comm.world_size
+
+    # -------------------------------------------------------------------------------- save
+    def should_save(self, step: int) -> bool:
+        return self.save_every is not None and step % self.save_every == 0
+
+    def save(self, step: int, state: dict[str, Any], metrics: Mapping[str, float] | None = None,
+             tags: Iterable[str] = (), golden: Any = None,
+             blocking: bool | None = None) -> SaveHandle:
+        """Collective. Snapshot ``state`` and write it as checkpoint ``step``.
+
+        Returns once the state is snapshotted (``async_save``) or committed (``blocking=True``).
+        A save issued while another is in flight first waits for that one; an error of an earlier
+        background save is raised here.
+        """
+        self._check_open()
+        if type(step) is not int or not 0 <= step <= M.MAX_STEP:
+            raise ValueError(f"step must be an int in [0, {M.MAX_STEP}], got {step!r}")
+        if golden is not None:
+            raise NotImplementedError("golden batches are not implemented yet (issue 8)")
+        metrics = {str(k): float(v) for k, v in (metrics or {}).items()}
+        tags = tuple(tags)
+        if not all(isinstance(t, str) for t in tags):
+            raise TypeError("tags must be strings")
+        self.wait()
+        req = SaveRequest(step, metrics, tags, {"shardckpt_version": __version__})
+        blocking = (not self.async_save) if blocking is None else blocking
+        collected = collect(state) if not blocking else None
+        if collected is not None:
+            collected = snapshot(collected)
+        future = self._pool.submit(self._run_save, req, state, collected)
+        handle = SaveHandle(step, future)
+        with self._lock:
+            self._pending.append(handle)
+        if blocking:
+            self.wait()
+        return handle
+
+    def _run_save(self, req: SaveRequest, state: dict[str, Any],
+                  collected: Any) -> CheckpointInfo | None:
+        opts = SaveOptions(self._codec, knobs.CHUNK_SIZE.get(), knobs.FILES_PER_RANK.get(),
+                           knobs.IO_THREADS.get())
+        manifest = save_step(self._comm, self.location, state, req, opts, collected)
+        if manifest is None:
+            return None
+        self._manifests[manifest.step] = manifest
+        if self.retention is not None:
+            try:
+                self.prune()
+            except ShardckptError as exc:
+                warnings.warn(f"retention after step {req.step} failed: {exc}", stacklevel=1)
+        return CheckpointInfo.from_manifest(manifest, [self.location.display])
+
+    def wait(self) -> None:
+        """Wait for every in-flight save; raise the first error among them."""
+        with self._lock:
+            pending, self._pending = self._pending, []
+        first: BaseException | None = None
+        for handle in pending:
+            try:
+                handle.wait()
+            except BaseException as exc:
+                first = first or exc
+        if first is not None:
+            raise first
+
+    # -------------------------------------------------------------------------------- query
+    def steps(self) -> list[int]:
+        """Committed steps, ascending (a step counts once its manifest is present and valid)."""
+        found = []
+        dirs = self.location.list_step_dirs()
+        for step in sorted(dirs):
+            if step in self._manifests:
+                found.append(step)
+                continue
+            try:
+                self._manifests[step] = read_manifest(self.location, step)
+                found.append(step)
+            except IncompleteCheckpointError:
+                continue
+            except CorruptCheckpointError as exc:
+                warnings.warn(f"skipping step {step}: {exc}", stacklevel=2)
+        for step in set(self._manifests) - set(dirs):
+            del self._manifests[step]
+        return found
+
+    def latest_step(self) -> int | None:
+        steps = self.steps()
+        return steps[-1] if steps else None
+
+    def manifest(self, step: int) -> M.Manifest:
+        if step not in self._manifests:
+            self._manifests[step] = read_manifest(self.location, step)
+        return self._manifests[step]
+
+    def info(self, step: int) -> CheckpointInfo:
+        return CheckpointInfo.from_manifest(self.manifest(step), [self.location.display])
+
+    # -------------------------------------------------------------------------------- load
+    def load(self, state: dict[str, Any], step: int | None = None, strict: bool = True) -> int:
+        """Collective. Restore ``state`` in place from ``step`` (default: the latest committed)."""
+        self._check_open()
+        self.wait()
+        if step is None:
+            step = self.latest_step()
+            if self._comm.world_size > 1:
+                step = self._comm.broadcast_json(step, "load: agree on step")
+            if step is None:
+                raise IncompleteCheckpointError(
+                    f"{self.location.display}: no committed checkpoint to load")
+        manifest = read_manifest(self.location, step)
+        reader = CheckpointReader(self.location, step_dirname(step), manifest)
+        load_step(self._comm, reader, state, strict, knobs.IO_THREADS.get())
+        return step
+
+    # -------------------------------------------------------------------------------- prune
+    def prune(self, dry_run: bool = False) -> PruneReport:
+        """Apply ``retention`` now (rank 0 deletes; other ranks only compute the plan)."""
+        from .retention_apply import apply_retention
+
+        policy = self.retention or RetentionPolicy()
+        records = [CheckpointRecord(s, m.unix_time, dict(m.metrics), m.tags)
+                   for s, m in ((s, self.manifest(s)) for s in self.steps())]
+        import time
+
+        plan = plan_retention(policy, records, time.time())
+        if not dry_run and self.rank == 0:
+            apply_retention(self.location, plan)
+            for step in plan.deleted:
+                self._manifests.pop(step, None)
+        return plan
+
+    # -------------------------------------------------------------------------------- close
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ShardckptError("CheckpointManager is closed")
+
+    def close(self) -> None:
+        """Wait for in-flight saves, then release threads. Raises a pending save's error."""
+        if self._closed:
+            return
+        try:
+            self.wait()
+        finally:
+            self._closed = True
+            self._pool.shutdown(wait=True)
+
+    def __enter__(self) -> CheckpointManager:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,1 @@
+"""Planning: flattening states into trees and leaves, and deciding which rank writes what."""

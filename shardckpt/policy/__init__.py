@@ -1,0 +1,17 @@
+"""Pure policies: retention planning (which checkpoints to keep, and why). No I/O, no torch."""
+
+from shardckpt.policy.retention import (
+    CheckpointRecord,
+    RetentionPlan,
+    RetentionPolicy,
+    parse_duration,
+    plan_retention,
+)
+
+__all__ = [
+    "CheckpointRecord",
+    "RetentionPlan",
+    "RetentionPolicy",
+    "parse_duration",
+    "plan_retention",
+]
