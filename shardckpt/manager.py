@@ -55,13 +55,19 @@ class SaveHandle:
     def __init__(self, step: int, future: Future[CheckpointInfo | None]) -> None:
         self.step = step
         self._future = future
+        self.error_reported = False
 
     def done(self) -> bool:
         return self._future.done()
 
     def wait(self, timeout: float | None = None) -> CheckpointInfo | None:
         """Block until committed; re-raises the background error, if any. None on ranks > 0."""
-        return self._future.result(timeout)
+        try:
+            return self._future.result(timeout)
+        except BaseException as exc:
+            if not isinstance(exc, TimeoutError):
+                self.error_reported = True
+            raise
 
 
 def read_manifest(location: Location, step: int) -> M.Manifest:
@@ -149,9 +155,12 @@ class CheckpointManager:
         self.wait()
         req = SaveRequest(step, metrics, tags, {"shardckpt_version": __version__})
         blocking = (not self.async_save) if blocking is None else blocking
-        collected = collect(state) if not blocking else None
-        if collected is not None:
-            collected = snapshot(collected)
+        collected: Any = None
+        if not blocking:
+            try:
+                collected = snapshot(collect(state))
+            except Exception as exc:  # every rank must hear of it, or its peers would wait
+                collected = exc
         future = self._pool.submit(self._run_save, req, state, collected)
         handle = SaveHandle(step, future)
         with self._lock:
@@ -181,10 +190,12 @@ class CheckpointManager:
             pending, self._pending = self._pending, []
         first: BaseException | None = None
         for handle in pending:
+            already = handle.error_reported
             try:
                 handle.wait()
             except BaseException as exc:
-                first = first or exc
+                if not already:  # an error reaches the user once, wherever it surfaces first
+                    first = first or exc
         if first is not None:
             raise first
 

@@ -119,13 +119,20 @@ def commit(location: Location, step_dir: str, data: bytes) -> None:
 
 def save_step(comm: LocalComm | GlooComm, location: Location, state: dict[str, Any],
               req: SaveRequest, opts: SaveOptions,
-              collected: Collected | None = None) -> M.Manifest | None:
-    """Run the protocol on this rank. Returns the manifest on rank 0, None elsewhere."""
+              collected: Collected | BaseException | None = None) -> M.Manifest | None:
+    """Run the protocol on this rank. Returns the manifest on rank 0, None elsewhere.
+
+    ``collected`` is the state already flattened and snapshotted (async saves), or the exception
+    that doing so raised: it is reported to every rank instead of leaving them waiting.
+    """
     rank, world = comm.rank, comm.world_size
     step_dir = step_dirname(req.step)
     error: BaseException | None = None
     specs: list[LeafSpec] = []
     try:
+        if isinstance(collected, BaseException):
+            error, collected = collected, None
+            raise error
         if rank == 0:
             prepare_step_dir(location, step_dir)
         if collected is None:

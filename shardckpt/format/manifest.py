@@ -137,8 +137,8 @@ def serialize(manifest: Manifest) -> bytes:
     return prefix + b',"checksum":"' + xxhash.xxh3_64_hexdigest(prefix).encode() + b'"}\n'
 
 
-_CORE = {"format", "version", "step", "save_id", "time", "unix_time", "world_size", "byteorder",
-         "metrics", "tags", "files", "tensors", "tree", "checksum"}
+CORE_FIELDS = {"format", "version", "step", "save_id", "time", "unix_time", "world_size",
+               "byteorder", "metrics", "tags", "files", "tensors", "tree", "checksum"}
 
 
 def parse(data: bytes, where: str = MANIFEST_NAME) -> Manifest:
@@ -177,7 +177,7 @@ def parse(data: bytes, where: str = MANIFEST_NAME) -> Manifest:
         time=F.string(F.get(doc, "time", where), f"{where} time", 64),
         unix_time=unix, world_size=world, files=files, tensors=tensors,
         tree=F.get(doc, "tree", where), metrics=metrics, tags=tags,
-        extra={k: v for k, v in doc.items() if k not in _CORE},
+        extra={k: v for k, v in doc.items() if k not in CORE_FIELDS},
     )
 
 

@@ -93,6 +93,7 @@ class Location:
     def read_file(self, relpath: str, limit: int) -> bytes: ...
     def size(self, relpath: str) -> int | None: ...
     def listdir(self, reldir: str = "") -> list[str]: ...
+    def root_exists(self) -> bool: ...
 
     def list_step_dirs(self) -> dict[int, str]:
         """Step number -> directory name for every ``step-NNNNNNNNNN`` entry of the root."""
@@ -262,6 +263,9 @@ class LocalLocation(Location):
         except OSError as exc:
             raise self._wrap("stat", relpath, exc) from exc
         return st.st_size
+
+    def root_exists(self) -> bool:
+        return os.path.isdir(self.root)
 
     def listdir(self, reldir: str = "") -> list[str]:
         try:

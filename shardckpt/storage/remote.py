@@ -104,6 +104,15 @@ class FsspecLocation(Location):
             return None
         return int(info["size"])
 
+    def root_exists(self) -> bool:
+        with contextlib.suppress(Exception):
+            self.fs.invalidate_cache(self.root)
+        try:
+            return bool(self._call("stat", ".", self.fs.exists, self.root)) or \
+                bool(self.listdir(""))
+        except FileNotFoundError:
+            return False
+
     def listdir(self, reldir: str = "") -> list[str]:
         path = self._path(reldir)
         with contextlib.suppress(Exception):

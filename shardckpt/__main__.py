@@ -1,0 +1,3 @@
+from shardckpt.cli.main import main
+
+main()

@@ -1,0 +1,1 @@
+"""The ``shardckpt`` command line."""
