@@ -74,6 +74,10 @@ def read_manifest(location: Location, step: int) -> M.Manifest:
     """The validated manifest of ``step``; ``IncompleteCheckpointError`` if it is not committed."""
     rel = f"{step_dirname(step)}/{M.MANIFEST_NAME}"
     try:
+        size = location.size(rel)
+        if size is not None and size > MAX_MANIFEST_BYTES:
+            raise CorruptCheckpointError(f"{location.display}/{rel}: {size} bytes is larger "
+                                         f"than any manifest ({MAX_MANIFEST_BYTES})")
         data = location.read_file(rel, MAX_MANIFEST_BYTES)
     except FileNotFoundError:
         raise IncompleteCheckpointError(

@@ -61,3 +61,26 @@ def test_rank_raising_in_state_dict_fails_every_rank(tmp_path, async_save: bool)
         assert r["loaded"] == 1
         assert r["problems"] == []
         assert not r["dir_exists"]
+
+
+def test_export_safetensors_equals_full_model(saved_at_4: dict, tmp_path) -> None:
+    import subprocess
+    import sys
+
+    import torch
+    from safetensors.torch import load_file
+
+    out = tmp_path / "model.safetensors"
+    proc = subprocess.run([sys.executable, "-m", "shardckpt", "export", saved_at_4["root"],
+                           "--step", "3", "--format", "safetensors", "--out", str(out),
+                           "--only", "model"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    exported = load_file(str(out))
+    ref = {k.removeprefix("model/"): v for k, v in load_file(saved_at_4["ref"]).items()
+           if k.startswith("model/")}
+    assert set(exported) == set(ref)
+    for k, v in ref.items():
+        assert torch.equal(exported[k].view(-1).view(torch.uint8), v.view(-1).view(torch.uint8))
+    # and the exported weights drive a plain model
+    model = T.TinyLM()
+    model.load_state_dict(exported)

@@ -104,6 +104,51 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from ..consolidate import consolidate
+    from .main import UsageError, emit
+
+    locs = _locations(args)
+    tensors = consolidate(locs[0], args.step, args.only)
+    if not tensors:
+        raise UsageError(f"step {args.step} has no tensors" + (f" under {args.only!r}"
+                                                                if args.only else ""))
+    if args.format == "safetensors":
+        try:
+            from safetensors.torch import save_file
+        except ImportError:
+            raise UsageError("--format safetensors needs the safetensors package "
+                             "(pip install 'shardckpt[export]')") from None
+        # safetensors refuses shared storage: tied weights are written as separate copies
+        seen: set[int] = set()
+        flat = {}
+        for k, v in tensors.items():
+            flat[k] = v.clone() if id(v) in seen else v.contiguous()
+            seen.add(id(v))
+        save_file(flat, args.out, metadata={"shardckpt_step": str(args.step)})
+    else:
+        import torch
+
+        torch.save(tensors, args.out)  # plain tensors for users' tools; we never read these
+    nbytes = sum(v.numel() * v.element_size() for v in tensors.values())
+    if args.json:
+        emit({"step": args.step, "format": args.format, "out": args.out,
+              "tensors": len(tensors), "nbytes": nbytes})
+    else:
+        print(f"wrote {len(tensors)} tensors ({_human_bytes(nbytes)}) of step {args.step} to "
+              f"{args.out}")
+    return 0
+
+
+def _add_export(p: argparse.ArgumentParser) -> None:
+    p.add_argument("root", metavar="ROOT", help="checkpoint root: a path or fsspec URL")
+    p.add_argument("--step", type=int, required=True, help="step to export")
+    p.add_argument("--format", choices=("safetensors", "torch"), required=True)
+    p.add_argument("--out", required=True, metavar="PATH", help="output file")
+    p.add_argument("--only", metavar="PREFIX", default=None,
+                   help="export only tensors under this key prefix, stripped (e.g. 'model')")
+
+
 def _add_ls(p: argparse.ArgumentParser) -> None:
     p.add_argument("root", metavar="ROOT", help="checkpoint root: a path or fsspec URL")
 
@@ -118,5 +163,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str,
     "ls": (cmd_ls, "list committed checkpoints with size, metrics, tags and location health",
            _add_ls),
     "show": (cmd_show, "print one checkpoint's manifest in full", _add_show),
+    "export": (cmd_export, "write one consolidated, unsharded safetensors or torch file",
+               _add_export),
 }
 
