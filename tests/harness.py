@@ -257,8 +257,18 @@ def run_ranks(
             reader, writer = ctx.Pipe(duplex=False)
             proc = ctx.Process(
                 target=_rank_main,
-                args=(writer, fn, rank, world_size, args, kwargs, rank_env, init_pg, backend,
-                      2 * timeout),
+                args=(
+                    writer,
+                    fn,
+                    rank,
+                    world_size,
+                    args,
+                    kwargs,
+                    rank_env,
+                    init_pg,
+                    backend,
+                    2 * timeout,
+                ),
                 name=f"rank{rank}",
             )
             procs.append(proc)
@@ -268,8 +278,10 @@ def run_ranks(
             sentinels[proc.sentinel] = rank
 
         while len(exited) < world_size:
-            limit = deadline if first_failure is None else min(
-                deadline, first_failure[0] + FAILURE_GRACE_S
+            limit = (
+                deadline
+                if first_failure is None
+                else min(deadline, first_failure[0] + FAILURE_GRACE_S)
             )
             remaining = limit - time.monotonic()
             if remaining <= 0:
@@ -285,9 +297,11 @@ def run_ranks(
                     if r == rank:  # the process is gone: its report is complete or absent
                         take_report(reader, rank)
             if first_failure is None:
-                failed = [r for r in range(world_size)
-                          if (r in reports and not reports[r]["ok"])
-                          or (r in exited and r not in reports)]
+                failed = [
+                    r
+                    for r in range(world_size)
+                    if (r in reports and not reports[r]["ok"]) or (r in exited and r not in reports)
+                ]
                 if failed:
                     first_failure = (time.monotonic(), failed[0])
     finally:
@@ -378,14 +392,23 @@ def run_torchrun(
     full_env = {**os.environ, **{str(k): str(v) for k, v in (env or {}).items()}}
     full_env["PYTHONPATH"] = _pythonpath(full_env.get("PYTHONPATH"))
     cmd = [
-        sys.executable, "-m", "torch.distributed.run",
-        "--nnodes", "1",
-        "--nproc-per-node", str(nproc),
-        "--rdzv-backend", "c10d",
-        "--rdzv-endpoint", f"127.0.0.1:{free_port()}",
-        "--rdzv-id", uuid.uuid4().hex,
-        "--local-addr", "127.0.0.1",
-        "--max-restarts", "0",
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "1",
+        "--nproc-per-node",
+        str(nproc),
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        f"127.0.0.1:{free_port()}",
+        "--rdzv-id",
+        uuid.uuid4().hex,
+        "--local-addr",
+        "127.0.0.1",
+        "--max-restarts",
+        "0",
         os.fspath(script_path),
         *map(str, args),
     ]

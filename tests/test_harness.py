@@ -6,11 +6,10 @@ import socket
 import textwrap
 from pathlib import Path
 
+import _harness_targets as targets
 import psutil
 import pytest
 from harness import RankFailures, RankTimeout, free_port, run_ranks, run_torchrun
-
-import _harness_targets as targets
 
 
 def _live_descendants() -> set[int]:
@@ -85,9 +84,7 @@ def test_hanging_rank_times_out_and_nothing_survives(tmp_path: Path) -> None:
 def test_os_exit_is_reported_with_exit_code() -> None:
     with pytest.raises(RankFailures) as info:
         run_ranks(targets.exit_3_on_rank_1, 2, timeout=60)
-    assert info.value.failures[1] == (
-        "ProcessDied: exited with code 3 without reporting a result"
-    )
+    assert info.value.failures[1] == "ProcessDied: exited with code 3 without reporting a result"
     assert "rank 1: ProcessDied: exited with code 3" in str(info.value)
     assert 0 not in info.value.failures
 
