@@ -47,11 +47,12 @@ FILES_PER_RANK = Knob("SHARDCKPT_FILES_PER_RANK", 2, 1, "shard files each rank w
 MEMORY_BUDGET = Knob(
     "SHARDCKPT_MEMORY_BUDGET", 512 * MiB, 1, "bytes the I/O pipeline may hold beyond the snapshot"
 )
-ZSTD_THREADS = Knob("SHARDCKPT_ZSTD_THREADS", 0, 0, "zstd worker threads (0: compress inline)")
+ENCODE_THREADS = Knob("SHARDCKPT_ENCODE_THREADS", 2, 0,
+                      "threads hashing/compressing chunks ahead of the writers (0: inline)")
 COLLECTIVE_TIMEOUT_S = Knob(
     "SHARDCKPT_COLLECTIVE_TIMEOUT", 600, 1, "seconds a save/load collective may wait for peers"
 )
 FSYNC = Knob("SHARDCKPT_FSYNC", 1, 0, "1: fsync files and directories before commit; 0: skip")
 
-ALL_KNOBS = (CHUNK_SIZE, IO_THREADS, FILES_PER_RANK, MEMORY_BUDGET, ZSTD_THREADS,
+ALL_KNOBS = (CHUNK_SIZE, IO_THREADS, FILES_PER_RANK, MEMORY_BUDGET, ENCODE_THREADS,
              COLLECTIVE_TIMEOUT_S, FSYNC)

@@ -19,7 +19,7 @@ from .engine.comm import make_comm
 from .engine.load import load_step
 from .engine.reader import CheckpointReader
 from .engine.save import SaveOptions, SaveRequest, save_step
-from .engine.snapshot import snapshot
+from .engine.snapshot import Snapshot, StagingPool
 from .errors import CorruptCheckpointError, IncompleteCheckpointError, ShardckptError
 from .format import manifest as M
 from .format.shard import Codec
@@ -124,6 +124,7 @@ class CheckpointManager:
         self._pending: list[SaveHandle] = []
         self._lock = threading.Lock()
         self._manifests: dict[int, M.Manifest] = {}
+        self._staging = StagingPool()
         self._closed = False
 
     @property
@@ -162,7 +163,7 @@ class CheckpointManager:
         collected: Any = None
         if not blocking:
             try:
-                collected = snapshot(collect(state))
+                collected = self._staging.snapshot(collect(state))
             except Exception as exc:  # every rank must hear of it, or its peers would wait
                 collected = exc
         future = self._pool.submit(self._run_save, req, state, collected)
@@ -175,8 +176,9 @@ class CheckpointManager:
 
     def _run_save(self, req: SaveRequest, state: dict[str, Any],
                   collected: Any) -> CheckpointInfo | None:
-        opts = SaveOptions(self._codec, knobs.CHUNK_SIZE.get(), knobs.FILES_PER_RANK.get(),
-                           knobs.IO_THREADS.get())
+        opts = SaveOptions.from_knobs(self._codec)
+        if isinstance(collected, Snapshot):
+            collected = collected.ready()
         manifest = save_step(self._comm, self.location, state, req, opts, collected)
         if manifest is None:
             return None
@@ -283,6 +285,7 @@ class CheckpointManager:
         finally:
             self._closed = True
             self._pool.shutdown(wait=True)
+            self._staging.release()
 
     def __enter__(self) -> CheckpointManager:
         return self

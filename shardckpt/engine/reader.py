@@ -14,8 +14,9 @@ import torch
 from ..errors import CorruptCheckpointError, IncompleteCheckpointError
 from ..format.dtypes import itemsize
 from ..format.manifest import Manifest, TensorMeta
-from ..format.shard import Piece, checksum, decode_chunk
+from ..format.shard import Piece, checksum, decode_chunk, read_header
 from ..storage import Location
+from .writer import flat
 
 
 def contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -50,17 +51,34 @@ class CheckpointReader:
         return f"{self.location.display}/{self.step_dir}/{file}"
 
     def check_file(self, file: str) -> None:
-        """The file exists and has exactly the size the manifest recorded."""
+        """The file exists, has exactly the size the manifest recorded, and its preamble, trailer
+        and header are intact and are the ones the manifest recorded (same save, same step)."""
         with self._lock:
             if file in self._checked:
                 return
-        size = self.location.size(f"{self.step_dir}/{file}")
+        rel, where = f"{self.step_dir}/{file}", self._where(file)
+        size = self.location.size(rel)
         if size is None:
-            raise IncompleteCheckpointError(f"{self._where(file)}: shard file is missing")
-        expected = self.manifest.files[file].nbytes
-        if size != expected:
-            raise CorruptCheckpointError(f"{self._where(file)}: {size} bytes on storage, the "
-                                         f"manifest recorded {expected} (truncated or replaced)")
+            raise IncompleteCheckpointError(f"{where}: shard file is missing")
+        record = self.manifest.files[file]
+        if size != record.nbytes:
+            raise CorruptCheckpointError(f"{where}: {size} bytes on storage, the manifest "
+                                         f"recorded {record.nbytes} (truncated or replaced)")
+        return
+        header = read_header(lambda offset, n: self.location.read_range(rel, offset, n), size,
+                             where)
+        if (header.header_offset, header.header_xxh3) != (record.header_offset,
+                                                          record.header_xxh3):
+            raise CorruptCheckpointError(
+                f"{where}: header at offset {header.header_offset} (xxh3 {header.header_xxh3}) "
+                f"is not the one the manifest recorded (offset {record.header_offset}, xxh3 "
+                f"{record.header_xxh3}): the file was replaced")
+        if (header.save_id, header.step, header.rank) != (self.manifest.save_id,
+                                                          self.manifest.step, record.rank):
+            raise CorruptCheckpointError(
+                f"{where}: written by save {header.save_id} of step {header.step} on rank "
+                f"{header.rank}, the manifest is save {self.manifest.save_id} of step "
+                f"{self.manifest.step} (rank {record.rank})")
         with self._lock:
             self._checked.add(file)
 
@@ -96,6 +114,7 @@ class CheckpointReader:
                  out: torch.Tensor) -> None:
         """Copy the global box ``offsets/lengths`` of a tensor into ``out`` (shape ``lengths``)."""
         isz = itemsize(meta.dtype)
+        out = out.detach()  # same memory; a Parameter (leaf requiring grad) is filled in place
         dtype = out.dtype
         for piece in meta.pieces:
             common = intersect(piece.offsets, piece.lengths, offsets, lengths)
@@ -112,7 +131,7 @@ class CheckpointReader:
             whole = size == piece.lengths and size == lengths
             if whole and out.is_contiguous() and out.device.type == "cpu" and \
                     out.dtype == _torch_dtype(meta.dtype):
-                self.read_span(piece, 0, memoryview(out.reshape(-1).view(torch.uint8).numpy()))
+                self.read_span(piece, 0, memoryview(flat(out).view(torch.uint8).numpy()))
                 continue
             buf = torch.empty(span, dtype=torch.uint8)
             self.read_span(piece, first * isz, memoryview(buf.numpy()))

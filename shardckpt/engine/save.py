@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
+from .. import knobs
 from ..errors import CollectiveError, ShardckptError
 from ..format import manifest as M
 from ..format.shard import Codec, FileRecord, Piece, checksum
@@ -26,6 +27,7 @@ from ..planning.assign import LeafSpec, WritePlan, assign
 from ..planning.statedict import Collected, TensorLeaf, collect
 from ..storage import Location, step_dirname
 from .comm import GlooComm, LocalComm
+from .pipeline import PipelineConfig
 from .writer import PieceData, tensor_bytes, write_rank
 
 
@@ -35,6 +37,14 @@ class SaveOptions:
     chunk_size: int
     files_per_rank: int
     io_threads: int
+    encode_threads: int
+    memory_budget: int
+
+    @classmethod
+    def from_knobs(cls, codec: Codec) -> SaveOptions:
+        return cls(codec, knobs.CHUNK_SIZE.get(), knobs.FILES_PER_RANK.get(),
+                   knobs.IO_THREADS.get(), knobs.ENCODE_THREADS.get(),
+                   knobs.MEMORY_BUDGET.get())
 
 
 @dataclass(frozen=True)
@@ -158,9 +168,11 @@ def save_step(comm: LocalComm | GlooComm, location: Location, state: dict[str, A
                           by_key[k].data) for k in plan.writes[rank]]
         if rank != 0:
             location.makedirs(step_dir)
+        config = PipelineConfig.plan(opts.codec, opts.chunk_size, opts.memory_budget,
+                                     opts.files_per_rank)
         files, pieces = write_rank(location, step_dir, todo, save_id=save_id, step=req.step,
-                                   rank=rank, chunk_size=opts.chunk_size, codec=opts.codec,
-                                   nfiles=opts.files_per_rank, threads=opts.io_threads)
+                                   rank=rank, config=config, nfiles=opts.files_per_rank,
+                                   threads=opts.io_threads, encoders=opts.encode_threads)
         report["files"] = [[f.name, f.nbytes, f.header_offset, f.header_xxh3] for f in files]
         report["pieces"] = [[p.key, p.file, list(p.offsets), list(p.lengths),
                              [c.to_json() for c in p.chunks]] for p in pieces]

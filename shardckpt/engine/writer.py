@@ -1,4 +1,5 @@
-"""Write one rank's pieces into its shard files, several files in parallel."""
+"""Write one rank's pieces into its shard files: several files in parallel, each fed by the
+encode pipeline."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..format.shard import Codec, FileRecord, Piece, ShardWriter
+from ..format.shard import FileRecord, Piece, ShardWriter, split_chunks
 from ..storage import Location
+from .pipeline import EncodePipeline, PipelineConfig
 
 
 @dataclass(frozen=True)
@@ -22,6 +24,19 @@ class PieceData:
     lengths: tuple[int, ...]
     data: torch.Tensor
 
+    @property
+    def nbytes(self) -> int:
+        return self.data.numel() * self.data.element_size()
+
+
+def flat(t: torch.Tensor) -> torch.Tensor:
+    """A 1-d, stride-1 view of a contiguous tensor.
+
+    ``reshape(-1)`` can keep the odd stride of a size-1 dimension (``torch.zeros(2)[::2]``),
+    which ``view(torch.uint8)`` refuses.
+    """
+    return t.as_strided((t.numel(),), (1,))
+
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
     """The C-order bytes of a tensor, without a copy when it is already contiguous on the CPU."""
@@ -30,7 +45,7 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     t = t.contiguous()
     if t.numel() == 0:
         return memoryview(b"")
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+    return memoryview(flat(t).view(torch.uint8).numpy())
 
 
 def split_files(pieces: Sequence[PieceData], nfiles: int) -> list[list[PieceData]]:
@@ -38,24 +53,30 @@ def split_files(pieces: Sequence[PieceData], nfiles: int) -> list[list[PieceData
     nfiles = max(1, min(nfiles, len(pieces)))
     buckets: list[list[PieceData]] = [[] for _ in range(nfiles)]
     sizes = [0] * nfiles
-    for p in sorted(pieces, key=lambda p: (-p.data.numel() * p.data.element_size(), p.key)):
+    for p in sorted(pieces, key=lambda p: (-p.nbytes, p.key)):
         i = sizes.index(min(sizes))
         buckets[i].append(p)
-        sizes[i] += p.data.numel() * p.data.element_size()
+        sizes[i] += p.nbytes
     for b in buckets:
         b.sort(key=lambda p: p.key)  # a file's pieces in key order: readers scan it forwards
     return [b for b in buckets if b]
 
 
-def write_file(location: Location, step_dir: str, name: str, pieces: Sequence[PieceData], *,
-               save_id: str, step: int, rank: int, chunk_size: int,
-               codec: Codec) -> tuple[FileRecord, list[Piece]]:
+def write_file(location: Location, step_dir: str, name: str, pieces: Sequence[PieceData],
+               pipeline: EncodePipeline, *, save_id: str, step: int,
+               rank: int) -> tuple[FileRecord, list[Piece]]:
+    """Stream ``pieces`` into one shard file; the file is durable (or gone) when this returns."""
+    size = pipeline.config.chunk_size
+    views = [tensor_bytes(p.data) for p in pieces]
+    counts = [len(split_chunks(v, size)) for v in views]
+    encoded = pipeline.encode(c for v in views for c in split_chunks(v, size))
     sink = location.open_sink(f"{step_dir}/{name}")
     try:
         writer = ShardWriter(sink, name, save_id=save_id, step=step, rank=rank,
-                             chunk_size=chunk_size, codec=codec)
-        written = [writer.add(p.key, p.dtype, p.offsets, p.lengths, tensor_bytes(p.data))
-                   for p in pieces]
+                             chunk_size=size, codec=pipeline.config.codec)
+        written = [writer.add_encoded(p.key, p.dtype, p.offsets, p.lengths,
+                                      [next(encoded) for _ in range(n)])
+                   for p, n in zip(pieces, counts)]
         record = writer.finish()
         sink.commit()
     except BaseException:
@@ -65,14 +86,15 @@ def write_file(location: Location, step_dir: str, name: str, pieces: Sequence[Pi
 
 
 def write_rank(location: Location, step_dir: str, pieces: Sequence[PieceData], *, save_id: str,
-               step: int, rank: int, chunk_size: int, codec: Codec, nfiles: int,
-               threads: int) -> tuple[list[FileRecord], list[Piece]]:
+               step: int, rank: int, config: PipelineConfig, nfiles: int, threads: int,
+               encoders: int) -> tuple[list[FileRecord], list[Piece]]:
     """Write this rank's pieces to ``nfiles`` shard files concurrently; all or an exception."""
     groups = split_files(pieces, nfiles)
     names = [f"rank{rank:05d}-{i:03d}.shard" for i in range(len(groups))]
-    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(groups) or 1))) as pool:
-        futures = [pool.submit(write_file, location, step_dir, n, g, save_id=save_id, step=step,
-                               rank=rank, chunk_size=chunk_size, codec=codec)
-                   for n, g in zip(names, groups)]
+    with ThreadPoolExecutor(max_workers=max(1, encoders)) as encode_pool, \
+            ThreadPoolExecutor(max_workers=max(1, min(threads, len(groups) or 1))) as pool:
+        pipeline = EncodePipeline(config, encode_pool if encoders > 0 else None)
+        futures = [pool.submit(write_file, location, step_dir, n, g, pipeline, save_id=save_id,
+                               step=step, rank=rank) for n, g in zip(names, groups)]
         results = [f.result() for f in futures]
     return [r for r, _ in results], [p for _, ps in results for p in ps]

@@ -15,7 +15,7 @@ its *stored* bytes, so corruption is caught before any decompression runs.
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -142,10 +142,33 @@ class Codec:
     def encode(self, raw: memoryview) -> tuple[Any, str]:
         if self.level is None or len(raw) == 0:
             return raw, "raw"
-        packed = zstandard.ZstdCompressor(level=self.level).compress(raw)
+        packed = zstandard.ZstdCompressor(level=self.level, write_content_size=True,
+                                          write_checksum=False).compress(raw)
         if len(packed) >= len(raw):
             return raw, "raw"
         return packed, "zstd"
+
+
+@dataclass(frozen=True)
+class EncodedChunk:
+    """A chunk ready to write: its stored bytes, their checksum, and its decoded size."""
+
+    stored: Any
+    raw: int
+    xxh3: str
+    codec: str
+
+
+def encode_chunk(codec: Codec, raw: memoryview) -> EncodedChunk:
+    """Compress (if it helps) and checksum one chunk. Thread-safe; zstd releases the GIL."""
+    stored, name = codec.encode(raw)
+    return EncodedChunk(stored, len(raw), checksum(stored), name)
+
+
+def split_chunks(data: Any, chunk_size: int) -> list[memoryview]:
+    data = memoryview(data).cast("B")
+    step = max(1, chunk_size)
+    return [data[i:i + step] for i in range(0, len(data), step)]
 
 
 class ShardWriter:
@@ -175,25 +198,30 @@ class ShardWriter:
         if pad:
             self._write(_ZERO[:pad])
 
-    def write_chunk(self, raw: memoryview) -> Chunk:
-        stored, codec = self._codec.encode(raw)
-        self._pad_to(chunk_alignment(len(stored)))
-        chunk = Chunk(self._pos, len(stored), len(raw), checksum(stored), codec)
-        self._write(stored)
+    def write_chunk(self, encoded: EncodedChunk) -> Chunk:
+        self._pad_to(chunk_alignment(len(encoded.stored)))
+        chunk = Chunk(self._pos, len(encoded.stored), encoded.raw, encoded.xxh3, encoded.codec)
+        self._write(encoded.stored)
         return chunk
 
-    def add(self, key: str, dtype: str, offsets: tuple[int, ...], lengths: tuple[int, ...],
-            data: memoryview) -> Piece:
-        """Write the raw bytes of one piece (C order) as chunks; return where they went."""
-        data = memoryview(data).cast("B")
+    def add_encoded(self, key: str, dtype: str, offsets: tuple[int, ...],
+                    lengths: tuple[int, ...], encoded: Iterable[EncodedChunk]) -> Piece:
+        """Write one piece from chunks already encoded (in order); return where they went."""
         piece = Piece(key, dtype, tuple(offsets), tuple(lengths), (), self.name)
-        if len(data) != piece.nbytes:
-            raise ValueError(f"{key}: {len(data)} bytes given for a piece of {piece.nbytes}")
-        step = self._chunk_size
-        chunks = tuple(self.write_chunk(data[i:i + step]) for i in range(0, len(data), step))
+        chunks = tuple(self.write_chunk(e) for e in encoded)
+        if sum(c.raw for c in chunks) != piece.nbytes:
+            raise ValueError(f"{key}: {sum(c.raw for c in chunks)} bytes given for a piece of "
+                             f"{piece.nbytes}")
         piece = Piece(key, dtype, piece.offsets, piece.lengths, chunks, self.name)
         self._pieces.append(piece)
         return piece
+
+    def add(self, key: str, dtype: str, offsets: tuple[int, ...], lengths: tuple[int, ...],
+            data: memoryview) -> Piece:
+        """Write the raw bytes of one piece (C order) as chunks, encoding them inline."""
+        return self.add_encoded(key, dtype, offsets, lengths,
+                                (encode_chunk(self._codec, c)
+                                 for c in split_chunks(data, self._chunk_size)))
 
     def finish(self) -> FileRecord:
         self._pad_to(64)
@@ -223,6 +251,11 @@ def decode_chunk(stored: bytes | memoryview, chunk: Chunk, where: str) -> bytes 
     if chunk.codec == "raw":
         return stored
     try:
+        # zstandard allocates whatever size the frame header declares, ignoring max_output_size
+        declared = zstandard.frame_content_size(stored)
+        if declared not in (-1, chunk.raw):
+            raise F.fail(where, f"chunk at offset {chunk.offset} declares {declared} bytes of "
+                                f"content, expected {chunk.raw}")
         raw = zstandard.ZstdDecompressor().decompress(stored, max_output_size=chunk.raw)
     except zstandard.ZstdError as exc:
         raise F.fail(where, f"chunk at offset {chunk.offset} does not decompress: {exc}") from None
@@ -281,11 +314,14 @@ def read_header(read: ReadRange, size: int, name: str) -> ShardHeader:
     """Validate a shard file's preamble, trailer and header using only small, bounded reads."""
     if size < PREAMBLE_SIZE + TRAILER_SIZE:
         raise F.fail(name, f"{size} bytes is too short for a shard file")
-    magic, version, _flags = PREAMBLE.unpack(_exact(read, 0, PREAMBLE_SIZE, name))
+    preamble = _exact(read, 0, PREAMBLE_SIZE, name)
+    magic, version, flags = PREAMBLE.unpack(preamble)
     if magic != MAGIC:
         raise F.fail(name, f"bad magic {magic!r} at offset 0 (not a shardckpt shard)")
     if version != VERSION:
         raise F.fail(name, f"unsupported shard version {version}")
+    if flags != 0 or any(preamble[16:]):
+        raise F.fail(name, f"unknown flags {flags:#x} or non-zero reserved bytes in the preamble")
     tail = _exact(read, size - TRAILER_SIZE, TRAILER_SIZE, name)
     offset, length, digest, tmagic = TRAILER.unpack(tail)
     if tmagic != TRAILER_MAGIC:
