@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import threading
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from . import __version__, knobs
@@ -20,11 +20,17 @@ from .engine.load import load_step
 from .engine.reader import CheckpointReader
 from .engine.save import SaveOptions, SaveRequest, save_step
 from .engine.snapshot import Snapshot, StagingPool
-from .errors import CorruptCheckpointError, IncompleteCheckpointError, ShardckptError
+from .errors import (
+    CorruptCheckpointError,
+    IncompleteCheckpointError,
+    ShardckptError,
+    StorageError,
+)
 from .format import manifest as M
 from .format.shard import Codec
 from .planning.statedict import collect
-from .policy import CheckpointRecord, RetentionPlan, RetentionPolicy, plan_retention
+from .policy import RetentionPolicy
+from .prune import DEFAULT_LOCK_WAIT_S, BackgroundPrune, PruneReport, prune_location
 from .storage import Location, open_location, step_dirname
 
 MAX_MANIFEST_BYTES = 1 << 30
@@ -41,12 +47,9 @@ class CheckpointInfo:
     replicas: tuple[str, ...]
 
     @classmethod
-    def from_manifest(cls, m: M.Manifest, locations: Iterable[str]) -> CheckpointInfo:
+    def from_manifest(cls, m: M.Manifest) -> CheckpointInfo:
         return cls(m.step, m.time, dict(m.metrics), m.tags, m.world_size, m.nbytes,
-                   tuple(locations))
-
-
-PruneReport = RetentionPlan
+                   tuple(m.extra.get("locations", ())))
 
 
 class SaveHandle:
@@ -89,6 +92,22 @@ def read_manifest(location: Location, step: int) -> M.Manifest:
     return manifest
 
 
+def find_manifest(locations: Sequence[Location], step: int) -> tuple[M.Manifest, int]:
+    """The manifest of ``step`` from the first location holding a valid one, and its index.
+
+    Raises the first location's error if none does (``IncompleteCheckpointError`` when the step is
+    committed nowhere).
+    """
+    first: Exception | None = None
+    for i, loc in enumerate(locations):
+        try:
+            return read_manifest(loc, step), i
+        except (IncompleteCheckpointError, CorruptCheckpointError, StorageError) as exc:
+            first = first or exc
+    assert first is not None
+    raise first
+
+
 def _options_for(url: str, storage_options: Mapping[str, Mapping[str, Any]] | None) -> dict:
     best, kwargs = -1, {}
     for prefix, opts in (storage_options or {}).items():
@@ -105,16 +124,21 @@ class CheckpointManager:
                  async_save: bool = True, compression: str | None = None,
                  storage_options: Mapping[str, Mapping[str, Any]] | None = None,
                  process_group: Any = None) -> None:
-        replicas = tuple(replicas)
-        if replicas:
-            raise NotImplementedError("replicas are not implemented yet (issue 5)")
-        if min_replicas is not None and min_replicas != 1:
-            raise ValueError(f"min_replicas={min_replicas} but there is 1 location")
+        urls = [str(root), *(str(r) for r in replicas)]
+        if len(set(urls)) != len(urls):
+            raise ValueError(f"the same location is given twice: {urls}")
+        n = len(urls)
+        if min_replicas is None:
+            min_replicas = n
+        if type(min_replicas) is not int or not 1 <= min_replicas <= n:
+            raise ValueError(f"min_replicas must be an int in [1, {n}], got {min_replicas!r}")
+        self.min_replicas = min_replicas
         if save_every is not None and (type(save_every) is not int or save_every < 1):
             raise ValueError(f"save_every must be a positive int, got {save_every!r}")
         if retention is not None and not isinstance(retention, RetentionPolicy):
             raise TypeError("retention must be a shardckpt.RetentionPolicy")
-        self.location = open_location(str(root), _options_for(str(root), storage_options))
+        self.locations = [open_location(u, _options_for(u, storage_options)) for u in urls]
+        self.location = self.locations[0]
         self.retention = retention
         self.save_every = save_every
         self.async_save = async_save
@@ -126,6 +150,7 @@ class CheckpointManager:
         self._manifests: dict[int, M.Manifest] = {}
         self._staging = StagingPool()
         self._closed = False
+        self._retention_runner = BackgroundPrune(lambda: self._prune(False, lock_wait=0.0))
 
     @property
     def rank(self) -> int:
@@ -179,16 +204,14 @@ class CheckpointManager:
         opts = SaveOptions.from_knobs(self._codec)
         if isinstance(collected, Snapshot):
             collected = collected.ready()
-        manifest = save_step(self._comm, self.location, state, req, opts, collected)
+        manifest = save_step(self._comm, self.locations, state, req, opts, collected,
+                             self.min_replicas)
         if manifest is None:
             return None
         self._manifests[manifest.step] = manifest
-        if self.retention is not None:
-            try:
-                self.prune()
-            except ShardckptError as exc:
-                warnings.warn(f"retention after step {req.step} failed: {exc}", stacklevel=1)
-        return CheckpointInfo.from_manifest(manifest, [self.location.display])
+        if self.retention is not None and self.rank == 0:
+            self._retention_runner.request()  # on its own thread: pruning never delays a save
+        return CheckpointInfo.from_manifest(manifest)
 
     def wait(self) -> None:
         """Wait for every in-flight save; raise the first error among them."""
@@ -209,19 +232,19 @@ class CheckpointManager:
     def steps(self) -> list[int]:
         """Committed steps, ascending (a step counts once its manifest is present and valid)."""
         found = []
-        dirs = self.location.list_step_dirs()
+        dirs = {s for loc in self.locations for s in loc.list_step_dirs()}
         for step in sorted(dirs):
             if step in self._manifests:
                 found.append(step)
                 continue
             try:
-                self._manifests[step] = read_manifest(self.location, step)
+                self._manifests[step] = find_manifest(self.locations, step)[0]
                 found.append(step)
             except IncompleteCheckpointError:
                 continue
-            except CorruptCheckpointError as exc:
+            except (CorruptCheckpointError, StorageError) as exc:
                 warnings.warn(f"skipping step {step}: {exc}", stacklevel=2)
-        for step in set(self._manifests) - set(dirs):
+        for step in set(self._manifests) - dirs:
             del self._manifests[step]
         return found
 
@@ -231,11 +254,11 @@ class CheckpointManager:
 
     def manifest(self, step: int) -> M.Manifest:
         if step not in self._manifests:
-            self._manifests[step] = read_manifest(self.location, step)
+            self._manifests[step] = find_manifest(self.locations, step)[0]
         return self._manifests[step]
 
     def info(self, step: int) -> CheckpointInfo:
-        return CheckpointInfo.from_manifest(self.manifest(step), [self.location.display])
+        return CheckpointInfo.from_manifest(self.manifest(step))
 
     # -------------------------------------------------------------------------------- load
     def load(self, state: dict[str, Any], step: int | None = None, strict: bool = True) -> int:
@@ -249,27 +272,40 @@ class CheckpointManager:
             if step is None:
                 raise IncompleteCheckpointError(
                     f"{self.location.display}: no committed checkpoint to load")
-        manifest = read_manifest(self.location, step)
-        reader = CheckpointReader(self.location, step_dirname(step), manifest)
+        manifest, _ = find_manifest(self.locations, step)
+        reader = CheckpointReader(self.locations, step_dirname(step), manifest)
         load_step(self._comm, reader, state, strict, knobs.IO_THREADS.get())
         return step
 
     # -------------------------------------------------------------------------------- prune
     def prune(self, dry_run: bool = False) -> PruneReport:
-        """Apply ``retention`` now (rank 0 deletes; other ranks only compute the plan)."""
-        from .retention_apply import apply_retention
+        """Apply ``retention`` now at every location, each from its own listing.
 
+        Deletes what the policy drops (manifest first, then data) and reaps uncommitted step
+        directories left untouched for an hour with no live writer. Not collective: only rank 0
+        changes anything (other ranks get a dry-run report). Returns the root's report, with
+        the replicas' in ``replicas``. Waits up to a minute for another prune of a location to
+        finish, then raises ``PruneLockedError``.
+        """
+        report = self._prune(dry_run or self.rank != 0, DEFAULT_LOCK_WAIT_S)
+        for step in report.deleted:
+            self._manifests.pop(step, None)
+        return report
+
+    def _prune(self, dry_run: bool, lock_wait: float) -> PruneReport:
         policy = self.retention or RetentionPolicy()
-        records = [CheckpointRecord(s, m.unix_time, dict(m.metrics), m.tags)
-                   for s, m in ((s, self.manifest(s)) for s in self.steps())]
-        import time
-
-        plan = plan_retention(policy, records, time.time())
-        if not dry_run and self.rank == 0:
-            apply_retention(self.location, plan)
-            for step in plan.deleted:
-                self._manifests.pop(step, None)
-        return plan
+        cache = dict(self._manifests)  # a copy: the save thread may add to it meanwhile
+        reports: list[PruneReport] = []
+        first: ShardckptError | None = None
+        for loc in self.locations:
+            try:
+                reports.append(prune_location(loc, policy, dry_run=dry_run, lock_wait=lock_wait,
+                                              manifests=cache))
+            except ShardckptError as exc:
+                first = first or exc
+        if first is not None:
+            raise first
+        return replace(reports[0], replicas=tuple(reports[1:]))
 
     # -------------------------------------------------------------------------------- close
     def _check_open(self) -> None:
@@ -286,6 +322,7 @@ class CheckpointManager:
             self._closed = True
             self._pool.shutdown(wait=True)
             self._staging.release()
+            self._retention_runner.close()  # the last commit's retention finishes first
 
     def __enter__(self) -> CheckpointManager:
         return self

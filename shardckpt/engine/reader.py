@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import math
 import threading
+import warnings
+from collections.abc import Sequence
 
 import torch
 
-from ..errors import CorruptCheckpointError, IncompleteCheckpointError
+from ..errors import CorruptCheckpointError, IncompleteCheckpointError, StorageError
 from ..format.dtypes import itemsize
 from ..format.manifest import Manifest, TensorMeta
 from ..format.shard import Piece, checksum, decode_chunk, read_header
@@ -38,35 +40,46 @@ def intersect(a_off: tuple[int, ...], a_len: tuple[int, ...], b_off: tuple[int, 
 
 
 class CheckpointReader:
-    """Reads verified bytes of one committed step from one location (thread-safe)."""
+    """Reads verified bytes of one committed step, failing over between locations (thread-safe).
 
-    def __init__(self, location: Location, step_dir: str, manifest: Manifest) -> None:
-        self.location = location
+    Every chunk is checked against its checksum. A file that is missing, truncated, replaced or
+    has a bad chunk at one location is read from the next location instead, with a warning
+    naming what was bad where; if no location has a good copy, the error of the first is raised.
+    """
+
+    def __init__(self, locations: Location | Sequence[Location], step_dir: str,
+                 manifest: Manifest) -> None:
+        self.locations = [locations] if isinstance(locations, Location) else list(locations)
         self.step_dir = step_dir
         self.manifest = manifest
-        self._checked: set[str] = set()
+        self._checked: set[tuple[int, str]] = set()
+        self._bad: dict[tuple[int, str], str] = {}
         self._lock = threading.Lock()
+        self.warnings: list[str] = []
 
-    def _where(self, file: str) -> str:
-        return f"{self.location.display}/{self.step_dir}/{file}"
+    @property
+    def location(self) -> Location:
+        return self.locations[0]
 
-    def check_file(self, file: str) -> None:
-        """The file exists, has exactly the size the manifest recorded, and its preamble, trailer
-        and header are intact and are the ones the manifest recorded (same save, same step)."""
+    def _where(self, index: int, file: str) -> str:
+        return f"{self.locations[index].display}/{self.step_dir}/{file}"
+
+    def check_file(self, file: str, index: int = 0) -> None:
+        """The file exists at location ``index``, has the recorded size, and its preamble,
+        trailer and header are the ones the manifest recorded (same save, same step)."""
         with self._lock:
-            if file in self._checked:
+            if (index, file) in self._checked:
                 return
-        rel, where = f"{self.step_dir}/{file}", self._where(file)
-        size = self.location.size(rel)
+        location = self.locations[index]
+        rel, where = f"{self.step_dir}/{file}", self._where(index, file)
+        size = location.size(rel)
         if size is None:
             raise IncompleteCheckpointError(f"{where}: shard file is missing")
         record = self.manifest.files[file]
         if size != record.nbytes:
             raise CorruptCheckpointError(f"{where}: {size} bytes on storage, the manifest "
                                          f"recorded {record.nbytes} (truncated or replaced)")
-        return
-        header = read_header(lambda offset, n: self.location.read_range(rel, offset, n), size,
-                             where)
+        header = read_header(lambda offset, n: location.read_range(rel, offset, n), size, where)
         if (header.header_offset, header.header_xxh3) != (record.header_offset,
                                                           record.header_xxh3):
             raise CorruptCheckpointError(
@@ -80,12 +93,40 @@ class CheckpointReader:
                 f"{header.rank}, the manifest is save {self.manifest.save_id} of step "
                 f"{self.manifest.step} (rank {record.rank})")
         with self._lock:
-            self._checked.add(file)
+            self._checked.add((index, file))
 
     def read_span(self, piece: Piece, start: int, out: memoryview) -> None:
-        """Fill ``out`` with the piece's raw bytes ``[start, start + len(out))``, verified."""
-        self.check_file(piece.file)
-        where = self._where(piece.file)
+        """Fill ``out`` with the piece's raw bytes ``[start, start + len(out))``, verified,
+        from the first location that has them intact."""
+        first: BaseException | None = None
+        for index in range(len(self.locations)):
+            if (index, piece.file) in self._bad:
+                continue
+            try:
+                self.check_file(piece.file, index)
+                self._read_span_at(index, piece, start, out)
+                return
+            except (CorruptCheckpointError, IncompleteCheckpointError, StorageError,
+                    FileNotFoundError) as exc:
+                first = first or exc
+                self._mark_bad(index, piece.file, exc)
+        if first is None:  # every location was already known bad
+            first = CorruptCheckpointError(
+                f"{self.step_dir}/{piece.file}: no location holds a good copy: "
+                + "; ".join(m for (i, f), m in self._bad.items() if f == piece.file))
+        raise first
+
+    def _mark_bad(self, index: int, file: str, exc: BaseException) -> None:
+        with self._lock:
+            self._bad[(index, file)] = str(exc)
+            if len(self.locations) > 1:
+                msg = f"{exc} (reading it from another location)"
+                self.warnings.append(msg)
+                warnings.warn(msg, stacklevel=4)
+
+    def _read_span_at(self, index: int, piece: Piece, start: int, out: memoryview) -> None:
+        location = self.locations[index]
+        rel, where = f"{self.step_dir}/{piece.file}", self._where(index, piece.file)
         end = start + len(out)
         pos = 0
         for chunk in piece.chunks:
@@ -96,8 +137,8 @@ class CheckpointReader:
             lo, hi = max(start, c_start), min(end, c_end)
             dst = out[lo - start:hi - start]
             if chunk.codec == "raw" and lo == c_start and hi == c_end and \
-                    hasattr(self.location, "read_into"):
-                n = self.location.read_into(f"{self.step_dir}/{piece.file}", chunk.offset, dst)
+                    hasattr(location, "read_into"):
+                n = location.read_into(rel, chunk.offset, dst)
                 if n != chunk.stored:
                     raise CorruptCheckpointError(f"{where}: chunk at offset {chunk.offset}: "
                                                  f"read {n} of {chunk.stored} bytes")
@@ -105,8 +146,7 @@ class CheckpointReader:
                     raise CorruptCheckpointError(
                         f"{where}: checksum mismatch in chunk at offset {chunk.offset}")
                 continue
-            stored = self.location.read_range(f"{self.step_dir}/{piece.file}", chunk.offset,
-                                              chunk.stored)
+            stored = location.read_range(rel, chunk.offset, chunk.stored)
             raw = memoryview(decode_chunk(stored, chunk, where))
             dst[:] = raw[lo - c_start:hi - c_start]
 

@@ -10,22 +10,25 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 import traceback
 import uuid
-from collections.abc import Mapping
-from dataclasses import dataclass
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Any
 
 from .. import knobs
-from ..errors import CollectiveError, ShardckptError
+from ..errors import CollectiveError, ShardckptError, StorageError
 from ..format import manifest as M
 from ..format.shard import Codec, FileRecord, Piece, checksum
 from ..planning import tree as T
 from ..planning.assign import LeafSpec, WritePlan, assign
 from ..planning.statedict import Collected, TensorLeaf, collect
 from ..storage import Location, step_dirname
+from ..storage.lease import hold_writer_lease, releases_writer_leases, writer_lease
 from .comm import GlooComm, LocalComm
 from .pipeline import PipelineConfig
 from .writer import PieceData, tensor_bytes, write_rank
@@ -78,7 +81,10 @@ def leaf_spec(leaf: TensorLeaf, world_size: int) -> LeafSpec:
 
 
 def prepare_step_dir(location: Location, step_dir: str) -> None:
-    """Rank 0, before anyone writes: refuse a committed step, clear a stale partial one."""
+    """Rank 0, before anyone writes: take the writer lease (so that no prune deletes or reaps
+    the directory while the save runs; it lasts until :func:`save_step` returns or raises),
+    refuse a committed step, clear a stale partial one."""
+    hold_writer_lease(location, step_dir)
     if location.size(f"{step_dir}/{M.MANIFEST_NAME}") is not None:
         raise ValueError(f"step directory {location.display}/{step_dir} is already committed; "
                          f"a committed checkpoint is never overwritten")
@@ -121,37 +127,87 @@ def build_manifest(req: SaveRequest, save_id: str, world: int, trees: list[Any],
 
 
 def commit(location: Location, step_dir: str, data: bytes) -> None:
-    """Make the step durable: data entries first, then the manifest, last, atomically."""
+    """Make the step durable at one location: data entries first, then the manifest, last."""
     location.fsync_dir(step_dir)
+    lease = writer_lease(location, step_dir)
+    if lease is not None:  # stalled renewals: a prune may have judged this save dead
+        lease.check(margin=lease.ttl / 2)
     location.write_atomic(f"{step_dir}/{M.MANIFEST_NAME}", data)
     location.fsync_dir("")
 
 
-def save_step(comm: LocalComm | GlooComm, location: Location, state: dict[str, Any],
+def _prepare(locations: Sequence[Location], step_dir: str) -> tuple[list[int], dict[int, str]]:
+    """Rank 0: prepare the step directory at every location; a committed step is an error."""
+    ok, failed = [], {}
+    for i, loc in enumerate(locations):
+        try:
+            prepare_step_dir(loc, step_dir)
+            ok.append(i)
+        except ShardckptError as exc:
+            failed[i] = describe(exc)
+    return ok, failed
+
+
+def _commit_all(locations: Sequence[Location], good: list[int], step_dir: str,
+                manifest: M.Manifest, min_replicas: int) -> tuple[list[int], dict[int, str]]:
+    """Rank 0: commit at every good location; undo them all if fewer than ``min_replicas``."""
+    extra = dict(manifest.extra)
+    extra["locations"] = [locations[i].display for i in good]
+    extra["degraded"] = len(good) < len(locations)
+    manifest = replace(manifest, extra=extra)
+    data = M.serialize(manifest)
+    M.parse(data, "new manifest")  # never commit what we could not read back
+    committed, failed = [], {}
+    for i in good:
+        try:
+            commit(locations[i], step_dir, data)
+            committed.append(i)
+        except ShardckptError as exc:
+            failed[i] = describe(exc)
+    if len(committed) < min_replicas:
+        for i in committed:  # no location may be left showing a save that failed
+            with contextlib.suppress(ShardckptError):
+                locations[i].remove(f"{step_dir}/{M.MANIFEST_NAME}")
+                locations[i].fsync_dir(step_dir)
+        committed = []
+    return committed, failed
+
+
+@releases_writer_leases
+def save_step(comm: LocalComm | GlooComm, locations: Sequence[Location], state: dict[str, Any],
               req: SaveRequest, opts: SaveOptions,
-              collected: Collected | BaseException | None = None) -> M.Manifest | None:
+              collected: Collected | BaseException | None = None,
+              min_replicas: int = 1) -> M.Manifest | None:
     """Run the protocol on this rank. Returns the manifest on rank 0, None elsewhere.
 
     ``collected`` is the state already flattened and snapshotted (async saves), or the exception
-    that doing so raised: it is reported to every rank instead of leaving them waiting.
+    that doing so raised: it is reported to every rank instead of leaving them waiting. Every
+    rank writes its files to every location; rank 0 commits at each location that holds every
+    file of every rank, and the save fails (``StorageError``) where fewer than ``min_replicas``
+    locations could commit.
     """
     rank, world = comm.rank, comm.world_size
     step_dir = step_dirname(req.step)
     error: BaseException | None = None
     specs: list[LeafSpec] = []
+    prepared: list[int] = list(range(len(locations)))
+    loc_failures: dict[int, str] = {}
     try:
         if isinstance(collected, BaseException):
             error, collected = collected, None
             raise error
         if rank == 0:
-            prepare_step_dir(location, step_dir)
+            prepared, loc_failures = _prepare(locations, step_dir)
+            if len(prepared) < min_replicas:
+                raise StorageError(f"step {req.step}: only {len(prepared)} of {len(locations)} "
+                                   f"locations are writable: {loc_failures}")
         if collected is None:
             collected = collect(state)
         specs = [leaf_spec(leaf, world) for leaf in collected.leaves]
     except Exception as exc:
         error = exc
     mine = {"error": describe(error) if error else None, "save_id": uuid.uuid4().hex,
-            "tree": collected.tree if collected else None,
+            "tree": collected.tree if collected else None, "prepared": prepared,
             "leaves": [s.to_json() for s in specs]}
     plans = comm.all_gather_json(mine, "save: exchange plans")
     failures = {r: p["error"] for r, p in enumerate(plans) if p["error"]}
@@ -159,52 +215,72 @@ def save_step(comm: LocalComm | GlooComm, location: Location, state: dict[str, A
         _raise_failures("state collection", failures, error)
     assert collected is not None
     save_id = plans[0]["save_id"]
+    targets = [(i, locations[i]) for i in plans[0]["prepared"]]
     all_specs = [[LeafSpec.from_json(v) for v in p["leaves"]] for p in plans]
-    report: dict[str, Any] = {"error": None, "files": [], "pieces": []}
+    report: dict[str, Any] = {"error": None, "files": [], "pieces": [], "loc_failures": {}}
     try:
         plan = assign(all_specs)
         by_key = {leaf.key: leaf for leaf in collected.leaves}
         todo = [PieceData(k, by_key[k].dtype, by_key[k].offsets, by_key[k].lengths,
                           by_key[k].data) for k in plan.writes[rank]]
         if rank != 0:
-            location.makedirs(step_dir)
+            for _, loc in targets:
+                loc.makedirs(step_dir)
         config = PipelineConfig.plan(opts.codec, opts.chunk_size, opts.memory_budget,
                                      opts.files_per_rank)
-        files, pieces = write_rank(location, step_dir, todo, save_id=save_id, step=req.step,
-                                   rank=rank, config=config, nfiles=opts.files_per_rank,
-                                   threads=opts.io_threads, encoders=opts.encode_threads)
-        report["files"] = [[f.name, f.nbytes, f.header_offset, f.header_xxh3] for f in files]
+        written = write_rank(targets, step_dir, todo, save_id=save_id, step=req.step,
+                             rank=rank, config=config, nfiles=opts.files_per_rank,
+                             threads=opts.io_threads, encoders=opts.encode_threads)
+        report["files"] = [[w.record.name, w.record.nbytes, w.record.header_offset,
+                            w.record.header_xxh3, w.stored_at] for w in written]
         report["pieces"] = [[p.key, p.file, list(p.offsets), list(p.lengths),
-                             [c.to_json() for c in p.chunks]] for p in pieces]
+                             [c.to_json() for c in p.chunks]] for w in written for p in w.pieces]
+        report["loc_failures"] = {str(i): m for w in written for i, m in w.failures.items()}
     except Exception as exc:
         error = exc
         report["error"] = describe(exc)
     reports = comm.gather_json(report, "save: gather reports")
-    decision: dict[str, Any] = {"ok": False, "failures": {}}
+    decision: dict[str, Any] = {"ok": False, "failures": {}, "storage": False}
     manifest = None
     if rank == 0:
         assert reports is not None
         failures = {r: rep["error"] for r, rep in enumerate(reports) if rep["error"]}
+        good = [i for i, _ in targets
+                if all(i in f[4] for rep in reports for f in rep["files"])]
+        for rep in reports:
+            loc_failures.update({int(i): m for i, m in rep["loc_failures"].items()})
+        if not failures and len(good) < min_replicas:
+            failures = {0: f"only {len(good)} of {len(locations)} locations stored every file "
+                           f"(min_replicas={min_replicas}): " + "; ".join(
+                               f"{locations[i].display}: {m}" for i, m in loc_failures.items())}
+            decision["storage"] = True
         if not failures:
             try:
                 manifest = build_manifest(req, save_id, world, [p["tree"] for p in plans],
                                           all_specs, plan, reports)
-                data = M.serialize(manifest)
-                M.parse(data, "new manifest")  # never commit what we could not read back
-                commit(location, step_dir, data)
+                committed, commit_failures = _commit_all(locations, good, step_dir, manifest,
+                                                         min_replicas)
+                loc_failures.update(commit_failures)
+                if not committed:
+                    decision["storage"] = True
+                    failures = {0: f"commit succeeded at fewer than {min_replicas} locations: "
+                                   + "; ".join(commit_failures.values())}
             except Exception as exc:
                 error = exc
                 failures = {0: "commit: " + describe(exc)}
-        decision = {"ok": not failures, "failures": {str(r): m for r, m in failures.items()}}
-        if failures:
-            try:
-                location.remove_tree(step_dir)
-            except ShardckptError:
-                pass  # an uncommitted directory is invisible; prune's grace period reaps it
+        decision.update(ok=not failures, failures={str(r): m for r, m in failures.items()})
+        for i, loc in enumerate(locations):
+            if failures or i in loc_failures:
+                with contextlib.suppress(ShardckptError):
+                    loc.remove_tree(step_dir)  # uncommitted: invisible anyway; prune reaps it
+        for i, m in loc_failures.items():
+            if not failures:
+                warnings.warn(f"step {req.step}: location {locations[i].display} missed this "
+                              f"checkpoint (degraded): {m}", stacklevel=2)
     decision = comm.broadcast_json(decision, "save: commit decision")
     if not decision["ok"]:
-        _raise_failures("write/commit", {int(r): m for r, m in decision["failures"].items()},
-                        error)
+        found = {int(r): m for r, m in decision["failures"].items()}
+        if decision["storage"]:
+            raise StorageError("save failed: " + "; ".join(found.values())) from error
+        _raise_failures("write/commit", found, error)
     return manifest
-
-

@@ -11,6 +11,7 @@ import torch
 
 from ..format.shard import FileRecord, Piece, ShardWriter, split_chunks
 from ..storage import Location
+from ..storage.replicas import open_tee
 from .pipeline import EncodePipeline, PipelineConfig
 
 
@@ -62,15 +63,27 @@ def split_files(pieces: Sequence[PieceData], nfiles: int) -> list[list[PieceData
     return [b for b in buckets if b]
 
 
-def write_file(location: Location, step_dir: str, name: str, pieces: Sequence[PieceData],
-               pipeline: EncodePipeline, *, save_id: str, step: int,
-               rank: int) -> tuple[FileRecord, list[Piece]]:
-    """Stream ``pieces`` into one shard file; the file is durable (or gone) when this returns."""
+@dataclass(frozen=True)
+class WrittenFile:
+    record: FileRecord
+    pieces: list[Piece]
+    stored_at: list[int]  # indexes of the locations that hold the whole file
+    failures: dict[int, str]
+
+
+def write_file(locations: Sequence[tuple[int, Location]], step_dir: str, name: str,
+               pieces: Sequence[PieceData], pipeline: EncodePipeline, *, save_id: str,
+               step: int, rank: int) -> WrittenFile:
+    """Stream ``pieces`` into one shard file at every location, encoding each chunk once.
+
+    The file is durable wherever ``stored_at`` says when this returns; it raises only if no
+    location could store it.
+    """
     size = pipeline.config.chunk_size
     views = [tensor_bytes(p.data) for p in pieces]
     counts = [len(split_chunks(v, size)) for v in views]
     encoded = pipeline.encode(c for v in views for c in split_chunks(v, size))
-    sink = location.open_sink(f"{step_dir}/{name}")
+    sink = open_tee(locations, f"{step_dir}/{name}")
     try:
         writer = ShardWriter(sink, name, save_id=save_id, step=step, rank=rank,
                              chunk_size=size, codec=pipeline.config.codec)
@@ -78,23 +91,24 @@ def write_file(location: Location, step_dir: str, name: str, pieces: Sequence[Pi
                                       [next(encoded) for _ in range(n)])
                    for p, n in zip(pieces, counts)]
         record = writer.finish()
-        sink.commit()
     except BaseException:
         sink.abort()
         raise
-    return record, written
+    stored_at = sink.commit()
+    return WrittenFile(record, written, stored_at, sink.failures)
 
 
-def write_rank(location: Location, step_dir: str, pieces: Sequence[PieceData], *, save_id: str,
-               step: int, rank: int, config: PipelineConfig, nfiles: int, threads: int,
-               encoders: int) -> tuple[list[FileRecord], list[Piece]]:
-    """Write this rank's pieces to ``nfiles`` shard files concurrently; all or an exception."""
+def write_rank(locations: Sequence[tuple[int, Location]], step_dir: str,
+               pieces: Sequence[PieceData], *, save_id: str, step: int, rank: int,
+               config: PipelineConfig, nfiles: int, threads: int,
+               encoders: int) -> list[WrittenFile]:
+    """Write this rank's pieces to ``nfiles`` shard files concurrently, at every location."""
     groups = split_files(pieces, nfiles)
     names = [f"rank{rank:05d}-{i:03d}.shard" for i in range(len(groups))]
     with ThreadPoolExecutor(max_workers=max(1, encoders)) as encode_pool, \
             ThreadPoolExecutor(max_workers=max(1, min(threads, len(groups) or 1))) as pool:
         pipeline = EncodePipeline(config, encode_pool if encoders > 0 else None)
-        futures = [pool.submit(write_file, location, step_dir, n, g, pipeline, save_id=save_id,
-                               step=step, rank=rank) for n, g in zip(names, groups)]
-        results = [f.result() for f in futures]
-    return [r for r, _ in results], [p for _, ps in results for p in ps]
+        futures = [pool.submit(write_file, locations, step_dir, n, g, pipeline,
+                               save_id=save_id, step=step, rank=rank)
+                   for n, g in zip(names, groups)]
+        return [f.result() for f in futures]

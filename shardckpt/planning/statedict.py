@@ -115,6 +115,7 @@ def collect(state: dict[str, Any]) -> Collected:
     modules = _modules_by_param(state)
     leaves: list[TensorLeaf] = []
     seen: dict[tuple[Any, ...], str] = {}
+    keys: set[str] = set()
 
     def on_leaf(value: Any, path: str) -> list[Any] | None:
         if isinstance(value, torch.Tensor):
@@ -129,6 +130,11 @@ def collect(state: dict[str, Any]) -> Collected:
         return None
 
     def _add_tensor(value: torch.Tensor, path: str) -> str:
+        if path in keys:
+            raise ValueError(f"{path or '<root>'}: two tensors of the state map to the same tensor "
+                             f"key {path!r} (dict keys that print alike, such as 1 and '1', or an "
+                             f"empty key at the top level); rename one of them")
+        keys.add(path)
         local, shape, offsets, sharded = local_box(value)
         try:
             name = dtype_name(local.dtype)
@@ -261,4 +267,8 @@ def restore(state: dict[str, Any], tree: Any, ctx: LoadContext) -> None:
     if not isinstance(state, dict):
         raise TypeError(f"state must be a dict, got {type(state).__name__}")
     ctx.modules = _modules_by_param(state)
-    fill(state, tree, "", ctx)
+    node = T.check_node(tree, "<root>")
+    if node[0] != "d" or len(node) != 2 or not isinstance(node[1], dict):
+        raise T.CorruptCheckpointError("<root>: the stored state is not a dict")
+    # Top level: restore what the caller asked for (e.g. only the model), nothing more.
+    fill(state, ["d", {k: v for k, v in node[1].items() if k in state}], "", ctx)
