@@ -149,6 +149,40 @@ def _add_export(p: argparse.ArgumentParser) -> None:
                    help="export only tensors under this key prefix, stripped (e.g. 'model')")
 
 
+def cmd_repair(args: argparse.Namespace) -> int:
+    from ..repair import repair
+    from .main import UsageError, emit
+
+    locs = _locations(args)
+    if len(locs) < 2:
+        raise UsageError("repair needs at least one --replica URL to copy from or to")
+    reports = repair(locs, args.step, dry_run=args.dry_run)
+    ok = all(not r.unrepairable for r in reports)
+    if args.json:
+        emit({"ok": ok, "dry_run": args.dry_run, "steps": [r.to_json() for r in reports]})
+    else:
+        verb = "would repair" if args.dry_run else "repaired"
+        for r in reports:
+            for e in r.repaired:
+                print(f"step {r.step}: {verb} {e['location']}/{e['file']} ({e['problem']})")
+            for loc in r.manifests_restored:
+                print(f"step {r.step}: {'would restore' if args.dry_run else 'restored'} "
+                      f"the manifest at {loc}")
+            for e in r.unrepairable:
+                print(f"step {r.step}: CANNOT repair {e['location']}/{e['file']}: "
+                      f"{e['problem']}", file=sys.stderr)
+        healthy = sum(1 for r in reports if not (r.repaired or r.unrepairable or
+                                                  r.manifests_restored))
+        print(f"{len(reports)} checkpoints checked, {healthy} healthy everywhere")
+    return 0 if ok else 2
+
+
+def _add_repair(p: argparse.ArgumentParser) -> None:
+    p.add_argument("root", metavar="ROOT", help="checkpoint root: a path or fsspec URL")
+    p.add_argument("--step", type=int, default=None, help="repair only this step")
+    p.add_argument("--dry-run", action="store_true", help="report what would be repaired")
+
+
 def _add_ls(p: argparse.ArgumentParser) -> None:
     p.add_argument("root", metavar="ROOT", help="checkpoint root: a path or fsspec URL")
 
@@ -158,12 +192,140 @@ def _add_show(p: argparse.ArgumentParser) -> None:
     p.add_argument("--step", type=int, default=None, help="step to show (default: latest)")
 
 
+_PRUNE_RULES = ("keep_last", "keep_every", "keep_best", "metric", "mode", "keep_hourly",
+                "keep_daily", "keep_weekly", "keep_within")
+
+
+def _prune_policy(args: argparse.Namespace) -> Any:
+    """The policy of ``--config`` (if any) with the command-line rules laid over it."""
+    from dataclasses import fields
+
+    from ..policy import RetentionPolicy
+    from .main import UsageError
+
+    try:
+        base = RetentionPolicy.from_toml(args.config) if args.config else RetentionPolicy()
+        values = {f.name: getattr(base, f.name) for f in fields(base)}
+        values.update({k: getattr(args, k) for k in _PRUNE_RULES if getattr(args, k) is not None})
+        policy = RetentionPolicy(**values)
+    except OSError as exc:
+        raise UsageError(f"--config {args.config}: {exc.strerror or exc}") from None
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if policy.is_empty():
+        raise UsageError("no retention rule given (--keep-last, --keep-every, ... or --config "
+                         "FILE); refusing to prune with a policy that keeps everything")
+    return policy
+
+
+def _duration_arg(text: str, flag: str) -> float:
+    from ..policy import parse_duration
+    from .main import UsageError
+
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise UsageError(f"{flag}: {exc}") from None
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from ..errors import ShardckptError
+    from ..prune import prune_location
+    from .main import emit
+
+    policy = _prune_policy(args)
+    grace = _duration_arg(args.grace, "--grace")
+    lock_wait = _duration_arg(args.lock_wait, "--lock-wait")
+    locs = _locations(args)
+    docs: list[dict[str, Any]] = []
+    failed = corrupt = False
+    for loc in locs:  # every location from its own listing, under its own lock
+        try:
+            report = prune_location(loc, policy, dry_run=args.dry_run, grace=grace,
+                                    lock_wait=lock_wait)
+        except ShardckptError as exc:
+            failed = True
+            docs.append({"url": loc.display, "error": f"{type(exc).__name__}: {exc}"})
+            print(f"shardckpt prune: {loc.display}: {type(exc).__name__}: {exc}",
+                  file=sys.stderr)
+            continue
+        docs.append({"url": loc.display, **report.to_json()})
+        for step, error in sorted(report.corrupt.items()):
+            corrupt = True
+            print(f"shardckpt prune: step {step} left alone: {error}", file=sys.stderr)
+        if not args.json:
+            _print_prune(report)
+    if args.json:
+        first = {k: v for k, v in docs[0].items() if k not in ("url", "error")}
+        emit({"dry_run": args.dry_run, "kept": [], "deleted": [], **first, "locations": docs})
+    return 70 if failed else 2 if corrupt else 0
+
+
+def _print_prune(report: Any) -> None:
+    verb = "would delete" if report.dry_run else "deleted"
+    print(f"{report.location}{' (dry run)' if report.dry_run else ''}: kept {len(report.kept)}, "
+          f"{verb} {len(report.deleted)}, "
+          f"{'would reap' if report.dry_run else 'reaped'} {len(report.reaped)}")
+    rows = [(s, "keep", ", ".join(r)) for s, r in report.kept.items()]
+    rows += [(s, "delete", "") for s in report.deleted]
+    for step, action, why in sorted(rows):
+        print(f"{step:>12}  {action:<8} {why}".rstrip())
+    for d in report.reaped:
+        print(f"{d:>12}  {'reap':<8} uncommitted, older than the grace period")
+    for d, why in sorted(report.skipped.items()):
+        print(f"{d:>12}  {'skip':<8} {why}")
+
+
+_PRUNE_EPILOG = """\
+Rules combine: a checkpoint is kept if any rule keeps it; the newest committed checkpoint,
+steps being written and steps tagged 'pinned' are never deleted. Flags override --config,
+a TOML file of the same keys (keep_last = 3, ...) at top level or in a [retention] table.
+A prune without any rule is refused (exit 64).
+
+Deletion removes manifest.json first, then the data, so an interrupted prune never leaves a
+listed checkpoint with missing files. Uncommitted step directories are reaped once nothing
+has touched them for --grace and no live save holds a lease on them. Each location (ROOT and
+every --replica) is pruned from its own listing, under its own lock.
+
+exit codes: 0 done; 2 a corrupt manifest was found (reported, left alone, the rest pruned);
+64 usage error; 70 another prune still held the lock after --lock-wait, or storage failed.
+"""
+
+
+def _add_prune(p: argparse.ArgumentParser) -> None:
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = _PRUNE_EPILOG
+    p.add_argument("root", metavar="ROOT", help="checkpoint root: a path or fsspec URL")
+    p.add_argument("--keep-last", type=int, metavar="N", help="keep the newest N")
+    p.add_argument("--keep-every", type=int, metavar="K", help="keep every step divisible by K")
+    p.add_argument("--keep-best", type=int, metavar="M", help="keep the best M by --metric")
+    p.add_argument("--metric", metavar="NAME", help="metric that --keep-best ranks by")
+    p.add_argument("--mode", choices=("min", "max"), help="--keep-best: lower or higher is "
+                   "better (default min)")
+    for span in ("hourly", "daily", "weekly"):
+        p.add_argument(f"--keep-{span}", type=int, metavar="N",
+                       help=f"keep the newest checkpoint of each of the last N {span} buckets "
+                       "(UTC)")
+    p.add_argument("--keep-within", metavar="DUR", help="keep everything newer than DUR "
+                   "('36h', '7d')")
+    p.add_argument("--config", metavar="FILE", help="TOML file with the retention rules")
+    p.add_argument("--dry-run", action="store_true", help="report what would go; change nothing")
+    p.add_argument("--grace", default="1h", metavar="DUR", help="reap uncommitted step "
+                   "directories untouched for this long (default 1h)")
+    p.add_argument("--lock-wait", default="60s", metavar="DUR", help="wait this long for "
+                   "another prune of a location to finish (default 60s; 0: give up at once)")
+
+
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str,
                           Callable[[argparse.ArgumentParser], None]]] = {
     "ls": (cmd_ls, "list committed checkpoints with size, metrics, tags and location health",
            _add_ls),
     "show": (cmd_show, "print one checkpoint's manifest in full", _add_show),
+    "repair": (cmd_repair, "restore missing or corrupt files in one location from a healthy "
+               "replica", _add_repair),
     "export": (cmd_export, "write one consolidated, unsharded safetensors or torch file",
                _add_export),
+    "prune": (cmd_prune, "apply a retention policy; safe to run from cron while training writes",
+              _add_prune),
 }
 

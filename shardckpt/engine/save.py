@@ -149,7 +149,8 @@ def _prepare(locations: Sequence[Location], step_dir: str) -> tuple[list[int], d
 
 
 def _commit_all(locations: Sequence[Location], good: list[int], step_dir: str,
-                manifest: M.Manifest, min_replicas: int) -> tuple[list[int], dict[int, str]]:
+                manifest: M.Manifest,
+                min_replicas: int) -> tuple[list[int], dict[int, str], M.Manifest]:
     """Rank 0: commit at every good location; undo them all if fewer than ``min_replicas``."""
     extra = dict(manifest.extra)
     extra["locations"] = [locations[i].display for i in good]
@@ -170,7 +171,7 @@ def _commit_all(locations: Sequence[Location], good: list[int], step_dir: str,
                 locations[i].remove(f"{step_dir}/{M.MANIFEST_NAME}")
                 locations[i].fsync_dir(step_dir)
         committed = []
-    return committed, failed
+    return committed, failed, manifest
 
 
 @releases_writer_leases
@@ -258,8 +259,8 @@ def save_step(comm: LocalComm | GlooComm, locations: Sequence[Location], state: 
             try:
                 manifest = build_manifest(req, save_id, world, [p["tree"] for p in plans],
                                           all_specs, plan, reports)
-                committed, commit_failures = _commit_all(locations, good, step_dir, manifest,
-                                                         min_replicas)
+                committed, commit_failures, manifest = _commit_all(
+                    locations, good, step_dir, manifest, min_replicas)
                 loc_failures.update(commit_failures)
                 if not committed:
                     decision["storage"] = True
