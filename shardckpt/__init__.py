@@ -10,6 +10,7 @@ from .errors import (
     StorageError,
     VerificationError,
 )
+from .golden import Golden
 from .manager import CheckpointInfo, CheckpointManager, PruneReport, SaveHandle
 from .policy import RetentionPolicy
 
@@ -18,6 +19,7 @@ __all__ = [
     "CheckpointManager",
     "CollectiveError",
     "CorruptCheckpointError",
+    "Golden",
     "IncompleteCheckpointError",
     "PruneReport",
     "RetentionPolicy",

@@ -7,14 +7,17 @@ per rank under ``KEY@rankN``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 
 from .engine.reader import CheckpointReader
+from .errors import CorruptCheckpointError
 from .format.dtypes import torch_dtype
 from .format.manifest import Manifest, TensorMeta
-from .manager import read_manifest
+from .manager import find_manifest, read_manifest
+from .planning import tree as T
 from .storage import Location, step_dirname
 
 
@@ -56,3 +59,26 @@ def consolidate(location: Location, step: int, prefix: str | None = None,
     if want is not None:
         out = {k[len(want):]: v for k, v in out.items()}
     return out
+
+
+def read_value(locations: Sequence[Location], step: int, key: str) -> Any:
+    """The value stored under top-level ``key`` of ``step``, rebuilt as plain Python (dicts,
+    lists, tuples, scalars) with full CPU tensors. Per-rank parts are not included.
+
+    ``KeyError`` if the checkpoint has no such key.
+    """
+    manifest, _ = find_manifest(locations, step)
+    node = T.check_node(manifest.tree, "<root>")
+    if node[0] != "d" or not isinstance(node[1], dict) or key not in node[1]:
+        raise KeyError(f"step {step} has no top-level key {key!r}")
+    reader = CheckpointReader(locations, step_dirname(step), manifest)
+
+    def on_tensor(tkey: str, where: str) -> torch.Tensor:
+        if tkey not in manifest.tensors:
+            raise CorruptCheckpointError(f"{where}: tree refers to unknown tensor {tkey!r}")
+        meta = manifest.resolve(tkey)
+        if meta is None:
+            return None
+        return read_full(reader, meta)
+
+    return T.decode(node[1][key], T.escape(key), on_tensor, None, manifest.world_size, [])

@@ -28,6 +28,8 @@ from .errors import (
 )
 from .format import manifest as M
 from .format.shard import Codec
+from .golden import GOLDEN_KEY, RESERVED_PREFIX, Golden
+from .golden import record as record_golden
 from .planning.statedict import collect
 from .policy import RetentionPolicy
 from .prune import DEFAULT_LOCK_WAIT_S, BackgroundPrune, PruneReport, prune_location
@@ -176,14 +178,24 @@ class CheckpointManager:
         self._check_open()
         if type(step) is not int or not 0 <= step <= M.MAX_STEP:
             raise ValueError(f"step must be an int in [0, {M.MAX_STEP}], got {step!r}")
-        if golden is not None:
-            raise NotImplementedError("golden batches are not implemented yet (issue 8)")
+        if not isinstance(state, dict):
+            raise TypeError(f"state must be a dict, got {type(state).__name__}")
+        reserved = [k for k in state if isinstance(k, str) and k.startswith(RESERVED_PREFIX)]
+        if reserved:
+            raise ValueError(f"state keys starting with {RESERVED_PREFIX!r} are reserved: "
+                             f"{reserved}")
+        if golden is not None and not isinstance(golden, Golden):
+            raise TypeError("golden must be a shardckpt.Golden")
         metrics = {str(k): float(v) for k, v in (metrics or {}).items()}
         tags = tuple(tags)
         if not all(isinstance(t, str) for t in tags):
             raise TypeError("tags must be strings")
         self.wait()
-        req = SaveRequest(step, metrics, tags, {"shardckpt_version": __version__})
+        extra: dict[str, Any] = {"shardckpt_version": __version__}
+        if golden is not None:
+            state = {**state, GOLDEN_KEY: record_golden(golden, state)}
+            extra["golden"] = golden.spec()
+        req = SaveRequest(step, metrics, tags, extra)
         blocking = (not self.async_save) if blocking is None else blocking
         collected: Any = None
         if not blocking:
