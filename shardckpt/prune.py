@@ -1,0 +1,276 @@
+"""Pruning one location: apply a :class:`RetentionPolicy` and reap abandoned step directories.
+
+The steps of :func:`prune_location`, each safe to interrupt at any point (SIGKILL included):
+
+1. take the location's prune lock (:class:`~shardckpt.storage.lease.PruneLock`), so that two
+   prunes of one location never run at once (a dry run takes no lock and changes nothing);
+2. list the step directories *of this location* and read their manifests: committed steps,
+   uncommitted directories (no manifest), and corrupt manifests (reported, never deleted);
+3. plan with the pure planner; steps with a live writer lease count as in progress;
+4. write one reaper lease on every directory about to go (the handshake with writers, see
+   :mod:`shardckpt.storage.lease`); leave alone any that a writer took meanwhile;
+5. delete each step the plan drops: ``manifest.json`` first, made durable, and only then the
+   data. A crash after the manifest is gone leaves an uncommitted directory, never a listed
+   checkpoint with missing files; a later prune reaps what is left;
+6. reap uncommitted directories that no live writer holds and that nothing has touched for
+   ``grace`` seconds (default one hour): an interrupted save's leftovers;
+7. remove lease files whose holders are long gone, and release the lock.
+
+The newest committed checkpoint and any step being written are never deleted.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import warnings
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import CorruptCheckpointError, IncompleteCheckpointError
+from .format import manifest as M
+from .policy import CheckpointRecord, RetentionPolicy, plan_retention
+from .storage import Location, step_dirname
+from .storage.lease import (
+    LEASE_DIR,
+    WRITER,
+    PruneLock,
+    PruneLockedError,
+    Record,
+    claim_for_deletion,
+    modified_time,
+    read_leases,
+    read_record,
+)
+
+DEFAULT_GRACE_S = 3600.0
+DEFAULT_LOCK_WAIT_S = 60.0
+
+
+@dataclass(frozen=True)
+class PruneReport:
+    """What one prune of one location did (for a dry run: would do).
+
+    ``kept`` maps each kept committed step to its reasons; ``deleted`` lists the committed steps
+    removed; ``reaped`` the uncommitted step directories removed; ``skipped`` the uncommitted
+    ones left alone, with why; ``corrupt`` the steps whose manifest could not be read (step ->
+    error), which a prune never deletes. ``replicas`` holds the reports of the other locations
+    of a manager, each pruned from its own listing.
+    """
+
+    location: str
+    dry_run: bool
+    kept: Mapping[int, tuple[str, ...]]
+    deleted: tuple[int, ...]
+    reaped: tuple[str, ...] = ()
+    skipped: Mapping[str, str] = field(default_factory=dict)
+    corrupt: Mapping[int, str] = field(default_factory=dict)
+    replicas: tuple[PruneReport, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        """The contract's ``prune`` document, plus ``reaped``, ``skipped`` and ``corrupt``."""
+        return {
+            "dry_run": self.dry_run,
+            "kept": [{"step": s, "reasons": list(self.kept[s])} for s in sorted(self.kept)],
+            "deleted": sorted(self.deleted),
+            "reaped": sorted(self.reaped),
+            "skipped": [{"dir": d, "reason": self.skipped[d]} for d in sorted(self.skipped)],
+            "corrupt": [{"step": s, "error": self.corrupt[s]} for s in sorted(self.corrupt)],
+            **({"replicas": [r.to_json() for r in self.replicas]} if self.replicas else {}),
+        }
+
+
+def _format_age(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+def _last_activity(location: Location, step_dir: str, leases: list[Record]) -> float | None:
+    """The newest time stamp seen on ``step_dir``: the directory, its entries, its leases."""
+    stamps = [modified_time(location, step_dir)]
+    stamps += [modified_time(location, f"{step_dir}/{name}")
+               for name in location.listdir(step_dir)]
+    stamps += [r.renewed for r in leases]
+    known = [s for s in stamps if s is not None]
+    return max(known) if known else None
+
+
+def _survey(location: Location, cache: Mapping[int, M.Manifest]
+            ) -> tuple[dict[int, M.Manifest], list[int], dict[int, str]]:
+    from .manager import read_manifest  # the manager imports this module
+
+    committed: dict[int, M.Manifest] = {}
+    uncommitted: list[int] = []
+    corrupt: dict[int, str] = {}
+    for step in sorted(location.list_step_dirs()):
+        manifest_path = f"{step_dirname(step)}/{M.MANIFEST_NAME}"
+        if step in cache and location.size(manifest_path) is not None:
+            committed[step] = cache[step]  # still committed: a stat instead of a full read
+            continue
+        try:
+            committed[step] = read_manifest(location, step)
+        except IncompleteCheckpointError:
+            uncommitted.append(step)
+        except CorruptCheckpointError as exc:
+            corrupt[step] = str(exc)
+    return committed, uncommitted, corrupt
+
+
+def prune_location(location: Location, policy: RetentionPolicy, *, dry_run: bool = False,
+                   grace: float = DEFAULT_GRACE_S, lock_wait: float = 0.0,
+                   manifests: Mapping[int, M.Manifest] | None = None) -> PruneReport:
+    """Apply ``policy`` to ``location`` from its own listing, and reap stale uncommitted steps.
+
+    Any one process may call this, at any time, also while training saves to the location.
+    Raises :class:`PruneLockedError` if another prune still holds the lock after ``lock_wait``
+    seconds, :class:`~shardckpt.storage.lease.LeaseError` if the lock was lost part-way
+    (nothing unsafe was done), and ``StorageError`` if the store fails. ``manifests`` may hold
+    already-validated manifests by step, to save reading them again.
+    """
+    if not grace >= 0:
+        raise ValueError(f"grace must be >= 0 seconds, got {grace!r}")
+    lock = None if dry_run else PruneLock.acquire(location, wait=lock_wait)
+    try:
+        return _prune(location, policy, dry_run, grace, lock, manifests or {})
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _prune(location: Location, policy: RetentionPolicy, dry_run: bool, grace: float,
+           lock: PruneLock | None, cache: Mapping[int, M.Manifest]) -> PruneReport:
+    committed, uncommitted, corrupt = _survey(location, cache)
+    # Leases are read after the listing: a writer writes its lease before its directory, so
+    # every directory listed above that a live writer holds has its lease visible here.
+    leases = read_leases(location)
+    now = time.time()
+    by_dir: dict[str, list[Record]] = {}
+    for record in leases.values():
+        for d in record.dirs if record is not None else ():
+            by_dir.setdefault(d, []).append(record)
+    writing = {d for d, recs in by_dir.items()
+               if any(r.kind == WRITER and r.live(now) for r in recs)}
+
+    records = [CheckpointRecord(s, m.unix_time, dict(m.metrics), m.tags)
+               for s, m in committed.items()]
+    plan = plan_retention(policy, records, now,
+                          in_progress=[s for s in committed if step_dirname(s) in writing])
+    skipped: dict[str, str] = {}
+    stale: list[str] = []
+    for step in uncommitted:
+        d = step_dirname(step)
+        last = _last_activity(location, d, by_dir.get(d, []))
+        if d in writing:
+            skipped[d] = "being written (live writer lease)"
+        elif last is not None and now - last < grace:
+            skipped[d] = (f"uncommitted, last written {_format_age(max(now - last, 0))} ago "
+                          f"(grace {_format_age(grace)})")
+        else:
+            stale.append(d)
+    kept = dict(plan.kept)
+    if dry_run:
+        return PruneReport(location.display, True, kept, plan.deleted, tuple(stale), skipped,
+                           corrupt)
+
+    assert lock is not None
+    claim, blocked = claim_for_deletion(location, [*map(step_dirname, plan.deleted), *stale])
+    deleted: list[int] = []
+    reaped: list[str] = []
+    try:
+        for step in plan.deleted:
+            d = step_dirname(step)
+            if d in blocked:  # a writer started on it after the listing
+                kept[step] = ("in progress",)
+                continue
+            lock.check()
+            location.remove(f"{d}/{M.MANIFEST_NAME}")
+            location.fsync_dir(d)  # un-committed for good before any data goes
+            location.remove_tree(d)
+            deleted.append(step)
+        for d in stale:
+            if d in blocked:
+                skipped[d] = "being written (live writer lease)"
+                continue
+            lock.check()
+            if location.size(f"{d}/{M.MANIFEST_NAME}") is not None:
+                skipped[d] = "committed while the prune ran"
+                continue
+            location.remove_tree(d)
+            reaped.append(d)
+    finally:
+        if claim is not None:
+            claim.release()
+    if deleted or reaped:
+        location.fsync_dir("")
+    _remove_dead_leases(location, leases, now, keep_dirs=set(skipped))
+    return PruneReport(location.display, False, kept, tuple(deleted), tuple(reaped), skipped,
+                       corrupt)
+
+
+def _remove_dead_leases(location: Location, leases: Mapping[str, Record | None], now: float,
+                        keep_dirs: set[str]) -> None:
+    """Drop lease files no one holds any more, except those still dating a leftover directory."""
+    for name, record in leases.items():
+        path = f"{LEASE_DIR}/{name}"
+        if record is None:
+            stamp = modified_time(location, path)
+            dead = stamp is not None and now - stamp > DEFAULT_GRACE_S
+        else:
+            dead = not record.live(now) and not keep_dirs & set(record.dirs)
+            if dead:  # read again: a late renewal may have revived it since the listing
+                current = read_record(location, path)
+                dead = current is None or not current.live(time.time())
+        if dead:
+            location.remove(path)
+
+
+class BackgroundPrune:
+    """Runs ``run`` on one worker thread, one call at a time, never blocking the caller.
+
+    A :meth:`request` made while a run is in progress queues exactly one more (so the last
+    request is always followed by a full run); more requests meanwhile coalesce into it. A run
+    that finds another prune holding the lock is skipped (the next request tries again); other
+    errors become a warning and :attr:`last_error`, never an exception in the caller.
+    """
+
+    def __init__(self, run: Callable[[], object], name: str = "shardckpt-retention") -> None:
+        self._run, self._name = run, name
+        self._lock = threading.Lock()
+        self._queued = False
+        self._pool: ThreadPoolExecutor | None = None
+        self.last_error: BaseException | None = None
+
+    def request(self) -> None:
+        with self._lock:
+            if self._queued:
+                return
+            self._queued = True
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=self._name)
+            self._pool.submit(self._job)
+
+    def _job(self) -> None:
+        with self._lock:
+            self._queued = False
+        try:
+            self._run()
+        except PruneLockedError:
+            pass  # another prune (cron, a second job) is at it right now
+        except Exception as exc:
+            self.last_error = exc
+            warnings.warn(f"background retention failed: {type(exc).__name__}: {exc}",
+                          RuntimeWarning, stacklevel=1)
+
+    def close(self) -> None:
+        """Wait for the running and queued runs, then stop the thread."""
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
+
+
+__all__ = ["DEFAULT_GRACE_S", "BackgroundPrune", "PruneReport", "prune_location"]

@@ -1,0 +1,532 @@
+"""Leases and the prune lock: small JSON records under ``ROOT/.shardckpt/`` that work on any store.
+
+No ``fcntl``, no compare-and-swap: each record is one small object written whole (temp file and
+rename on local disks, one single-part PUT on object stores), and whether it is in force is
+judged by the expiry time stamp inside it against the reader's clock. The same code therefore
+works on a local disk, NFS and S3 / GCS, provided the clocks of the hosts involved agree to well
+within a TTL (defaults: leases 300 s, renewed every 60 s; the prune lock 120 s, renewed every
+24 s). Records are about liveness, not durability: on a local disk they are written without
+fsync, since a crash of the host ends every lease it held anyway.
+
+**Leases** (``.shardckpt/leases/``). A *writer* lease (``<step dir>.writer.<token>.json``) says
+"a save is writing this step directory": rank 0 takes one before any rank writes, renews it from
+a daemon thread, and removes it once the save has committed or failed. A prune never deletes or
+reaps a step directory with a live writer lease. A *reaper* lease (``_reaper.<token>.json``)
+says "a prune is deleting these directories". Each side writes its own lease first and only
+then looks for the other's, so at least one of them sees the other (Dekker's handshake; local
+disks and S3 are read-after-write consistent): a prune that sees a live writer lease leaves that
+directory alone, a writer that sees a live reaper lease on its directory waits for it to go
+before it clears the directory. A writer also refuses to commit once less than half its TTL is
+left (its renewals stalled, so a prune may have judged it dead). What remains open: a writer
+frozen (SIGSTOP, VM pause) for more than half a TTL *between* that check and its manifest upload
+could still commit a directory that a prune is reaping.
+
+**The prune lock** (``.shardckpt/prune.lock``), Fischer's protocol: read the lock; if a live
+record of someone else is there, it is held. Otherwise write our own record with a fresh token,
+wait ``settle`` seconds, and read it back: still ours means acquired. This is mutual exclusion
+as long as every contender's read-then-write takes less than ``settle`` (default 250 ms); an
+upload stalled for longer than that, or clocks further apart than the TTL, can let two prunes
+both believe they hold it. That costs duplicate work, not data: every prune only deletes what
+its own plan deletes, manifest first, and deleting twice is harmless. The holder renews the
+lock while it works and stops deleting as soon as it finds it lost (taken over after a lapse).
+
+A record whose holder is certainly dead no longer counts, whatever its expiry: same host, same
+boot, same PID namespace, and that PID is gone or now belongs to a process started at another
+time (Linux only; elsewhere only expiry frees a record).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, replace
+from datetime import datetime, timezone
+from typing import Any, TypeVar
+
+from ..errors import ShardckptError
+from ..knobs import Knob
+from .location import LocalLocation, Location, step_dirname
+
+# These belong with the others in knobs.py; they live here until that module is free to edit.
+LEASE_TTL_S = Knob("SHARDCKPT_LEASE_TTL", 300, 1, "seconds a writer/reaper lease lives unrenewed")
+PRUNE_LOCK_TTL_S = Knob("SHARDCKPT_PRUNE_LOCK_TTL", 120, 1,
+                        "seconds the prune lock lives unrenewed (a dead holder's lock expires)")
+LOCK_SETTLE_MS = Knob("SHARDCKPT_LOCK_SETTLE_MS", 250, 0,
+                      "ms between writing the prune lock and reading it back (Fischer's delay)")
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+CONTROL_DIR = ".shardckpt"
+LEASE_DIR = f"{CONTROL_DIR}/leases"
+LOCK_PATH = f"{CONTROL_DIR}/prune.lock"
+RECORD_FORMAT = "shardckpt-lease"
+MAX_RECORD_BYTES = 64 << 10
+RENEWALS_PER_TTL = 5
+WRITER, REAPER, PRUNER = "writer", "reaper", "prune-lock"
+REAPER_PREFIX = "_reaper."
+
+
+class LeaseError(ShardckptError):
+    """A lease or lock was lost (it lapsed, or another holder took it over)."""
+
+
+class PruneLockedError(ShardckptError):
+    """Another live prune holds the lock of this location."""
+
+    def __init__(self, message: str, holder: Record | None = None) -> None:
+        super().__init__(message)
+        self.holder = holder
+
+
+# ------------------------------------------------------------------------------ holder identity
+def _read_text(path: str) -> str | None:
+    try:
+        with open(path) as fh:
+            return fh.read().strip()
+    except OSError:
+        return None
+
+
+def _start_ticks(pid: int) -> int | None:
+    """When ``pid`` started, in clock ticks since boot (Linux); None if there is no such pid."""
+    stat = _read_text(f"/proc/{pid}/stat")
+    if stat is None:
+        return None
+    try:
+        return int(stat.rsplit(")", 1)[1].split()[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def _pid_namespace() -> str | None:
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return None
+
+
+@dataclass(frozen=True)
+class Record:
+    """One lease or lock record. Times are POSIX seconds of the holder's clock."""
+
+    kind: str
+    token: str
+    dirs: tuple[str, ...]
+    host: str
+    pid: int
+    boot: str | None
+    pidns: str | None
+    start: int | None
+    acquired: float
+    renewed: float
+    expires: float
+
+    def __post_init__(self) -> None:
+        dirs = self.dirs
+        if isinstance(dirs, str) or not all(isinstance(d, str) for d in dirs):
+            raise ValueError(f"dirs must be a list of step directory names, got {dirs!r}")
+        object.__setattr__(self, "dirs", tuple(dirs))
+
+    @classmethod
+    def new(cls, kind: str, dirs: Iterable[str], ttl: float, now: float) -> Record:
+        pid = os.getpid()
+        return cls(kind, uuid.uuid4().hex, tuple(dirs), socket.gethostname(), pid,
+                   _read_text("/proc/sys/kernel/random/boot_id"), _pid_namespace(),
+                   _start_ticks(pid), now, now, now + ttl)
+
+    def to_bytes(self) -> bytes:
+        return json.dumps({"format": RECORD_FORMAT, **asdict(self)}, sort_keys=True).encode()
+
+    @classmethod
+    def parse(cls, data: bytes) -> Record:
+        """Raises ``ValueError`` (or a subclass) on anything that is not a valid record."""
+        doc = json.loads(data)
+        if not isinstance(doc, dict) or doc.pop("format", None) != RECORD_FORMAT:
+            raise ValueError("not a shardckpt lease record")
+        rec = cls(**doc)
+        for name in ("acquired", "renewed", "expires"):
+            value = getattr(rec, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{name} is not a time")
+        if not isinstance(rec.token, str) or not isinstance(rec.pid, int):
+            raise ValueError("bad token or pid")
+        return rec
+
+    def holder_dead(self) -> bool:
+        """True only when the holder certainly is gone (see the module docstring)."""
+        if self.boot is None or self.pidns is None or self.host != socket.gethostname():
+            return False
+        if self.boot != _read_text("/proc/sys/kernel/random/boot_id"):
+            return False
+        if self.pidns != _pid_namespace():
+            return False
+        start = _start_ticks(self.pid)
+        return start is None or (self.start is not None and start != self.start)
+
+    def live(self, now: float) -> bool:
+        """In force at ``now``: not expired, and its holder not certainly dead."""
+        return now < self.expires and not self.holder_dead()
+
+    def describe(self) -> str:
+        until = datetime.fromtimestamp(self.expires, timezone.utc).isoformat(timespec="seconds")
+        return f"{self.kind} {self.host}:{self.pid} (until {until})"
+
+
+def put_record(location: Location, relpath: str, record: Record) -> None:
+    """Write ``record`` whole. Local disks: temp file and rename, no fsync (see the module)."""
+    if not isinstance(location, LocalLocation):
+        location.write_atomic(relpath, record.to_bytes())
+        return
+    final = location._path(relpath)
+    tmp = f"{final}.tmp-{uuid.uuid4().hex[:12]}"
+    try:
+        with open(tmp, "xb") as fh:
+            fh.write(record.to_bytes())
+        os.replace(tmp, final)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise location._err("write", relpath, exc) from exc
+
+
+def read_record(location: Location, relpath: str) -> Record | None:
+    """The record at ``relpath``; None if it is absent or not a valid record."""
+    try:
+        return Record.parse(location.read_file(relpath, MAX_RECORD_BYTES))
+    except (FileNotFoundError, ValueError, TypeError, UnicodeDecodeError):
+        return None
+
+
+def modified_time(location: Location, relpath: str) -> float | None:
+    """Last modification of a file or directory (POSIX seconds), or None if unknown/absent.
+
+    Belongs on :class:`Location`; it lives here until the storage API grows it.
+    """
+    try:
+        if isinstance(location, LocalLocation):
+            return os.stat(location._path(relpath), follow_symlinks=False).st_mtime
+        fs, path = location.fs, location._path(relpath)  # type: ignore[attr-defined]
+        try:
+            stamp = fs.modified(path)
+        except (NotImplementedError, AttributeError, IsADirectoryError, KeyError):
+            info = fs.info(path)
+            stamp = next((info[k] for k in ("mtime", "LastModified", "last_modified",
+                                            "updated", "created") if info.get(k)), None)
+        if isinstance(stamp, datetime):
+            if stamp.tzinfo is None:
+                stamp = stamp.replace(tzinfo=timezone.utc)
+            return stamp.timestamp()
+        if isinstance(stamp, str):
+            return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+        return float(stamp) if stamp is not None else None
+    except Exception:  # absent, or a backend that cannot tell: the caller decides what that means
+        return None
+
+
+# ------------------------------------------------------------------------------ held records
+class _Held:
+    """A record we wrote and keep alive: a daemon thread rewrites it every TTL/5."""
+
+    def __init__(self, location: Location, relpath: str, record: Record, ttl: float,
+                 clock: Callable[[], float]) -> None:
+        self.location, self.relpath, self.record, self.ttl = location, relpath, record, ttl
+        self._clock = clock
+        self._mutex = threading.Lock()  # a renewal never races a release
+        self._stop = threading.Event()
+        self._released = False
+        self.lost: str | None = None
+        self.renew_error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, daemon=True,
+                                        name=f"shardckpt-{record.kind}-renew")
+
+    def _start(self) -> None:
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.ttl / RENEWALS_PER_TTL):
+            try:
+                self.renew()
+            except Exception as exc:  # keep trying: expiry tells everyone else if we never get
+                self.renew_error = exc  # through; check() tells our own holder
+            if self.lost:
+                return
+
+    def _still_ours(self) -> bool:
+        return True
+
+    def renew(self) -> None:
+        """Push the expiry to now + TTL (the daemon thread calls this every TTL/5)."""
+        with self._mutex:
+            if self._released or self.lost:
+                return
+            now = self._clock()
+            if now >= self.record.expires:
+                self.lost = f"{self.describe()} lapsed before it was renewed"
+            if not self._still_ours():
+                return
+            record = replace(self.record, renewed=now, expires=now + self.ttl)
+            put_record(self.location, self.relpath, record)
+            self.record = record
+
+    def check(self, margin: float = 0.0) -> None:
+        """Raise :class:`LeaseError` if this record was lost, or has less than ``margin`` s left."""
+        left = self.record.expires - self._clock()
+        if self.lost:
+            raise LeaseError(f"{self.location.display}/{self.relpath}: {self.lost}")
+        if left < margin:
+            raise LeaseError(f"{self.location.display}/{self.relpath}: {self.describe()} has "
+                             f"{max(left, 0):.0f} s left (renewals stalled: "
+                             f"{self.renew_error or 'no error seen'})")
+
+    def describe(self) -> str:
+        return self.record.describe()
+
+    def _remove(self) -> None:
+        self.location.remove(self.relpath)
+
+    def release(self) -> None:
+        """Stop renewing and remove the record (idempotent). Storage errors propagate."""
+        self._stop.set()
+        with self._mutex:
+            if self._released:
+                return
+            self._released = True
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout=1.0)
+        self._remove()
+
+    def __enter__(self) -> _Held:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+class Lease(_Held):
+    """A writer's claim on one step directory, or a reaper's on several."""
+
+    @classmethod
+    def acquire(cls, location: Location, dirs: str | Iterable[str], kind: str = WRITER,
+                ttl: float | None = None, clock: Callable[[], float] = time.time) -> Lease:
+        """Write a fresh lease on ``dirs`` (one step directory name, or several for a reaper)
+        and start renewing it."""
+        dirs = (dirs,) if isinstance(dirs, str) else tuple(dirs)
+        if kind == WRITER and len(dirs) != 1:
+            raise ValueError(f"a writer lease covers one step directory, got {dirs!r}")
+        if kind not in (WRITER, REAPER):
+            raise ValueError(f"lease kind must be {WRITER!r} or {REAPER!r}, got {kind!r}")
+        ttl = float(LEASE_TTL_S.get() if ttl is None else ttl)
+        record = Record.new(kind, dirs, ttl, clock())
+        name = f"{dirs[0]}.{WRITER}" if kind == WRITER else REAPER_PREFIX.rstrip(".")
+        relpath = f"{LEASE_DIR}/{name}.{record.token}.json"
+        location.makedirs(LEASE_DIR)
+        put_record(location, relpath, record)
+        lease = cls(location, relpath, record, ttl, clock)
+        lease._start()
+        return lease
+
+    def narrow(self, dirs: Iterable[str]) -> None:
+        """Cover only ``dirs`` from now on (a reaper letting go of directories it skips)."""
+        with self._mutex:
+            if self._released:
+                return
+            record = replace(self.record, dirs=tuple(dirs))
+            put_record(self.location, self.relpath, record)
+            self.record = record
+
+
+def read_leases(location: Location, step_dir: str | None = None
+                ) -> dict[str, Record | None]:
+    """Lease file name -> record (None: unreadable): every lease, or those that may cover
+    ``step_dir`` (its writer leases and every reaper lease)."""
+    out: dict[str, Record | None] = {}
+    for name in location.listdir(LEASE_DIR):
+        if not name.endswith(".json"):
+            continue
+        if step_dir is not None and not name.startswith((f"{step_dir}.", REAPER_PREFIX)):
+            continue
+        record = read_record(location, f"{LEASE_DIR}/{name}")
+        if record is not None or location.size(f"{LEASE_DIR}/{name}") is not None:
+            out[name] = record
+    return out
+
+
+def live_leases(location: Location, step_dir: str, kind: str,
+                clock: Callable[[], float] = time.time) -> list[Record]:
+    """The leases of ``kind`` covering ``step_dir`` that are in force now."""
+    leases = read_leases(location, step_dir).values()
+    now = clock()
+    return [r for r in leases
+            if r is not None and r.kind == kind and step_dir in r.dirs and r.live(now)]
+
+
+def claim_for_deletion(location: Location, dirs: Iterable[str]
+                       ) -> tuple[Lease | None, set[str]]:
+    """A prune's half of the handshake, for many directories at once: a reaper lease on
+    ``dirs``, and the directories among them that a live writer holds (which the lease then
+    no longer covers: the caller must leave them alone). No lease when ``dirs`` is empty."""
+    wanted = list(dict.fromkeys(dirs))
+    if not wanted:
+        return None, set()
+    lease = Lease.acquire(location, wanted, REAPER)
+    try:
+        now = time.time()
+        held = {d for r in read_leases(location).values()
+                if r is not None and r.kind == WRITER and r.live(now) for d in r.dirs}
+        blocked = held & set(wanted)
+        if blocked:
+            lease.narrow(d for d in wanted if d not in blocked)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            lease.release()
+        raise
+    return lease, blocked
+
+
+def wait_out_reapers(location: Location, step_dir: str, poll: float = 0.2) -> None:
+    """A writer's half of the handshake, after writing its own lease: wait while a live
+    reaper lease covers ``step_dir`` (a prune is deleting it). A reaper that died holds a
+    writer up for at most a lease TTL."""
+    while live_leases(location, step_dir, REAPER):
+        time.sleep(poll)
+
+
+# ------------------------------------------------------------------------------ the prune lock
+class PruneLock(_Held):
+    """The lock that keeps two prunes of one location from running at once (see the module)."""
+
+    def _still_ours(self) -> bool:
+        current = read_record(self.location, self.relpath)
+        if current is None or current.token != self.record.token:
+            self.lost = (f"the prune lock was taken over by "
+                         f"{current.describe() if current else 'nobody (it was removed)'}")
+            return False
+        return True
+
+    def _remove(self) -> None:
+        current = read_record(self.location, self.relpath)
+        if current is not None and current.token == self.record.token:
+            self.location.remove(self.relpath)
+
+    @classmethod
+    def acquire(cls, location: Location, wait: float = 0.0, ttl: float | None = None,
+                settle: float | None = None, clock: Callable[[], float] = time.time,
+                poll: float = 0.2) -> PruneLock:
+        """Take the lock, retrying for up to ``wait`` seconds; else :class:`PruneLockedError`."""
+        ttl = float(PRUNE_LOCK_TTL_S.get() if ttl is None else ttl)
+        settle = LOCK_SETTLE_MS.get() / 1000 if settle is None else settle
+        deadline = time.monotonic() + wait
+        while True:
+            holder = cls._try(location, ttl, settle, clock)
+            if isinstance(holder, PruneLock):
+                return holder
+            left = deadline - time.monotonic()
+            if left <= 0:
+                who = holder.describe() if holder else "a prune that lost no time taking it"
+                raise PruneLockedError(f"{location.display}: another prune holds the lock: {who}; "
+                                       f"try again later", holder)
+            time.sleep(min(poll, left))
+
+    @classmethod
+    def _try(cls, location: Location, ttl: float, settle: float,
+             clock: Callable[[], float]) -> PruneLock | Record | None:
+        current = read_record(location, LOCK_PATH)
+        if current is not None and current.live(clock()):
+            return current
+        record = Record.new(PRUNER, (), ttl, clock())
+        location.makedirs(CONTROL_DIR)
+        put_record(location, LOCK_PATH, record)
+        if settle:
+            time.sleep(settle)  # Fischer's delay: a contender that read "free" has written by now
+        back = read_record(location, LOCK_PATH)
+        if back is None or back.token != record.token:
+            return back
+        lock = cls(location, LOCK_PATH, record, ttl, clock)
+        lock._start()
+        return lock
+
+
+# ------------------------------------------------------------------------------ save-side registry
+_held_writer_leases: dict[tuple[int, str], Lease] = {}
+_registry_lock = threading.Lock()
+
+
+def hold_writer_lease(location: Location, step_dir: str) -> Lease:
+    """Rank 0 of a save, before anyone writes: lease ``step_dir`` and wait out any reaper on it.
+
+    The lease is remembered until :func:`release_writer_lease` (the save protocol calls that
+    whichever way the save ends).
+    """
+    release_writer_lease(location, step_dir)  # a retry of the same step starts afresh
+    lease = Lease.acquire(location, step_dir, WRITER)
+    with _registry_lock:
+        _held_writer_leases[(id(location), step_dir)] = lease
+    wait_out_reapers(location, step_dir)
+    return lease
+
+
+def writer_lease(location: Location, step_dir: str) -> Lease | None:
+    with _registry_lock:
+        return _held_writer_leases.get((id(location), step_dir))
+
+
+def release_writer_lease(location: Location, step_dir: str) -> None:
+    """Release the writer lease of ``step_dir`` if this process holds one. Never raises a
+    storage error: a lease left behind only expires."""
+    with _registry_lock:
+        lease = _held_writer_leases.pop((id(location), step_dir), None)
+    if lease is not None:
+        with contextlib.suppress(ShardckptError, OSError):
+            lease.release()
+
+
+def releases_writer_leases(save_step: _F) -> _F:
+    """Decorate the save protocol so that, however it ends (commit, failure, an exception from
+    a collective), the writer leases that :func:`hold_writer_lease` took for its step at any
+    of its ``locations`` are released and stop renewing. Looks only at the arguments named
+    ``locations`` (or ``location``) and ``req`` (whose ``step`` names the directory)."""
+    signature = inspect.signature(save_step)
+
+    @functools.wraps(save_step)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return save_step(*args, **kwargs)
+        finally:
+            bound = signature.bind_partial(*args, **kwargs).arguments
+            locations = bound.get("locations") or [bound.get("location")]
+            step_dir = step_dirname(bound["req"].step)
+            for location in locations:
+                if location is not None:
+                    release_writer_lease(location, step_dir)
+
+    return wrapper  # type: ignore[return-value]
+__all__ = [
+    "LEASE_DIR",
+    "LOCK_PATH",
+    "REAPER",
+    "WRITER",
+    "Lease",
+    "LeaseError",
+    "PruneLock",
+    "PruneLockedError",
+    "Record",
+    "claim_for_deletion",
+    "hold_writer_lease",
+    "live_leases",
+    "modified_time",
+    "put_record",
+    "read_leases",
+    "read_record",
+    "release_writer_lease",
+    "releases_writer_leases",
+    "wait_out_reapers",
+    "writer_lease",
+]
