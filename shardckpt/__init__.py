@@ -13,6 +13,7 @@ from .errors import (
 from .golden import Golden
 from .manager import CheckpointInfo, CheckpointManager, PruneReport, SaveHandle
 from .policy import RetentionPolicy
+from .repro import SamplerPosition, set_determinism
 
 __all__ = [
     "CheckpointInfo",
@@ -23,9 +24,11 @@ __all__ = [
     "IncompleteCheckpointError",
     "PruneReport",
     "RetentionPolicy",
+    "SamplerPosition",
     "SaveHandle",
     "ShardckptError",
     "StorageError",
     "VerificationError",
     "__version__",
+    "set_determinism",
 ]

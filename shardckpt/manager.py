@@ -33,9 +33,11 @@ from .golden import record as record_golden
 from .planning.statedict import collect
 from .policy import RetentionPolicy
 from .prune import DEFAULT_LOCK_WAIT_S, BackgroundPrune, PruneReport, prune_location
+from .repro import capture_rng_state, collect_provenance, host_record, restore_rng_state
 from .storage import Location, open_location, step_dirname
 
 MAX_MANIFEST_BYTES = 1 << 30
+RNG_KEY = "__shardckpt_rng__"
 
 
 @dataclass(frozen=True)
@@ -110,6 +112,12 @@ def find_manifest(locations: Sequence[Location], step: int) -> tuple[M.Manifest,
     raise first
 
 
+def _has_key(manifest: M.Manifest, key: str) -> bool:
+    tree = manifest.tree
+    return isinstance(tree, list) and len(tree) == 2 and isinstance(tree[1], dict) and \
+        key in tree[1]
+
+
 def _options_for(url: str, storage_options: Mapping[str, Mapping[str, Any]] | None) -> dict:
     best, kwargs = -1, {}
     for prefix, opts in (storage_options or {}).items():
@@ -125,7 +133,8 @@ class CheckpointManager:
                  retention: RetentionPolicy | None = None, save_every: int | None = None,
                  async_save: bool = True, compression: str | None = None,
                  storage_options: Mapping[str, Mapping[str, Any]] | None = None,
-                 process_group: Any = None) -> None:
+                 process_group: Any = None, *, config: Mapping[str, Any] | None = None,
+                 data: Mapping[str, Any] | None = None, capture_rng: bool = True) -> None:
         urls = [str(root), *(str(r) for r in replicas)]
         if len(set(urls)) != len(urls):
             raise ValueError(f"the same location is given twice: {urls}")
@@ -151,6 +160,9 @@ class CheckpointManager:
         self._lock = threading.Lock()
         self._manifests: dict[int, M.Manifest] = {}
         self._staging = StagingPool()
+        self.capture_rng = capture_rng
+        self._config, self._data = config, data
+        self._provenance: dict[str, Any] | None = None
         self._closed = False
         self._retention_runner = BackgroundPrune(lambda: self._prune(False, lock_wait=0.0))
 
@@ -191,25 +203,44 @@ class CheckpointManager:
         if not all(isinstance(t, str) for t in tags):
             raise TypeError("tags must be strings")
         self.wait()
-        extra: dict[str, Any] = {"shardckpt_version": __version__}
-        if golden is not None:
-            state = {**state, GOLDEN_KEY: record_golden(golden, state)}
-            extra["golden"] = golden.spec()
-        req = SaveRequest(step, metrics, tags, extra)
+        extra: dict[str, Any] = {"shardckpt_version": __version__,
+                                 "provenance": self._provenance_record()}
         blocking = (not self.async_save) if blocking is None else blocking
-        collected: Any = None
-        if not blocking:
-            try:
-                collected = self._staging.snapshot(collect(state))
-            except Exception as exc:  # every rank must hear of it, or its peers would wait
-                collected = exc
-        future = self._pool.submit(self._run_save, req, state, collected)
+        staged: Any = None
+        try:
+            state = dict(state)
+            rng = capture_rng_state() if self.capture_rng else None
+            if golden is not None:
+                state[GOLDEN_KEY] = record_golden(golden, state)
+                extra["golden"] = golden.spec()
+                if rng is not None:
+                    restore_rng_state(rng)  # golden forward passes must not move RNG streams
+            if rng is not None:
+                state[RNG_KEY] = rng
+            if not blocking:
+                staged = self._staging.snapshot(collect(state))
+        except Exception as exc:  # every rank must hear of it, or its peers would wait
+            staged = exc
+        req = SaveRequest(step, metrics, tags, extra)
+        future = self._pool.submit(self._run_save, req, state, staged)
         handle = SaveHandle(step, future)
         with self._lock:
             self._pending.append(handle)
         if blocking:
             self.wait()
         return handle
+
+    def _provenance_record(self) -> dict[str, Any]:
+        """Collected once per manager, at the first save (after the user's set_determinism)."""
+        if self._provenance is None:
+            hosts = self._comm.all_gather_json(host_record(), "save: gather hosts")
+            try:
+                record = collect_provenance(world_size=self.world_size, config=self._config,
+                                            data=self._data)
+            except Exception as exc:  # provenance must never stop a save
+                record = {"error": f"{type(exc).__name__}: {exc}"}
+            self._provenance = {**record, "hosts": hosts}
+        return self._provenance
 
     def _run_save(self, req: SaveRequest, state: dict[str, Any],
                   collected: Any) -> CheckpointInfo | None:
@@ -273,8 +304,13 @@ class CheckpointManager:
         return CheckpointInfo.from_manifest(self.manifest(step))
 
     # -------------------------------------------------------------------------------- load
-    def load(self, state: dict[str, Any], step: int | None = None, strict: bool = True) -> int:
-        """Collective. Restore ``state`` in place from ``step`` (default: the latest committed)."""
+    def load(self, state: dict[str, Any], step: int | None = None, strict: bool = True, *,
+             restore_rng: bool = True) -> int:
+        """Collective. Restore ``state`` in place from ``step`` (default: the latest committed).
+
+        Each rank's RNG states (Python, NumPy, torch, CUDA) are restored too when the checkpoint
+        was saved at this world size (``restore_rng=False`` leaves them alone).
+        """
         self._check_open()
         self.wait()
         if step is None:
@@ -286,7 +322,20 @@ class CheckpointManager:
                     f"{self.location.display}: no committed checkpoint to load")
         manifest, _ = find_manifest(self.locations, step)
         reader = CheckpointReader(self.locations, step_dirname(step), manifest)
-        load_step(self._comm, reader, state, strict, knobs.IO_THREADS.get())
+        same_world = manifest.world_size == self.world_size
+        wants_rng = restore_rng and _has_key(manifest, RNG_KEY)
+        target = {**state, RNG_KEY: {}} if wants_rng and same_world else dict(state)
+        load_step(self._comm, reader, target, strict, knobs.IO_THREADS.get())
+        rng = target.pop(RNG_KEY, None)
+        state.update(target)
+        if rng is not None:
+            missing = restore_rng_state(rng)
+            if missing:
+                warnings.warn(f"step {step}: RNG state not restored for {missing}", stacklevel=2)
+        elif wants_rng:
+            warnings.warn(f"step {step} was saved at world size {manifest.world_size}, this job "
+                          f"has {self.world_size}: per-rank RNG states are not restored",
+                          stacklevel=2)
         return step
 
     # -------------------------------------------------------------------------------- prune

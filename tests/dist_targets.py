@@ -181,7 +181,7 @@ class Exploding:
 
 
 def failing_save(rank: int, world: int, root: str, async_save: bool) -> dict[str, Any]:
-    model, optim, sched = build(sharded=True)
+    model, optim, _sched = build(sharded=True)
     obj = Exploding(rank, bad_rank=1)
     state = {"model": model, "optim": optim, "obj": obj}
     mgr = shardckpt.CheckpointManager(root, async_save=async_save)

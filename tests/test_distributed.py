@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+import dist_targets as T
 import pytest
 from harness import run_ranks
-
-import dist_targets as T
 
 ENV = {"SHARDCKPT_COLLECTIVE_TIMEOUT": "60", "OMP_NUM_THREADS": "1"}
 

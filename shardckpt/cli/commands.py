@@ -10,7 +10,7 @@ from typing import Any
 from ..format import manifest as M
 from ..manager import read_manifest
 from ..storage import Location, open_location
-from . import health
+from . import health, verify_cmd
 
 
 def _locations(args: argparse.Namespace) -> list[Location]:
@@ -37,6 +37,8 @@ def _metrics_json(m: M.Manifest) -> dict[str, Any]:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
+    from ..verify.record import verified
+
     locs = _locations(args)
     report = health.survey(locs)
     rows = []
@@ -44,7 +46,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
         m = entry.manifest
         rows.append({"step": step, "time": m.time, "nbytes": m.nbytes,
                      "metrics": _metrics_json(m), "tags": list(m.tags),
-                     "world_size": m.world_size,
+                     "world_size": m.world_size, "verified": verified(locs[0], m),
                      "locations": [{"url": loc.display, "health": entry.health[i]}
                                    for i, loc in enumerate(locs)]})
     if args.json:
@@ -53,14 +55,15 @@ def cmd_ls(args: argparse.Namespace) -> int:
         emit(rows)
     else:
         print(f"{'STEP':>10}  {'TIME':<29} {'SIZE':>10} {'WORLD':>5}  {'HEALTH':<10} "
-              f"METRICS / TAGS")
+              f"{'VERIFIED':<9}METRICS / TAGS")
         for r in rows:
             states = {loc["health"] for loc in r["locations"]}
             status = "ok" if states == {"ok"} else ",".join(sorted(states))
             metrics = " ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}"
                                for k, v in r["metrics"].items())
             print(f"{r['step']:>10}  {r['time']:<29} {_human_bytes(r['nbytes']):>10} "
-                  f"{r['world_size']:>5}  {status:<10} {metrics} {' '.join(r['tags'])}".rstrip())
+                  f"{r['world_size']:>5}  {status:<10} {r['verified'] or '-':<8} {metrics} "
+                  f"{' '.join(r['tags'])}".rstrip())
     for problem in report.problems:
         print(f"shardckpt ls: {problem}", file=sys.stderr)
     return 2 if report.problems else 0
@@ -327,5 +330,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str,
                _add_export),
     "prune": (cmd_prune, "apply a retention policy; safe to run from cron while training writes",
               _add_prune),
+    "verify": (verify_cmd.cmd_verify, "integrity, completeness, then golden replay",
+               verify_cmd.add_args),
 }
 

@@ -14,6 +14,7 @@ its *stored* bytes, so corruption is caught before any decompression runs.
 
 from __future__ import annotations
 
+import re
 import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ TRAILER_SIZE = TRAILER.size  # 32
 MAX_HEADER_BYTES = 256 << 20
 CODECS = ("raw", "zstd")
 _ZERO = bytes(4096)
+_CODEC_SPEC = re.compile(r"zstd(?::(-?[0-9]{1,3}))?")
 
 
 def chunk_alignment(nbytes: int) -> int:
@@ -129,13 +131,13 @@ class Codec:
         self.level: int | None = None
         if spec is None or spec == "none":
             return
-        name, _, level = spec.partition(":")
-        if name != "zstd":
-            raise ValueError(f"compression must be None, 'zstd' or 'zstd:LEVEL', not {spec!r}")
-        try:
-            self.level = int(level) if level else 3
-        except ValueError:
-            raise ValueError(f"compression level in {spec!r} is not an integer") from None
+        if not isinstance(spec, str):
+            raise TypeError(f"compression must be None or a string, not {type(spec).__name__}")
+        m = _CODEC_SPEC.fullmatch(spec)
+        if m is None:
+            raise ValueError(f"compression must be None, 'zstd' or 'zstd:LEVEL' with an integer "
+                             f"LEVEL, not {spec!r}")
+        self.level = int(m.group(1)) if m.group(1) is not None else 3
         if not -7 <= self.level <= 22:
             raise ValueError(f"zstd level {self.level} is outside [-7, 22]")
 

@@ -200,7 +200,9 @@ def fill(dest: Any, node: Any, path: str, ctx: LoadContext) -> Any:
             if missing:
                 raise KeyError(f"{where}: not in the checkpoint: {missing[:10]}")
         for k, child in stored.items():
-            dest[k] = fill(dest.get(k, MISSING), child, T.join(path, k), ctx)
+            value = fill(dest.get(k, MISSING), child, T.join(path, k), ctx)
+            if value is not MISSING:  # MISSING: per-rank state skipped, nothing to put here
+                dest[k] = value
         return dest
     if tag == "l" and isinstance(dest, list) and len(node) == 2 and isinstance(node[1], list) \
             and len(dest) == len(node[1]):
@@ -211,10 +213,12 @@ def fill(dest: Any, node: Any, path: str, ctx: LoadContext) -> Any:
         olds = dest if isinstance(dest, (list, tuple)) and len(dest) == len(node[1]) else None
         items = [fill(olds[i] if olds is not None else MISSING, c, T.join(path, i), ctx)
                  for i, c in enumerate(node[1])]
+        items = [None if v is MISSING else v for v in items]
         return items if tag == "l" else tuple(items)
     if tag in ("d", "D"):
-        return {k: fill(MISSING, c, T.join(path, k), ctx) for k, c in
-                _children(node, where).items()}
+        built = {k: fill(MISSING, c, T.join(path, k), ctx) for k, c in
+                 _children(node, where).items()}
+        return {k: v for k, v in built.items() if v is not MISSING}
     if tag in ("M", "O", "S"):
         return fill(MISSING, node[1] if len(node) == 2 else None, path, ctx)
     return T.decode_scalar(node, where)

@@ -38,13 +38,27 @@ def encode_scalar(value: Any, path: str) -> list[Any]:
     if type(value) is bool:
         return ["b", value]
     if type(value) is int:
+        try:
+            str(value)  # JSON needs the digits, and CPython caps their number
+        except ValueError as exc:
+            raise ValueError(f"{path or '<root>'}: integer cannot be stored: {exc}") from None
         return ["i", value]
     if type(value) is float:
         return ["f", value.hex()]
     if type(value) is str:
-        return ["s", value]
+        return ["s", check_text(value, path)]
     raise TypeError(f"{path or '<root>'}: cannot checkpoint a value of type "
                     f"{type(value).__module__}.{type(value).__qualname__}")
+
+
+def check_text(value: str, path: str) -> str:
+    """``value``, if UTF-8 can encode it (a lone surrogate cannot, so JSON could not hold it)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"{path or '<root>'}: string {value[:40]!r} is not valid UTF-8 text "
+                         f"({exc.reason})") from None
+    return value
 
 
 def decode_scalar(node: list[Any], where: str) -> Any:
@@ -75,7 +89,8 @@ def encode(value: Any, path: str, on_leaf: Callable[[Any, str], list[Any] | None
         return node
     if isinstance(value, dict):
         if all(type(k) is str for k in value):
-            return ["d", {k: encode(v, join(path, k), on_leaf) for k, v in value.items()}]
+            return ["d", {check_text(k, path): encode(v, join(path, k), on_leaf)
+                          for k, v in value.items()}]
         items = []
         for k, v in value.items():
             if not isinstance(k, SCALAR_KEY_TYPES):

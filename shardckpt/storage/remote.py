@@ -2,6 +2,20 @@
 
 Object stores have no rename and no fsync: a file becomes visible whole when its upload is closed,
 so the manifest object written last is the commit. Nothing here calls ``fsync``/``fileno``.
+
+Uploads. A sink streams through the backend's buffered file; on S3 that is ``S3File``: a file
+smaller than one block (``SHARDCKPT_S3_BLOCK_SIZE``, default 32 MiB, at least S3's 5 MiB minimum
+part) goes up as one PUT, a larger one as a multipart upload in parts of at least one block. A
+sink holds about one block in memory. ``S3File`` uploads its parts one after another (s3fs
+2026.9: "TODO: concurrent here"), so throughput comes from writing several files at once
+(``SHARDCKPT_FILES_PER_RANK``, ``SHARDCKPT_IO_THREADS``); ``write_atomic`` goes through
+``pipe_file``, which sends the parts of a large object concurrently. ``abort`` aborts the
+multipart upload, so that no orphan parts are left behind to be billed.
+
+Failures. Every operation but a sink's ``write``/``commit`` (a stream cannot be replayed; s3fs
+retries each part request) is retried while it fails transiently (see :mod:`.retry`). Then a
+missing file is a ``FileNotFoundError`` and anything else a ``StorageError`` whose message names
+the redacted URL and carries no credential from the URL or ``storage_options``.
 """
 
 from __future__ import annotations
@@ -9,28 +23,58 @@ from __future__ import annotations
 import contextlib
 import errno
 import posixpath
+import re
 from typing import Any
+from urllib.parse import urlsplit
 
 import fsspec
+from fsspec.spec import AbstractBufferedFile
 
+from .. import knobs
+from ..errors import StorageError
 from .location import Location, Sink, check_relpath
+from .retry import call_with_retries, http_answer
+
+S3_BLOCK_SIZE = knobs.Knob("SHARDCKPT_S3_BLOCK_SIZE", 32 * knobs.MiB, 5 * knobs.MiB,
+                           "bytes buffered per S3 upload part (S3's minimum part is 5 MiB)")
+_S3_PROTOCOLS = ("s3", "s3a")
+_SECRET_KEY = re.compile(r"key|secret|token|passw|credential|signature|sas", re.IGNORECASE)
+_URL_USERINFO = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^/\s@'\"]+@")
+_URL_QUERY = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s?'\"]*)\?[^\s'\"]*")
+
+
+def _secrets(options: Any) -> set[str]:
+    """String values of credential-like keys anywhere in ``options``."""
+    found: set[str] = set()
+    if isinstance(options, dict):
+        for k, v in options.items():
+            if isinstance(v, str) and len(v) >= 4 and _SECRET_KEY.search(str(k)):
+                found.add(v)
+            else:
+                found |= _secrets(v)
+    return found
 
 
 class _FsspecSink(Sink):
-    def __init__(self, loc: FsspecLocation, relpath: str) -> None:
-        self._loc, self._relpath = loc, relpath
-        self._f = loc.fs.open(loc._path(relpath), "wb")
+    def __init__(self, loc: FsspecLocation, relpath: str, path: str) -> None:
+        self._loc, self._relpath, self._path = loc, relpath, path
+        self._committing = False
+        self._f = loc.fs.open(path, "wb", **loc._open_kwargs)
 
     def write(self, data: Any) -> int:
-        return self._f.write(data)
+        try:
+            return self._f.write(data)
+        except Exception as exc:
+            raise self._loc._map("upload", self._relpath, exc) from exc
 
     def commit(self) -> None:
+        self._committing = True
         try:
             self._f.flush()
             self._f.close()
         except Exception as exc:
             self.abort()
-            raise self._loc._err("upload", self._relpath, exc) from exc
+            raise self._loc._map("upload", self._relpath, exc) from exc
 
     def abort(self) -> None:
         discard = getattr(self._f, "discard", None)
@@ -39,8 +83,13 @@ class _FsspecSink(Sink):
                 discard()  # aborts an s3 multipart upload, so no orphan parts are billed
             else:
                 self._f.close()
-        with contextlib.suppress(Exception):
-            self._loc.fs.rm_file(self._loc._path(self._relpath))
+        if isinstance(self._f, AbstractBufferedFile):
+            self._f.closed = True  # else, if discard failed, __del__ would upload the rest
+        # A buffered object-store file shows nothing until its commit; other files (memory://)
+        # are visible while written, and a failed commit may have completed on the server.
+        if self._committing or not isinstance(self._f, AbstractBufferedFile):
+            with contextlib.suppress(Exception):
+                self._loc.fs.rm_file(self._path)
 
 
 class FsspecLocation(Location):
@@ -48,24 +97,53 @@ class FsspecLocation(Location):
         self.url = url.rstrip("/")
         self.fs, root = fsspec.core.url_to_fs(self.url, **storage_options)
         self.root = root.rstrip("/")
+        secrets = _secrets(storage_options)
+        secrets.update(v for v in (urlsplit(url).username, urlsplit(url).password) if v)
+        self._secrets = sorted(secrets, key=len, reverse=True)
+        protocols = self.fs.protocol if isinstance(self.fs.protocol, (tuple, list)) \
+            else (self.fs.protocol,)
+        self._open_kwargs: dict[str, Any] = {}
+        if set(protocols) & set(_S3_PROTOCOLS) and "default_block_size" not in storage_options:
+            self._open_kwargs["block_size"] = S3_BLOCK_SIZE.get()
 
     def _path(self, relpath: str) -> str:
         return self.root if relpath == "" else posixpath.join(self.root, check_relpath(relpath))
 
+    def _scrub(self, text: str) -> str:
+        text = text.replace(self.url, self.display)
+        text = _URL_QUERY.sub(r"\1", _URL_USERINFO.sub(r"\1", text))
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return text
+
+    def _err(self, op: str, relpath: str, exc: BaseException) -> StorageError:
+        text = self._scrub(f"{type(exc).__name__}: {exc}")
+        return StorageError(f"{self.display}/{relpath}: {op} failed: {text}")
+
+    def _map(self, op: str, relpath: str, exc: BaseException) -> Exception:
+        if isinstance(exc, FileNotFoundError):
+            return FileNotFoundError(errno.ENOENT, "no such file", f"{self.display}/{relpath}")
+        if isinstance(exc, StorageError):
+            return exc
+        return self._err(op, relpath, exc)
+
     def _call(self, op: str, relpath: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
         try:
-            return fn(*args, **kwargs)
-        except FileNotFoundError:
-            raise FileNotFoundError(errno.ENOENT, "no such file",
-                                    f"{self.display}/{relpath}") from None
+            return call_with_retries(fn, *args, **kwargs)
         except Exception as exc:
-            raise self._err(op, relpath, exc) from exc
+            raise self._map(op, relpath, exc) from exc
+
+    def _forget(self, path: str) -> None:
+        """Drop cached listings of ``path`` and its parents: another process may have changed
+        them, and s3fs answers ``info`` of a file missing from a cached listing without asking."""
+        with contextlib.suppress(Exception):
+            self.fs.invalidate_cache(path)
 
     def makedirs(self, reldir: str) -> None:
         self._call("mkdir", reldir, self.fs.makedirs, self._path(reldir), exist_ok=True)
 
     def open_sink(self, relpath: str) -> Sink:
-        return self._call("create", relpath, _FsspecSink, self, relpath)
+        return self._call("create", relpath, _FsspecSink, self, relpath, self._path(relpath))
 
     def write_atomic(self, relpath: str, data: bytes) -> None:
         self._call("write", relpath, self.fs.pipe_file, self._path(relpath), data)
@@ -78,14 +156,22 @@ class FsspecLocation(Location):
             self._call("remove", relpath, self.fs.rm_file, self._path(relpath))
 
     def remove_tree(self, reldir: str) -> None:
+        path = self._path(reldir)
+        self._forget(path)
         with contextlib.suppress(FileNotFoundError):
-            self._call("remove tree", reldir, self.fs.rm, self._path(reldir), recursive=True)
+            self._call("remove tree", reldir, self.fs.rm, path, recursive=True)
 
     def read_range(self, relpath: str, offset: int, length: int) -> bytes:
         if length == 0:
             return b""
-        return self._call("read", relpath, self.fs.cat_file, self._path(relpath),
-                          start=offset, end=offset + length)
+        try:
+            return self._call("read", relpath, self.fs.cat_file, self._path(relpath),
+                              start=offset, end=offset + length)
+        except StorageError as exc:
+            status, code = http_answer(exc)
+            if status == 416 or code == "InvalidRange":  # wholly past the end: like a short read
+                return b""
+            raise
 
     def read_file(self, relpath: str, limit: int) -> bytes:
         size = self.size(relpath)
@@ -96,8 +182,10 @@ class FsspecLocation(Location):
         return self._call("read", relpath, self.fs.cat_file, self._path(relpath))
 
     def size(self, relpath: str) -> int | None:
+        path = self._path(relpath)
+        self._forget(path)
         try:
-            info = self._call("stat", relpath, self.fs.info, self._path(relpath))
+            info = self._call("stat", relpath, self.fs.info, path)
         except FileNotFoundError:
             return None
         if info.get("type") == "directory":
@@ -105,8 +193,7 @@ class FsspecLocation(Location):
         return int(info["size"])
 
     def root_exists(self) -> bool:
-        with contextlib.suppress(Exception):
-            self.fs.invalidate_cache(self.root)
+        self._forget(self.root)
         try:
             return bool(self._call("stat", ".", self.fs.exists, self.root)) or \
                 bool(self.listdir(""))
@@ -115,8 +202,7 @@ class FsspecLocation(Location):
 
     def listdir(self, reldir: str = "") -> list[str]:
         path = self._path(reldir)
-        with contextlib.suppress(Exception):
-            self.fs.invalidate_cache(path)
+        self._forget(path)
         try:
             entries = self._call("list", reldir or ".", self.fs.ls, path, detail=False)
         except FileNotFoundError:

@@ -1,0 +1,201 @@
+"""The verifier's phases that need no model: integrity, completeness, environment drift.
+
+Each returns a :class:`Check`. :func:`integrity` is collective (every rank of ``comm`` calls it
+and gets the same result); the others are pure functions of their arguments.
+"""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..errors import CorruptCheckpointError, IncompleteCheckpointError, StorageError
+from ..format import manifest as M
+from ..manager import read_manifest
+from ..repair import pieces_by_file, verify_file
+from ..storage import Location, step_dirname
+
+EXIT_MISMATCH, EXIT_INTEGRITY = 1, 2
+
+
+@dataclass
+class Check:
+    """One line of the verdict. ``code`` is the exit code this check causes when it fails."""
+
+    name: str
+    ok: bool
+    detail: str
+    skipped: bool = False
+    code: int = EXIT_MISMATCH
+    data: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "ok": self.ok, "detail": self.detail,
+                "skipped": self.skipped, **self.data}
+
+
+def skipped(name: str, why: str) -> Check:
+    return Check(name, True, f"skipped: {why}", skipped=True)
+
+
+def integrity(locations: Sequence[Location], step: int, manifest: M.Manifest, comm: Any,
+              tick: Callable[[], None] = lambda: None) -> Check:
+    """Collective. Every shard file has a good copy (size, header, every chunk checksum) in at
+    least one location. File ``i`` (sorted by name) is read by rank ``i % world_size``."""
+    files = pieces_by_file(manifest)
+    names = sorted(files)
+    step_dir = step_dirname(step)
+    bad: list[dict[str, str]] = []
+    degraded: list[dict[str, str]] = []
+    for name in names[comm.rank::comm.world_size]:
+        problems = [_verify_file(loc, step, manifest, name, files[name]) for loc in locations]
+        named = [p if p is None or name in p else f"{loc.display}/{step_dir}/{name}: {p}"
+                 for loc, p in zip(locations, problems)]
+        if all(p is not None for p in named):
+            bad.append({"file": name, "problem": str(named[0])})
+        else:
+            degraded += [{"location": loc.display, "file": name, "problem": p}
+                         for loc, p in zip(locations, named) if p is not None]
+        tick()
+    if comm.rank == 0:
+        for loc in locations:  # a replica without a valid manifest cannot serve as a fallback
+            try:
+                read_manifest(loc, step)
+            except (CorruptCheckpointError, IncompleteCheckpointError, StorageError) as exc:
+                degraded.append({"location": loc.display, "file": M.MANIFEST_NAME,
+                                 "problem": str(exc)})
+    parts = comm.all_gather_json({"bad": bad, "degraded": degraded}, "verify: integrity")
+    bad = sorted((b for p in parts for b in p["bad"]), key=lambda b: b["file"])
+    degraded = [d for p in parts for d in p["degraded"]]
+    where = f"{len(locations)} location{'s' * (len(locations) > 1)}"
+    data = {"files": len(names), "nbytes": manifest.nbytes, "bad_files": bad,
+            "degraded": degraded}
+    if bad:
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        return Check("integrity", False, f"{len(bad)} of {len(names)} files have no good copy: "
+                     f"{bad[0]['problem']}{more}", code=EXIT_INTEGRITY, data=data)
+    detail = f"{len(names)} files, each with a good copy (every chunk checksum checked at " \
+             f"{where}, read by {comm.world_size} rank{'s' * (comm.world_size > 1)})"
+    if degraded:
+        n = len(degraded)
+        detail += f"; {n} damaged cop{'ies' if n > 1 else 'y'} elsewhere (shardckpt repair " \
+                  f"can fix): {degraded[0]['problem']}"
+    return Check("integrity", True, detail, data=data)
+
+
+def _verify_file(location: Location, step: int, manifest: M.Manifest, name: str,
+                 pieces: Any) -> str | None:
+    try:
+        return verify_file(location, step, manifest, name, pieces)
+    except Exception as exc:  # never leave the peers waiting in the gather below
+        return f"cannot be checked: {type(exc).__name__}: {exc}"
+
+
+def tree_refs(node: Any) -> Iterator[str]:
+    """Every tensor key the state tree refers to (see :mod:`shardckpt.planning.tree`)."""
+    if not isinstance(node, list) or len(node) != 2 or not isinstance(node[0], str):
+        return
+    tag, body = node
+    if tag == "T" and isinstance(body, str):
+        yield body
+    elif tag == "d" and isinstance(body, dict):
+        for child in body.values():
+            yield from tree_refs(child)
+    elif tag in ("l", "t", "R") and isinstance(body, list):
+        for child in body:
+            yield from tree_refs(child)
+    elif tag == "D" and isinstance(body, list):
+        for item in body:
+            if isinstance(item, list) and len(item) == 2:
+                yield from tree_refs(item[1])
+    elif tag in ("M", "O", "S"):
+        yield from tree_refs(body)
+
+
+def completeness(manifest: M.Manifest) -> Check:
+    """Every tensor's pieces tile its global shape exactly once; every alias and every tensor
+    reference of the state tree resolves."""
+    problems: list[str] = []
+    for key, entry in manifest.tensors.items():
+        if entry.alias_of is not None:
+            target = manifest.tensors.get(entry.alias_of)
+            if target is None or target.alias_of is not None:
+                problems.append(f"tensor {key!r}: alias of {entry.alias_of!r}, not a tensor")
+            continue
+        metas = entry.per_rank if entry.per_rank is not None else (entry.meta,)
+        for r, meta in enumerate(metas):
+            if meta is None:
+                problems.append(f"tensor {key!r}: no metadata")
+                continue
+            where = f"tensor {key!r}" + (f" rank {r}" if entry.per_rank is not None else "")
+            try:
+                M.check_coverage(meta, where)
+            except (IncompleteCheckpointError, CorruptCheckpointError) as exc:
+                problems.append(str(exc))
+    refs = set(tree_refs(manifest.tree))
+    problems += [f"the state tree refers to tensor {k!r}, which the manifest does not list"
+                 for k in sorted(refs - set(manifest.tensors))]
+    data = {"tensors": len(manifest.tensors), "tree_references": len(refs),
+            "problems": problems[:50]}
+    if problems:
+        return Check("completeness", False, f"{len(problems)} problems: {problems[0]}",
+                     code=EXIT_INTEGRITY, data=data)
+    return Check("completeness", True, f"{len(manifest.tensors)} tensors covered exactly once, "
+                 f"{len(refs)} tree references resolved", data=data)
+
+
+def current_environment(hostnames: Sequence[str], world_size: int) -> dict[str, Any]:
+    return {"torch": torch.__version__, "python": platform.python_version(),
+            "cuda": torch.version.cuda, "world_size": world_size,
+            "hostnames": sorted(set(hostnames))}
+
+
+def saved_environment(provenance: Any, world_size: int) -> dict[str, Any] | None:
+    """The comparable facts of a provenance record (a dict, or a list of per-rank dicts)."""
+    records = provenance if isinstance(provenance, list) else [provenance]
+    records = [r for r in records if isinstance(r, dict)]
+    if not records:
+        return None
+    first = records[0]
+
+    def sub(key: str, name: str) -> Any:
+        value = first.get(key)
+        return value.get(name) if isinstance(value, dict) else None
+
+    python = sub("python", "version")
+    hosts: set[str] = set()
+    for rec in records:
+        for h in rec.get("hosts") or [rec.get("host")]:
+            name = h.get("hostname") if isinstance(h, dict) else h
+            if isinstance(name, str):
+                hosts.add(name)
+    return {"torch": sub("torch", "version"), "cuda": sub("torch", "cuda"),
+            "python": python.split()[0] if isinstance(python, str) and python else None,
+            "world_size": first.get("world_size", world_size), "hostnames": sorted(hosts)}
+
+
+def environment(manifest: M.Manifest, current: dict[str, Any], strict: bool) -> Check:
+    """Provenance of the save against this run's environment; fails only when ``strict``."""
+    saved = saved_environment(manifest.extra.get("provenance"), manifest.world_size)
+    data: dict[str, Any] = {"saved": saved, "current": current, "strict": strict}
+    if saved is None:
+        detail = "no provenance recorded"
+        if strict:
+            return Check("environment", False, f"{detail}: --strict-env has nothing to compare "
+                         "against", data={**data, "drift": []})
+        return Check("environment", True, detail, data={**data, "drift": []})
+    drift = [f"{k}: saved {saved[k]}, now {current[k]}" for k in
+             ("torch", "python", "cuda", "world_size", "hostnames")
+             if saved.get(k) not in (None, []) and saved.get(k) != current.get(k)]
+    data["drift"] = drift
+    if not drift:
+        return Check("environment", True, "same torch, python, cuda, world size and hosts as "
+                     "the save", data=data)
+    detail = "; ".join(drift)
+    if strict:
+        return Check("environment", False, f"drift (--strict-env): {detail}", data=data)
+    return Check("environment", True, f"drift (reported only): {detail}", data=data)

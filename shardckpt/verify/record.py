@@ -1,0 +1,57 @@
+"""``step-NNNNNNNNNN/verification.json``: the last verdict of ``shardckpt verify`` for a step.
+
+Written next to the committed files (root location only) and not listed in the manifest, so it
+never affects integrity. It names the ``save_id`` it verified: a record left over from an
+earlier save of the same step number is ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import datetime, timezone
+from typing import Any
+
+from .. import __version__
+from ..errors import StorageError
+from ..format import manifest as M
+from ..storage import Location, step_dirname
+
+RECORD_NAME = "verification.json"
+FORMAT = "shardckpt-verification"
+MAX_RECORD_BYTES = 4 << 20
+
+
+def write_record(location: Location, manifest: M.Manifest, result: dict[str, Any],
+                 model: str | None) -> str:
+    """Write the record atomically; returns its path relative to the root."""
+    now = time.time()
+    doc = {"format": FORMAT, "version": 1, "step": manifest.step, "save_id": manifest.save_id,
+           "ok": bool(result.get("ok")), "exit_code": result.get("exit_code"),
+           "time": datetime.fromtimestamp(now, timezone.utc).isoformat(), "unix_time": now,
+           "nproc": result.get("nproc"), "model": model, "shardckpt_version": __version__,
+           "result": result}
+    rel = f"{step_dirname(manifest.step)}/{RECORD_NAME}"
+    location.write_atomic(rel, json.dumps(doc, indent=1, allow_nan=False).encode() + b"\n")
+    return rel
+
+
+def read_record(location: Location, manifest: M.Manifest) -> dict[str, Any] | None:
+    """The record of this very save, or None (absent, unreadable, or for another save)."""
+    rel = f"{step_dirname(manifest.step)}/{RECORD_NAME}"
+    try:
+        doc = json.loads(location.read_file(rel, MAX_RECORD_BYTES))
+    except (FileNotFoundError, StorageError, OSError, ValueError):
+        return None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT or \
+            doc.get("save_id") != manifest.save_id:
+        return None
+    return doc
+
+
+def verified(location: Location, manifest: M.Manifest) -> str | None:
+    """``"ok"`` / ``"failed"`` from the step's verification record, None when unverified."""
+    doc = read_record(location, manifest)
+    if doc is None:
+        return None
+    return "ok" if doc.get("ok") is True else "failed"
