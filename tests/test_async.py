@@ -61,7 +61,7 @@ def test_staging_buffers_are_reused_across_saves(tmp_path) -> None:
         state["a"].add_(1)
         mgr.save(2, state).wait()
         second = {k: v.data_ptr() for k, v in mgr._staging._buffers.items()}
-        assert first == second and len(first) == 3
+        assert first == second and {"a", "b", "nested/c"} <= set(first)
         got = zeros_like(state)
         mgr.load(got, step=2)
     assert torch.equal(got["a"], state["a"])
