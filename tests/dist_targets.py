@@ -201,3 +201,21 @@ def failing_save(rank: int, world: int, root: str, async_save: bool) -> dict[str
     problems = compare(before, full_state(model2, optim2))
     return {"error": error, "steps": steps, "loaded": loaded, "problems": problems,
             "dir_exists": os.path.exists(os.path.join(root, "step-0000000002", "manifest.json"))}
+
+
+def replicated_roundtrip(rank: int, world: int, root: str, replica: str,
+                         storage_options: dict) -> dict[str, Any]:
+    """FSDP2 save to a local root and an S3 replica at once, then load from each alone."""
+    model, optim, sched = build(sharded=True)
+    train_step(model, optim, sched, 0, rank)
+    ref = full_state(model, optim)
+    with shardckpt.CheckpointManager(root, replicas=[replica],
+                                     storage_options=storage_options) as mgr:
+        info = mgr.save(1, {"model": model, "optim": optim}).wait()
+    problems = {}
+    for only in (root, replica):
+        model2, optim2, _ = build(sharded=True, seed=5)
+        with shardckpt.CheckpointManager(only, storage_options=storage_options) as mgr:
+            mgr.load({"model": model2, "optim": optim2})
+        problems[only] = compare(ref, full_state(model2, optim2))
+    return {"problems": problems, "replicas": list(info.replicas) if info else None}

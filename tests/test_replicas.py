@@ -166,3 +166,45 @@ def test_repair_cannot_invent_data(roots) -> None:
     doc = json.loads(proc.stdout)
     assert doc["ok"] is False
     assert {e["file"] for e in doc["steps"][0]["unrepairable"]} == {name}
+
+
+@pytest.mark.parametrize("fail_at", ["open", "write", "commit", None])
+def test_tee_sink_survives_a_location_failing_at_any_point(fail_at: str | None) -> None:
+    from shardckpt.storage.location import Location, Sink
+    from shardckpt.storage.replicas import TeeSink
+
+    class FakeSink(Sink):
+        def __init__(self, fail: str | None) -> None:
+            self.fail, self.data = fail, []
+
+        def write(self, data):
+            if self.fail == "write":
+                raise OSError("write failed")
+            self.data.append(bytes(data))
+            return len(data)
+
+        def commit(self) -> None:
+            if self.fail == "commit":
+                raise OSError("commit failed")
+
+        def abort(self) -> None:
+            pass
+
+    class FakeLocation(Location):
+        def __init__(self, fail: str | None) -> None:
+            self.url, self.fail = "fake://", fail
+            self.sinks: list[FakeSink] = []
+
+        def open_sink(self, relpath):
+            if self.fail == "open":
+                raise OSError("open failed")
+            self.sinks.append(FakeSink(self.fail))
+            return self.sinks[-1]
+
+    good, flaky = FakeLocation(None), FakeLocation(fail_at)
+    tee = TeeSink([(0, good), (1, flaky)], "f")
+    for i in range(50):  # more than the queue holds: a dead branch must keep draining
+        tee.write(bytes([i]) * 10)
+    assert tee.commit() == ([0] if fail_at else [0, 1])
+    assert b"".join(good.sinks[0].data) == b"".join(bytes([i]) * 10 for i in range(50))
+    assert set(tee.failures) == ({1} if fail_at else set())

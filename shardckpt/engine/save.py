@@ -28,7 +28,12 @@ from ..planning import tree as T
 from ..planning.assign import LeafSpec, WritePlan, assign
 from ..planning.statedict import Collected, TensorLeaf, collect
 from ..storage import Location, step_dirname
-from ..storage.lease import hold_writer_lease, releases_writer_leases, writer_lease
+from ..storage.lease import (
+    abandon_writer_lease,
+    hold_writer_lease,
+    releases_writer_leases,
+    writer_lease,
+)
 from .comm import GlooComm, LocalComm
 from .pipeline import PipelineConfig
 from .writer import PieceData, tensor_bytes, write_rank
@@ -271,9 +276,12 @@ def save_step(comm: LocalComm | GlooComm, locations: Sequence[Location], state: 
                 failures = {0: "commit: " + describe(exc)}
         decision.update(ok=not failures, failures={str(r): m for r, m in failures.items()})
         for i, loc in enumerate(locations):
-            if failures or i in loc_failures:
+            if i in loc_failures:  # don't wait on a failing location's retries: its partial,
+                abandon_writer_lease(loc, step_dir)  # uncommitted directory is invisible, and
+                continue  # prune reaps it after its grace period
+            if failures:
                 with contextlib.suppress(ShardckptError):
-                    loc.remove_tree(step_dir)  # uncommitted: invisible anyway; prune reaps it
+                    loc.remove_tree(step_dir)
         for i, m in loc_failures.items():
             if not failures:
                 warnings.warn(f"step {req.step}: location {locations[i].display} missed this "

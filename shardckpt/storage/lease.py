@@ -47,7 +47,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from datetime import datetime, timezone
 from typing import Any, TypeVar
 
@@ -151,7 +151,8 @@ class Record:
         doc = json.loads(data)
         if not isinstance(doc, dict) or doc.pop("format", None) != RECORD_FORMAT:
             raise ValueError("not a shardckpt lease record")
-        rec = cls(**doc)
+        known = {f.name for f in fields(cls)}  # a newer writer may add fields: ignore them
+        rec = cls(**{k: v for k, v in doc.items() if k in known})
         for name in ("acquired", "renewed", "expires"):
             value = getattr(rec, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -343,15 +344,19 @@ class Lease(_Held):
             self.record = record
 
 
-def read_leases(location: Location, step_dir: str | None = None
+def read_leases(location: Location, step_dir: str | None = None, kind: str | None = None
                 ) -> dict[str, Record | None]:
-    """Lease file name -> record (None: unreadable): every lease, or those that may cover
-    ``step_dir`` (its writer leases and every reaper lease)."""
+    """Lease file name -> record (None: unreadable): every lease, or only those that may
+    cover ``step_dir`` and / or be of ``kind`` (judged by file name, so others are not read)."""
     out: dict[str, Record | None] = {}
+    writer_prefix = f"{step_dir}.{WRITER}." if step_dir is not None else ""
     for name in location.listdir(LEASE_DIR):
         if not name.endswith(".json"):
             continue
-        if step_dir is not None and not name.startswith((f"{step_dir}.", REAPER_PREFIX)):
+        is_reaper = name.startswith(REAPER_PREFIX)
+        if kind is not None and is_reaper != (kind == REAPER):
+            continue
+        if not is_reaper and not name.startswith(writer_prefix):
             continue
         record = read_record(location, f"{LEASE_DIR}/{name}")
         if record is not None or location.size(f"{LEASE_DIR}/{name}") is not None:
@@ -362,7 +367,7 @@ def read_leases(location: Location, step_dir: str | None = None
 def live_leases(location: Location, step_dir: str, kind: str,
                 clock: Callable[[], float] = time.time) -> list[Record]:
     """The leases of ``kind`` covering ``step_dir`` that are in force now."""
-    leases = read_leases(location, step_dir).values()
+    leases = read_leases(location, step_dir, kind).values()
     now = clock()
     return [r for r in leases
             if r is not None and r.kind == kind and step_dir in r.dirs and r.live(now)]
@@ -379,7 +384,7 @@ def claim_for_deletion(location: Location, dirs: Iterable[str]
     lease = Lease.acquire(location, wanted, REAPER)
     try:
         now = time.time()
-        held = {d for r in read_leases(location).values()
+        held = {d for r in read_leases(location, kind=WRITER).values()
                 if r is not None and r.kind == WRITER and r.live(now) for d in r.dirs}
         blocked = held & set(wanted)
         if blocked:
@@ -486,6 +491,17 @@ def release_writer_lease(location: Location, step_dir: str) -> None:
     if lease is not None:
         with contextlib.suppress(ShardckptError, OSError):
             lease.release()
+
+
+def abandon_writer_lease(location: Location, step_dir: str) -> None:
+    """Stop renewing the writer lease of ``step_dir`` without touching storage (for a location
+    that failed: calling it again would only wait on its retries). The record expires."""
+    with _registry_lock:
+        lease = _held_writer_leases.pop((id(location), step_dir), None)
+    if lease is not None:
+        lease._stop.set()
+        with lease._mutex:
+            lease._released = True
 
 
 def releases_writer_leases(save_step: _F) -> _F:

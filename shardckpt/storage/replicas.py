@@ -8,6 +8,7 @@ only after :meth:`TeeSink.commit`.
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 from collections.abc import Sequence
@@ -34,10 +35,12 @@ class _Branch:
         self._thread.start()
 
     def _run(self) -> None:
+        ended = False  # the writer's end-of-stream marker was taken off the queue
         try:
             self._sink = self.location.open_sink(self.relpath)
             while True:
                 item = self._queue.get()
+                ended = item is _DONE or item is _ABORT
                 if item is _DONE:
                     self._sink.commit()
                     return
@@ -48,12 +51,11 @@ class _Branch:
         except BaseException as exc:
             self.error = exc
             if self._sink is not None:
-                self._sink.abort()
-            self._drain()
-
-    def _drain(self) -> None:
-        while self._queue.get() not in (_DONE, _ABORT):
-            pass
+                with contextlib.suppress(Exception):
+                    self._sink.abort()
+            if not ended:  # keep taking what the writer sends until it says it is done
+                while (item := self._queue.get()) is not _DONE and item is not _ABORT:
+                    pass
 
     def put(self, item: Any) -> None:
         self._queue.put(item)

@@ -17,7 +17,7 @@ from ..knobs import Knob
 
 T = TypeVar("T")
 
-ATTEMPTS = Knob("SHARDCKPT_STORAGE_ATTEMPTS", 4, 1,
+ATTEMPTS = Knob("SHARDCKPT_STORAGE_ATTEMPTS", 2, 1,
                 "tries of one storage operation when it fails transiently (1: no retry)")
 RETRY_SECONDS = Knob("SHARDCKPT_STORAGE_RETRY_SECONDS", 120, 0,
                      "seconds after which a failing storage operation is no longer retried")
