@@ -21,6 +21,7 @@ The newest committed checkpoint and any step being written are never deleted.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import warnings
@@ -34,6 +35,7 @@ from .format import manifest as M
 from .policy import CheckpointRecord, RetentionPolicy, plan_retention
 from .storage import Location, step_dirname
 from .storage.lease import (
+    CONTROL_DIR,
     LEASE_DIR,
     WRITER,
     PruneLock,
@@ -90,7 +92,8 @@ def _format_age(seconds: float) -> str:
 
 
 def _last_activity(location: Location, step_dir: str, leases: list[Record]) -> float | None:
-    """The newest time stamp seen on ``step_dir``: the directory, its entries, its leases."""
+    """The newest time stamp seen on ``step_dir``: the directory, its entries, the last renewal
+    of its (expired) writer leases."""
     stamps = [modified_time(location, step_dir)]
     stamps += [modified_time(location, f"{step_dir}/{name}")
                for name in location.listdir(step_dir)]
@@ -135,10 +138,15 @@ def prune_location(location: Location, policy: RetentionPolicy, *, dry_run: bool
         raise ValueError(f"grace must be >= 0 seconds, got {grace!r}")
     lock = None if dry_run else PruneLock.acquire(location, wait=lock_wait)
     try:
-        return _prune(location, policy, dry_run, grace, lock, manifests or {})
-    finally:
+        report = _prune(location, policy, dry_run, grace, lock, manifests or {})
+    except BaseException:
         if lock is not None:
-            lock.release()
+            with contextlib.suppress(Exception):  # the first error is the one to report
+                lock.release()
+        raise
+    if lock is not None:
+        lock.release()
+    return report
 
 
 def _prune(location: Location, policy: RetentionPolicy, dry_run: bool, grace: float,
@@ -163,7 +171,7 @@ def _prune(location: Location, policy: RetentionPolicy, dry_run: bool, grace: fl
     stale: list[str] = []
     for step in uncommitted:
         d = step_dirname(step)
-        last = _last_activity(location, d, by_dir.get(d, []))
+        last = _last_activity(location, d, [r for r in by_dir.get(d, []) if r.kind == WRITER])
         if d in writing:
             skipped[d] = "being written (live writer lease)"
         elif last is not None and now - last < grace:
@@ -213,19 +221,26 @@ def _prune(location: Location, policy: RetentionPolicy, dry_run: bool, grace: fl
 
 def _remove_dead_leases(location: Location, leases: Mapping[str, Record | None], now: float,
                         keep_dirs: set[str]) -> None:
-    """Drop lease files no one holds any more, except those still dating a leftover directory."""
+    """Drop lease files no one holds any more (except those still dating a leftover directory)
+    and temp files of records left by killed writers."""
     for name, record in leases.items():
         path = f"{LEASE_DIR}/{name}"
         if record is None:
             stamp = modified_time(location, path)
             dead = stamp is not None and now - stamp > DEFAULT_GRACE_S
         else:
-            dead = not record.live(now) and not keep_dirs & set(record.dirs)
+            dead = not record.live(now) and (record.kind != WRITER
+                                             or not keep_dirs & set(record.dirs))
             if dead:  # read again: a late renewal may have revived it since the listing
                 current = read_record(location, path)
                 dead = current is None or not current.live(time.time())
         if dead:
             location.remove(path)
+    for folder in (CONTROL_DIR, LEASE_DIR):  # temp files of records whose writer was killed
+        for name in location.listdir(folder):
+            path = f"{folder}/{name}"
+            if ".tmp-" in name and now - (modified_time(location, path) or now) > DEFAULT_GRACE_S:
+                location.remove(path)
 
 
 class BackgroundPrune:

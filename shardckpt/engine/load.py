@@ -35,12 +35,33 @@ class ReadRequest:
 class LoadPlanner:
     """Turns tensor references of the tree into read requests against a manifest."""
 
-    def __init__(self, manifest: Manifest, rank: int | None, strict: bool) -> None:
+    def __init__(self, manifest: Manifest, rank: int | None, strict: bool,
+                 reader: CheckpointReader | None = None) -> None:
         self.manifest = manifest
         self.rank = rank
         self.strict = strict
+        self.reader = reader
         self.requests: list[ReadRequest] = []
         self.skipped: list[str] = []
+        self._fresh: dict[str, torch.Tensor] = {}  # tensors allocated here, by resolved key
+
+    def _allocate(self, key: str, meta: TensorMeta, dtype: torch.dtype) -> torch.Tensor:
+        """A new full tensor for ``key``, once per storage: aliases (tied weights) share it.
+
+        Its files are checked against their real sizes first, so a manifest cannot make us
+        allocate more than its files could hold.
+        """
+        entry = self.manifest.tensors[key]
+        target = entry.alias_of if entry.alias_of is not None else key
+        if target in self._fresh:
+            return self._fresh[target]
+        if self.reader is not None:
+            for file in sorted({p.file for p in meta.pieces}):
+                self.reader.check_any(file)
+        out = torch.empty(meta.shape, dtype=dtype)
+        self.requests.append(ReadRequest(key, meta, (0,) * len(meta.shape), meta.shape, out))
+        self._fresh[target] = out
+        return out
 
     def request(self, key: str, dest: torch.Tensor | None, where: str) -> Any:
         if key not in self.manifest.tensors:
@@ -52,9 +73,7 @@ class LoadPlanner:
             return dest
         dtype = torch_dtype(meta.dtype, key)
         if dest is None:
-            out = torch.empty(meta.shape, dtype=dtype)
-            self.requests.append(ReadRequest(key, meta, (0,) * len(meta.shape), meta.shape, out))
-            return out
+            return self._allocate(key, meta, dtype)
         local, shape, offsets, _ = local_box(dest)
         if tuple(shape) != meta.shape:
             raise ValueError(f"{where}: checkpoint shape {list(meta.shape)} differs from the "
@@ -86,7 +105,7 @@ def load_step(comm: LocalComm | GlooComm, reader: CheckpointReader, state: dict[
     manifest = reader.manifest
     same_world = manifest.world_size == comm.world_size
     rank = comm.rank if same_world else None
-    planner = LoadPlanner(manifest, rank, strict)
+    planner = LoadPlanner(manifest, rank, strict, reader)
     error: BaseException | None = None
     skipped: list[str] = []
     try:

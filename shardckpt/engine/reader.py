@@ -53,7 +53,7 @@ class CheckpointReader:
         self.step_dir = step_dir
         self.manifest = manifest
         self._checked: set[tuple[int, str]] = set()
-        self._bad: dict[tuple[int, str], str] = {}
+        self._bad: dict[tuple[int, str], BaseException] = {}
         self._lock = threading.Lock()
         self.warnings: list[str] = []
 
@@ -95,6 +95,20 @@ class CheckpointReader:
         with self._lock:
             self._checked.add((index, file))
 
+    def check_any(self, file: str) -> None:
+        """Some location holds ``file`` with its recorded size and header, else the first
+        location's error."""
+        first: BaseException | None = None
+        for index in range(len(self.locations)):
+            try:
+                self.check_file(file, index)
+                return
+            except (CorruptCheckpointError, IncompleteCheckpointError, StorageError,
+                    FileNotFoundError) as exc:
+                first = first or exc
+        assert first is not None
+        raise first
+
     def read_span(self, piece: Piece, start: int, out: memoryview) -> None:
         """Fill ``out`` with the piece's raw bytes ``[start, start + len(out))``, verified,
         from the first location that has them intact."""
@@ -110,15 +124,14 @@ class CheckpointReader:
                     FileNotFoundError) as exc:
                 first = first or exc
                 self._mark_bad(index, piece.file, exc)
-        if first is None:  # every location was already known bad
-            first = CorruptCheckpointError(
-                f"{self.step_dir}/{piece.file}: no location holds a good copy: "
-                + "; ".join(m for (i, f), m in self._bad.items() if f == piece.file))
+        if first is None:  # every location was already known bad: the first one's error again
+            known = self._bad[(0, piece.file)]
+            first = type(known)(str(known))
         raise first
 
     def _mark_bad(self, index: int, file: str, exc: BaseException) -> None:
         with self._lock:
-            self._bad[(index, file)] = str(exc)
+            self._bad[(index, file)] = exc
             if len(self.locations) > 1:
                 msg = f"{exc} (reading it from another location)"
                 self.warnings.append(msg)

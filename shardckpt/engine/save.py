@@ -70,7 +70,10 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"[:1000] + where
 
 
-def _raise_failures(stage: str, failures: dict[int, str], local: BaseException | None) -> None:
+def _raise_failures(stage: str, failures: dict[int, str], local: BaseException | None,
+                    world_size: int = 2) -> None:
+    if world_size == 1 and local is not None:
+        raise local  # one process: the error itself (a TypeError naming the key path, say)
     lines = "; ".join(f"rank {r}: {msg}" for r, msg in sorted(failures.items()))
     err = CollectiveError(f"save failed during {stage} on rank(s) {sorted(failures)}: {lines}",
                           failures)
@@ -218,7 +221,7 @@ def save_step(comm: LocalComm | GlooComm, locations: Sequence[Location], state: 
     plans = comm.all_gather_json(mine, "save: exchange plans")
     failures = {r: p["error"] for r, p in enumerate(plans) if p["error"]}
     if failures:
-        _raise_failures("state collection", failures, error)
+        _raise_failures("state collection", failures, error, world)
     assert collected is not None
     save_id = plans[0]["save_id"]
     targets = [(i, locations[i]) for i in plans[0]["prepared"]]
@@ -276,10 +279,12 @@ def save_step(comm: LocalComm | GlooComm, locations: Sequence[Location], state: 
                 failures = {0: "commit: " + describe(exc)}
         decision.update(ok=not failures, failures={str(r): m for r, m in failures.items()})
         for i, loc in enumerate(locations):
-            if i in loc_failures:  # don't wait on a failing location's retries: its partial,
-                abandon_writer_lease(loc, step_dir)  # uncommitted directory is invisible, and
-                continue  # prune reaps it after its grace period
-            if failures:
+            if i in loc_failures and not loc.is_local:
+                # Don't wait on a failing remote's retries: its partial, uncommitted directory
+                # is invisible, and prune reaps it after its grace period.
+                abandon_writer_lease(loc, step_dir)
+                continue
+            if failures or i in loc_failures:
                 with contextlib.suppress(ShardckptError):
                     loc.remove_tree(step_dir)
         for i, m in loc_failures.items():

@@ -37,6 +37,8 @@ TRAILER_SIZE = TRAILER.size  # 32
 MAX_HEADER_BYTES = 256 << 20
 CODECS = ("raw", "zstd")
 _ZERO = bytes(4096)
+# A zstd block (at most 128 KiB of content) takes at least 4 bytes: no frame expands further.
+ZSTD_MAX_RATIO = 32768
 _CODEC_SPEC = re.compile(r"zstd(?::(-?[0-9]{1,3}))?")
 
 
@@ -77,6 +79,8 @@ class Chunk:
             raise F.fail(where, f"raw chunk stores {stored} bytes but declares {raw}")
         if codec == "zstd" and (stored == 0 or raw == 0):
             raise F.fail(where, "empty zstd chunk")
+        if codec == "zstd" and raw > stored * ZSTD_MAX_RATIO + 4096:
+            raise F.fail(where, f"zstd chunk of {stored} bytes cannot decode to {raw} bytes")
         return cls(offset, stored, raw, digest, codec)
 
 
