@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 
 from ..errors import CorruptCheckpointError, IncompleteCheckpointError, StorageError
-from ..format.dtypes import itemsize
+from ..format.dtypes import itemsize, torch_dtype
 from ..format.manifest import Manifest, TensorMeta
 from ..format.shard import Piece, checksum, decode_chunk, read_header
 from ..storage import Location
@@ -183,18 +183,13 @@ class CheckpointReader:
                                    for a, b, n in zip(lo, offsets, size))]
             whole = size == piece.lengths and size == lengths
             if whole and out.is_contiguous() and out.device.type == "cpu" and \
-                    out.dtype == _torch_dtype(meta.dtype):
+                    out.dtype == torch_dtype(meta.dtype):
                 self.read_span(piece, 0, memoryview(flat(out).view(torch.uint8).numpy()))
                 continue
             buf = torch.empty(span, dtype=torch.uint8)
             self.read_span(piece, first * isz, memoryview(buf.numpy()))
-            src = buf.view(_torch_dtype(meta.dtype)).as_strided(size, strides, 0)
+            src = buf.view(torch_dtype(meta.dtype)).as_strided(size, strides, 0)
             dst_region.copy_(src.to(dtype) if src.dtype != dtype else src)
         if math.prod(lengths) and not meta.pieces:
             raise IncompleteCheckpointError("tensor has no pieces")
 
-
-def _torch_dtype(name: str) -> torch.dtype:
-    from ..format.dtypes import torch_dtype
-
-    return torch_dtype(name)
