@@ -246,7 +246,10 @@ class CheckpointManager:
                   collected: Any) -> CheckpointInfo | None:
         opts = SaveOptions.from_knobs(self._codec)
         if isinstance(collected, Snapshot):
-            collected = collected.ready()
+            try:
+                collected = collected.ready()
+            except Exception as exc:  # reported to every rank by the protocol
+                collected = exc
         manifest = save_step(self._comm, self.locations, state, req, opts, collected,
                              self.min_replicas)
         if manifest is None:
