@@ -10,7 +10,7 @@ from typing import Any
 from ..format import manifest as M
 from ..manager import read_manifest
 from ..storage import Location, open_location
-from . import health, verify_cmd
+from . import diff_cmd, health, verify_cmd
 
 
 def _locations(args: argparse.Namespace) -> list[Location]:
@@ -332,5 +332,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str,
               _add_prune),
     "verify": (verify_cmd.cmd_verify, "integrity, completeness, then golden replay",
                verify_cmd.add_args),
+    "diff": (diff_cmd.cmd_diff, "compare two checkpoints (ROOT@STEP) tensor by tensor",
+             diff_cmd.add_args),
 }
 
