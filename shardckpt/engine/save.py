@@ -296,5 +296,5 @@ def save_step(comm: LocalComm | GlooComm, locations: Sequence[Location], state: 
         found = {int(r): m for r, m in decision["failures"].items()}
         if decision["storage"]:
             raise StorageError("save failed: " + "; ".join(found.values())) from error
-        _raise_failures("write/commit", found, error)
+        _raise_failures("write/commit", found, error, world)
     return manifest

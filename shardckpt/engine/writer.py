@@ -91,10 +91,10 @@ def write_file(locations: Sequence[tuple[int, Location]], step_dir: str, name: s
                                       [next(encoded) for _ in range(n)])
                    for p, n in zip(pieces, counts)]
         record = writer.finish()
+        stored_at = sink.commit()
     except BaseException:
         sink.abort()
         raise
-    stored_at = sink.commit()
     return WrittenFile(record, written, stored_at, sink.failures)
 
 

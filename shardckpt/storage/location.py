@@ -114,14 +114,26 @@ class _LocalSink(Sink):
         self.path = path
         self._f: BinaryIO = open(path, "xb", buffering=WRITE_BUFFER)
 
+    def _fail(self, op: str, exc: OSError) -> StorageError:
+        return StorageError(f"{self.path}: {op} failed: {type(exc).__name__}: {exc}")
+
     def write(self, data: Any) -> int:
-        return self._f.write(data)
+        try:
+            return self._f.write(data)
+        except OSError as exc:
+            raise self._fail("write", exc) from exc
 
     def commit(self) -> None:
-        self._f.flush()
-        if _fsync_enabled():
-            os.fsync(self._f.fileno())
-        self._f.close()
+        """Flush, fsync and close; on any failure the file is closed and removed. A failed
+        fsync is final: the data may be lost, so it is never retried into a success."""
+        try:
+            self._f.flush()
+            if _fsync_enabled():
+                os.fsync(self._f.fileno())
+            self._f.close()
+        except OSError as exc:
+            self.abort()
+            raise self._fail("flush/fsync", exc) from exc
 
     def abort(self) -> None:
         with contextlib.suppress(OSError):
