@@ -72,8 +72,10 @@ def describe(exc: BaseException) -> str:
 
 def _raise_failures(stage: str, failures: dict[int, str], local: BaseException | None,
                     world_size: int = 2) -> None:
-    if world_size == 1 and local is not None:
-        raise local  # one process: the error itself (a TypeError naming the key path, say)
+    if world_size == 1 and local is not None:  # one process: the error itself ...
+        if isinstance(local, OSError):  # ... storage failures as the contract's StorageError
+            raise StorageError(describe(local)) from local
+        raise local  # (a TypeError naming the key path, say)
     lines = "; ".join(f"rank {r}: {msg}" for r, msg in sorted(failures.items()))
     err = CollectiveError(f"save failed during {stage} on rank(s) {sorted(failures)}: {lines}",
                           failures)
