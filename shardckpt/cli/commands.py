@@ -280,10 +280,10 @@ def _print_prune(report: Any) -> None:
 
 
 _PRUNE_EPILOG = """\
-Rules combine: a checkpoint is kept if any rule keeps it; the newest committed checkpoint,
-steps being written and steps tagged 'pinned' are never deleted. Flags override --config,
-a TOML file of the same keys (keep_last = 3, ...) at top level or in a [retention] table.
-A prune without any rule is refused (exit 64).
+Rules combine: a checkpoint is kept if any rule keeps it. The newest committed checkpoint and
+steps being written are never deleted, nor are steps tagged 'pinned' (unless keep_tags in the
+config says otherwise). Flags override --config, a TOML file of the same keys (keep_last = 3,
+...) at top level or in a [retention] table. A prune without any rule is refused (exit 64).
 
 Deletion removes manifest.json first, then the data, so an interrupted prune never leaves a
 listed checkpoint with missing files. Uncommitted step directories are reaped once nothing
