@@ -18,6 +18,7 @@ from .format.dtypes import torch_dtype
 from .format.manifest import Manifest, TensorMeta
 from .manager import find_manifest, read_manifest
 from .planning import tree as T
+from .planning.statedict import rebuild
 from .storage import Location, step_dirname
 
 
@@ -81,4 +82,4 @@ def read_value(locations: Sequence[Location], step: int, key: str) -> Any:
             return None
         return read_full(reader, meta)
 
-    return T.decode(node[1][key], T.escape(key), on_tensor, None, manifest.world_size, [])
+    return rebuild(node[1][key], T.escape(key), on_tensor, None, manifest.world_size)

@@ -33,6 +33,7 @@ from torch.utils.data import (
 
 import shardckpt
 from shardckpt.planning import tree as T
+from shardckpt.planning.statedict import rebuild
 from shardckpt.repro import (
     REDACTED,
     SamplerPosition,
@@ -84,7 +85,7 @@ def tree_roundtrip(value: Any) -> Any:
         return None
 
     node = json.loads(json.dumps(T.encode(value, "", on_leaf), allow_nan=False))
-    return T.decode(node, "", lambda key, where: tensors[key].clone(), 0, 1, [])
+    return rebuild(node, "", lambda key, where: tensors[key].clone(), 0, 1)
 
 
 def draws() -> tuple[float, float, float, float, list[float]]:

@@ -56,39 +56,35 @@ class GlooComm:
         return torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else \
             torch.empty(0, dtype=torch.uint8)
 
-    def all_gather_json(self, obj: Any, what: str = "all_gather") -> list[Any]:
-        dist = self._dist
+    def _pad_to_largest(self, obj: Any) -> tuple[list[int], torch.Tensor]:
+        """Every rank's payload size, and this rank's payload padded to the largest of them."""
         payload = self._encode(obj)
+        sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world_size)]
+        self._dist.all_gather(sizes, torch.tensor([payload.numel()]), group=self.group)
+        padded = torch.zeros(max(int(s) for s in sizes), dtype=torch.uint8)
+        padded[: payload.numel()] = payload
+        return [int(s) for s in sizes], padded
+
+    def all_gather_json(self, obj: Any, what: str = "all_gather") -> list[Any]:
         try:
-            sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world_size)]
-            dist.all_gather(sizes, torch.tensor([payload.numel()]), group=self.group)
-            top = max(int(s) for s in sizes)
-            padded = torch.zeros(top, dtype=torch.uint8)
-            padded[: payload.numel()] = payload
-            bufs = [torch.empty(top, dtype=torch.uint8) for _ in range(self.world_size)]
-            dist.all_gather(bufs, padded, group=self.group)
+            sizes, padded = self._pad_to_largest(obj)
+            bufs = [torch.empty_like(padded) for _ in range(self.world_size)]
+            self._dist.all_gather(bufs, padded, group=self.group)
         except RuntimeError as exc:
             raise self._fail(what, exc) from exc
-        return [json.loads(bytes(b[: int(n)].numpy())) for b, n in zip(bufs, sizes)]
+        return [json.loads(bytes(b[:n].numpy())) for b, n in zip(bufs, sizes)]
 
     def gather_json(self, obj: Any, what: str = "gather", dst: int = 0) -> list[Any] | None:
-        dist = self._dist
-        payload = self._encode(obj)
         try:
-            size = torch.tensor([payload.numel()])
-            sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world_size)]
-            dist.all_gather(sizes, size, group=self.group)
-            top = max(int(s) for s in sizes)
-            padded = torch.zeros(top, dtype=torch.uint8)
-            padded[: payload.numel()] = payload
-            bufs = [torch.empty(top, dtype=torch.uint8) for _ in range(self.world_size)] \
+            sizes, padded = self._pad_to_largest(obj)
+            bufs = [torch.empty_like(padded) for _ in range(self.world_size)] \
                 if self.rank == dst else None
-            dist.gather(padded, bufs, dst=self._global[dst], group=self.group)
+            self._dist.gather(padded, bufs, dst=self._global[dst], group=self.group)
         except RuntimeError as exc:
             raise self._fail(what, exc) from exc
         if bufs is None:
             return None
-        return [json.loads(bytes(b[: int(n)].numpy())) for b, n in zip(bufs, sizes)]
+        return [json.loads(bytes(b[:n].numpy())) for b, n in zip(bufs, sizes)]
 
     def broadcast_json(self, obj: Any, what: str = "broadcast", src: int = 0) -> Any:
         dist = self._dist

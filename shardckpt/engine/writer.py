@@ -81,7 +81,7 @@ def write_file(locations: Sequence[tuple[int, Location]], step_dir: str, name: s
     """
     size = pipeline.config.chunk_size
     views = [tensor_bytes(p.data) for p in pieces]
-    counts = [len(split_chunks(v, size)) for v in views]
+    counts = [-(-len(v) // size) for v in views]  # chunks per piece: ceil(bytes / size)
     encoded = pipeline.encode(c for v in views for c in split_chunks(v, size))
     sink = open_tee(locations, f"{step_dir}/{name}")
     try:

@@ -276,3 +276,12 @@ def restore(state: dict[str, Any], tree: Any, ctx: LoadContext) -> None:
         raise T.CorruptCheckpointError("<root>: the stored state is not a dict")
     # Top level: restore what the caller asked for (e.g. only the model), nothing more.
     fill(state, ["d", {k: v for k, v in node[1].items() if k in state}], "", ctx)
+
+
+def rebuild(node: Any, path: str, tensor: Callable[[str, str], Any], rank: int | None,
+            world_size: int) -> Any:
+    """Plain Python values from ``node`` (no destination): each tensor from
+    ``tensor(key, where)``; per-rank parts only when ``rank`` is given."""
+    ctx = LoadContext(lambda key, _dest, where: tensor(key, where), rank, world_size, False)
+    value = fill(MISSING, node, path, ctx)
+    return None if value is MISSING else value

@@ -9,6 +9,8 @@ Each node is a small JSON list whose first element is a tag::
     ["M", node] ["O", node] ["S", node]   a module, an optimizer (by parameter name), a stateful
     ["R", [node_rank0, node_rank1, ...]]  a subtree that differs between ranks
 
+Values are rebuilt from nodes by :func:`shardckpt.planning.statedict.fill`.
+
 Tensor keys are key paths joined with "/" (``~`` and ``/`` inside a key escaped as in RFC 6901),
 so ``state["model"]["layers.0.weight"]`` is stored as ``model/layers.0.weight``.
 """
@@ -108,69 +110,6 @@ def check_node(node: Any, where: str) -> list[Any]:
     if not isinstance(node, list) or not node or not isinstance(node[0], str):
         raise CorruptCheckpointError(f"{where}: malformed tree node {str(node)[:80]}")
     return node
-
-
-def decode(node: Any, path: str, on_tensor: Callable[[str, str], Any], rank: int | None,
-           world_size: int, skipped: list[str]) -> Any:
-    """Rebuild plain Python values; ``on_tensor(key, path)`` supplies each tensor.
-
-    Per-rank subtrees are taken for ``rank`` when the world size matches the saving one; otherwise
-    their paths are appended to ``skipped`` and :data:`SKIPPED` is returned in their place.
-    """
-    node = check_node(node, path or "<root>")
-    tag = node[0]
-    where = path or "<root>"
-    if tag == "R":
-        options = node[1] if len(node) == 2 else None
-        if not isinstance(options, list) or len(options) != world_size:
-            raise CorruptCheckpointError(f"{where}: per-rank node must list {world_size} entries")
-        if rank is None:
-            skipped.append(where)
-            return SKIPPED
-        return decode(options[rank], path, on_tensor, rank, world_size, skipped)
-    if tag in ("d", "l", "t", "D", "T", "M", "O", "S") and len(node) != 2:
-        raise CorruptCheckpointError(f"{where}: malformed {tag!r} node")
-    if tag == "d":
-        if not isinstance(node[1], dict):
-            raise CorruptCheckpointError(f"{where}: 'd' node needs an object")
-        out = {k: decode(v, join(path, k), on_tensor, rank, world_size, skipped)
-               for k, v in node[1].items()}
-        return {k: v for k, v in out.items() if v is not SKIPPED}
-    if tag == "D":
-        if not isinstance(node[1], list):
-            raise CorruptCheckpointError(f"{where}: 'D' node needs a list")
-        result = {}
-        for item in node[1]:
-            if not isinstance(item, list) or len(item) != 2:
-                raise CorruptCheckpointError(f"{where}: malformed dict item")
-            key = decode_scalar(check_node(item[0], where), where)
-            if key in result:
-                raise CorruptCheckpointError(f"{where}: duplicate dict key {key!r}")
-            value = decode(item[1], join(path, key), on_tensor, rank, world_size, skipped)
-            if value is not SKIPPED:
-                result[key] = value
-        return result
-    if tag in ("l", "t"):
-        if not isinstance(node[1], list):
-            raise CorruptCheckpointError(f"{where}: {tag!r} node needs a list")
-        items = [decode(v, join(path, i), on_tensor, rank, world_size, skipped)
-                 for i, v in enumerate(node[1])]
-        return items if tag == "l" else tuple(items)
-    if tag == "T":
-        if not isinstance(node[1], str):
-            raise CorruptCheckpointError(f"{where}: tensor reference must be a string")
-        return on_tensor(node[1], where)
-    if tag in ("M", "O", "S"):
-        return decode(node[1], path, on_tensor, rank, world_size, skipped)
-    return decode_scalar(node, where)
-
-
-class _Skipped:
-    def __repr__(self) -> str:
-        return "<not restored: per-rank state>"
-
-
-SKIPPED: Any = _Skipped()
 
 
 def merge_ranks(nodes: list[Any]) -> Any:
