@@ -12,6 +12,7 @@ from .errors import (
 )
 from .golden import Golden
 from .manager import CheckpointInfo, CheckpointManager, PruneReport, SaveHandle
+from .observe import SaveEvent
 from .policy import RetentionPolicy
 from .repro import SamplerPosition, set_determinism
 
@@ -25,6 +26,7 @@ __all__ = [
     "PruneReport",
     "RetentionPolicy",
     "SamplerPosition",
+    "SaveEvent",
     "SaveHandle",
     "ShardckptError",
     "StorageError",

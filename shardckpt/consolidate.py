@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from .engine.index import full_manifest
 from .engine.reader import CheckpointReader
 from .errors import CorruptCheckpointError
 from .format.dtypes import torch_dtype
@@ -43,8 +44,8 @@ def read_full(reader: CheckpointReader, meta: TensorMeta) -> torch.Tensor:
 def consolidate(location: Location, step: int, prefix: str | None = None,
                 ) -> dict[str, torch.Tensor]:
     """Every tensor of ``step`` in full. With ``prefix``, only keys under it, prefix stripped."""
-    manifest = read_manifest(location, step)
-    reader = CheckpointReader(location, step_dirname(step), manifest)
+    reader = CheckpointReader(location, step_dirname(step), read_manifest(location, step))
+    manifest = full_manifest(reader)
     out: dict[str, torch.Tensor] = {}
     aliases = {}
     want = None if not prefix else prefix.rstrip("/") + "/"
@@ -73,6 +74,7 @@ def read_value(locations: Sequence[Location], step: int, key: str) -> Any:
     if node[0] != "d" or not isinstance(node[1], dict) or key not in node[1]:
         raise KeyError(f"step {step} has no top-level key {key!r}")
     reader = CheckpointReader(locations, step_dirname(step), manifest)
+    manifest = full_manifest(reader)
 
     def on_tensor(tkey: str, where: str) -> torch.Tensor:
         if tkey not in manifest.tensors:

@@ -7,15 +7,18 @@ initialized (it creates a private gloo group for the checkpoint protocol).
 
 from __future__ import annotations
 
+import os
 import threading
+import time
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
 
 from . import __version__, knobs
 from .engine.comm import make_comm
+from .engine.index import full_manifest
 from .engine.load import load_step
 from .engine.reader import CheckpointReader
 from .engine.save import SaveOptions, SaveRequest, save_step
@@ -30,6 +33,7 @@ from .format import manifest as M
 from .format.shard import Codec
 from .golden import GOLDEN_KEY, RESERVED_PREFIX, Golden
 from .golden import record as record_golden
+from .observe import SaveEvent, SaveObserver, SaveTracker, check_callbacks, check_metrics_path
 from .planning.statedict import collect
 from .policy import RetentionPolicy
 from .prune import DEFAULT_LOCK_WAIT_S, BackgroundPrune, PruneReport, prune_location
@@ -134,7 +138,10 @@ class CheckpointManager:
                  async_save: bool = True, compression: str | None = None,
                  storage_options: Mapping[str, Mapping[str, Any]] | None = None,
                  process_group: Any = None, *, config: Mapping[str, Any] | None = None,
-                 data: Mapping[str, Any] | None = None, capture_rng: bool = True) -> None:
+                 data: Mapping[str, Any] | None = None, capture_rng: bool = True,
+                 metrics_path: str | os.PathLike[str] | None = None,
+                 callbacks: Iterable[Callable[[SaveEvent], Any]] | None = (),
+                 file_mode: int | None = None) -> None:
         urls = [str(root), *(str(r) for r in replicas)]
         if len(set(urls)) != len(urls):
             raise ValueError(f"the same location is given twice: {urls}")
@@ -148,7 +155,12 @@ class CheckpointManager:
             raise ValueError(f"save_every must be a positive int, got {save_every!r}")
         if retention is not None and not isinstance(retention, RetentionPolicy):
             raise TypeError("retention must be a shardckpt.RetentionPolicy")
-        self.locations = [open_location(u, _options_for(u, storage_options)) for u in urls]
+        metrics_path = check_metrics_path(metrics_path)
+        save_callbacks = check_callbacks(callbacks)
+        # file_mode: the exact mode of new local files (dirs: + x where r, rwx for the owner);
+        # None: what the umask gives. World-writable: ValueError (see shardckpt.storage.location)
+        self.locations = [open_location(u, _options_for(u, storage_options), file_mode=file_mode)
+                          for u in urls]
         self.location = self.locations[0]
         self.retention = retention
         self.save_every = save_every
@@ -165,6 +177,11 @@ class CheckpointManager:
         self._provenance: dict[str, Any] | None = None
         self._closed = False
         self._retention_runner = BackgroundPrune(lambda: self._prune(False, lock_wait=0.0))
+        # rank 0 logs each save, keeps the metrics textfile and calls the callbacks
+        self._observer = SaveObserver(enabled=self.rank == 0, root=self.location.display,
+                                      world_size=self.world_size, metrics_path=metrics_path,
+                                      callbacks=save_callbacks, urls=urls)
+        self._observer.publish_initial()
 
     @property
     def rank(self) -> int:
@@ -185,8 +202,11 @@ class CheckpointManager:
 
         Returns once the state is snapshotted (``async_save``) or committed (``blocking=True``).
         A save issued while another is in flight first waits for that one; an error of an earlier
-        background save is raised here.
+        background save is raised here. On rank 0, once the save is committed or has failed,
+        it is logged (logger ``shardckpt``), the ``metrics_path`` file is rewritten and the
+        ``callbacks`` are called with a :class:`~shardckpt.SaveEvent`.
         """
+        t0 = time.monotonic()  # the caller's stall is measured from here to the return
         self._check_open()
         if type(step) is not int or not 0 <= step <= M.MAX_STEP:
             raise ValueError(f"step must be an int in [0, {M.MAX_STEP}], got {step!r}")
@@ -222,12 +242,17 @@ class CheckpointManager:
         except Exception as exc:  # every rank must hear of it, or its peers would wait
             staged = exc
         req = SaveRequest(step, metrics, tags, extra)
-        future = self._pool.submit(self._run_save, req, state, staged)
-        handle = SaveHandle(step, future)
-        with self._lock:
-            self._pending.append(handle)
-        if blocking:
-            self.wait()
+        tracker = self._observer.start(step, metrics=metrics, tags=tags, blocking=blocking, t0=t0)
+        tracker.submitted()
+        try:
+            future = self._pool.submit(self._run_save, req, state, staged, tracker)
+            handle = SaveHandle(step, future)
+            with self._lock:
+                self._pending.append(handle)
+            if blocking:
+                self.wait()
+        finally:
+            tracker.returned()  # the event goes out once this and the outcome are both known
         return handle
 
     def _provenance_record(self) -> dict[str, Any]:
@@ -242,16 +267,30 @@ class CheckpointManager:
             self._provenance = {**record, "hosts": hosts}
         return self._provenance
 
-    def _run_save(self, req: SaveRequest, state: dict[str, Any],
-                  collected: Any) -> CheckpointInfo | None:
+    def _run_save(self, req: SaveRequest, state: dict[str, Any], collected: Any,
+                  tracker: SaveTracker | None = None) -> CheckpointInfo | None:
         opts = SaveOptions.from_knobs(self._codec)
-        if isinstance(collected, Snapshot):
-            try:
-                collected = collected.ready()
-            except Exception as exc:  # reported to every rank by the protocol
-                collected = exc
-        manifest = save_step(self._comm, self.locations, state, req, opts, collected,
-                             self.min_replicas)
+        try:
+            if isinstance(collected, Snapshot):
+                try:
+                    collected = collected.ready()
+                except Exception as exc:  # reported to every rank by the protocol
+                    collected = exc
+            if tracker is not None:
+                tracker.ready()
+                # when save() was called and when the write began, for `shardckpt report`
+                req = replace(req, extra={**req.extra, "timing": tracker.manifest_timing()})
+            manifest = save_step(self._comm, self.locations, state, req, opts, collected,
+                                 self.min_replicas)
+        except BaseException as exc:
+            if tracker is not None:
+                tracker.failed(exc)
+            raise
+        if tracker is not None:
+            tracker.committed(manifest.nbytes if manifest is not None else 0,
+                              manifest.extra.get("locations", ()) if manifest is not None else (),
+                              bool(manifest.extra.get("degraded")) if manifest is not None
+                              else False, self.world_size)
         if manifest is None:
             return None
         self._manifests[manifest.step] = manifest
@@ -298,10 +337,15 @@ class CheckpointManager:
         steps = self.steps()
         return steps[-1] if steps else None
 
-    def manifest(self, step: int) -> M.Manifest:
+    def manifest(self, step: int, *, pieces: bool = False) -> M.Manifest:
+        """The validated manifest of ``step``; with ``pieces=True`` every tensor's pieces too,
+        read from the headers of all its shard files (coverage checked)."""
         if step not in self._manifests:
             self._manifests[step] = find_manifest(self.locations, step)[0]
-        return self._manifests[step]
+        manifest = self._manifests[step]
+        if pieces:
+            return full_manifest(CheckpointReader(self.locations, step_dirname(step), manifest))
+        return manifest
 
     def info(self, step: int) -> CheckpointInfo:
         return CheckpointInfo.from_manifest(self.manifest(step))

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from .engine.reader import CheckpointReader
 from .errors import CorruptCheckpointError, IncompleteCheckpointError, StorageError
 from .format import manifest as M
-from .format.shard import Piece, checksum
+from .format.shard import checksum
 from .manager import MAX_MANIFEST_BYTES, read_manifest
 from .storage import Location, step_dirname
 
@@ -34,26 +34,17 @@ class StepRepair:
                 "manifests_restored": self.manifests_restored, "ok": not self.unrepairable}
 
 
-def pieces_by_file(manifest: M.Manifest) -> dict[str, list[Piece]]:
-    out: dict[str, list[Piece]] = {name: [] for name in manifest.files}
-    for entry in manifest.tensors.values():
-        metas = entry.per_rank if entry.per_rank is not None else (
-            (entry.meta,) if entry.meta is not None else ())
-        for meta in metas:
-            for p in meta.pieces:
-                out[p.file].append(p)
-    return out
-
-
-def verify_file(location: Location, step: int, manifest: M.Manifest, file: str,
-                pieces: Sequence[Piece]) -> str | None:
-    """None if ``file`` is intact at ``location``, else what is wrong with it."""
+def verify_file(location: Location, step: int, manifest: M.Manifest, file: str) -> str | None:
+    """None if ``file`` is intact at ``location`` (size, header as the manifest recorded it,
+    every piece fitting its tensor, every chunk checksum), else what is wrong with it."""
     step_dir = step_dirname(step)
     reader = CheckpointReader([location], step_dir, manifest)
+    where = f"{location.display}/{step_dir}/{file}"
     try:
-        reader.check_file(file)
+        header = reader.check_file(file)
         rel = f"{step_dir}/{file}"
-        for p in pieces:
+        for p in header.pieces:
+            M.meta_of_piece(manifest, p, manifest.files[file].rank, where)
             for c in p.chunks:
                 if checksum(location.read_range(rel, c.offset, c.stored)) != c.xxh3:
                     return f"checksum mismatch in chunk at offset {c.offset}"
@@ -94,9 +85,9 @@ def repair_step(locations: Sequence[Location], step: int, dry_run: bool = False)
                                     "problem": "no location holds a valid manifest"})
         return report
     step_dir = step_dirname(step)
-    files = pieces_by_file(manifest)
-    status = {(i, f): verify_file(loc, step, manifest, f, ps)
-              for i, loc in enumerate(locations) for f, ps in files.items()}
+    files = sorted(manifest.files)
+    status = {(i, f): verify_file(loc, step, manifest, f)
+              for i, loc in enumerate(locations) for f in files}
     for f in files:
         good = [i for i in range(len(locations)) if status[(i, f)] is None]
         for i, loc in enumerate(locations):
@@ -110,7 +101,7 @@ def repair_step(locations: Sequence[Location], step: int, dry_run: bool = False)
             if not dry_run:
                 loc.makedirs(step_dir)
                 copy_file(locations[good[0]], loc, f"{step_dir}/{f}", manifest.files[f].nbytes)
-                after = verify_file(loc, step, manifest, f, files[f])
+                after = verify_file(loc, step, manifest, f)
                 if after is not None:
                     report.unrepairable.append({**entry, "problem": f"copy failed: {after}"})
                     continue

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import pickle
+import re
 import shutil
 import struct
 import tracemalloc
@@ -392,9 +393,32 @@ def test_pickles_are_never_unpickled(ckpt: Path, tmp_path: Path, target: str) ->
 
 # ------------------------------------------------------------------------------ (d), (e) lies
 
-def manifest_doc(root: Path) -> dict[str, Any]:
+def raw_manifest(root: Path) -> dict[str, Any]:
     data = (root / STEP_DIR / M.MANIFEST_NAME).read_bytes()
     return json.loads(data[:-M._SUFFIX_LEN] + b"}")
+
+
+def read_shard_header(path: Path) -> dict[str, Any]:
+    data = path.read_bytes()
+    offset, length, _, _ = S.TRAILER.unpack(data[-S.TRAILER_SIZE:])
+    return json.loads(data[offset:offset + length])
+
+
+def manifest_doc(root: Path) -> dict[str, Any]:
+    """The manifest with the pieces of every shard header folded back into its tensors (each
+    with its ``file``), as one document that the lies below tamper with."""
+    doc = raw_manifest(root)
+    for name in sorted(doc["files"]):
+        for p in read_shard_header(root / STEP_DIR / name)["pieces"]:
+            entry = doc["tensors"][p["key"]]
+            if "per_rank" in entry:
+                entry = entry["per_rank"][doc["files"][name]["rank"]]
+            entry.setdefault("pieces", []).append(
+                {"file": name, **{k: p[k] for k in ("offsets", "lengths", "chunks")}})
+    for entry in doc["tensors"].values():
+        if "alias_of" not in entry and "per_rank" not in entry:
+            entry.setdefault("pieces", [])
+    return doc
 
 
 def reseal(prefix: bytes) -> bytes:
@@ -402,7 +426,40 @@ def reseal(prefix: bytes) -> bytes:
     return prefix + b',"checksum":"' + xxhash.xxh3_64_hexdigest(prefix).encode() + b'"}\n'
 
 
+def write_header(path: Path, pieces: list[dict[str, Any]], old_offset: int) -> dict[str, int | str]:
+    """Rewrite a shard file's header (and trailer) with ``pieces``, resealed; its new record."""
+    data = path.read_bytes()
+    head = read_shard_header(path)
+    head["pieces"] = pieces
+    raw_head = safejson.dumps(head)
+    digest = xxhash.xxh3_64_intdigest(raw_head)
+    out = data[:old_offset] + raw_head + S.TRAILER.pack(old_offset, len(raw_head), digest,
+                                                        S.TRAILER_MAGIC)
+    path.write_bytes(out)
+    return {"nbytes": len(out), "header_offset": old_offset, "header_xxh3": f"{digest:016x}"}
+
+
 def write_doc(root: Path, doc: dict[str, Any]) -> bytes:
+    """Split a document of :func:`manifest_doc` back into shard headers and a manifest, each
+    resealed with correct checksums, so that only validation can catch a lie."""
+    doc = json.loads(json.dumps(doc))
+    original = raw_manifest(root)["files"]
+    by_file: dict[str, list[dict[str, Any]]] = {name: [] for name in doc["files"]}
+    for key, entry in doc["tensors"].items():
+        metas = entry.get("per_rank", [entry]) if isinstance(entry, dict) else []
+        for meta in metas:
+            for p in meta.pop("pieces", None) or []:
+                by_file.setdefault(p["file"], []).append(
+                    {"key": key, "dtype": meta.get("dtype"), "file": p["file"],
+                     **{k: p[k] for k in ("offsets", "lengths", "chunks")}})
+    doc["tensors"] = {k: e for k, e in doc["tensors"].items() if not e.get("header_only")}
+    for name, pieces in by_file.items():
+        path = root / STEP_DIR / name
+        if name in original and name in doc["files"] and path.is_file():
+            before = read_shard_header(path)["pieces"]
+            if json.dumps(pieces) != json.dumps(before):  # 48.0 == 48, but not in JSON
+                record = write_header(path, pieces, original[name]["header_offset"])
+                doc["files"][name].update(record)
     data = reseal(safejson.dumps(doc)[:-1])
     (root / STEP_DIR / M.MANIFEST_NAME).write_bytes(data)
     return data
@@ -536,9 +593,18 @@ def set_dtype(name: Any) -> Callable[[dict[str, Any]], None]:
     return tamper
 
 
-def point_outside(path: str) -> Callable[[dict[str, Any]], None]:
+def rename_piece_key(key: str) -> Callable[[dict[str, Any]], None]:
+    """A header piece of ``w`` relabelled as a tensor the manifest does not list."""
     def tamper(doc: dict[str, Any]) -> None:
-        first_tensor(doc)["pieces"][0]["file"] = path
+        doc["tensors"][key] = {"dtype": "float32", "pieces": first_tensor(doc).pop("pieces"),
+                               "header_only": True}  # the header has it; the manifest does not
+        first_tensor(doc)["pieces"] = []
+    return tamper
+
+
+def set_ranks(runs: list[list[int]]) -> Callable[[dict[str, Any]], None]:
+    def tamper(doc: dict[str, Any]) -> None:
+        first_tensor(doc)["ranks"] = runs
     return tamper
 
 
@@ -556,8 +622,11 @@ LIES: dict[str, tuple[Callable[[dict[str, Any]], None], type[Exception], str]] =
     "path-backslash": (renamed("..\\x.shard"), CorruptCheckpointError, "file name"),
     "path-nul": (renamed("x\x00.shard"), CorruptCheckpointError, "file name"),
     "path-not-shard": (renamed("manifest.json"), CorruptCheckpointError, "file name"),
-    "piece-file-unlisted": (point_outside("../../etc/passwd"), CorruptCheckpointError,
-                            "does not list"),
+    "piece-of-unlisted-tensor": (rename_piece_key("ghost"), CorruptCheckpointError,
+                                 "does not list"),
+    "writer-rank-out-of-world": (set_ranks([[0, 3]]), CorruptCheckpointError, "ranks"),
+    "writer-rank-without-file": (set_ranks([[0, 1], [2, 3]]), CorruptCheckpointError, "ranks"),
+    "writer-runs-unsorted": (set_ranks([[0, 1], [0, 1]]), CorruptCheckpointError, "ranks"),
     "file-nbytes-huge": (set_file_field("nbytes", BIG), CorruptCheckpointError, "nbytes"),
     "file-nbytes-negative": (set_file_field("nbytes", -1), CorruptCheckpointError, "nbytes"),
     "file-header-offset-huge": (set_file_field("header_offset", BIG), CorruptCheckpointError,
@@ -584,7 +653,8 @@ LIES: dict[str, tuple[Callable[[dict[str, Any]], None], type[Exception], str]] =
     "pieces-leave-a-gap": (grow_shape, IncompleteCheckpointError, "cover 35 of 42"),
     "dtype-unknown": (set_dtype("float128"), CorruptCheckpointError, "unknown dtype"),
     "dtype-not-a-string": (set_dtype(["float32"]), CorruptCheckpointError, "dtype"),
-    "version-2": (set_top("version", 2), CorruptCheckpointError, "version"),
+    "version-1": (set_top("version", 1), CorruptCheckpointError, "version"),
+    "version-3": (set_top("version", 3), CorruptCheckpointError, "version"),
     "version-string": (set_top("version", "1"), CorruptCheckpointError, "version"),
     "format-other": (set_top("format", "pytorch"), CorruptCheckpointError, "format"),
     "byteorder-big": (set_top("byteorder", "big"), CorruptCheckpointError, "little-endian"),
@@ -605,11 +675,18 @@ def test_lying_manifest_is_refused_before_any_large_allocation(ckpt: Path, case:
     tamper(doc)
     write_doc(ckpt, doc)
     for dest in (zero_like(make_state()), dict.fromkeys(make_state())):
+        if case == "pieces-leave-a-gap" and dest["w"] is not None:
+            # the given tensor's shape is checked against the manifest's before any piece
+            error, match = ValueError, "checkpoint shape \\[6, 7\\] differs"
+        else:
+            error, match = LIES[case][1:]
         with bounded_memory():
             with shardckpt.CheckpointManager(str(ckpt)) as mgr:
                 with pytest.raises(error, match=match) as info:
                     mgr.load(dest, step=STEP, strict=False)
-        assert "manifest.json" in str(info.value) or case.startswith("tree-")
+        # the error names the manifest or the shard file whose header holds the lie
+        assert re.search(r"manifest\.json|\.shard", str(info.value)) or \
+            case.startswith("tree-") or error is ValueError
 
 
 def test_declared_size_beyond_the_files_is_refused_before_allocating(ckpt: Path) -> None:

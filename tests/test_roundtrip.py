@@ -32,6 +32,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 import shardckpt
+from shardckpt.engine.index import full_manifest
 from shardckpt.engine.reader import CheckpointReader
 from shardckpt.format import manifest as M
 from shardckpt.format.dtypes import dtype_name
@@ -372,7 +373,7 @@ def write_handmade(root: str, step: int, tensors: dict[str, tuple[torch.Tensor, 
                           tree=["d", {k: ["T", k] for k in tensors}])
     data = M.serialize(manifest)
     location.write_atomic(f"{step_dir}/{M.MANIFEST_NAME}", data)
-    return M.parse(data)
+    return full_manifest(CheckpointReader(location, step_dir, M.parse(data)))
 
 
 @settings(max_examples=40, deadline=None, derandomize=True)
@@ -431,7 +432,7 @@ def test_every_dtype_and_layout(tmp_path: Any, monkeypatch: pytest.MonkeyPatch, 
         fresh = fresh_for(state)
         mgr.load(fresh)
         assert_same(state, fresh)
-        manifest = mgr.manifest(7)
+        manifest = mgr.manifest(7, pieces=True)
         assert manifest.resolve("big") is not None
         chunks = manifest.resolve("big").pieces[0].chunks  # type: ignore[union-attr]
         assert len(chunks) == math.ceil(33 * 17 * element_size(dtype) / 7)
@@ -480,7 +481,7 @@ def test_url_roots_round_trip(kind: str, monkeypatch: pytest.MonkeyPatch) -> Non
                              capture_rng=True) as mgr:
             assert mgr.steps() == [7]
             assert mgr.info(7).nbytes > 0
-            zeros_meta = mgr.manifest(7).resolve("zeros")
+            zeros_meta = mgr.manifest(7, pieces=True).resolve("zeros")
             assert zeros_meta is not None
             assert "zstd" in {c.codec for c in zeros_meta.pieces[0].chunks}
             dest = mirror(state, False, {})
@@ -529,7 +530,7 @@ def test_tied_tensors_are_stored_once(tmp_path: Any) -> None:
     w = torch.randn(4, 5)
     state = {"enc": {"w": w}, "dec": {"w": w}, "also": [w, w.detach()], "t": w.t()}
     with save_and_reload(str(tmp_path), state) as mgr:
-        manifest = mgr.manifest(7)
+        manifest = mgr.manifest(7, pieces=True)
         entries = manifest.tensors
         assert entries["enc/w"].meta is not None
         assert entries["dec/w"].alias_of == "enc/w"

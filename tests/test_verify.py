@@ -18,6 +18,7 @@ import torch
 import verify_targets as V
 from harness import TESTS_DIR, run_ranks, run_torchrun
 
+import shardckpt
 from shardckpt.cli.main import main
 from shardckpt.verify.replay import Diff, compare
 
@@ -111,9 +112,11 @@ def test_changed_model_is_a_mismatch(saved: str, capsys: pytest.CaptureFixture[s
 
 def test_flipped_byte_is_an_integrity_error(saved: str, tmp_path: Path,
                                             capsys: pytest.CaptureFixture[str]) -> None:
-    step_dir, manifest = damaged_copy(saved, tmp_path)
-    meta = manifest["tensors"]["model/blocks.0.up.weight"]
-    file, offset = meta["pieces"][0]["file"], meta["pieces"][0]["chunks"][0][0]
+    step_dir, _ = damaged_copy(saved, tmp_path)
+    with shardckpt.CheckpointManager(str(step_dir.parent)) as mgr:
+        meta = mgr.manifest(V.STEP, pieces=True).resolve("model/blocks.0.up.weight")
+    assert meta is not None
+    file, offset = meta.pieces[0].file, meta.pieces[0].chunks[0].offset
     data = bytearray((step_dir / file).read_bytes())
     data[offset + 5] ^= 0x10
     (step_dir / file).write_bytes(bytes(data))

@@ -3,25 +3,51 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
 
 from ..format import manifest as M
-from ..manager import read_manifest
-from ..storage import Location, open_location
-from . import diff_cmd, health, verify_cmd
+from ..manager import find_manifest
+from ..storage import Location, open_location, redact, step_dirname
+from . import diff_cmd, health, report_cmd, verify_cmd
+from .argtypes import step_arg
+from .progress import Bar, bar, wanted
+
+ROOT_HELP = "checkpoint root: a path or fsspec URL"
+
+
+def open_locations(urls: list[str]) -> list[Location]:
+    """The locations of ``urls``; a URL that cannot be opened or a root that does not exist is
+    a usage error (exit 64), named in one line with credentials redacted."""
+    from .main import UsageError
+
+    locs = []
+    for url in urls:
+        try:
+            locs.append(open_location(url))
+        except (ValueError, ImportError) as exc:  # unknown protocol, missing fsspec backend
+            raise UsageError(f"{redact(url)}: cannot open: {exc}") from None
+    for loc in locs:
+        if not loc.root_exists():
+            raise UsageError(f"{loc.display}: no such checkpoint root")
+    return locs
 
 
 def _locations(args: argparse.Namespace) -> list[Location]:
+    return open_locations([args.root, *args.replica])
+
+
+def check_out_path(path: str, flag: str = "--out") -> None:
+    """``UsageError`` unless ``path``'s directory exists and ``path`` is not a directory."""
     from .main import UsageError
 
-    urls = [args.root, *args.replica]
-    locs = [open_location(u) for u in urls]
-    for loc, url in zip(locs, urls):
-        if not loc.root_exists():
-            raise UsageError(f"{url}: no such checkpoint root")
-    return locs
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise UsageError(f"{flag} {path}: is a directory")
+    if not os.path.isdir(parent):
+        raise UsageError(f"{flag} {path}: directory {parent} does not exist")
 
 
 def _human_bytes(n: int) -> str:
@@ -40,9 +66,10 @@ def cmd_ls(args: argparse.Namespace) -> int:
     from ..verify.record import verified
 
     locs = _locations(args)
-    report = health.survey(locs)
+    report = health.survey(locs, progress=wanted(args))
     rows = []
-    for step, entry in sorted(report.steps.items()):
+    for step, entry in bar(sorted(report.steps.items()), desc="verification records",
+                           total=len(report.steps), enabled=wanted(args), unit="step"):
         m = entry.manifest
         rows.append({"step": step, "time": m.time, "nbytes": m.nbytes,
                      "metrics": _metrics_json(m), "tags": list(m.tags),
@@ -75,11 +102,11 @@ def cmd_show(args: argparse.Namespace) -> int:
     locs = _locations(args)
     step = args.step
     if step is None:
-        steps = sorted(health.survey(locs).steps)
+        steps = sorted(health.survey(locs, progress=wanted(args)).steps)
         if not steps:
-            raise UsageError(f"{args.root}: no committed checkpoint")
+            raise UsageError(f"{locs[0].display}: no committed checkpoint")
         step = steps[-1]
-    m = read_manifest(locs[0], step)
+    m, _ = find_manifest(locs, step)
     doc = m.to_json()
     extras = sorted(set(doc) - M.CORE_FIELDS)
     if args.json:
@@ -91,7 +118,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         print("metrics: " + ", ".join(f"{k}={v:.6g}" for k, v in m.metrics.items()))
     if m.tags:
         print("tags: " + ", ".join(m.tags))
-    print(f"\n{'TENSOR':<60} {'DTYPE':<14} {'SHAPE':<20} {'PIECES':>6} {'BYTES':>10}")
+    print(f"\n{'TENSOR':<60} {'DTYPE':<14} {'SHAPE':<20} {'RANKS':>6} {'BYTES':>10}")
     for key, entry in m.tensors.items():
         if entry.alias_of is not None:
             print(f"{key:<60} (same storage as {entry.alias_of})")
@@ -101,27 +128,62 @@ def cmd_show(args: argparse.Namespace) -> int:
             assert meta is not None
             name = key if entry.per_rank is None else f"{key} [rank {r}]"
             print(f"{name:<60} {meta.dtype:<14} {list(meta.shape)!s:<20} "
-                  f"{len(meta.pieces):>6} {_human_bytes(meta.nbytes):>10}")
+                  f"{len(meta.writers):>6} {_human_bytes(meta.nbytes):>10}")
     for key in extras:
         print(f"\n{key}: {doc[key]}")
     return 0
 
 
+def _consolidate(locs: list[Location], step: int, prefix: str | None,
+                 progress: bool) -> dict[str, Any]:
+    """Every tensor of ``step`` in full (as ``shardckpt.consolidate.consolidate``), read with
+    failover to the replicas, and a bar in bytes on a terminal. With ``prefix``, only keys
+    under it, prefix stripped."""
+    from ..consolidate import read_full, tensor_keys
+    from ..engine.index import full_manifest
+    from ..engine.reader import CheckpointReader
+
+    reader = CheckpointReader(locs, step_dirname(step), find_manifest(locs, step)[0])
+    manifest = full_manifest(reader)
+    want = None if not prefix else prefix.rstrip("/") + "/"
+    todo = [(name, meta, target) for name, meta, target in tensor_keys(manifest)
+            if want is None or name.startswith(want)]
+    out: dict[str, Any] = {}
+    aliases: dict[str, str | None] = {}
+    total = sum(meta.nbytes for _, meta, _ in todo if meta is not None)
+    with Bar(desc=f"export step {step}", total=total, enabled=progress, unit="B",
+             unit_scale=True) as b:
+        for name, meta, target in todo:
+            if meta is None:
+                aliases[name] = target
+            else:
+                out[name] = read_full(reader, meta)
+                b.update(meta.nbytes)
+    for name, target in aliases.items():
+        out[name] = out[target] if target in out else read_full(reader, manifest.resolve(name))
+    if want is not None:
+        out = {k[len(want):]: v for k, v in out.items()}
+    return out
+
+
 def cmd_export(args: argparse.Namespace) -> int:
-    from ..consolidate import consolidate
     from .main import UsageError, emit
 
+    check_out_path(args.out)
+    if args.format == "safetensors":
+        try:
+            import safetensors.torch  # noqa: F401
+        except ImportError:
+            raise UsageError("--format safetensors needs the safetensors package "
+                             "(pip install 'shardckpt[export]')") from None
     locs = _locations(args)
-    tensors = consolidate(locs[0], args.step, args.only)
+    tensors = _consolidate(locs, args.step, args.only, wanted(args))
     if not tensors:
         raise UsageError(f"step {args.step} has no tensors" + (f" under {args.only!r}"
                                                                 if args.only else ""))
     if args.format == "safetensors":
-        try:
-            from safetensors.torch import save_file
-        except ImportError:
-            raise UsageError("--format safetensors needs the safetensors package "
-                             "(pip install 'shardckpt[export]')") from None
+        from safetensors.torch import save_file
+
         # safetensors refuses shared storage: tied weights are written as separate copies
         seen: set[int] = set()
         flat = {}
@@ -144,10 +206,13 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def _add_export(p: argparse.ArgumentParser) -> None:
-    p.add_argument("root", metavar="ROOT", help="checkpoint root: a path or fsspec URL")
-    p.add_argument("--step", type=int, required=True, help="step to export")
-    p.add_argument("--format", choices=("safetensors", "torch"), required=True)
-    p.add_argument("--out", required=True, metavar="PATH", help="output file")
+    p.add_argument("root", metavar="ROOT", help=ROOT_HELP)
+    p.add_argument("--step", type=step_arg, required=True, metavar="N", help="step to export")
+    p.add_argument("--format", choices=("safetensors", "torch"), required=True,
+                   help="safetensors (needs the safetensors package) or torch (torch.save of "
+                   "a dict of tensors)")
+    p.add_argument("--out", required=True, metavar="PATH", help="output file (its directory "
+                   "must exist)")
     p.add_argument("--only", metavar="PREFIX", default=None,
                    help="export only tensors under this key prefix, stripped (e.g. 'model')")
 
@@ -159,7 +224,18 @@ def cmd_repair(args: argparse.Namespace) -> int:
     locs = _locations(args)
     if len(locs) < 2:
         raise UsageError("repair needs at least one --replica URL to copy from or to")
-    reports = repair(locs, args.step, dry_run=args.dry_run)
+    if args.step is not None:
+        reports = repair(locs, args.step, dry_run=args.dry_run)
+    else:  # as repair(locs) does, one step at a time for the progress bar
+        from ..repair import repair_step
+
+        steps = sorted({s for loc in locs for s in loc.list_step_dirs()})
+        reports = []
+        for s in bar(steps, desc="repair", total=len(steps), enabled=wanted(args),
+                     unit="step"):
+            r = repair_step(locs, s, args.dry_run)
+            if not (r.unrepairable and r.unrepairable[0]["location"] == "*"):
+                reports.append(r)  # a step committed nowhere is a crashed save, not damage
     ok = all(not r.unrepairable for r in reports)
     if args.json:
         emit({"ok": ok, "dry_run": args.dry_run, "steps": [r.to_json() for r in reports]})
@@ -181,18 +257,20 @@ def cmd_repair(args: argparse.Namespace) -> int:
 
 
 def _add_repair(p: argparse.ArgumentParser) -> None:
-    p.add_argument("root", metavar="ROOT", help="checkpoint root: a path or fsspec URL")
-    p.add_argument("--step", type=int, default=None, help="repair only this step")
+    p.add_argument("root", metavar="ROOT", help=ROOT_HELP)
+    p.add_argument("--step", type=step_arg, default=None, metavar="N",
+                   help="repair only this step (default: every step)")
     p.add_argument("--dry-run", action="store_true", help="report what would be repaired")
 
 
 def _add_ls(p: argparse.ArgumentParser) -> None:
-    p.add_argument("root", metavar="ROOT", help="checkpoint root: a path or fsspec URL")
+    p.add_argument("root", metavar="ROOT", help=ROOT_HELP)
 
 
 def _add_show(p: argparse.ArgumentParser) -> None:
-    p.add_argument("root", metavar="ROOT", help="checkpoint root: a path or fsspec URL")
-    p.add_argument("--step", type=int, default=None, help="step to show (default: latest)")
+    p.add_argument("root", metavar="ROOT", help=ROOT_HELP)
+    p.add_argument("--step", type=step_arg, default=None, metavar="N",
+                   help="step to show (default: latest)")
 
 
 _PRUNE_RULES = ("keep_last", "keep_every", "keep_best", "metric", "mode", "keep_hourly",
@@ -242,7 +320,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     locs = _locations(args)
     docs: list[dict[str, Any]] = []
     failed = corrupt = False
-    for loc in locs:  # every location from its own listing, under its own lock
+    for loc in bar(locs, desc="prune", total=len(locs), enabled=wanted(args) and len(locs) > 1,
+                   unit="location"):  # every location from its own listing, under its own lock
         try:
             report = prune_location(loc, policy, dry_run=args.dry_run, grace=grace,
                                     lock_wait=lock_wait)
@@ -298,7 +377,7 @@ exit codes: 0 done; 2 a corrupt manifest was found (reported, left alone, the re
 def _add_prune(p: argparse.ArgumentParser) -> None:
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.epilog = _PRUNE_EPILOG
-    p.add_argument("root", metavar="ROOT", help="checkpoint root: a path or fsspec URL")
+    p.add_argument("root", metavar="ROOT", help=ROOT_HELP)
     p.add_argument("--keep-last", type=int, metavar="N", help="keep the newest N")
     p.add_argument("--keep-every", type=int, metavar="K", help="keep every step divisible by K")
     p.add_argument("--keep-best", type=int, metavar="M", help="keep the best M by --metric")
@@ -334,5 +413,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str,
                verify_cmd.add_args),
     "diff": (diff_cmd.cmd_diff, "compare two checkpoints (ROOT@STEP) tensor by tensor",
              diff_cmd.add_args),
+    "report": (report_cmd.cmd_report, "plot a run's history (size, save time, metrics, tags, "
+               "verification) to a PNG or an HTML page", report_cmd.add_args),
 }
 

@@ -19,6 +19,7 @@ from typing import Any
 from ..format import manifest as M
 from ..format.manifest import Manifest, TensorMeta
 from ..storage import Location, open_location, step_dirname
+from .progress import bar, wanted
 
 _EPILOG = """\
 A and B are ROOT@STEP: a checkpoint root (path or fsspec URL) and a committed step, split at
@@ -140,19 +141,20 @@ def _canon(node: Any) -> str:
 
 
 def diff(locs_a: Sequence[Location], step_a: int, locs_b: Sequence[Location], step_b: int,
-         atol: float = 0.0) -> dict[str, Any]:
+         atol: float = 0.0, progress: bool = False) -> dict[str, Any]:
     """The report of ``diff`` (the ``--json`` document without ``a`` / ``b``)."""
     from ..consolidate import read_full
+    from ..engine.index import full_manifest
     from ..engine.reader import CheckpointReader
     from ..manager import find_manifest
 
-    ma, _ = find_manifest(locs_a, step_a)
-    mb, _ = find_manifest(locs_b, step_b)
+    reader_a = CheckpointReader(locs_a, step_dirname(step_a), find_manifest(locs_a, step_a)[0])
+    reader_b = CheckpointReader(locs_b, step_dirname(step_b), find_manifest(locs_b, step_b)[0])
+    ma, mb = full_manifest(reader_a), full_manifest(reader_b)
     ka, kb = _metas(ma), _metas(mb)
-    reader_a = CheckpointReader(locs_a, step_dirname(step_a), ma)
-    reader_b = CheckpointReader(locs_b, step_dirname(step_b), mb)
     rows: list[dict[str, Any]] = []
-    for key in sorted(set(ka) | set(kb)):
+    keys = sorted(set(ka) | set(kb))
+    for key in bar(keys, desc="diff", total=len(keys), enabled=progress, unit="tensor"):
         if key not in kb:
             rows.append({"key": key, "status": "removed", "max_abs_diff": None})
             continue
@@ -205,7 +207,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
         raise UsageError(f"--atol {args.atol}: must be a finite number >= 0")
     locs_a = _open(a, args.replica)
     locs_b = _open(b, args.replica if b.root == a.root else ())
-    report = diff(locs_a, a.step, locs_b, b.step, args.atol)
+    report = diff(locs_a, a.step, locs_b, b.step, args.atol, progress=wanted(args))
     if args.json:
         tensors = [{**r, "max_abs_diff": M.encode_float(r["max_abs_diff"])}
                    if isinstance(r["max_abs_diff"], float) else r for r in report["tensors"]]

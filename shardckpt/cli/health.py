@@ -34,12 +34,17 @@ def file_health(loc: Location, step: int, m: M.Manifest) -> str:
     return "ok"
 
 
-def survey(locations: list[Location]) -> Survey:
+def survey(locations: list[Location], progress: bool = False) -> Survey:
+    """Every step of every location, read and sized; ``progress``: a bar on stderr (TTY)."""
+    from .progress import bar
+
     out = Survey()
     per_loc: list[dict[int, str | M.Manifest]] = []
     for loc in locations:
         found: dict[int, str | M.Manifest] = {}
-        for step in loc.list_step_dirs():
+        steps = loc.list_step_dirs()
+        for step in bar(steps, desc=f"reading {loc.display}", total=len(steps),
+                        enabled=progress, unit="step"):
             try:
                 found[step] = read_manifest(loc, step)
             except IncompleteCheckpointError:

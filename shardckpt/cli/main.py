@@ -28,6 +28,11 @@ class UsageError(Exception):
     """A mistake in how the command was called (exit 64)."""
 
 
+def one_line(text: object) -> str:
+    """A message on one line (errors are one line on stderr, never a traceback)."""
+    return " ".join(str(text).split()) or "(no message)"
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # argparse would exit 2, which means "integrity"
         raise UsageError(f"{self.prog}: {message}")
@@ -72,25 +77,31 @@ def _run(argv: list[str]) -> int:
     try:
         args = build_parser().parse_args(argv)
     except UsageError as exc:
-        print(f"{exc} (see 'shardckpt --help')", file=sys.stderr)
+        print(f"{one_line(exc)} (see 'shardckpt --help')", file=sys.stderr)
         return EXIT_USAGE
     except SystemExit as exc:  # --help / --version
-        return int(exc.code or 0)
+        return int(exc.code or 0) if not isinstance(exc.code, str) else EXIT_USAGE
     try:
         return int(args.func(args) or 0)
     except UsageError as exc:
-        print(f"shardckpt {args.command}: {exc}", file=sys.stderr)
+        print(f"shardckpt {args.command}: {one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
     except VerificationError as exc:
-        print(f"shardckpt {args.command}: verification failed: {exc}", file=sys.stderr)
+        print(f"shardckpt {args.command}: verification failed: {one_line(exc)}",
+              file=sys.stderr)
         return EXIT_MISMATCH
     except (CorruptCheckpointError, IncompleteCheckpointError, FileNotFoundError) as exc:
-        print(f"shardckpt {args.command}: {exc}", file=sys.stderr)
+        print(f"shardckpt {args.command}: {one_line(exc)}", file=sys.stderr)
         return EXIT_INTEGRITY
     except ShardckptError as exc:
-        print(f"shardckpt {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"shardckpt {args.command}: {type(exc).__name__}: {one_line(exc)}",
+              file=sys.stderr)
         return EXIT_INTERNAL
     except (KeyboardInterrupt, BrokenPipeError):
+        return EXIT_INTERNAL
+    except OSError as exc:  # the system refused (permission, disk full): not a bug of ours
+        print(f"shardckpt {args.command}: {type(exc).__name__}: {one_line(exc)}",
+              file=sys.stderr)
         return EXIT_INTERNAL
     except Exception as exc:  # a bug: keep the traceback for the report
         import traceback

@@ -20,6 +20,8 @@ from ..errors import (
     ShardckptError,
     VerificationError,
 )
+from .argtypes import step_arg
+from .progress import wanted
 
 _EPILOG = """\
 phases: integrity (every chunk checksum, spread over the ranks), completeness (every tensor
@@ -37,7 +39,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.epilog = _EPILOG
     p.add_argument("root", metavar="ROOT", help="checkpoint root: a path or fsspec URL")
-    p.add_argument("--step", type=int, default=None, help="step to verify (default: latest)")
+    p.add_argument("--step", type=step_arg, default=None, metavar="N",
+                   help="step to verify (default: latest)")
     p.add_argument("--model", metavar="MOD:FN", default=None,
                    help="factory of the model: MOD a module or a .py file, FN() returns the "
                    "nn.Module; enables reassembly and golden replay")
@@ -55,7 +58,6 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 def _check_args(args: argparse.Namespace, world: int | None) -> int:
     """Validate what can be checked without the checkpoint; returns the number of ranks."""
-    from ..storage import open_location
     from ..verify.model import FactoryError, parse_spec
     from .main import UsageError
 
@@ -75,9 +77,9 @@ def _check_args(args: argparse.Namespace, world: int | None) -> int:
             parse_spec(args.model)
         except FactoryError as exc:
             raise UsageError(str(exc)) from None
-    for url in (args.root, *args.replica):
-        if not open_location(url).root_exists():
-            raise UsageError(f"{url}: no such checkpoint root")
+    from .commands import open_locations
+
+    open_locations([args.root, *args.replica])  # UsageError: cannot open, or no such root
     return world or args.nproc or 1
 
 
@@ -111,7 +113,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         return code
     opts = runner.VerifyOptions(args.root, tuple(args.replica), args.step, args.model,
                                 args.atol, args.rtol, args.strict_env, not args.no_record,
-                                progress=sys.stderr.isatty())
+                                progress=wanted(args))
     if world is None:
         from ..verify.model import FactoryError
 

@@ -16,9 +16,10 @@ import torch
 
 from ..errors import CollectiveError, CorruptCheckpointError
 from ..format.dtypes import torch_dtype
-from ..format.manifest import Manifest, TensorMeta
+from ..format.manifest import TensorMeta
 from ..planning.statedict import LoadContext, local_box, restore
 from .comm import GlooComm, LocalComm
+from .index import PieceIndex
 from .reader import CheckpointReader
 from .save import describe
 
@@ -35,29 +36,25 @@ class ReadRequest:
 class LoadPlanner:
     """Turns tensor references of the tree into read requests against a manifest."""
 
-    def __init__(self, manifest: Manifest, rank: int | None, strict: bool,
-                 reader: CheckpointReader | None = None) -> None:
-        self.manifest = manifest
+    def __init__(self, reader: CheckpointReader, rank: int | None, strict: bool) -> None:
+        self.manifest = reader.manifest
         self.rank = rank
         self.strict = strict
-        self.reader = reader
+        self.index = PieceIndex(reader, rank)
         self.requests: list[ReadRequest] = []
         self.skipped: list[str] = []
         self._fresh: dict[str, torch.Tensor] = {}  # tensors allocated here, by resolved key
 
-    def _allocate(self, key: str, meta: TensorMeta, dtype: torch.dtype) -> torch.Tensor:
+    def _allocate(self, key: str, target: str, meta: TensorMeta,
+                  dtype: torch.dtype) -> torch.Tensor:
         """A new full tensor for ``key``, once per storage: aliases (tied weights) share it.
 
-        Its files are checked against their real sizes first, so a manifest cannot make us
-        allocate more than its files could hold.
+        Its pieces are found (headers read and checked against the files' real sizes, coverage
+        checked) first, so a manifest cannot make us allocate more than its files could hold.
         """
-        entry = self.manifest.tensors[key]
-        target = entry.alias_of if entry.alias_of is not None else key
         if target in self._fresh:
             return self._fresh[target]
-        if self.reader is not None:
-            for file in sorted({p.file for p in meta.pieces}):
-                self.reader.check_any(file)
+        meta = self.index.meta_for(meta, target, (0,) * len(meta.shape), meta.shape)
         out = torch.empty(meta.shape, dtype=dtype)
         self.requests.append(ReadRequest(key, meta, (0,) * len(meta.shape), meta.shape, out))
         self._fresh[target] = out
@@ -71,9 +68,11 @@ class LoadPlanner:
         if meta is None:  # per-rank tensor saved at another world size
             self.skipped.append(where)
             return dest
+        alias = self.manifest.tensors[key].alias_of
+        target = key if alias is None else alias
         dtype = torch_dtype(meta.dtype, key)
         if dest is None:
-            return self._allocate(key, meta, dtype)
+            return self._allocate(key, target, meta, dtype)
         local, shape, offsets, _ = local_box(dest)
         if tuple(shape) != meta.shape:
             raise ValueError(f"{where}: checkpoint shape {list(meta.shape)} differs from the "
@@ -81,6 +80,7 @@ class LoadPlanner:
         if local.dtype != dtype and self.strict:
             raise ValueError(f"{where}: checkpoint dtype {meta.dtype} differs from the given "
                              f"tensor's {str(local.dtype).removeprefix('torch.')} (strict=True)")
+        meta = self.index.meta_for(meta, target, tuple(offsets), tuple(local.shape))
         self.requests.append(ReadRequest(key, meta, offsets, tuple(local.shape), local))
         return dest
 
@@ -105,7 +105,7 @@ def load_step(comm: LocalComm | GlooComm, reader: CheckpointReader, state: dict[
     manifest = reader.manifest
     same_world = manifest.world_size == comm.world_size
     rank = comm.rank if same_world else None
-    planner = LoadPlanner(manifest, rank, strict, reader)
+    planner = LoadPlanner(reader, rank, strict)
     error: BaseException | None = None
     skipped: list[str] = []
     try:

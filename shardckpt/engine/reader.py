@@ -16,7 +16,7 @@ import torch
 from ..errors import CorruptCheckpointError, IncompleteCheckpointError, StorageError
 from ..format.dtypes import itemsize, torch_dtype
 from ..format.manifest import Manifest, TensorMeta
-from ..format.shard import Piece, checksum, decode_chunk, read_header
+from ..format.shard import Piece, ShardHeader, checksum, decode_chunk, read_header
 from ..storage import Location
 from .writer import flat
 
@@ -52,7 +52,7 @@ class CheckpointReader:
         self.locations = [locations] if isinstance(locations, Location) else list(locations)
         self.step_dir = step_dir
         self.manifest = manifest
-        self._checked: set[tuple[int, str]] = set()
+        self._checked: dict[tuple[int, str], ShardHeader] = {}
         self._bad: dict[tuple[int, str], BaseException] = {}
         self._lock = threading.Lock()
         self.warnings: list[str] = []
@@ -64,12 +64,13 @@ class CheckpointReader:
     def _where(self, index: int, file: str) -> str:
         return f"{self.locations[index].display}/{self.step_dir}/{file}"
 
-    def check_file(self, file: str, index: int = 0) -> None:
+    def check_file(self, file: str, index: int = 0) -> ShardHeader:
         """The file exists at location ``index``, has the recorded size, and its preamble,
-        trailer and header are the ones the manifest recorded (same save, same step)."""
+        trailer and header are the ones the manifest recorded (same save, same step).
+        Returns its validated header."""
         with self._lock:
             if (index, file) in self._checked:
-                return
+                return self._checked[(index, file)]
         location = self.locations[index]
         rel, where = f"{self.step_dir}/{file}", self._where(index, file)
         size = location.size(rel)
@@ -79,7 +80,8 @@ class CheckpointReader:
         if size != record.nbytes:
             raise CorruptCheckpointError(f"{where}: {size} bytes on storage, the manifest "
                                          f"recorded {record.nbytes} (truncated or replaced)")
-        header = read_header(lambda offset, n: location.read_range(rel, offset, n), size, where)
+        header = read_header(lambda offset, n: location.read_range(rel, offset, n), size, where,
+                             file)
         if (header.header_offset, header.header_xxh3) != (record.header_offset,
                                                           record.header_xxh3):
             raise CorruptCheckpointError(
@@ -93,20 +95,25 @@ class CheckpointReader:
                 f"{header.rank}, the manifest is save {self.manifest.save_id} of step "
                 f"{self.manifest.step} (rank {record.rank})")
         with self._lock:
-            self._checked.add((index, file))
+            self._checked[(index, file)] = header
+        return header
 
-    def check_any(self, file: str) -> None:
-        """Some location holds ``file`` with its recorded size and header, else the first
-        location's error."""
+    def check_any(self, file: str) -> ShardHeader:
+        """The header of ``file`` from the first location holding it with its recorded size and
+        header, else the first location's error."""
         first: BaseException | None = None
         for index in range(len(self.locations)):
+            if (index, file) in self._bad:
+                continue
             try:
-                self.check_file(file, index)
-                return
+                return self.check_file(file, index)
             except (CorruptCheckpointError, IncompleteCheckpointError, StorageError,
                     FileNotFoundError) as exc:
                 first = first or exc
-        assert first is not None
+        if first is None:  # every location was already known bad: the first one's error again
+            known = next(e for (i, f), e in sorted(self._bad.items(), key=lambda t: t[0])
+                         if f == file)
+            first = type(known)(str(known))
         raise first
 
     def read_span(self, piece: Piece, start: int, out: memoryview) -> None:
@@ -191,5 +198,6 @@ class CheckpointReader:
             src = buf.view(torch_dtype(meta.dtype)).as_strided(size, strides, 0)
             dst_region.copy_(src.to(dtype) if src.dtype != dtype else src)
         if math.prod(lengths) and not meta.pieces:
-            raise IncompleteCheckpointError("tensor has no pieces")
+            raise IncompleteCheckpointError(f"{self.location.display}/{self.step_dir}: "
+                                            f"tensor has no pieces")
 

@@ -1,9 +1,10 @@
 """The collective save protocol. Every rank of the comm calls :func:`save_step` in step.
 
-1. every rank flattens its state (tree + tensor leaves) and says what it holds;
-2. all ranks exchange that (``all_gather``) and compute the same write plan;
-3. every rank writes the pieces it was assigned to its own shard files;
-4. rank 0 gathers the reports, builds and validates the manifest, and commits it (written last);
+1. every rank flattens its state (tree + tensor leaves) and sends rank 0 what it holds;
+2. rank 0 computes the write plan and tells each rank which of its leaves it writes;
+3. every rank writes its pieces to its own shard files (their headers hold the piece index);
+4. rank 0 gathers the file records, builds and validates the manifest, and commits it
+   (written last);
 5. rank 0 broadcasts the outcome; if any rank failed at any point, nobody commits and every rank
    raises the same :class:`CollectiveError` naming the failing ranks and their causes.
 """
@@ -103,31 +104,44 @@ def prepare_step_dir(location: Location, step_dir: str) -> None:
     location.makedirs(step_dir)
 
 
-def build_manifest(req: SaveRequest, save_id: str, world: int, trees: list[Any],
-                   specs: list[list[LeafSpec]], plan: WritePlan,
-                   reports: list[dict[str, Any]]) -> M.Manifest:
-    files: dict[str, FileRecord] = {}
-    pieces: dict[str, dict[int, list[Piece]]] = {}
-    for rank, rep in enumerate(reports):
-        for f in rep["files"]:
-            files[f[0]] = FileRecord(f[0], f[1], f[2], f[3], rank)
-        for key, file, offsets, lengths, chunks in rep["pieces"]:
-            p = M.parse_piece({"file": file, "offsets": offsets, "lengths": lengths,
-                               "chunks": chunks}, key, with_key=False)
-            pieces.setdefault(key, {}).setdefault(rank, []).append(p)
+def writers_of(plan: WritePlan) -> dict[str, list[int]]:
+    """The ranks writing each key, ascending."""
+    out: dict[str, list[int]] = {}
+    for rank in sorted(plan.writes):
+        for key in plan.writes[rank]:
+            out.setdefault(key, []).append(rank)
+    return out
+
+
+def directory(specs: list[list[LeafSpec]], plan: WritePlan) -> dict[str, M.TensorEntry]:
+    """The manifest's tensor entries: dtype, shape and writing ranks (no pieces: those are in
+    the writers' shard headers). Checks that the boxes the plan writes tile every tensor."""
     spec_of = [{s.key: s for s in rank_specs} for rank_specs in specs]
+    writers = writers_of(plan)
     tensors: dict[str, M.TensorEntry] = {}
     for key, kind in sorted(plan.kind.items()):
         if kind == "alias":
             tensors[key] = M.TensorEntry(alias_of=plan.alias_of[key])
         elif kind == "per_rank":
             tensors[key] = M.TensorEntry(per_rank=tuple(
-                M.TensorMeta(spec_of[r][key].dtype, spec_of[r][key].shape,
-                             tuple(pieces.get(key, {}).get(r, ()))) for r in range(world)))
+                M.TensorMeta(spec_of[r][key].dtype, spec_of[r][key].shape, (), ((r, r + 1),))
+                for r in range(len(specs))))
         else:
-            spec = next(s[key] for s in spec_of if key in s)
-            got = tuple(p for r in sorted(pieces.get(key, {})) for p in pieces[key][r])
-            tensors[key] = M.TensorEntry(meta=M.TensorMeta(spec.dtype, spec.shape, got))
+            ranks = writers[key]
+            boxes = tuple(Piece(key, spec_of[r][key].dtype, spec_of[r][key].offsets,
+                                spec_of[r][key].lengths, ()) for r in ranks)
+            spec = spec_of[ranks[0]][key]
+            M.check_coverage(M.TensorMeta(spec.dtype, spec.shape, boxes), f"write plan: {key!r}")
+            tensors[key] = M.TensorEntry(meta=M.TensorMeta(spec.dtype, spec.shape, (),
+                                                           M.to_ranges(ranks)))
+    return tensors
+
+
+def build_manifest(req: SaveRequest, save_id: str, world: int, trees: list[Any],
+                   tensors: dict[str, M.TensorEntry],
+                   reports: list[dict[str, Any]]) -> M.Manifest:
+    files = {f[0]: FileRecord(f[0], f[1], f[2], f[3], rank)
+             for rank, rep in enumerate(reports) for f in rep["files"]}
     now = time.time()
     return M.Manifest(
         step=req.step, save_id=save_id,
@@ -217,23 +231,44 @@ def save_step(comm: LocalComm | GlooComm, locations: Sequence[Location], state: 
         specs = [leaf_spec(leaf, world) for leaf in collected.leaves]
     except Exception as exc:
         error = exc
-    mine = {"error": describe(error) if error else None, "save_id": uuid.uuid4().hex,
-            "tree": collected.tree if collected else None, "prepared": prepared,
+    mine = {"error": describe(error) if error else None,
+            "tree": collected.tree if collected else None,
             "leaves": [s.to_json() for s in specs]}
-    plans = comm.all_gather_json(mine, "save: exchange plans")
-    failures = {r: p["error"] for r, p in enumerate(plans) if p["error"]}
-    if failures:
-        _raise_failures("state collection", failures, error, world)
+    # Rank 0 alone sees every rank's leaves, plans, and sends each rank its writes as runs of
+    # indexes into its own leaf list: what a rank receives does not grow with the world.
+    plans = comm.gather_json(mine, "save: gather plans")
+    msg: dict[str, Any] = {}
+    tensors: dict[str, M.TensorEntry] = {}
+    if rank == 0:
+        assert plans is not None
+        failures = {r: p["error"] for r, p in enumerate(plans) if p["error"]}
+        writes: list[M.Ranges] = []
+        if not failures:
+            try:
+                all_specs = [[LeafSpec.from_json(v) for v in p["leaves"]] for p in plans]
+                plan = assign(all_specs)
+                tensors = directory(all_specs, plan)
+                for r, rank_specs in enumerate(all_specs):
+                    index_of = {spec.key: i for i, spec in enumerate(rank_specs)}
+                    writes.append(M.to_ranges(index_of[k] for k in plan.writes[r]))
+            except Exception as exc:
+                error = exc
+                failures = {0: "planning: " + describe(exc)}
+        msg = {"failures": {str(r): m for r, m in failures.items()},
+               "save_id": uuid.uuid4().hex, "prepared": prepared,
+               "writes": [[list(run) for run in w] for w in writes]}
+    msg = comm.broadcast_json(msg, "save: write plan")
+    if msg["failures"]:
+        _raise_failures("state collection", {int(r): m for r, m in msg["failures"].items()},
+                        error, world)
     assert collected is not None
-    save_id = plans[0]["save_id"]
-    targets = [(i, locations[i]) for i in plans[0]["prepared"]]
-    all_specs = [[LeafSpec.from_json(v) for v in p["leaves"]] for p in plans]
-    report: dict[str, Any] = {"error": None, "files": [], "pieces": [], "loc_failures": {}}
+    save_id = msg["save_id"]
+    targets = [(i, locations[i]) for i in msg["prepared"]]
+    report: dict[str, Any] = {"error": None, "files": [], "loc_failures": {}}
     try:
-        plan = assign(all_specs)
-        by_key = {leaf.key: leaf for leaf in collected.leaves}
-        todo = [PieceData(k, by_key[k].dtype, by_key[k].offsets, by_key[k].lengths,
-                          by_key[k].data) for k in plan.writes[rank]]
+        mine_runs = tuple((a, b) for a, b in msg["writes"][rank])
+        todo = [PieceData(leaf.key, leaf.dtype, leaf.offsets, leaf.lengths, leaf.data)
+                for leaf in (collected.leaves[i] for i in M.expand(mine_runs))]
         if rank != 0:
             for _, loc in targets:
                 loc.makedirs(step_dir)
@@ -244,8 +279,6 @@ def save_step(comm: LocalComm | GlooComm, locations: Sequence[Location], state: 
                              threads=opts.io_threads, encoders=opts.encode_threads)
         report["files"] = [[w.record.name, w.record.nbytes, w.record.header_offset,
                             w.record.header_xxh3, w.stored_at] for w in written]
-        report["pieces"] = [[p.key, p.file, list(p.offsets), list(p.lengths),
-                             [c.to_json() for c in p.chunks]] for w in written for p in w.pieces]
         report["loc_failures"] = {str(i): m for w in written for i, m in w.failures.items()}
     except Exception as exc:
         error = exc
@@ -267,8 +300,9 @@ def save_step(comm: LocalComm | GlooComm, locations: Sequence[Location], state: 
             decision["storage"] = True
         if not failures:
             try:
+                assert plans is not None
                 manifest = build_manifest(req, save_id, world, [p["tree"] for p in plans],
-                                          all_specs, plan, reports)
+                                          tensors, reports)
                 committed, commit_failures, manifest = _commit_all(
                     locations, good, step_dir, manifest, min_replicas)
                 loc_failures.update(commit_failures)

@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
+import xxhash
 
 from ..format.shard import FileRecord, Piece, ShardWriter, split_chunks
 from ..storage import Location
@@ -98,13 +99,22 @@ def write_file(locations: Sequence[tuple[int, Location]], step_dir: str, name: s
     return WrittenFile(record, written, stored_at, sink.failures)
 
 
+def shard_name(rank: int, index: int, spread: bool) -> str:
+    """``rank00042-000.shard``; on object stores with two hex digits in front, a hash of the
+    rank, so that the uploads of a large job spread over 256 key prefixes instead of piling
+    onto one (S3 serves about 3,500 PUT/s per prefix)."""
+    name = f"rank{rank:05d}-{index:03d}.shard"
+    return f"{xxhash.xxh32_intdigest(name.encode()) & 0xFF:02x}-{name}" if spread else name
+
+
 def write_rank(locations: Sequence[tuple[int, Location]], step_dir: str,
                pieces: Sequence[PieceData], *, save_id: str, step: int, rank: int,
                config: PipelineConfig, nfiles: int, threads: int,
                encoders: int) -> list[WrittenFile]:
     """Write this rank's pieces to ``nfiles`` shard files concurrently, at every location."""
     groups = split_files(pieces, nfiles)
-    names = [f"rank{rank:05d}-{i:03d}.shard" for i in range(len(groups))]
+    spread = not all(loc.is_local for _, loc in locations)
+    names = [shard_name(rank, i, spread) for i in range(len(groups))]
     with ThreadPoolExecutor(max_workers=max(1, encoders)) as encode_pool, \
             ThreadPoolExecutor(max_workers=max(1, min(threads, len(groups) or 1))) as pool:
         pipeline = EncodePipeline(config, encode_pool if encoders > 0 else None)

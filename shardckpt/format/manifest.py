@@ -1,21 +1,30 @@
-"""``manifest.json``: the index of one checkpoint, and its commit record.
+"""``manifest.json``: the commit record of one checkpoint, and the directory of its contents.
 
-The manifest lists every shard file (size, header offset and checksum), every tensor (dtype,
-global shape, and where each piece lives with its chunk checksums) and the JSON tree of the
-non-tensor state. Its last member is an XXH3-64 of every byte before it::
+The manifest lists every shard file (size, header offset and header checksum, writing rank), every
+tensor (dtype, global shape, and the *ranks* whose files hold its pieces) and the JSON tree of the
+non-tensor state. Where each piece lies, and its chunk checksums, is in the header of the shard file
+holding it: the index is split per rank, and each rank's part is authenticated by the
+``header_xxh3`` the manifest records for its files. A loading rank reads the manifest and then only
+the headers of the ranks that wrote what it needs (normally its own, at the same world size), so
+what one rank reads does not grow with the number of ranks.
+
+Its last member is an XXH3-64 of every byte before it::
 
     {"format":"shardckpt-manifest", ... ,"checksum":"0123456789abcdef"}\\n
 
 so it is checked without re-serialising anything. The checksum catches accidents, not attackers:
-:func:`parse` validates every field on its own as well (bounds, overlaps, coverage, paths).
+:func:`parse` validates every field on its own as well (bounds, ranks, paths), and
+:func:`attach_pieces` validates the pieces of the headers against it (dtype, bounds, writers,
+overlaps, coverage).
 """
 
 from __future__ import annotations
 
+import bisect
 import math
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import xxhash
@@ -24,32 +33,56 @@ from ..errors import IncompleteCheckpointError
 from . import fields as F
 from . import safejson
 from .dtypes import itemsize
-from .shard import PREAMBLE_SIZE, FileRecord, Piece, check_chunk_layout, parse_piece
+from .shard import PREAMBLE_SIZE, FileRecord, Piece
 
 FORMAT = "shardckpt-manifest"
-VERSION = 1
+VERSION = 2
 MANIFEST_NAME = "manifest.json"
 _SUFFIX = re.compile(rb',"checksum":"([0-9a-f]{16})"\}\n\Z')
 _SUFFIX_LEN = len(b',"checksum":""}\n') + 16
 FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,200}\.shard")
 MAX_STEP = 10**10 - 1
+Ranges = tuple[tuple[int, int], ...]
+
+
+def to_ranges(ranks: Iterable[int]) -> Ranges:
+    """Ranks as sorted half-open runs: ``[0, 1, 2, 5]`` -> ``((0, 3), (5, 6))``."""
+    out: list[list[int]] = []
+    for r in sorted(set(ranks)):
+        if out and out[-1][1] == r:
+            out[-1][1] = r + 1
+        else:
+            out.append([r, r + 1])
+    return tuple((a, b) for a, b in out)
+
+
+def expand(ranges: Ranges) -> list[int]:
+    return [r for a, b in ranges for r in range(a, b)]
 
 
 @dataclass(frozen=True)
 class TensorMeta:
-    """A tensor's global dtype and shape and the pieces that tile it exactly once."""
+    """A tensor's global dtype and shape, the ranks holding its pieces and, once the headers of
+    their files are read (:func:`attach_pieces`), the pieces that tile it exactly once."""
 
     dtype: str
     shape: tuple[int, ...]
-    pieces: tuple[Piece, ...]
+    pieces: tuple[Piece, ...] = ()
+    ranks: Ranges = ()
 
-    def to_json(self) -> dict[str, Any]:
-        return {"dtype": self.dtype, "shape": list(self.shape),
-                "pieces": [p.to_json(with_key=False) for p in self.pieces]}
+    def to_json(self, with_ranks: bool = True) -> dict[str, Any]:
+        out: dict[str, Any] = {"dtype": self.dtype, "shape": list(self.shape)}
+        if with_ranks:
+            out["ranks"] = [list(r) for r in self.ranks]
+        return out
 
     @property
     def nbytes(self) -> int:
         return math.prod(self.shape) * itemsize(self.dtype)
+
+    @property
+    def writers(self) -> list[int]:
+        return expand(self.ranks)
 
 
 @dataclass(frozen=True)
@@ -64,7 +97,7 @@ class TensorEntry:
         if self.alias_of is not None:
             return {"alias_of": self.alias_of}
         if self.per_rank is not None:
-            return {"per_rank": [m.to_json() for m in self.per_rank]}
+            return {"per_rank": [m.to_json(with_ranks=False) for m in self.per_rank]}
         assert self.meta is not None
         return self.meta.to_json()
 
@@ -82,6 +115,7 @@ class Manifest:
     metrics: Mapping[str, float] = field(default_factory=dict)
     tags: tuple[str, ...] = ()
     extra: Mapping[str, Any] = field(default_factory=dict)
+    indexed: bool = False  # pieces attached from every shard header (attach_pieces)
 
     @property
     def nbytes(self) -> int:
@@ -99,6 +133,9 @@ class Manifest:
             return entry.per_rank[rank]
         return entry.meta
 
+    def files_of_rank(self, rank: int) -> list[str]:
+        return sorted(n for n, f in self.files.items() if f.rank == rank)
+
     def to_json(self) -> dict[str, Any]:
         return {
             "format": FORMAT, "version": VERSION, "step": self.step, "save_id": self.save_id,
@@ -109,10 +146,17 @@ class Manifest:
             "files": {n: {"nbytes": f.nbytes, "header_offset": f.header_offset,
                           "header_xxh3": f.header_xxh3, "rank": f.rank}
                       for n, f in self.files.items()},
-            "tensors": {k: e.to_json() for k, e in self.tensors.items()},
+            "tensors": {k: self._entry_json(e) for k, e in self.tensors.items()},
             "tree": self.tree,
             **self.extra,
         }
+
+    def _entry_json(self, entry: TensorEntry) -> dict[str, Any]:
+        meta = entry.meta
+        if meta is not None and not meta.ranks:  # built from pieces: their files' ranks
+            entry = replace(entry, meta=replace(meta, ranks=to_ranges(
+                self.files[p.file].rank for p in meta.pieces)))
+        return entry.to_json()
 
 
 def encode_float(x: float) -> float | str:
@@ -144,7 +188,7 @@ CORE_FIELDS = {"format", "version", "step", "save_id", "time", "unix_time", "wor
 def parse(data: bytes, where: str = MANIFEST_NAME) -> Manifest:
     """Validate and decode ``manifest.json`` bytes; ``CorruptCheckpointError`` names the field.
 
-    ``IncompleteCheckpointError`` is raised when a tensor's pieces do not cover it exactly.
+    The result is not ``indexed``: its tensors carry no pieces until :func:`attach_pieces`.
     """
     m = _SUFFIX.search(data[-_SUFFIX_LEN:]) if len(data) >= _SUFFIX_LEN else None
     if m is None:
@@ -197,81 +241,149 @@ def _parse_files(value: Any, world: int, where: str) -> dict[str, FileRecord]:
     return out
 
 
-def _parse_meta(value: Any, files: Mapping[str, FileRecord], where: str) -> TensorMeta:
-    d = F.obj(value, where)
+def _parse_meta(d: Mapping[str, Any], where: str) -> tuple[str, tuple[int, ...]]:
     dtype = F.string(F.get(d, "dtype", where), f"{where}.dtype")
     itemsize(dtype, where)
     shape = tuple(F.int_list(F.get(d, "shape", where), f"{where}.shape"))
     F.numel(list(shape), f"{where}.shape")
-    raw = F.get(d, "pieces", where)
-    if not isinstance(raw, list):
-        raise F.fail(where, "pieces must be a list")
-    pieces = []
-    for i, pv in enumerate(raw):
-        pw = f"{where}.pieces[{i}]"
-        p = parse_piece(pv, pw, with_key=False)
-        p = Piece(where, dtype, p.offsets, p.lengths, p.chunks, p.file)
-        if p.file not in files:
-            raise F.fail(pw, f"refers to file {p.file!r}, which the manifest does not list")
-        if len(p.offsets) != len(shape):
-            raise F.fail(pw, f"has {len(p.offsets)} dims, the tensor has {len(shape)}")
-        for d_, (o, n, s) in enumerate(zip(p.offsets, p.lengths, shape)):
-            if o + n > s:
-                raise F.fail(pw, f"dim {d_}: [{o}, {o + n}) lies outside the shape {list(shape)}")
-        if sum(c.raw for c in p.chunks) != p.nbytes:
-            raise F.fail(pw, f"chunks hold {sum(c.raw for c in p.chunks)} bytes, the piece needs "
-                             f"{p.nbytes}")
-        pieces.append(p)
-    meta = TensorMeta(dtype, shape, tuple(pieces))
-    check_coverage(meta, where)
-    return meta
+    return dtype, shape
+
+
+def _parse_ranges(value: Any, writers: list[int], world: int, where: str) -> Ranges:
+    """Sorted, disjoint, non-empty runs of ranks inside the world, each rank owning a file."""
+    if not isinstance(value, list) or len(value) > world:
+        raise F.fail(where, f"ranks must be a list of at most {world} [start, stop) runs")
+    out: list[tuple[int, int]] = []
+    for i, run in enumerate(value):
+        a, b = F.int_list(run, f"{where}.ranks[{i}]", world, 2)
+        if len(run) != 2 or not a < b or (out and a <= out[-1][1]):
+            raise F.fail(where, f"ranks[{i}] = {run!r} is not a sorted, disjoint [start, stop) "
+                                f"run of ranks")
+        # every rank of the run wrote a file: count the writers in [a, b)
+        if bisect.bisect_left(writers, b) - bisect.bisect_left(writers, a) != b - a:
+            raise F.fail(where, f"ranks[{i}] = {run!r} names a rank that wrote no shard file")
+        out.append((a, b))
+    return tuple(out)
 
 
 def _parse_tensors(value: Any, files: Mapping[str, FileRecord], world: int,
                    where: str) -> dict[str, TensorEntry]:
     out: dict[str, TensorEntry] = {}
     aliases: dict[str, str] = {}
-    by_file: dict[str, list[Piece]] = {n: [] for n in files}
+    writers = sorted({f.rank for f in files.values()})
     for key, v in F.obj(value, f"{where} tensors").items():
         w = f"{where} tensor {key!r}"
         d = F.obj(v, w)
         if "alias_of" in d:
             aliases[key] = F.string(d["alias_of"], f"{w}.alias_of")
             out[key] = TensorEntry(alias_of=aliases[key])
-            continue
-        if "per_rank" in d:
+        elif "per_rank" in d:
             metas = d["per_rank"]
             if not isinstance(metas, list) or len(metas) != world:
                 raise F.fail(w, f"per_rank must list one tensor per rank ({world})")
-            parsed = tuple(_parse_meta(m, files, f"{w} rank {r}") for r, m in enumerate(metas))
-            out[key] = TensorEntry(per_rank=parsed)
+            parsed = []
+            for r, m in enumerate(metas):
+                dtype, shape = _parse_meta(F.obj(m, f"{w} rank {r}"), f"{w} rank {r}")
+                parsed.append(TensorMeta(dtype, shape, (), ((r, r + 1),)))
+            out[key] = TensorEntry(per_rank=tuple(parsed))
         else:
-            parsed = (_parse_meta(d, files, w),)
-            out[key] = TensorEntry(meta=parsed[0])
-        for meta in parsed:
-            for p in meta.pieces:
-                by_file[p.file].append(p)
+            dtype, shape = _parse_meta(d, w)
+            ranks = _parse_ranges(F.get(d, "ranks", w), writers, world, w)
+            out[key] = TensorEntry(meta=TensorMeta(dtype, shape, (), ranks))
     for key, target in aliases.items():
         if target not in out or out[target].alias_of is not None:
             raise F.fail(f"{where} tensor {key!r}", f"alias of {target!r}, which is not a tensor")
-    for name, pieces in by_file.items():
-        check_chunk_layout(pieces, files[name].header_offset, f"{where} file {name!r}")
     return out
 
 
-def check_coverage(meta: TensorMeta, where: str) -> None:
-    """The pieces tile the global shape exactly once (else ``IncompleteCheckpointError``)."""
-    total = math.prod(meta.shape)
-    covered = sum(math.prod(p.lengths) for p in meta.pieces)
-    boxes = sorted((p.offsets, p.lengths) for p in meta.pieces if math.prod(p.lengths))
+def meta_of_piece(manifest: Manifest, piece: Piece, rank: int, where: str) -> TensorMeta:
+    """The tensor a header piece of ``rank``'s file belongs to, after checking that the piece
+    fits it: a listed key, a rank among its writers, the same dtype, a box inside the shape."""
+    entry = manifest.tensors.get(piece.key)
+    if entry is None or entry.alias_of is not None:
+        raise F.fail(where, f"holds a piece of {piece.key!r}, which the manifest does not list "
+                            f"as a tensor")
+    if entry.per_rank is not None:
+        meta = entry.per_rank[rank]
+    else:
+        assert entry.meta is not None
+        meta = entry.meta
+        i = bisect.bisect_right(meta.ranks, (rank, math.inf)) - 1
+        if i < 0 or not meta.ranks[i][0] <= rank < meta.ranks[i][1]:
+            raise F.fail(where, f"piece of {piece.key!r} written by rank {rank}, which the "
+                                f"manifest does not list among its writers")
+    if piece.dtype != meta.dtype:
+        raise F.fail(where, f"piece of {piece.key!r} is {piece.dtype}, the tensor is {meta.dtype}")
+    if len(piece.offsets) != len(meta.shape):
+        raise F.fail(where, f"piece of {piece.key!r} has {len(piece.offsets)} dims, the tensor "
+                            f"has {len(meta.shape)}")
+    for d, (o, n, s) in enumerate(zip(piece.offsets, piece.lengths, meta.shape)):
+        if o + n > s:
+            raise F.fail(where, f"piece of {piece.key!r}: dim {d}: [{o}, {o + n}) lies outside "
+                                f"the shape {list(meta.shape)}")
+    return meta
+
+
+def attach_pieces(manifest: Manifest, headers: Mapping[str, Iterable[Piece]],
+                  where: str = MANIFEST_NAME) -> Manifest:
+    """The manifest with every tensor's pieces, from the headers of *all* its files.
+
+    ``headers`` maps each file name to the pieces of its (already validated) header. Every piece
+    must fit its tensor (:func:`meta_of_piece`) and the pieces of each tensor must tile it exactly
+    once (``CorruptCheckpointError`` for overlaps, ``IncompleteCheckpointError`` for gaps).
+    """
+    found: dict[tuple[str, int], list[Piece]] = {}
+    for name, rec in sorted(manifest.files.items()):
+        for piece in headers[name]:
+            meta_of_piece(manifest, piece, rec.rank, f"{where} file {name!r}")
+            slot = rec.rank if manifest.tensors[piece.key].per_rank is not None else -1
+            found.setdefault((piece.key, slot), []).append(piece)
+    tensors: dict[str, TensorEntry] = {}
+    for key, entry in manifest.tensors.items():
+        w = f"{where} tensor {key!r}"
+        if entry.per_rank is not None:
+            metas = tuple(replace(m, pieces=tuple(found.get((key, r), ())))
+                          for r, m in enumerate(entry.per_rank))
+            for r, m in enumerate(metas):
+                check_coverage(m, f"{w} rank {r}")
+            tensors[key] = TensorEntry(per_rank=metas)
+        elif entry.meta is not None:
+            meta = replace(entry.meta, pieces=tuple(found.get((key, -1), ())))
+            check_coverage(meta, w)
+            tensors[key] = TensorEntry(meta=meta)
+        else:
+            tensors[key] = entry
+    return replace(manifest, tensors=tensors, indexed=True)
+
+
+def check_coverage(meta: TensorMeta, where: str, offsets: tuple[int, ...] | None = None,
+                   lengths: tuple[int, ...] | None = None) -> None:
+    """The pieces tile the box (default: the whole tensor) exactly once: overlapping pieces are
+    ``CorruptCheckpointError``, a gap is ``IncompleteCheckpointError``."""
+    if offsets is None or lengths is None:
+        offsets, lengths = (0,) * len(meta.shape), meta.shape
+    total = math.prod(lengths)
+    boxes = []
+    for p in meta.pieces:
+        lo = tuple(max(a, b) for a, b in zip(p.offsets, offsets))
+        hi = tuple(min(a + n, b + m) for a, n, b, m in zip(p.offsets, p.lengths, offsets,
+                                                           lengths))
+        if all(h > low for low, h in zip(lo, hi)) or (not lo and p.offsets == offsets):
+            boxes.append((lo, tuple(h - low for low, h in zip(lo, hi)), p.offsets))
+    covered = sum(math.prod(ln) for _, ln, _ in boxes)
     # Sweep along dim 0: only boxes whose dim-0 intervals overlap need a full comparison.
-    active: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
-    for off, ln in boxes:
-        active = [b for b in active if not meta.shape or b[0][0] + b[1][0] > off[0]]
-        for o2, l2 in active:
+    active: list[tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]] = []
+    for off, ln, orig in sorted(boxes):
+        if not math.prod(ln):
+            continue
+        active = [b for b in active if not off or b[0][0] + b[1][0] > off[0]]
+        for o2, l2, orig2 in active:
             if all(a < b + m and b < a + n for a, n, b, m in zip(off, ln, o2, l2)):
-                raise F.fail(where, f"pieces at offsets {list(o2)} and {list(off)} overlap")
-        active.append((off, ln))
+                raise F.fail(where, f"pieces at offsets {list(orig2)} and {list(orig)} overlap")
+        active.append((off, ln, orig))
     if covered != total:
         raise IncompleteCheckpointError(
+            f"{where}: pieces cover {covered} of {total} elements of the box at "
+            f"{list(offsets)} of length {list(lengths)} (shape {list(meta.shape)})"
+            if tuple(lengths) != tuple(meta.shape) else
             f"{where}: pieces cover {covered} of {total} elements of shape {list(meta.shape)}")

@@ -316,8 +316,11 @@ class ShardHeader:
     header_xxh3: str
 
 
-def read_header(read: ReadRange, size: int, name: str) -> ShardHeader:
-    """Validate a shard file's preamble, trailer and header using only small, bounded reads."""
+def read_header(read: ReadRange, size: int, name: str, file: str | None = None) -> ShardHeader:
+    """Validate a shard file's preamble, trailer and header using only small, bounded reads.
+
+    ``name`` is how errors name the file; ``file`` (default: ``name``) is what its pieces record
+    as their file."""
     if size < PREAMBLE_SIZE + TRAILER_SIZE:
         raise F.fail(name, f"{size} bytes is too short for a shard file")
     preamble = _exact(read, 0, PREAMBLE_SIZE, name)
@@ -345,7 +348,7 @@ def read_header(read: ReadRange, size: int, name: str) -> ShardHeader:
     pieces = head.get("pieces")
     if not isinstance(pieces, list):
         raise F.fail(name, "header pieces must be a list")
-    parsed = [parse_piece(p, f"{name} piece[{i}]", with_key=True, file=name)
+    parsed = [parse_piece(p, f"{name} piece[{i}]", with_key=True, file=file or name)
               for i, p in enumerate(pieces)]
     check_chunk_layout(parsed, offset, name)
     return ShardHeader(F.string(F.get(head, "save_id", name), f"{name} save_id"),

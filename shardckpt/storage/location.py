@@ -6,6 +6,14 @@ disks, symlinks resolving outside the root are refused.
 
 Local paths get a direct ``os`` implementation (real fsync of files and directories, ``pread``,
 exclusive create); every other URL goes through fsspec.
+
+Permissions (local disks). By default files and directories are created as ``open()`` and
+``mkdir()`` create them, i.e. ``0o666`` / ``0o777`` less the process umask, except that the
+world-write bit is always dropped: nothing shardckpt creates is world-writable, whatever the
+umask. With ``file_mode`` (e.g. ``0o640``) every file gets exactly that mode, whatever the umask,
+and every directory the same bits plus search (``x``) where read is granted and ``rwx`` for the
+owner (``0o640`` -> ``0o750``, ``0o600`` -> ``0o700``). A world-writable ``file_mode`` is refused.
+Object stores have no POSIX modes: ``file_mode`` is ignored there.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ import errno
 import os
 import posixpath
 import re
+import stat
 import uuid
 from typing import Any, BinaryIO
 from urllib.parse import urlsplit, urlunsplit
@@ -41,6 +50,50 @@ def redact(url: str) -> str:
     if parts.port:
         host += f":{parts.port}"
     return urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+def check_file_mode(file_mode: int | None) -> int | None:
+    """Validate a ``file_mode`` option: None, or an int in ``[0, 0o777]`` without ``o+w``."""
+    if file_mode is None:
+        return None
+    if type(file_mode) is not int or not 0 <= file_mode <= 0o777:
+        raise ValueError(f"file_mode must be None or an int in [0, 0o777] (e.g. 0o640), "
+                         f"got {file_mode!r}")
+    if file_mode & 0o002:
+        raise ValueError(f"file_mode {file_mode:#o} is world-writable: shardckpt never creates "
+                         f"world-writable files")
+    return file_mode
+
+
+def dir_mode_for(file_mode: int) -> int:
+    """The directory mode that goes with ``file_mode``: the same bits, ``x`` wherever ``r`` is
+    granted, and always ``rwx`` for the owner (who has to create and remove files in it)."""
+    return 0o700 | file_mode | ((file_mode & 0o444) >> 2)
+
+
+def _drop_world_write(fd: int) -> None:
+    """Default modes (umask): clear ``o+w`` if a permissive umask (e.g. 000) let it through."""
+    with contextlib.suppress(OSError):  # a filesystem without modes: nothing to drop
+        mode = stat.S_IMODE(os.fstat(fd).st_mode)
+        if mode & 0o002:
+            os.fchmod(fd, mode & ~0o002)
+
+
+def _set_dir_mode(path: str, mode: int | None) -> None:
+    """Give a directory we just created its mode (through an fd: never follows a symlink)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError:
+        if mode is None:  # best effort for the default, as in _drop_world_write
+            return
+        raise
+    try:
+        if mode is None:
+            _drop_world_write(fd)
+        else:  # keep a set-group-ID bit inherited from the parent (shared project folders)
+            os.fchmod(fd, mode | (os.fstat(fd).st_mode & stat.S_ISGID))
+    finally:
+        os.close(fd)
 
 
 def check_relpath(relpath: str) -> str:
@@ -110,9 +163,25 @@ def _fsync_enabled() -> bool:
 
 
 class _LocalSink(Sink):
-    def __init__(self, path: str) -> None:
+    """A new file (exclusive create): mode from the umask (less ``o+w``), or exactly ``mode``."""
+
+    def __init__(self, path: str, mode: int | None = None) -> None:
         self.path = path
-        self._f: BinaryIO = open(path, "xb", buffering=WRITE_BUFFER)
+        if mode is None:
+            self._f: BinaryIO = open(path, "xb", buffering=WRITE_BUFFER)
+            _drop_world_write(self._f.fileno())
+            return
+        # Created with the umask applied (never more open than asked, not even for a moment),
+        # then given exactly ``mode``.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        try:
+            os.fchmod(fd, mode)
+            self._f = open(fd, "wb", buffering=WRITE_BUFFER)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            raise
 
     def _fail(self, op: str, exc: OSError) -> StorageError:
         return StorageError(f"{self.path}: {op} failed: {type(exc).__name__}: {exc}")
@@ -145,10 +214,12 @@ class _LocalSink(Sink):
 class LocalLocation(Location):
     is_local = True
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, file_mode: int | None = None) -> None:
         self.url = url
         path = url[len("file://"):] if url.startswith("file://") else url
         self.root = os.path.abspath(os.path.expanduser(path))
+        self.file_mode = check_file_mode(file_mode)
+        self.dir_mode = None if file_mode is None else dir_mode_for(file_mode)
 
     def _path(self, relpath: str, *, must_exist: bool = False) -> str:
         if relpath == "":
@@ -168,14 +239,30 @@ class LocalLocation(Location):
         return self._err(op, relpath, exc)
 
     def makedirs(self, reldir: str) -> None:
+        """``mkdir -p``; each directory created here (the root included) gets its mode."""
         try:
-            os.makedirs(self._path(reldir), exist_ok=True)
+            path = self._path(reldir)
+            missing = []
+            while not os.path.isdir(path):
+                missing.append(path)
+                parent = os.path.dirname(path)
+                if parent == path:
+                    break
+                path = parent
+            for path in reversed(missing):
+                try:
+                    os.mkdir(path, 0o777 if self.dir_mode is None else self.dir_mode)
+                except FileExistsError:
+                    if not os.path.isdir(path):
+                        raise
+                    continue  # made meanwhile by someone else (another rank): theirs to set
+                _set_dir_mode(path, self.dir_mode)
         except OSError as exc:
             raise self._wrap("mkdir", reldir, exc) from exc
 
     def open_sink(self, relpath: str) -> Sink:
         try:
-            return _LocalSink(self._path(relpath))
+            return _LocalSink(self._path(relpath), self.file_mode)
         except OSError as exc:
             raise self._wrap("create", relpath, exc) from exc
 
@@ -183,7 +270,7 @@ class LocalLocation(Location):
         final = self._path(relpath)
         tmp = f"{final}.tmp-{uuid.uuid4().hex[:12]}"
         try:
-            sink = _LocalSink(tmp)
+            sink = _LocalSink(tmp, self.file_mode)  # os.replace keeps its mode
             try:
                 sink.write(data)
                 sink.commit()
@@ -300,13 +387,16 @@ def _pread_all(fd: int, offset: int, length: int) -> bytes:
     return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
-def open_location(url: str, storage_options: dict[str, Any] | None = None) -> Location:
-    """A :class:`Location` for a path or fsspec URL. ``storage_options`` are fsspec kwargs."""
+def open_location(url: str, storage_options: dict[str, Any] | None = None,
+                  file_mode: int | None = None) -> Location:
+    """A :class:`Location` for a path or fsspec URL. ``storage_options`` are fsspec kwargs;
+    ``file_mode`` the mode of new files on a local disk (see the module; None: the umask)."""
     if not isinstance(url, str) or not url:
         raise ValueError(f"checkpoint root must be a non-empty string, got {url!r}")
+    check_file_mode(file_mode)
     scheme = urlsplit(url).scheme if "://" in url else ""
     if scheme in ("", "file", "local"):
-        return LocalLocation(url.replace("local://", "file://", 1))
+        return LocalLocation(url.replace("local://", "file://", 1), file_mode)
     from .remote import FsspecLocation
 
     return FsspecLocation(url, storage_options or {})

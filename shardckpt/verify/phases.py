@@ -13,10 +13,12 @@ from typing import Any
 
 import torch
 
+from ..engine.index import full_manifest
+from ..engine.reader import CheckpointReader
 from ..errors import CorruptCheckpointError, IncompleteCheckpointError, StorageError
 from ..format import manifest as M
 from ..manager import read_manifest
-from ..repair import pieces_by_file, verify_file
+from ..repair import verify_file
 from ..storage import Location, step_dirname
 
 EXIT_MISMATCH, EXIT_INTEGRITY = 1, 2
@@ -46,13 +48,12 @@ def integrity(locations: Sequence[Location], step: int, manifest: M.Manifest, co
               tick: Callable[[], None] = lambda: None) -> Check:
     """Collective. Every shard file has a good copy (size, header, every chunk checksum) in at
     least one location. File ``i`` (sorted by name) is read by rank ``i % world_size``."""
-    files = pieces_by_file(manifest)
-    names = sorted(files)
+    names = sorted(manifest.files)
     step_dir = step_dirname(step)
     bad: list[dict[str, str]] = []
     degraded: list[dict[str, str]] = []
     for name in names[comm.rank::comm.world_size]:
-        problems = [_verify_file(loc, step, manifest, name, files[name]) for loc in locations]
+        problems = [_verify_file(loc, step, manifest, name) for loc in locations]
         named = [p if p is None or name in p else f"{loc.display}/{step_dir}/{name}: {p}"
                  for loc, p in zip(locations, problems)]
         if all(p is not None for p in named):
@@ -87,10 +88,9 @@ def integrity(locations: Sequence[Location], step: int, manifest: M.Manifest, co
     return Check("integrity", True, detail, data=data)
 
 
-def _verify_file(location: Location, step: int, manifest: M.Manifest, name: str,
-                 pieces: Any) -> str | None:
+def _verify_file(location: Location, step: int, manifest: M.Manifest, name: str) -> str | None:
     try:
-        return verify_file(location, step, manifest, name, pieces)
+        return verify_file(location, step, manifest, name)
     except Exception as exc:  # never leave the peers waiting in the gather below
         return f"cannot be checked: {type(exc).__name__}: {exc}"
 
@@ -116,10 +116,14 @@ def tree_refs(node: Any) -> Iterator[str]:
         yield from tree_refs(body)
 
 
-def completeness(manifest: M.Manifest) -> Check:
-    """Every tensor's pieces tile its global shape exactly once; every alias and every tensor
-    reference of the state tree resolves."""
+def completeness(locations: Sequence[Location], step: int, manifest: M.Manifest) -> Check:
+    """Every tensor's pieces (read from the headers of all shard files) tile its global shape
+    exactly once; every alias and every tensor reference of the state tree resolves."""
     problems: list[str] = []
+    try:
+        manifest = full_manifest(CheckpointReader(locations, step_dirname(step), manifest))
+    except (IncompleteCheckpointError, CorruptCheckpointError, StorageError) as exc:
+        problems.append(str(exc))
     for key, entry in manifest.tensors.items():
         if entry.alias_of is not None:
             target = manifest.tensors.get(entry.alias_of)
@@ -132,6 +136,8 @@ def completeness(manifest: M.Manifest) -> Check:
                 problems.append(f"tensor {key!r}: no metadata")
                 continue
             where = f"tensor {key!r}" + (f" rank {r}" if entry.per_rank is not None else "")
+            if not manifest.indexed:
+                continue
             try:
                 M.check_coverage(meta, where)
             except (IncompleteCheckpointError, CorruptCheckpointError) as exc:

@@ -175,7 +175,7 @@ def verify(opts: VerifyOptions, comm: Any = None) -> VerifyResult:
     try:
         tick = progress.start("integrity", share)
         checks.append(phases.integrity(locations, step, manifest, comm, tick))
-        checks.append(phases.completeness(manifest))
+        checks.append(phases.completeness(locations, step, manifest))
         checks += _model_phases(opts, locations, step, manifest, factory, comm, progress,
                                 sound=all(c.ok for c in checks))
     finally:
