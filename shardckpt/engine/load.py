@@ -7,6 +7,7 @@ parallel threads and every chunk is checked against its checksum.
 
 from __future__ import annotations
 
+import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -22,6 +23,9 @@ from .comm import GlooComm, LocalComm
 from .index import PieceIndex
 from .reader import CheckpointReader
 from .save import describe
+
+last_profile: dict[str, float] = {}
+"""This process's last load: seconds planning (tree walk + header reads), headers read."""
 
 
 @dataclass
@@ -110,7 +114,12 @@ def load_step(comm: LocalComm | GlooComm, reader: CheckpointReader, state: dict[
     skipped: list[str] = []
     try:
         ctx = LoadContext(planner.request, rank, manifest.world_size, strict)
+        start, cpu = time.perf_counter(), time.thread_time()
         restore(state, manifest.tree, ctx)
+        last_profile.update(plan_s=time.perf_counter() - start,
+                            plan_cpu_s=time.thread_time() - cpu,
+                            headers_read=planner.index.headers_read,
+                            requests=len(planner.requests))
         with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
             for f in [pool.submit(_execute, reader, r) for r in planner.requests]:
                 f.result()

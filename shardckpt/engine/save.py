@@ -64,6 +64,25 @@ class SaveRequest:
     extra: Mapping[str, Any]
 
 
+last_profile: dict[str, float] = {}
+"""Seconds spent in each phase of this process's last :func:`save_step` (for benchmarks)."""
+
+
+class _Clock:
+    """Wall seconds per phase, and ``<phase>_cpu`` seconds of this thread's CPU (which, unlike
+    wall time, does not grow when many ranks share a few cores)."""
+
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+        self._t, self._cpu = time.perf_counter(), time.thread_time()
+
+    def lap(self, name: str) -> None:
+        now, cpu = time.perf_counter(), time.thread_time()
+        self.laps[name] = self.laps.get(name, 0.0) + now - self._t
+        self.laps[f"{name}_cpu"] = self.laps.get(f"{name}_cpu", 0.0) + cpu - self._cpu
+        self._t, self._cpu = now, cpu
+
+
 def describe(exc: BaseException) -> str:
     """One line naming an error; the traceback's last frame says where it came from."""
     frames = traceback.extract_tb(exc.__traceback__)
@@ -181,6 +200,7 @@ def _commit_all(locations: Sequence[Location], good: list[int], step_dir: str,
     extra["degraded"] = len(good) < len(locations)
     manifest = replace(manifest, extra=extra)
     data = M.serialize(manifest)
+    last_profile["manifest_bytes"] = len(data)
     M.parse(data, "new manifest")  # never commit what we could not read back
     committed, failed = [], {}
     for i in good:
@@ -212,6 +232,8 @@ def save_step(comm: LocalComm | GlooComm, locations: Sequence[Location], state: 
     locations could commit.
     """
     rank, world = comm.rank, comm.world_size
+    clock = _Clock()
+    last_profile.clear()
     step_dir = step_dirname(req.step)
     error: BaseException | None = None
     specs: list[LeafSpec] = []
@@ -236,6 +258,7 @@ def save_step(comm: LocalComm | GlooComm, locations: Sequence[Location], state: 
             "leaves": [s.to_json() for s in specs]}
     # Rank 0 alone sees every rank's leaves, plans, and sends each rank its writes as runs of
     # indexes into its own leaf list: what a rank receives does not grow with the world.
+    clock.lap("collect")
     plans = comm.gather_json(mine, "save: gather plans")
     msg: dict[str, Any] = {}
     tensors: dict[str, M.TensorEntry] = {}
@@ -274,6 +297,7 @@ def save_step(comm: LocalComm | GlooComm, locations: Sequence[Location], state: 
                 loc.makedirs(step_dir)
         config = PipelineConfig.plan(opts.codec, opts.chunk_size, opts.memory_budget,
                                      opts.files_per_rank)
+        clock.lap("plan")
         written = write_rank(targets, step_dir, todo, save_id=save_id, step=req.step,
                              rank=rank, config=config, nfiles=opts.files_per_rank,
                              threads=opts.io_threads, encoders=opts.encode_threads)
@@ -283,6 +307,7 @@ def save_step(comm: LocalComm | GlooComm, locations: Sequence[Location], state: 
     except Exception as exc:
         error = exc
         report["error"] = describe(exc)
+    clock.lap("write")
     reports = comm.gather_json(report, "save: gather reports")
     decision: dict[str, Any] = {"ok": False, "failures": {}, "storage": False}
     manifest = None
@@ -327,7 +352,10 @@ def save_step(comm: LocalComm | GlooComm, locations: Sequence[Location], state: 
             if not failures:
                 warnings.warn(f"step {req.step}: location {locations[i].display} missed this "
                               f"checkpoint (degraded): {m}", stacklevel=2)
+    clock.lap("commit")  # rank 0: merge the reports, build, check and commit the manifest
     decision = comm.broadcast_json(decision, "save: commit decision")
+    clock.lap("decision")
+    last_profile.update(clock.laps)
     if not decision["ok"]:
         found = {int(r): m for r, m in decision["failures"].items()}
         if decision["storage"]:
