@@ -84,6 +84,8 @@ class PruneReport:
         }
 
 
+SURVEY_THREADS = 16  # concurrent manifest reads of one prune on an object store
+
 def _format_age(seconds: float) -> str:
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= size:
@@ -109,17 +111,28 @@ def _survey(location: Location, cache: Mapping[int, M.Manifest]
     committed: dict[int, M.Manifest] = {}
     uncommitted: list[int] = []
     corrupt: dict[int, str] = {}
-    for step in sorted(location.list_step_dirs()):
+
+    def look(step: int) -> M.Manifest | BaseException:
         manifest_path = f"{step_dirname(step)}/{M.MANIFEST_NAME}"
         if step in cache and location.size(manifest_path) is not None:
-            committed[step] = cache[step]  # still committed: a stat instead of a full read
-            continue
+            return cache[step]  # still committed: a stat instead of a full read
         try:
-            committed[step] = read_manifest(location, step)
-        except IncompleteCheckpointError:
-            uncommitted.append(step)
-        except CorruptCheckpointError as exc:
-            corrupt[step] = str(exc)
+            return read_manifest(location, step)
+        except (IncompleteCheckpointError, CorruptCheckpointError) as exc:
+            return exc
+
+    # One listing of the root (one delimited LIST per 1,000 steps on S3), then the manifests,
+    # which are small (pieces live in the shard headers): fetched concurrently on object stores.
+    steps = sorted(location.list_step_dirs())
+    workers = 1 if location.is_local else SURVEY_THREADS
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for step, got in zip(steps, pool.map(look, steps)):
+            if isinstance(got, IncompleteCheckpointError):
+                uncommitted.append(step)
+            elif isinstance(got, CorruptCheckpointError):
+                corrupt[step] = str(got)
+            else:
+                committed[step] = got
     return committed, uncommitted, corrupt
 
 

@@ -627,6 +627,8 @@ LIES: dict[str, tuple[Callable[[dict[str, Any]], None], type[Exception], str]] =
     "writer-rank-out-of-world": (set_ranks([[0, 3]]), CorruptCheckpointError, "ranks"),
     "writer-rank-without-file": (set_ranks([[0, 1], [2, 3]]), CorruptCheckpointError, "ranks"),
     "writer-runs-unsorted": (set_ranks([[0, 1], [0, 1]]), CorruptCheckpointError, "ranks"),
+    "writer-run-one-number": (set_ranks([[0]]), CorruptCheckpointError, "ranks"),
+    "writer-runs-not-a-list": (set_ranks("0-1"), CorruptCheckpointError, "ranks"),  # type: ignore
     "file-nbytes-huge": (set_file_field("nbytes", BIG), CorruptCheckpointError, "nbytes"),
     "file-nbytes-negative": (set_file_field("nbytes", -1), CorruptCheckpointError, "nbytes"),
     "file-header-offset-huge": (set_file_field("header_offset", BIG), CorruptCheckpointError,

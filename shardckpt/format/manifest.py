@@ -255,10 +255,11 @@ def _parse_ranges(value: Any, writers: list[int], world: int, where: str) -> Ran
         raise F.fail(where, f"ranks must be a list of at most {world} [start, stop) runs")
     out: list[tuple[int, int]] = []
     for i, run in enumerate(value):
-        a, b = F.int_list(run, f"{where}.ranks[{i}]", world, 2)
-        if len(run) != 2 or not a < b or (out and a <= out[-1][1]):
+        pair = F.int_list(run, f"{where}.ranks[{i}]", world, 2)
+        if len(pair) != 2 or not pair[0] < pair[1] or (out and pair[0] <= out[-1][1]):
             raise F.fail(where, f"ranks[{i}] = {run!r} is not a sorted, disjoint [start, stop) "
                                 f"run of ranks")
+        a, b = pair
         # every rank of the run wrote a file: count the writers in [a, b)
         if bisect.bisect_left(writers, b) - bisect.bisect_left(writers, a) != b - a:
             raise F.fail(where, f"ranks[{i}] = {run!r} names a rank that wrote no shard file")
