@@ -12,8 +12,30 @@ from datetime import timedelta
 from typing import Any
 
 import torch
+import zstandard
 
 from ..errors import CollectiveError
+
+COMPRESS_ABOVE = 64 << 10  # bytes of JSON above which a payload travels zstd-compressed
+MAX_PAYLOAD = 4 << 30
+
+
+def encode_json(obj: Any) -> bytes:
+    """A payload: ``b"J"`` + JSON, or ``b"Z"`` + a zstd frame of it when large (leaf lists repeat
+    key prefixes, dtypes and shapes: they shrink several-fold)."""
+    data = json.dumps(obj, separators=(",", ":")).encode()
+    if len(data) > COMPRESS_ABOVE:
+        return b"Z" + zstandard.ZstdCompressor(level=1).compress(data)
+    return b"J" + data
+
+
+def decode_json(payload: bytes) -> Any:
+    kind, body = payload[:1], payload[1:]
+    if kind == b"Z":
+        body = zstandard.ZstdDecompressor().decompress(body, max_output_size=MAX_PAYLOAD)
+    elif kind != b"J":
+        raise CollectiveError(f"malformed collective payload (kind {kind!r})")
+    return json.loads(body)
 
 
 class LocalComm:
@@ -52,9 +74,7 @@ class GlooComm:
 
     @staticmethod
     def _encode(obj: Any) -> torch.Tensor:
-        data = json.dumps(obj, separators=(",", ":")).encode()
-        return torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else \
-            torch.empty(0, dtype=torch.uint8)
+        return torch.frombuffer(bytearray(encode_json(obj)), dtype=torch.uint8)
 
     def _pad_to_largest(self, obj: Any) -> tuple[list[int], torch.Tensor]:
         """Every rank's payload size, and this rank's payload padded to the largest of them."""
@@ -72,7 +92,7 @@ class GlooComm:
             self._dist.all_gather(bufs, padded, group=self.group)
         except RuntimeError as exc:
             raise self._fail(what, exc) from exc
-        return [json.loads(bytes(b[:n].numpy())) for b, n in zip(bufs, sizes)]
+        return [decode_json(bytes(b[:n].numpy())) for b, n in zip(bufs, sizes)]
 
     def gather_json(self, obj: Any, what: str = "gather", dst: int = 0) -> list[Any] | None:
         try:
@@ -84,7 +104,7 @@ class GlooComm:
             raise self._fail(what, exc) from exc
         if bufs is None:
             return None
-        return [json.loads(bytes(b[:n].numpy())) for b, n in zip(bufs, sizes)]
+        return [decode_json(bytes(b[:n].numpy())) for b, n in zip(bufs, sizes)]
 
     def broadcast_json(self, obj: Any, what: str = "broadcast", src: int = 0) -> Any:
         dist = self._dist
@@ -97,7 +117,7 @@ class GlooComm:
                 dist.broadcast(buf, src=self._global[src], group=self.group)
         except RuntimeError as exc:
             raise self._fail(what, exc) from exc
-        return json.loads(bytes(buf.numpy()))
+        return decode_json(bytes(buf.numpy()))
 
 
 def make_comm(process_group: Any, timeout_s: float) -> LocalComm | GlooComm:
