@@ -78,13 +78,16 @@ def rank_main(rank: int, world: int, root: str, tensors: int, rows: int,
         mgr.save(1, state)
         save_s = time.perf_counter() - t0
         saved = dict(S.last_profile)
+        mgr.save(2, state)  # same structure: each rank sends a hash, rank 0 reuses its plan
+        again = dict(S.last_profile)
         dest = build_state(rank, world, tensors, rows, cols, zero=True)
         t0 = time.perf_counter()
-        mgr.load(dest)
+        mgr.load(dest, step=1)
         load_s = time.perf_counter() - t0
         loaded = dict(L.last_profile)
     bad = [k for k in state if not torch.equal(state[k].to_local(), dest[k].to_local())]
-    return {"rank": rank, "save_s": save_s, "save_phases": saved, "load_s": load_s,
+    return {"rank": rank, "save_s": save_s, "save_phases": saved, "resave_phases": again,
+            "load_s": load_s,
             "load_plan_s": loaded["plan_s"], "load_plan_cpu_s": loaded["plan_cpu_s"],
             "headers_read": loaded["headers_read"],
             "mismatches": bad[:5]}
@@ -135,6 +138,9 @@ def summarize(world: int, ranks: list[dict[str, Any]], meta: dict[str, int],
         "save_plan_cpu_s_rank0": r0.get("plan_cpu", 0.0),
         "save_plan_cpu_s_other_max": max((r["save_phases"].get("plan_cpu", 0.0)
                                           for r in ranks[1:]), default=0.0),
+        "resave_plan_cpu_s_rank0": ranks[0]["resave_phases"].get("plan_cpu", 0.0),
+        "resave_plan_reused": ranks[0]["resave_phases"].get("plan_reused", 0.0),
+        "resave_commit_cpu_s": ranks[0]["resave_phases"].get("commit_cpu", 0.0),
         "save_s": max(r["save_s"] for r in ranks),
         **meta,
         "metadata_bytes_per_rank": meta["metadata_bytes"] / world,
@@ -198,6 +204,8 @@ def plot(rows: list[dict[str, Any]], path: str) -> None:
     axes[1].plot(worlds, [r["save_plan_cpu_s_rank0"] for r in rows], "s-", label="plan (rank 0)")
     axes[1].plot(worlds, [r["save_plan_cpu_s_other_max"] for r in rows], "^-",
                  label="plan (other ranks, max)")
+    axes[1].plot(worlds, [r["resave_plan_cpu_s_rank0"] for r in rows], "v-",
+                 label="plan (rank 0, cached)")
     axes[1].set(xlabel="ranks", ylabel="CPU s", title="save metadata cost")
     axes[1].legend()
     axes[2].plot(worlds, [r["load_plan_cpu_s_mean"] for r in rows], "o-", label="mean")

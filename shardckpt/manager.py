@@ -34,6 +34,7 @@ from .format.shard import Codec
 from .golden import GOLDEN_KEY, RESERVED_PREFIX, Golden
 from .golden import record as record_golden
 from .observe import SaveEvent, SaveObserver, SaveTracker, check_callbacks, check_metrics_path
+from .planning.plancache import PlanCache
 from .planning.statedict import collect
 from .policy import RetentionPolicy
 from .prune import DEFAULT_LOCK_WAIT_S, BackgroundPrune, PruneReport, prune_location
@@ -172,6 +173,7 @@ class CheckpointManager:
         self._lock = threading.Lock()
         self._manifests: dict[int, M.Manifest] = {}
         self._staging = StagingPool()
+        self._plan_cache = PlanCache()
         self.capture_rng = capture_rng
         self._config, self._data = config, data
         self._provenance: dict[str, Any] | None = None
@@ -281,7 +283,7 @@ class CheckpointManager:
                 # when save() was called and when the write began, for `shardckpt report`
                 req = replace(req, extra={**req.extra, "timing": tracker.manifest_timing()})
             manifest = save_step(self._comm, self.locations, state, req, opts, collected,
-                                 self.min_replicas)
+                                 self.min_replicas, self._plan_cache)
         except BaseException as exc:
             if tracker is not None:
                 tracker.failed(exc)

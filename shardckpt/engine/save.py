@@ -27,6 +27,7 @@ from ..format import manifest as M
 from ..format.shard import Codec, FileRecord, Piece, checksum
 from ..planning import tree as T
 from ..planning.assign import LeafSpec, WritePlan, assign
+from ..planning.plancache import PlanCache
 from ..planning.statedict import Collected, TensorLeaf, collect
 from ..storage import Location, step_dirname
 from ..storage.lease import (
@@ -222,7 +223,7 @@ def _commit_all(locations: Sequence[Location], good: list[int], step_dir: str,
 def save_step(comm: LocalComm | GlooComm, locations: Sequence[Location], state: dict[str, Any],
               req: SaveRequest, opts: SaveOptions,
               collected: Collected | BaseException | None = None,
-              min_replicas: int = 1) -> M.Manifest | None:
+              min_replicas: int = 1, plan_cache: PlanCache | None = None) -> M.Manifest | None:
     """Run the protocol on this rank. Returns the manifest on rank 0, None elsewhere.
 
     ``collected`` is the state already flattened and snapshotted (async saves), or the exception
@@ -253,11 +254,13 @@ def save_step(comm: LocalComm | GlooComm, locations: Sequence[Location], state: 
         specs = [leaf_spec(leaf, world) for leaf in collected.leaves]
     except Exception as exc:
         error = exc
+    cache = plan_cache if plan_cache is not None else PlanCache()
     mine = {"error": describe(error) if error else None,
-            "tree": collected.tree if collected else None,
-            "leaves": [s.to_json() for s in specs]}
-    # Rank 0 alone sees every rank's leaves, plans, and sends each rank its writes as runs of
-    # indexes into its own leaf list: what a rank receives does not grow with the world.
+            "tree": collected.tree if collected else None, **cache.outgoing(specs)}
+    last_profile["leaves_sent"] = float(mine["leaves"] is not None)
+    # Rank 0 alone sees every rank's leaves (only when their structure changed: plancache.py),
+    # plans, and sends each rank its writes as runs of indexes into its own leaf list: what a
+    # rank receives does not grow with the world.
     clock.lap("collect")
     plans = comm.gather_json(mine, "save: gather plans")
     msg: dict[str, Any] = {}
@@ -268,19 +271,29 @@ def save_step(comm: LocalComm | GlooComm, locations: Sequence[Location], state: 
         writes: list[M.Ranges] = []
         if not failures:
             try:
-                all_specs = [[LeafSpec.from_json(v) for v in p["leaves"]] for p in plans]
-                plan = assign(all_specs)
-                tensors = directory(all_specs, plan)
-                for r, rank_specs in enumerate(all_specs):
-                    index_of = {spec.key: i for i, spec in enumerate(rank_specs)}
-                    writes.append(M.to_ranges(index_of[k] for k in plan.writes[r]))
+                all_specs = cache.resolve(plans)
+                key = cache.plan_key(plans)
+                last_profile["plan_reused"] = float(key == cache.key)
+                if key == cache.key:  # same structure and digests everywhere: same plan
+                    tensors, writes = cache.plan
+                else:
+                    plan = assign(all_specs)
+                    tensors = directory(all_specs, plan)
+                    for r, rank_specs in enumerate(all_specs):
+                        index_of = {spec.key: i for i, spec in enumerate(rank_specs)}
+                        writes.append(M.to_ranges(index_of[k] for k in plan.writes[r]))
+                    cache.key, cache.plan = key, (tensors, writes)
             except Exception as exc:
                 error = exc
                 failures = {0: "planning: " + describe(exc)}
+                cache.specs.clear()
+                cache.key = cache.plan = None
         msg = {"failures": {str(r): m for r, m in failures.items()},
                "save_id": uuid.uuid4().hex, "prepared": prepared,
-               "writes": [[list(run) for run in w] for w in writes]}
+               "writes": [[list(run) for run in w] for w in writes],
+               "known": None if failures else cache.known(world)}
     msg = comm.broadcast_json(msg, "save: write plan")
+    cache.ack(msg["known"], rank)
     if msg["failures"]:
         _raise_failures("state collection", {int(r): m for r, m in msg["failures"].items()},
                         error, world)

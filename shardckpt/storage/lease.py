@@ -53,7 +53,7 @@ from typing import Any, TypeVar
 
 from ..errors import ShardckptError
 from ..knobs import Knob
-from .location import LocalLocation, Location, step_dirname
+from .location import LocalLocation, Location, drop_world_write, step_dirname
 
 # These belong with the others in knobs.py; they live here until that module is free to edit.
 LEASE_TTL_S = Knob("SHARDCKPT_LEASE_TTL", 300, 1, "seconds a writer/reaper lease lives unrenewed")
@@ -189,7 +189,13 @@ def put_record(location: Location, relpath: str, record: Record) -> None:
     final = location._path(relpath)
     tmp = f"{final}.tmp-{uuid.uuid4().hex[:12]}"
     try:
-        with open(tmp, "xb") as fh:
+        mode = location.file_mode  # exactly that, else the umask's (never world-writable)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666 if mode is None else mode)
+        with open(fd, "wb") as fh:
+            if mode is None:
+                drop_world_write(fd)
+            else:
+                os.fchmod(fd, mode)
             fh.write(record.to_bytes())
         os.replace(tmp, final)
     except OSError as exc:

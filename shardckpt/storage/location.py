@@ -71,7 +71,7 @@ def dir_mode_for(file_mode: int) -> int:
     return 0o700 | file_mode | ((file_mode & 0o444) >> 2)
 
 
-def _drop_world_write(fd: int) -> None:
+def drop_world_write(fd: int) -> None:
     """Default modes (umask): clear ``o+w`` if a permissive umask (e.g. 000) let it through."""
     with contextlib.suppress(OSError):  # a filesystem without modes: nothing to drop
         mode = stat.S_IMODE(os.fstat(fd).st_mode)
@@ -84,12 +84,12 @@ def _set_dir_mode(path: str, mode: int | None) -> None:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
     except OSError:
-        if mode is None:  # best effort for the default, as in _drop_world_write
+        if mode is None:  # best effort for the default, as in drop_world_write
             return
         raise
     try:
         if mode is None:
-            _drop_world_write(fd)
+            drop_world_write(fd)
         else:  # keep a set-group-ID bit inherited from the parent (shared project folders)
             os.fchmod(fd, mode | (os.fstat(fd).st_mode & stat.S_ISGID))
     finally:
@@ -169,7 +169,7 @@ class _LocalSink(Sink):
         self.path = path
         if mode is None:
             self._f: BinaryIO = open(path, "xb", buffering=WRITE_BUFFER)
-            _drop_world_write(self._f.fileno())
+            drop_world_write(self._f.fileno())
             return
         # Created with the umask applied (never more open than asked, not even for a moment),
         # then given exactly ``mode``.
