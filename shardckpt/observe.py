@@ -159,15 +159,15 @@ def render_textfile(families: Sequence[tuple[str, str, str, Sequence[tuple[Mappi
     return "\n".join(lines) + "\n"
 
 
-def write_textfile(path: str, text: str) -> None:
+def write_textfile(path: str, text: str | bytes) -> None:
     """Replace ``path`` with ``text`` atomically: a temporary file in the same directory (a name
     the textfile collector ignores: it does not end in ``.prom``), then ``os.replace``."""
     directory = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}."
                                   f"{threading.get_ident()}.tmp")
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
+        with open(tmp, "wb") as f:
+            f.write(text.encode() if isinstance(text, str) else text)
         os.chmod(tmp, 0o644)  # the collector may run as another user
         os.replace(tmp, path)
     except BaseException:

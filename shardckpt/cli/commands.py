@@ -10,6 +10,7 @@ from typing import Any
 
 from ..format import manifest as M
 from ..manager import find_manifest
+from ..observe import human_bytes
 from ..storage import Location, open_location, redact, step_dirname
 from . import diff_cmd, health, report_cmd, verify_cmd
 from .argtypes import step_arg
@@ -50,14 +51,6 @@ def check_out_path(path: str, flag: str = "--out") -> None:
         raise UsageError(f"{flag} {path}: directory {parent} does not exist")
 
 
-def _human_bytes(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError
-
-
 def _metrics_json(m: M.Manifest) -> dict[str, Any]:
     return {k: M.encode_float(v) for k, v in m.metrics.items()}
 
@@ -88,7 +81,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
             status = "ok" if states == {"ok"} else ",".join(sorted(states))
             metrics = " ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}"
                                for k, v in r["metrics"].items())
-            print(f"{r['step']:>10}  {r['time']:<29} {_human_bytes(r['nbytes']):>10} "
+            print(f"{r['step']:>10}  {r['time']:<29} {human_bytes(r['nbytes']):>10} "
                   f"{r['world_size']:>5}  {status:<10} {r['verified'] or '-':<8} {metrics} "
                   f"{' '.join(r['tags'])}".rstrip())
     for problem in report.problems:
@@ -113,7 +106,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         emit({**doc, "nbytes": m.nbytes})
         return 0
     print(f"step {m.step}  saved {m.time}  world size {m.world_size}  "
-          f"{_human_bytes(m.nbytes)} in {len(m.files)} files  save id {m.save_id}")
+          f"{human_bytes(m.nbytes)} in {len(m.files)} files  save id {m.save_id}")
     if m.metrics:
         print("metrics: " + ", ".join(f"{k}={v:.6g}" for k, v in m.metrics.items()))
     if m.tags:
@@ -128,7 +121,7 @@ def cmd_show(args: argparse.Namespace) -> int:
             assert meta is not None
             name = key if entry.per_rank is None else f"{key} [rank {r}]"
             print(f"{name:<60} {meta.dtype:<14} {list(meta.shape)!s:<20} "
-                  f"{len(meta.writers):>6} {_human_bytes(meta.nbytes):>10}")
+                  f"{len(meta.writers):>6} {human_bytes(meta.nbytes):>10}")
     for key in extras:
         print(f"\n{key}: {doc[key]}")
     return 0
@@ -200,7 +193,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         emit({"step": args.step, "format": args.format, "out": args.out,
               "tensors": len(tensors), "nbytes": nbytes})
     else:
-        print(f"wrote {len(tensors)} tensors ({_human_bytes(nbytes)}) of step {args.step} to "
+        print(f"wrote {len(tensors)} tensors ({human_bytes(nbytes)}) of step {args.step} to "
               f"{args.out}")
     return 0
 

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..format import manifest as M
+from ..observe import write_textfile
 from ..storage import Location
 from .progress import bar, wanted
 
@@ -253,21 +254,6 @@ def render_html(png: bytes, rows: list[dict[str, Any]], title: str,
     return "\n".join(lines)
 
 
-def _write_atomic(path: str, data: bytes) -> None:
-    tmp = os.path.join(os.path.dirname(os.path.abspath(path)),
-                       f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
 def cmd_report(args: argparse.Namespace) -> int:
     import sys
 
@@ -301,7 +287,7 @@ def cmd_report(args: argparse.Namespace) -> int:
              f"{rows[0]['step']}-{rows[-1]['step']}")
     png, (width, height), plotted = render_png(rows, names, title)
     data = png if fmt == "png" else render_html(png, rows, title, names).encode("utf-8")
-    _write_atomic(args.out, data)
+    write_textfile(args.out, data)
     timed = [r["step"] for r in rows if r["save_s"] is not None]
     if args.json:
         emit({"root": locs[0].display, "out": args.out, "format": fmt, "width": width,
