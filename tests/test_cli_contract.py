@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from harness import free_port
 
 import shardckpt
 from shardckpt.cli import progress
@@ -219,3 +220,27 @@ def test_progress_only_on_a_terminal_and_never_with_json(monkeypatch: pytest.Mon
     assert "x" in tty.getvalue()  # tqdm drew on the (fake) terminal
     monkeypatch.setattr(sys, "stderr", io.StringIO())
     assert not progress.wanted(argparse.Namespace(json=False))
+
+
+def test_ls_with_an_unreachable_replica_shows_the_others(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A replica that cannot be listed is reported in one line and marked unreachable; the
+    root's checkpoints are still listed (exit 2: a copy is missing)."""
+    root = tmp_path / "ckpt"
+    with shardckpt.CheckpointManager(str(root), capture_rng=False) as mgr:
+        mgr.save(1, {"w": torch.ones(3)}, blocking=True)
+    closed = free_port()  # nothing listens there: every request fails at once
+    monkeypatch.setenv("FSSPEC_S3_ENDPOINT_URL", f"http://127.0.0.1:{closed}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    monkeypatch.setenv("SHARDCKPT_STORAGE_ATTEMPTS", "1")
+    code = main(["ls", str(root), "--replica", "s3://no-such-bucket/run", "--json"])
+    out, err = capsys.readouterr()
+    assert code == 2
+    rows = json.loads(out)
+    assert [r["step"] for r in rows] == [1]
+    assert [loc["health"] for loc in rows[0]["locations"]] == ["ok", "unreachable"]
+    assert len(err.strip().splitlines()) == 1 and "cannot be listed" in err
+    assert "Traceback" not in err

@@ -8,6 +8,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from ..errors import StorageError
 from ..format import manifest as M
 from ..manager import find_manifest
 from ..observe import human_bytes
@@ -30,8 +31,14 @@ def open_locations(urls: list[str]) -> list[Location]:
             locs.append(open_location(url))
         except (ValueError, ImportError) as exc:  # unknown protocol, missing fsspec backend
             raise UsageError(f"{redact(url)}: cannot open: {exc}") from None
-    for loc in locs:
-        if not loc.root_exists():
+    for index, loc in enumerate(locs):
+        try:
+            exists = loc.root_exists()
+        except StorageError:
+            if index == 0:
+                raise
+            continue  # an unreachable replica: the command reports it where it matters
+        if not exists:
             raise UsageError(f"{loc.display}: no such checkpoint root")
     return locs
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..errors import CorruptCheckpointError, IncompleteCheckpointError
+from ..errors import CorruptCheckpointError, IncompleteCheckpointError, StorageError
 from ..format import manifest as M
 from ..manager import read_manifest
 from ..storage import Location, step_dirname
@@ -40,17 +40,26 @@ def survey(locations: list[Location], progress: bool = False) -> Survey:
 
     out = Survey()
     per_loc: list[dict[int, str | M.Manifest]] = []
-    for loc in locations:
+    unreachable: set[int] = set()
+    for index, loc in enumerate(locations):
         found: dict[int, str | M.Manifest] = {}
-        steps = loc.list_step_dirs()
+        try:
+            steps = loc.list_step_dirs()
+        except StorageError as exc:  # an unreachable replica: say so, show the others
+            if index == 0 and len(locations) == 1:
+                raise
+            out.problems.append(f"{loc.display}: cannot be listed: {exc}")
+            unreachable.add(index)
+            steps = {}
         for step in bar(steps, desc=f"reading {loc.display}", total=len(steps),
                         enabled=progress, unit="step"):
             try:
                 found[step] = read_manifest(loc, step)
             except IncompleteCheckpointError:
                 found[step] = "uncommitted"
-            except CorruptCheckpointError as exc:
-                found[step] = "corrupt manifest"
+            except (CorruptCheckpointError, StorageError) as exc:
+                found[step] = "corrupt manifest" if isinstance(exc, CorruptCheckpointError) \
+                    else "unreadable"
                 out.problems.append(str(exc))
         per_loc.append(found)
     for step in sorted({s for f in per_loc for s in f}):
@@ -58,8 +67,8 @@ def survey(locations: list[Location], progress: bool = False) -> Survey:
         if not isinstance(manifest, M.Manifest):
             continue
         entry = StepHealth(manifest)
-        for loc, found in zip(locations, per_loc):
-            got = found.get(step, "absent")
+        for index, (loc, found) in enumerate(zip(locations, per_loc)):
+            got = found.get(step, "unreachable" if index in unreachable else "absent")
             entry.health.append(file_health(loc, step, got) if isinstance(got, M.Manifest)
                                 else str(got))
         out.steps[step] = entry
