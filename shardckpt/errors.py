@@ -7,6 +7,8 @@ key, offset or rank involved so that an operator can act on them without a trace
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class ShardckptError(Exception):
     """Base class of every shardckpt error."""
@@ -40,10 +42,24 @@ class CollectiveError(ShardckptError):
         self.failures = dict(failures or {})
 
 
+class LeaseError(ShardckptError):
+    """A writer lease or the prune lock was lost (it lapsed, or another holder took it over)."""
+
+
+class PruneLockedError(ShardckptError):
+    """Another live prune holds the lock of this location; ``holder`` is its lock record."""
+
+    def __init__(self, message: str, holder: Any = None) -> None:
+        super().__init__(message)
+        self.holder = holder
+
+
 __all__ = [
     "CollectiveError",
     "CorruptCheckpointError",
     "IncompleteCheckpointError",
+    "LeaseError",
+    "PruneLockedError",
     "ShardckptError",
     "StorageError",
     "VerificationError",

@@ -51,7 +51,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from datetime import datetime, timezone
 from typing import Any, TypeVar
 
-from ..errors import ShardckptError
+from ..errors import LeaseError, PruneLockedError, ShardckptError
 from ..knobs import Knob
 from .location import LocalLocation, Location, drop_world_write, step_dirname
 
@@ -72,18 +72,6 @@ MAX_RECORD_BYTES = 64 << 10
 RENEWALS_PER_TTL = 5
 WRITER, REAPER, PRUNER = "writer", "reaper", "prune-lock"
 REAPER_PREFIX = "_reaper."
-
-
-class LeaseError(ShardckptError):
-    """A lease or lock was lost (it lapsed, or another holder took it over)."""
-
-
-class PruneLockedError(ShardckptError):
-    """Another live prune holds the lock of this location."""
-
-    def __init__(self, message: str, holder: Record | None = None) -> None:
-        super().__init__(message)
-        self.holder = holder
 
 
 # ------------------------------------------------------------------------------ holder identity
