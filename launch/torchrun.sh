@@ -18,6 +18,8 @@
 # One node, standalone rendezvous (torchrun picks a free port), no restarts: a failed rank
 # fails the job, and the next run resumes from the latest committed checkpoint.
 set -euo pipefail
+# shellcheck source=lib.sh
+source "$(dirname "$0")/lib.sh"
 
 DRY_RUN=${DRY_RUN:-0}
 NPROC=${NPROC:-}
@@ -37,22 +39,6 @@ if [ $# -eq 0 ]; then
   exit 64
 fi
 
-count_gpus() {
-  # Honour CUDA_VISIBLE_DEVICES when it is set (an empty value means no GPU).
-  if [ -n "${CUDA_VISIBLE_DEVICES+x}" ]; then
-    if [ -z "$CUDA_VISIBLE_DEVICES" ]; then echo 0; return; fi
-    local IFS=,
-    set -- $CUDA_VISIBLE_DEVICES
-    echo $#
-    return
-  fi
-  if command -v nvidia-smi >/dev/null 2>&1; then
-    nvidia-smi -L 2>/dev/null | grep -c '^GPU ' || true
-    return
-  fi
-  echo 0
-}
-
 if [ -z "$NPROC" ]; then
   NPROC=$(count_gpus)
   [ "$NPROC" -gt 0 ] || NPROC=1
@@ -62,20 +48,8 @@ case "$NPROC" in
                  exit 64 ;;
 esac
 
-CORES=$(nproc 2>/dev/null || getconf _NPROCESSORS_ONLN 2>/dev/null || echo 1)
-THREADS=$(( CORES / NPROC ))
-[ "$THREADS" -ge 1 ] || THREADS=1
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$THREADS}
-
-if [ -n "${TORCHRUN:-}" ]; then
-  read -r -a RUN <<< "$TORCHRUN"
-elif [ -x .venv/bin/torchrun ]; then
-  RUN=(.venv/bin/torchrun)
-elif [ -x "$(dirname "$0")/../.venv/bin/torchrun" ]; then
-  RUN=("$(cd "$(dirname "$0")/.." && pwd)/.venv/bin/torchrun")
-else
-  RUN=(torchrun)
-fi
+set_omp_threads "$NPROC"
+find_torchrun
 CMD=("${RUN[@]}" --standalone --nnodes=1 "--nproc-per-node=$NPROC" --max-restarts=0 "$@")
 
 if [ "$DRY_RUN" = 1 ]; then

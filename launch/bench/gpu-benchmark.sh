@@ -13,7 +13,8 @@
 #   --reps N        timed repetitions (default 3)
 #   after --, anything else throughput.py accepts (--compression zstd:1, --phases ..., --no-fsync)
 #
-#   environment: NPROC (default: the GPUs nvidia-smi reports), TORCHRUN, OMP_NUM_THREADS,
+#   environment: NPROC (default: the GPUs CUDA_VISIBLE_DEVICES or nvidia-smi report),
+#                TORCHRUN, OMP_NUM_THREADS,
 #                SHARDCKPT_* knobs (passed through; --budget-mb sets SHARDCKPT_MEMORY_BUDGET)
 #
 # Results: throughput.json (the benchmark's document: medians, ratios, targets), throughput.png
@@ -23,6 +24,8 @@
 # read phases when run as root; otherwise the benchmark falls back to fadvise.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+# shellcheck source=../lib.sh
+source launch/lib.sh
 
 DRY_RUN=${DRY_RUN:-0}
 RESULTS=""
@@ -43,11 +46,7 @@ while [ $# -gt 0 ]; do
   esac
 done
 
-GPUS=0
-if command -v nvidia-smi >/dev/null 2>&1; then
-  GPUS=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU ' || true)
-fi
-NPROC=${NPROC:-$GPUS}
+NPROC=${NPROC:-$(count_gpus)}
 case "$NPROC" in
   ''|*[!0-9]*) echo "gpu-benchmark.sh: NPROC must be a number, got '$NPROC'" >&2; exit 64 ;;
 esac
@@ -62,18 +61,8 @@ if [ "$NPROC" -lt 1 ]; then
 fi
 SIZE_GB=${SIZE_GB:-$(( 2 * NPROC ))}
 RESULTS=${RESULTS:-bench-results/$(date -u +%Y%m%dT%H%M%SZ)-$(hostname -s 2>/dev/null || echo host)}
-CORES=$(nproc 2>/dev/null || echo 1)
-THREADS=$(( CORES / NPROC ))
-[ "$THREADS" -ge 1 ] || THREADS=1
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$THREADS}
-
-if [ -n "${TORCHRUN:-}" ]; then
-  read -r -a RUN <<< "$TORCHRUN"
-elif [ -x .venv/bin/torchrun ]; then
-  RUN=(.venv/bin/torchrun)
-else
-  RUN=(torchrun)
-fi
+set_omp_threads "$NPROC"
+find_torchrun
 CMD=("${RUN[@]}" --standalone --nnodes=1 "--nproc-per-node=$NPROC"
      benchmarks/throughput.py
      --size-gb "$SIZE_GB" --reps "$REPS" --dir "$CKPT_DIR"

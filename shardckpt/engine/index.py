@@ -26,6 +26,9 @@ class PieceIndex:
         self.manifest = reader.manifest
         self.rank = rank  # this process's rank when the world size is the saving one
         self._pieces: dict[int, dict[str, list[Piece]]] = {}  # writer rank -> key -> pieces
+        self._files: dict[int, list[str]] = {}  # writer rank -> its shard files
+        for name in sorted(self.manifest.files):
+            self._files.setdefault(self.manifest.files[name].rank, []).append(name)
         self._lock = threading.Lock()
         self.headers_read = 0
 
@@ -34,14 +37,16 @@ class PieceIndex:
             if rank in self._pieces:
                 return self._pieces[rank]
         found: dict[str, list[Piece]] = {}
-        for name in self.manifest.files_of_rank(rank):
+        files = self._files.get(rank, [])
+        for name in files:
             header = self.reader.check_any(name)
             where = f"{self.reader.location.display}/{self.reader.step_dir}/{name}"
             for piece in header.pieces:
                 M.meta_of_piece(self.manifest, piece, rank, where)
                 found.setdefault(piece.key, []).append(piece)
         with self._lock:
-            self.headers_read += len(self.manifest.files_of_rank(rank))
+            if rank not in self._pieces:  # another thread may have read this rank meanwhile
+                self.headers_read += len(files)
             return self._pieces.setdefault(rank, found)
 
     def _order(self, meta: M.TensorMeta, offsets: tuple[int, ...]) -> list[int]:

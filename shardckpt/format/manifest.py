@@ -133,9 +133,6 @@ class Manifest:
             return entry.per_rank[rank]
         return entry.meta
 
-    def files_of_rank(self, rank: int) -> list[str]:
-        return sorted(n for n, f in self.files.items() if f.rank == rank)
-
     def to_json(self) -> dict[str, Any]:
         return {
             "format": FORMAT, "version": VERSION, "step": self.step, "save_id": self.save_id,
