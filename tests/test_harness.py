@@ -101,8 +101,9 @@ def test_run_torchrun_prints_each_rank(tmp_path: Path) -> None:
         textwrap.dedent(
             """
             import os, sys
-            print(f"rank={os.environ['RANK']} of {os.environ['WORLD_SIZE']} "
-                  f"addr={os.environ['MASTER_ADDR']} arg={sys.argv[1]}", flush=True)
+            line = (f"rank={os.environ['RANK']} of {os.environ['WORLD_SIZE']} "
+                    f"addr={os.environ['MASTER_ADDR']} arg={sys.argv[1]}\n")
+            os.write(1, line.encode())  # one write: atomic on a pipe, never interleaved
             """
         )
     )
