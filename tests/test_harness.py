@@ -102,7 +102,7 @@ def test_run_torchrun_prints_each_rank(tmp_path: Path) -> None:
             """
             import os, sys
             line = (f"rank={os.environ['RANK']} of {os.environ['WORLD_SIZE']} "
-                    f"addr={os.environ['MASTER_ADDR']} arg={sys.argv[1]}\n")
+                    f"addr={os.environ['MASTER_ADDR']} arg={sys.argv[1]}\\n")
             os.write(1, line.encode())  # one write: atomic on a pipe, never interleaved
             """
         )
