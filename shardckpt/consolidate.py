@@ -12,12 +12,12 @@ from typing import Any
 
 import torch
 
+from .catalog import find_manifest, read_manifest
 from .engine.index import full_manifest
 from .engine.reader import CheckpointReader
 from .errors import CorruptCheckpointError
 from .format.dtypes import torch_dtype
 from .format.manifest import Manifest, TensorMeta
-from .manager import find_manifest, read_manifest
 from .planning import tree as T
 from .planning.statedict import rebuild
 from .storage import Location, step_dirname

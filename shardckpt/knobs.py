@@ -53,6 +53,15 @@ COLLECTIVE_TIMEOUT_S = Knob(
     "SHARDCKPT_COLLECTIVE_TIMEOUT", 600, 1, "seconds a save/load collective may wait for peers"
 )
 FSYNC = Knob("SHARDCKPT_FSYNC", 1, 0, "1: fsync files and directories before commit; 0: skip")
+CONNECT_TIMEOUT_S = Knob(
+    "SHARDCKPT_CONNECT_TIMEOUT", 3, 1,
+    "seconds a remote location has to answer a reachability probe (and to connect, on S3)")
+CONNECT_ATTEMPTS = Knob("SHARDCKPT_CONNECT_ATTEMPTS", 2, 1,
+                        "reachability probes of a remote location that fails fast, before it "
+                        "counts as unreachable")
+UNREACHABLE_TTL_S = Knob("SHARDCKPT_UNREACHABLE_TTL", 30, 0,
+                         "seconds a location found unreachable is skipped before its next probe")
 
 ALL_KNOBS = (CHUNK_SIZE, IO_THREADS, FILES_PER_RANK, MEMORY_BUDGET, ENCODE_THREADS,
-             COLLECTIVE_TIMEOUT_S, FSYNC)
+             COLLECTIVE_TIMEOUT_S, FSYNC, CONNECT_TIMEOUT_S, CONNECT_ATTEMPTS,
+             UNREACHABLE_TTL_S)

@@ -11,12 +11,13 @@ import os
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
 
-from . import __version__, knobs
+from . import __version__, catalog, knobs
+from .catalog import find_manifest
 from .engine.comm import make_comm
 from .engine.index import full_manifest
 from .engine.load import load_step
@@ -24,7 +25,6 @@ from .engine.reader import CheckpointReader
 from .engine.save import SaveOptions, SaveRequest, save_step
 from .engine.snapshot import Snapshot, StagingPool
 from .errors import (
-    CorruptCheckpointError,
     IncompleteCheckpointError,
     ShardckptError,
     StorageError,
@@ -40,8 +40,8 @@ from .policy import RetentionPolicy
 from .prune import DEFAULT_LOCK_WAIT_S, BackgroundPrune, PruneReport, prune_location
 from .repro import capture_rng_state, collect_provenance, host_record, restore_rng_state
 from .storage import Location, open_location, step_dirname
+from .storage.probe import reachable_all
 
-MAX_MANIFEST_BYTES = 1 << 30
 RNG_KEY = "__shardckpt_rng__"
 
 
@@ -80,41 +80,6 @@ class SaveHandle:
             if not isinstance(exc, TimeoutError):
                 self.error_reported = True
             raise
-
-
-def read_manifest(location: Location, step: int) -> M.Manifest:
-    """The validated manifest of ``step``; ``IncompleteCheckpointError`` if it is not committed."""
-    rel = f"{step_dirname(step)}/{M.MANIFEST_NAME}"
-    try:
-        size = location.size(rel)
-        if size is not None and size > MAX_MANIFEST_BYTES:
-            raise CorruptCheckpointError(f"{location.display}/{rel}: {size} bytes is larger "
-                                         f"than any manifest ({MAX_MANIFEST_BYTES})")
-        data = location.read_file(rel, MAX_MANIFEST_BYTES)
-    except FileNotFoundError:
-        raise IncompleteCheckpointError(
-            f"{location.display}/{rel}: no manifest, step {step} is not committed") from None
-    manifest = M.parse(data, f"{location.display}/{rel}")
-    if manifest.step != step:
-        raise CorruptCheckpointError(f"{location.display}/{rel}: manifest is for step "
-                                     f"{manifest.step}, found in the directory of step {step}")
-    return manifest
-
-
-def find_manifest(locations: Sequence[Location], step: int) -> tuple[M.Manifest, int]:
-    """The manifest of ``step`` from the first location holding a valid one, and its index.
-
-    Raises the first location's error if none does (``IncompleteCheckpointError`` when the step is
-    committed nowhere).
-    """
-    first: Exception | None = None
-    for i, loc in enumerate(locations):
-        try:
-            return read_manifest(loc, step), i
-        except (IncompleteCheckpointError, CorruptCheckpointError, StorageError) as exc:
-            first = first or exc
-    assert first is not None
-    raise first
 
 
 def _has_key(manifest: M.Manifest, key: str) -> bool:
@@ -178,6 +143,7 @@ class CheckpointManager:
         self._config, self._data = config, data
         self._provenance: dict[str, Any] | None = None
         self._closed = False
+        self._down: set[str] = set()  # displays of the locations found unreachable
         self._retention_runner = BackgroundPrune(lambda: self._prune(False, lock_wait=0.0))
         # rank 0 logs each save, keeps the metrics textfile and calls the callbacks
         self._observer = SaveObserver(enabled=self.rank == 0, root=self.location.display,
@@ -317,23 +283,38 @@ class CheckpointManager:
 
     # -------------------------------------------------------------------------------- query
     def steps(self) -> list[int]:
-        """Committed steps, ascending (a step counts once its manifest is present and valid)."""
-        found = []
-        dirs = {s for loc in self.locations for s in loc.list_step_dirs()}
-        for step in sorted(dirs):
-            if step in self._manifests:
-                found.append(step)
-                continue
-            try:
-                self._manifests[step] = find_manifest(self.locations, step)[0]
-                found.append(step)
-            except IncompleteCheckpointError:
-                continue
-            except (CorruptCheckpointError, StorageError) as exc:
-                warnings.warn(f"skipping step {step}: {exc}", stacklevel=2)
-        for step in set(self._manifests) - dirs:
+        """Committed steps, ascending (a step counts once its manifest is present and valid).
+
+        Works from the locations that answer: an unreachable replica is skipped, with one
+        warning (again only once it has come back and gone away again).
+        """
+        return self._survey().committed()
+
+    def _survey(self) -> catalog.Survey:
+        found = catalog.survey(self.locations, cache=self._manifests, trust_cache=True,
+                               first_valid=True)
+        self._note_unreachable(found)
+        for step in set(self._manifests) - set(found.steps):
             del self._manifests[step]
+        for step, entry in found.steps.items():
+            if entry.manifest is not None:
+                self._manifests[step] = entry.manifest
         return found
+
+    def _note_unreachable(self, found: catalog.Survey) -> None:
+        """Warn once per outage of a location; raise if no location answered."""
+        down = {found.locations[i].display: why for i, why in found.unreachable.items()}
+        for name in sorted(set(down) - self._down):
+            warnings.warn(f"{name} is unreachable ({down[name]}); reading from the other "
+                          f"locations", stacklevel=4)
+        self._down = set(down)
+        if len(down) == len(found.locations):
+            raise StorageError("no location is reachable: " + "; ".join(
+                f"{n}: {why}" for n, why in down.items()))
+
+    def _readable(self) -> list[Location]:
+        """The locations to read from: those that answer (probed), in order."""
+        return self._survey().reachable
 
     def latest_step(self) -> int | None:
         steps = self.steps()
@@ -343,10 +324,11 @@ class CheckpointManager:
         """The validated manifest of ``step``; with ``pieces=True`` every tensor's pieces too,
         read from the headers of all its shard files (coverage checked)."""
         if step not in self._manifests:
-            self._manifests[step] = find_manifest(self.locations, step)[0]
+            self._manifests[step] = find_manifest(self._readable(), step)[0]
         manifest = self._manifests[step]
         if pieces:
-            return full_manifest(CheckpointReader(self.locations, step_dirname(step), manifest))
+            return full_manifest(CheckpointReader(self._readable(), step_dirname(step),
+                                                  manifest))
         return manifest
 
     def info(self, step: int) -> CheckpointInfo:
@@ -362,15 +344,17 @@ class CheckpointManager:
         """
         self._check_open()
         self.wait()
+        found = self._survey()
+        locations = found.reachable
         if step is None:
-            step = self.latest_step()
+            step = self._newest_valid(found)
             if self._comm.world_size > 1:
                 step = self._comm.broadcast_json(step, "load: agree on step")
             if step is None:
                 raise IncompleteCheckpointError(
                     f"{self.location.display}: no committed checkpoint to load")
-        manifest, _ = find_manifest(self.locations, step)
-        reader = CheckpointReader(self.locations, step_dirname(step), manifest)
+        manifest, _ = find_manifest(locations, step)
+        reader = CheckpointReader(locations, step_dirname(step), manifest)
         same_world = manifest.world_size == self.world_size
         wants_rng = restore_rng and _has_key(manifest, RNG_KEY)
         target = {**state, RNG_KEY: {}} if wants_rng and same_world else dict(state)
@@ -385,6 +369,18 @@ class CheckpointManager:
             warnings.warn(f"step {step} was saved at world size {manifest.world_size}, this job "
                           f"has {self.world_size}: per-rank RNG states are not restored",
                           stacklevel=2)
+        return step
+
+    def _newest_valid(self, found: catalog.Survey) -> int | None:
+        """The newest committed step; newer steps whose manifest is corrupt are skipped, with
+        a warning naming them and the step loaded instead."""
+        committed = found.committed()
+        step = committed[-1] if committed else None
+        skipped = {s: e for s, e in found.corrupt().items() if step is None or s > step}
+        if skipped and self.rank == 0:
+            warnings.warn("skipping step(s) " + ", ".join(
+                f"{s} ({e})" for s, e in skipped.items()) + ": manifest corrupt; loading " +
+                (f"step {step}" if step is not None else "nothing"), stacklevel=3)
         return step
 
     # -------------------------------------------------------------------------------- prune
@@ -407,7 +403,7 @@ class CheckpointManager:
         cache = dict(self._manifests)  # a copy: the save thread may add to it meanwhile
         reports: list[PruneReport] = []
         first: ShardckptError | None = None
-        for loc in self.locations:
+        for loc in reachable_all(self.locations):  # a dead replica fails in seconds
             try:
                 reports.append(prune_location(loc, policy, dry_run=dry_run, lock_wait=lock_wait,
                                               manifests=cache))

@@ -13,7 +13,9 @@ The steps of :func:`prune_location`, each safe to interrupt at any point (SIGKIL
    data. A crash after the manifest is gone leaves an uncommitted directory, never a listed
    checkpoint with missing files; a later prune reaps what is left;
 6. reap uncommitted directories that no live writer holds and that nothing has touched for
-   ``grace`` seconds (default one hour): an interrupted save's leftovers;
+   ``grace`` seconds (default one hour): an interrupted save's leftovers; and directories that
+   a save moved aside because their manifest was corrupt (``step-N.corrupt-<utc>``), once
+   ``grace`` has passed since they were moved;
 7. remove lease files whose holders are long gone, and release the lock.
 
 The newest committed checkpoint and any step being written are never deleted.
@@ -28,9 +30,11 @@ import warnings
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Any
 
-from .errors import CorruptCheckpointError, IncompleteCheckpointError
+from . import catalog
+from .errors import StorageError
 from .format import manifest as M
 from .policy import CheckpointRecord, RetentionPolicy, plan_retention
 from .storage import Location, step_dirname
@@ -84,8 +88,6 @@ class PruneReport:
         }
 
 
-SURVEY_THREADS = 16  # concurrent manifest reads of one prune on an object store
-
 def _format_age(seconds: float) -> str:
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= size:
@@ -105,35 +107,32 @@ def _last_activity(location: Location, step_dir: str, leases: list[Record]) -> f
 
 
 def _survey(location: Location, cache: Mapping[int, M.Manifest]
-            ) -> tuple[dict[int, M.Manifest], list[int], dict[int, str]]:
-    from .manager import read_manifest  # the manager imports this module
-
+            ) -> tuple[dict[int, M.Manifest], list[int], dict[int, str], list[str]]:
+    """Committed steps, uncommitted directories, corrupt manifests and aside directories."""
+    found = catalog.survey([location], cache=cache, probe=False)
+    if found.unreachable:
+        raise StorageError(found.unreachable[0])
     committed: dict[int, M.Manifest] = {}
     uncommitted: list[int] = []
     corrupt: dict[int, str] = {}
+    for step, entry in found.steps.items():
+        state = entry.state[0]
+        if entry.manifest is not None:
+            committed[step] = entry.manifest
+        elif state == "uncommitted":
+            uncommitted.append(step)
+        elif state == "corrupt":
+            corrupt[step] = entry.errors[0]
+        else:  # the manifest could not be read: never judge a step on a failed read
+            raise StorageError(entry.errors.get(0, f"step {step}: {state}"))
+    return committed, uncommitted, corrupt, sorted(name for _, name in found.aside)
 
-    def look(step: int) -> M.Manifest | BaseException:
-        manifest_path = f"{step_dirname(step)}/{M.MANIFEST_NAME}"
-        if step in cache and location.size(manifest_path) is not None:
-            return cache[step]  # still committed: a stat instead of a full read
-        try:
-            return read_manifest(location, step)
-        except (IncompleteCheckpointError, CorruptCheckpointError) as exc:
-            return exc
 
-    # One listing of the root (one delimited LIST per 1,000 steps on S3), then the manifests,
-    # which are small (pieces live in the shard headers): fetched concurrently on object stores.
-    steps = sorted(location.list_step_dirs())
-    workers = 1 if location.is_local else SURVEY_THREADS
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        for step, got in zip(steps, pool.map(look, steps)):
-            if isinstance(got, IncompleteCheckpointError):
-                uncommitted.append(step)
-            elif isinstance(got, CorruptCheckpointError):
-                corrupt[step] = str(got)
-            else:
-                committed[step] = got
-    return committed, uncommitted, corrupt
+def _aside_time(name: str) -> float:
+    stamp = catalog.ASIDE_DIR.fullmatch(name)
+    assert stamp is not None
+    moved = datetime.strptime(stamp.group(2), "%Y%m%dT%H%M%SZ")
+    return moved.replace(tzinfo=timezone.utc).timestamp()
 
 
 def prune_location(location: Location, policy: RetentionPolicy, *, dry_run: bool = False,
@@ -164,7 +163,7 @@ def prune_location(location: Location, policy: RetentionPolicy, *, dry_run: bool
 
 def _prune(location: Location, policy: RetentionPolicy, dry_run: bool, grace: float,
            lock: PruneLock | None, cache: Mapping[int, M.Manifest]) -> PruneReport:
-    committed, uncommitted, corrupt = _survey(location, cache)
+    committed, uncommitted, corrupt, aside = _survey(location, cache)
     # Leases are read after the listing: a writer writes its lease before its directory, so
     # every directory listed above that a live writer holds has its lease visible here.
     leases = read_leases(location)
@@ -192,10 +191,18 @@ def _prune(location: Location, policy: RetentionPolicy, dry_run: bool, grace: fl
                           f"(grace {_format_age(grace)})")
         else:
             stale.append(d)
+    old_aside = []
+    for d in aside:  # corrupt step directories moved aside by a save: kept for a grace period
+        age = now - _aside_time(d)
+        if age < grace:
+            skipped[d] = (f"moved aside as corrupt {_format_age(max(age, 0))} ago "
+                          f"(grace {_format_age(grace)})")
+        else:
+            old_aside.append(d)
     kept = dict(plan.kept)
     if dry_run:
-        return PruneReport(location.display, True, kept, plan.deleted, tuple(stale), skipped,
-                           corrupt)
+        return PruneReport(location.display, True, kept, plan.deleted,
+                           (*stale, *old_aside), skipped, corrupt)
 
     assert lock is not None
     claim, blocked = claim_for_deletion(location, [*map(step_dirname, plan.deleted), *stale])
@@ -220,6 +227,10 @@ def _prune(location: Location, policy: RetentionPolicy, dry_run: bool, grace: fl
             if location.size(f"{d}/{M.MANIFEST_NAME}") is not None:
                 skipped[d] = "committed while the prune ran"
                 continue
+            location.remove_tree(d)
+            reaped.append(d)
+        for d in old_aside:  # no writer ever writes into an aside directory
+            lock.check()
             location.remove_tree(d)
             reaped.append(d)
     finally:

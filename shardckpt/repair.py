@@ -11,11 +11,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from .catalog import MAX_MANIFEST_BYTES, read_manifest
 from .engine.reader import CheckpointReader
 from .errors import CorruptCheckpointError, IncompleteCheckpointError, StorageError
 from .format import manifest as M
 from .format.shard import checksum
-from .manager import MAX_MANIFEST_BYTES, read_manifest
 from .storage import Location, step_dirname
 
 COPY_BLOCK = 16 << 20

@@ -8,11 +8,13 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from .. import catalog
+from ..catalog import find_manifest
 from ..errors import StorageError
 from ..format import manifest as M
-from ..manager import find_manifest
 from ..observe import human_bytes
 from ..storage import Location, open_location, redact, step_dirname
+from ..storage.probe import Unreachable, reachable_all
 from . import diff_cmd, health, report_cmd, verify_cmd
 from .argtypes import step_arg
 from .progress import Bar, bar, wanted
@@ -20,31 +22,53 @@ from .progress import Bar, bar, wanted
 ROOT_HELP = "checkpoint root: a path or fsspec URL"
 
 
-def open_locations(urls: list[str]) -> list[Location]:
+def open_locations(urls: list[str], warn: str | None = None) -> list[Location]:
     """The locations of ``urls``; a URL that cannot be opened or a root that does not exist is
-    a usage error (exit 64), named in one line with credentials redacted."""
+    a usage error (exit 64), named in one line with credentials redacted.
+
+    Remote locations are probed, all at once: one that does not answer within seconds stands
+    in as :class:`~shardckpt.storage.probe.Unreachable` (its every operation fails at once), so
+    the command works from the others; with ``warn`` (the command's name) one line on stderr
+    says so. ``StorageError`` if no location answers.
+    """
     from .main import UsageError
 
-    locs = []
+    opened = []
     for url in urls:
         try:
-            locs.append(open_location(url))
+            opened.append(open_location(url))
         except (ValueError, ImportError) as exc:  # unknown protocol, missing fsspec backend
             raise UsageError(f"{redact(url)}: cannot open: {exc}") from None
+    locs = reachable_all(opened)
+    down = [loc for loc in locs if isinstance(loc, Unreachable)]
+    if len(down) == len(locs):
+        raise StorageError("; ".join(f"{loc.display}: unreachable: {loc.why}" for loc in down))
     for index, loc in enumerate(locs):
+        if isinstance(loc, Unreachable):
+            continue
         try:
             exists = loc.root_exists()
         except StorageError:
             if index == 0:
                 raise
-            continue  # an unreachable replica: the command reports it where it matters
+            continue  # a replica failing now: the command reports it where it matters
         if not exists:
             raise UsageError(f"{loc.display}: no such checkpoint root")
+    for loc in down if warn else ():
+        print(f"shardckpt {warn}: warning: {loc.display} is unreachable ({loc.why}); using "
+              f"the other locations", file=sys.stderr)
     return locs
 
 
 def _locations(args: argparse.Namespace) -> list[Location]:
-    return open_locations([args.root, *args.replica])
+    quiet = args.command in ("ls", "report")  # these report unreachable locations themselves
+    return open_locations([args.root, *args.replica], warn=None if quiet else args.command)
+
+
+def latest_step(locs: list[Location]) -> int:
+    """The default ``--step``: the newest step directory holding a manifest, valid or not (a
+    corrupt one then fails the command with exit 2, naming the file)."""
+    return catalog.latest_manifest_step(locs, locs[0].display)
 
 
 def check_out_path(path: str, flag: str = "--out") -> None:
@@ -63,6 +87,9 @@ def _metrics_json(m: M.Manifest) -> dict[str, Any]:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
+    """Committed steps, steps whose manifest is corrupt everywhere (``health: corrupt``), and
+    corrupt step directories moved aside by a save (``health: aside``). Exit 2 on any problem:
+    a corrupt manifest, a damaged or missing copy, an unreachable location."""
     from ..verify.record import verified
 
     locs = _locations(args)
@@ -71,11 +98,23 @@ def cmd_ls(args: argparse.Namespace) -> int:
     for step, entry in bar(sorted(report.steps.items()), desc="verification records",
                            total=len(report.steps), enabled=wanted(args), unit="step"):
         m = entry.manifest
+        states = set(entry.health)
         rows.append({"step": step, "time": m.time, "nbytes": m.nbytes,
                      "metrics": _metrics_json(m), "tags": list(m.tags),
                      "world_size": m.world_size, "verified": verified(locs[0], m),
+                     "health": "ok" if states == {"ok"} else
+                     "degraded" if "ok" in states else "damaged",
                      "locations": [{"url": loc.display, "health": entry.health[i]}
                                    for i, loc in enumerate(locs)]})
+    for step, error in report.corrupt.items():
+        rows.append({"step": step, "time": None, "nbytes": None, "metrics": {}, "tags": [],
+                     "world_size": None, "verified": None, "health": "corrupt",
+                     "error": error})
+    for where, name in report.aside:
+        rows.append({"step": int(name[5:15]), "time": None, "nbytes": None, "metrics": {},
+                     "tags": [], "world_size": None, "verified": None, "health": "aside",
+                     "dir": f"{where}/{name}"})
+    rows.sort(key=lambda r: (r["step"], r["health"] != "aside"))
     if args.json:
         from .main import emit
 
@@ -84,6 +123,11 @@ def cmd_ls(args: argparse.Namespace) -> int:
         print(f"{'STEP':>10}  {'TIME':<29} {'SIZE':>10} {'WORLD':>5}  {'HEALTH':<10} "
               f"{'VERIFIED':<9}METRICS / TAGS")
         for r in rows:
+            if r["health"] in ("corrupt", "aside"):
+                what = r.get("error") or f"moved aside: {r['dir']}"
+                print(f"{r['step']:>10}  {'-':<29} {'-':>10} {'-':>5}  "
+                      f"{r['health'].upper():<10} {'-':<8} {what}")
+                continue
             states = {loc["health"] for loc in r["locations"]}
             status = "ok" if states == {"ok"} else ",".join(sorted(states))
             metrics = " ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}"
@@ -97,15 +141,10 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from .main import UsageError, emit
+    from .main import emit
 
     locs = _locations(args)
-    step = args.step
-    if step is None:
-        steps = sorted(health.survey(locs, progress=wanted(args)).steps)
-        if not steps:
-            raise UsageError(f"{locs[0].display}: no committed checkpoint")
-        step = steps[-1]
+    step = latest_step(locs) if args.step is None else args.step
     m, _ = find_manifest(locs, step)
     doc = m.to_json()
     extras = sorted(set(doc) - M.CORE_FIELDS)

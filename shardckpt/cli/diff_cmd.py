@@ -18,12 +18,14 @@ from typing import Any
 
 from ..format import manifest as M
 from ..format.manifest import Manifest, TensorMeta
-from ..storage import Location, open_location, step_dirname
+from ..storage import Location, step_dirname
 from .progress import bar, wanted
 
 _EPILOG = """\
 A and B are ROOT@STEP: a checkpoint root (path or fsspec URL) and a committed step, split at
-the last '@' (so 's3://user@bucket/run@100' works). Both may live in the same root or in two.
+the last '@' (so 's3://user@bucket/run@100' works). ROOT alone, or ROOT@latest, is the newest
+step directory holding a manifest (exit 2 if that manifest is corrupt). Both may live in the
+same root or in two.
 --replica URL names another location holding copies of A's root; it is read from for B too
 when B is in the same root.
 
@@ -33,42 +35,42 @@ shape change reports reason 'dtype' / 'shape' and no difference), added (in B on
 (in A only). Top-level keys of the non-tensor state whose JSON differs are listed too.
 
 exit codes: 0 compared, whether or not the checkpoints differ (diff is informational);
-2 a checkpoint is missing, incomplete or corrupt; 64 usage error (e.g. a spec without '@STEP').
+2 a checkpoint is missing, incomplete or corrupt; 64 usage error (e.g. no such root).
 """
 
 
 @dataclass(frozen=True)
 class Spec:
     root: str
-    step: int
+    step: int | None  # None: the latest
 
     def __str__(self) -> str:
-        return f"{self.root}@{self.step}"
+        return f"{self.root}@{'latest' if self.step is None else self.step}"
 
 
 def parse_spec(text: str) -> Spec:
-    """``ROOT@STEP`` split at the last '@'; ``UsageError`` if there is no valid step."""
+    """``ROOT@STEP`` split at the last '@'; ``ROOT`` or ``ROOT@latest``: the newest step
+    directory holding a manifest. ``UsageError`` if what follows the '@' is no step."""
     from .main import UsageError
 
     root, sep, step = text.rpartition("@")
-    if not sep or not root:
+    if not sep or "/" in step:  # no '@', or one inside the URL (s3://user@bucket/run)
+        root, step = text, "latest"
+    if not root:
         raise UsageError(f"{text!r}: expected ROOT@STEP")
+    if step == "latest":
+        return Spec(root, None)
     if not (step.isascii() and step.isdigit()) or int(step) > M.MAX_STEP:
-        raise UsageError(f"{text!r}: step {step!r} is not a non-negative integer")
+        raise UsageError(f"{text!r}: step {step!r} is not a non-negative integer or 'latest'")
     return Spec(root, int(step))
 
 
-def _open(spec: Spec, replicas: Sequence[str]) -> list[Location]:
-    from ..errors import IncompleteCheckpointError
-    from .main import UsageError
+def _open(spec: Spec, replicas: Sequence[str]) -> tuple[list[Location], int]:
+    """The reachable locations of ``spec`` (UsageError for a missing root) and its step."""
+    from .commands import latest_step, open_locations
 
-    try:
-        locs = [open_location(u) for u in (spec.root, *replicas)]
-    except (ValueError, ImportError) as exc:
-        raise UsageError(f"{spec.root}: {exc}") from None
-    if not any(loc.root_exists() for loc in locs):
-        raise IncompleteCheckpointError(f"{spec.root}: no such checkpoint root")
-    return locs
+    locs = open_locations([spec.root, *replicas], warn="diff")
+    return locs, latest_step(locs) if spec.step is None else spec.step
 
 
 def _pieces_sig(meta: TensorMeta) -> tuple[Any, ...]:
@@ -143,10 +145,10 @@ def _canon(node: Any) -> str:
 def diff(locs_a: Sequence[Location], step_a: int, locs_b: Sequence[Location], step_b: int,
          atol: float = 0.0, progress: bool = False) -> dict[str, Any]:
     """The report of ``diff`` (the ``--json`` document without ``a`` / ``b``)."""
+    from ..catalog import find_manifest
     from ..consolidate import read_full
     from ..engine.index import full_manifest
     from ..engine.reader import CheckpointReader
-    from ..manager import find_manifest
 
     reader_a = CheckpointReader(locs_a, step_dirname(step_a), find_manifest(locs_a, step_a)[0])
     reader_b = CheckpointReader(locs_b, step_dirname(step_b), find_manifest(locs_b, step_b)[0])
@@ -205,9 +207,10 @@ def cmd_diff(args: argparse.Namespace) -> int:
     a, b = parse_spec(args.a), parse_spec(args.b)
     if not (math.isfinite(args.atol) and args.atol >= 0):
         raise UsageError(f"--atol {args.atol}: must be a finite number >= 0")
-    locs_a = _open(a, args.replica)
-    locs_b = _open(b, args.replica if b.root == a.root else ())
-    report = diff(locs_a, a.step, locs_b, b.step, args.atol, progress=wanted(args))
+    locs_a, step_a = _open(a, args.replica)
+    locs_b, step_b = _open(b, args.replica if b.root == a.root else ())
+    report = diff(locs_a, step_a, locs_b, step_b, args.atol, progress=wanted(args))
+    a, b = Spec(a.root, step_a), Spec(b.root, step_b)
     if args.json:
         tensors = [{**r, "max_abs_diff": M.encode_float(r["max_abs_diff"])}
                    if isinstance(r["max_abs_diff"], float) else r for r in report["tensors"]]
@@ -231,8 +234,8 @@ def cmd_diff(args: argparse.Namespace) -> int:
 def add_args(p: argparse.ArgumentParser) -> None:
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.epilog = _EPILOG
-    p.add_argument("a", metavar="A", help="the old checkpoint, ROOT@STEP")
-    p.add_argument("b", metavar="B", help="the new checkpoint, ROOT@STEP")
+    p.add_argument("a", metavar="A", help="the old checkpoint, ROOT@STEP (ROOT: the latest)")
+    p.add_argument("b", metavar="B", help="the new checkpoint, ROOT@STEP (ROOT: the latest)")
     p.add_argument("--atol", type=float, default=0.0, metavar="X",
                    help="report tensors whose max abs diff is at most X as same, with reason "
                    "'within_atol' (default 0: any byte difference counts)")

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..errors import CorruptCheckpointError, IncompleteCheckpointError, StorageError
+from .. import catalog
+from ..errors import StorageError
 from ..format import manifest as M
-from ..manager import read_manifest
 from ..storage import Location, step_dirname
+
+# how a location's state of a step shows in ``ls`` (the catalog's word where not listed here)
+_SHOWN = {"corrupt": "corrupt manifest"}
 
 
 @dataclass
@@ -18,8 +21,13 @@ class StepHealth:
 
 @dataclass
 class Survey:
+    """``steps``: the committed steps; ``corrupt``: steps with a manifest file valid nowhere
+    (step -> error); ``aside``: (location, directory) of each corrupt step moved aside."""
+
     steps: dict[int, StepHealth] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
+    corrupt: dict[int, str] = field(default_factory=dict)
+    aside: list[tuple[str, str]] = field(default_factory=list)
 
 
 def file_health(loc: Location, step: int, m: M.Manifest) -> str:
@@ -35,41 +43,32 @@ def file_health(loc: Location, step: int, m: M.Manifest) -> str:
 
 
 def survey(locations: list[Location], progress: bool = False) -> Survey:
-    """Every step of every location, read and sized; ``progress``: a bar on stderr (TTY)."""
+    """Every step of every location, read and sized; ``progress``: a bar on stderr (TTY).
+
+    An unreachable location is reported (``problems``) and marked ``unreachable``; the others
+    are shown. ``StorageError`` only when none answers.
+    """
     from .progress import bar
 
-    out = Survey()
-    per_loc: list[dict[int, str | M.Manifest]] = []
-    unreachable: set[int] = set()
-    for index, loc in enumerate(locations):
-        found: dict[int, str | M.Manifest] = {}
-        try:
-            steps = loc.list_step_dirs()
-        except StorageError as exc:  # an unreachable replica: say so, show the others
-            if index == 0 and len(locations) == 1:
-                raise
-            out.problems.append(f"{loc.display}: cannot be listed: {exc}")
-            unreachable.add(index)
-            steps = {}
-        for step in bar(steps, desc=f"reading {loc.display}", total=len(steps),
-                        enabled=progress, unit="step"):
-            try:
-                found[step] = read_manifest(loc, step)
-            except IncompleteCheckpointError:
-                found[step] = "uncommitted"
-            except (CorruptCheckpointError, StorageError) as exc:
-                found[step] = "corrupt manifest" if isinstance(exc, CorruptCheckpointError) \
-                    else "unreadable"
-                out.problems.append(str(exc))
-        per_loc.append(found)
-    for step in sorted({s for f in per_loc for s in f}):
-        manifest = next((f[step] for f in per_loc if isinstance(f.get(step), M.Manifest)), None)
-        if not isinstance(manifest, M.Manifest):
+    def each(loc: Location, steps: list[int]) -> list[int] | object:
+        return bar(steps, desc=f"reading {loc.display}", total=len(steps), enabled=progress,
+                   unit="step")
+
+    found = catalog.survey(locations, each=each)
+    if len(found.unreachable) == len(locations):
+        raise StorageError("; ".join(f"{locations[i].display}: cannot be listed: {why}"
+                                     for i, why in sorted(found.unreachable.items())))
+    out = Survey(corrupt=found.corrupt(),
+                 aside=[(locations[i].display, name) for i, name in found.aside])
+    out.problems += [f"{locations[i].display}: cannot be listed: unreachable: {why}"
+                     for i, why in sorted(found.unreachable.items())]
+    for step, entry in sorted(found.steps.items()):
+        out.problems += [msg for i, msg in sorted(entry.errors.items())
+                         if entry.state[i] in ("corrupt", "unreadable")]
+        if entry.manifest is None:
             continue
-        entry = StepHealth(manifest)
-        for index, (loc, found) in enumerate(zip(locations, per_loc)):
-            got = found.get(step, "unreachable" if index in unreachable else "absent")
-            entry.health.append(file_health(loc, step, got) if isinstance(got, M.Manifest)
-                                else str(got))
-        out.steps[step] = entry
+        health = [file_health(loc, step, entry.manifest) if state == "ok"
+                  else _SHOWN.get(state, state)
+                  for loc, state in zip(locations, entry.state)]
+        out.steps[step] = StepHealth(entry.manifest, health)
     return out

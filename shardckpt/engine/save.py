@@ -22,7 +22,8 @@ from datetime import datetime, timezone
 from typing import Any
 
 from .. import knobs
-from ..errors import CollectiveError, ShardckptError, StorageError
+from ..catalog import aside_dirname, read_manifest
+from ..errors import CollectiveError, CorruptCheckpointError, ShardckptError, StorageError
 from ..format import manifest as M
 from ..format.shard import Codec, FileRecord, Piece, checksum
 from ..planning import tree as T
@@ -36,6 +37,7 @@ from ..storage.lease import (
     releases_writer_leases,
     writer_lease,
 )
+from ..storage.probe import Unreachable, reachable_all
 from .comm import GlooComm, LocalComm
 from .pipeline import PipelineConfig
 from .writer import PieceData, tensor_bytes, write_rank
@@ -117,8 +119,17 @@ def prepare_step_dir(location: Location, step_dir: str) -> None:
     refuse a committed step, clear a stale partial one."""
     hold_writer_lease(location, step_dir)
     if location.size(f"{step_dir}/{M.MANIFEST_NAME}") is not None:
-        raise ValueError(f"step directory {location.display}/{step_dir} is already committed; "
-                         f"a committed checkpoint is never overwritten")
+        step = int(step_dir.removeprefix("step-"))
+        try:
+            read_manifest(location, step)
+        except CorruptCheckpointError as exc:  # not committed, but kept: moved out of the way
+            aside = aside_dirname(step, time.time())
+            location.move_tree(step_dir, aside)
+            warnings.warn(f"{location.display}/{step_dir}: manifest corrupt ({exc}); moved "
+                          f"aside to {aside} and saving step {step} afresh", stacklevel=2)
+        else:
+            raise ValueError(f"step directory {location.display}/{step_dir} is already "
+                             f"committed; a committed checkpoint is never overwritten")
     if location.listdir(step_dir):
         location.remove_tree(step_dir)
     location.makedirs(step_dir)
@@ -183,9 +194,19 @@ def commit(location: Location, step_dir: str, data: bytes) -> None:
 def _prepare(locations: Sequence[Location], step_dir: str) -> tuple[list[int], dict[int, str]]:
     """Rank 0: prepare the step directory at every location; a committed step is an error."""
     ok, failed = [], {}
-    for i, loc in enumerate(locations):
+    for i, loc in enumerate(reachable_all(locations)):  # a dead replica: seconds, not minutes
+        if isinstance(loc, Unreachable):
+            failed[i] = f"{loc.display}: unreachable: {loc.why}"
+    live = [i for i in range(len(locations)) if i not in failed]
+    step = int(step_dir.removeprefix("step-"))
+    for i in live:  # committed anywhere: refused everywhere, before any directory is touched
+        with contextlib.suppress(ShardckptError):
+            read_manifest(locations[i], step)
+            raise ValueError(f"step directory {locations[i].display}/{step_dir} is already "
+                             f"committed; a committed checkpoint is never overwritten")
+    for i in live:
         try:
-            prepare_step_dir(loc, step_dir)
+            prepare_step_dir(locations[i], step_dir)
             ok.append(i)
         except ShardckptError as exc:
             failed[i] = describe(exc)

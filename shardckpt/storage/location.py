@@ -141,6 +141,8 @@ class Location:
     def fsync_dir(self, reldir: str) -> None: ...
     def remove(self, relpath: str) -> None: ...
     def remove_tree(self, reldir: str) -> None: ...
+    def move_tree(self, src: str, dst: str) -> None:
+        """Move directory ``src`` to ``dst`` (which must not exist), files and all."""
     # -- reading
     def read_range(self, relpath: str, offset: int, length: int) -> bytes: ...
     def read_file(self, relpath: str, limit: int) -> bytes: ...
@@ -318,6 +320,17 @@ class LocalLocation(Location):
             pass
         except OSError as exc:
             raise self._wrap("remove tree", reldir, exc) from exc
+
+    def move_tree(self, src: str, dst: str) -> None:
+        """One ``rename``: atomic, and never over an existing ``dst``."""
+        source, target = self._path(src, must_exist=True), self._path(dst)
+        try:
+            if os.path.lexists(target):
+                raise FileExistsError(errno.EEXIST, "exists", target)
+            os.rename(source, target)
+        except OSError as exc:
+            raise self._wrap("move", src, exc) from exc
+        self.fsync_dir(posixpath.dirname(dst))
 
     def read_range(self, relpath: str, offset: int, length: int) -> bytes:
         try:

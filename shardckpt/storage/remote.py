@@ -55,6 +55,14 @@ def _secrets(options: Any) -> set[str]:
     return found
 
 
+def _with_connect_timeout(options: dict[str, Any]) -> dict[str, Any]:
+    """S3 options with botocore's connect timeout bounded by ``SHARDCKPT_CONNECT_TIMEOUT``
+    (botocore waits 60 s for each connection to a silent address), unless the user set one."""
+    config = dict(options.get("config_kwargs") or {})
+    config.setdefault("connect_timeout", knobs.CONNECT_TIMEOUT_S.get())
+    return {**options, "config_kwargs": config}
+
+
 class _FsspecSink(Sink):
     def __init__(self, loc: FsspecLocation, relpath: str, path: str) -> None:
         self._loc, self._relpath, self._path = loc, relpath, path
@@ -95,6 +103,9 @@ class _FsspecSink(Sink):
 class FsspecLocation(Location):
     def __init__(self, url: str, storage_options: dict[str, Any]) -> None:
         self.url = url.rstrip("/")
+        scheme = urlsplit(url).scheme
+        if scheme in _S3_PROTOCOLS:
+            storage_options = _with_connect_timeout(storage_options)
         self.fs, root = fsspec.core.url_to_fs(self.url, **storage_options)
         self.root = root.rstrip("/")
         secrets = _secrets(storage_options)
@@ -154,6 +165,14 @@ class FsspecLocation(Location):
     def remove(self, relpath: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             self._call("remove", relpath, self.fs.rm_file, self._path(relpath))
+
+    def move_tree(self, src: str, dst: str) -> None:
+        """Object stores have no rename: copy every object, then delete the source."""
+        source, target = self._path(src), self._path(dst)
+        self._forget(source)
+        self._call("move", src, self.fs.copy, source, target, recursive=True)
+        self._forget(target)
+        self.remove_tree(src)
 
     def remove_tree(self, reldir: str) -> None:
         path = self._path(reldir)

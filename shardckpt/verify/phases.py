@@ -13,11 +13,11 @@ from typing import Any
 
 import torch
 
+from ..catalog import read_manifest
 from ..engine.index import full_manifest
 from ..engine.reader import CheckpointReader
 from ..errors import CorruptCheckpointError, IncompleteCheckpointError, StorageError
 from ..format import manifest as M
-from ..manager import read_manifest
 from ..repair import verify_file
 from ..storage import Location, step_dirname
 

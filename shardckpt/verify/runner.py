@@ -22,12 +22,13 @@ from typing import Any
 import torch
 
 from .. import knobs
+from ..catalog import find_manifest, survey
 from ..consolidate import read_value
 from ..engine.comm import LocalComm, make_comm
 from ..errors import IncompleteCheckpointError, ShardckptError, StorageError
 from ..golden import GOLDEN_KEY
-from ..manager import find_manifest
 from ..storage import open_location
+from ..storage.probe import reachable_all
 from . import phases
 from .model import FactoryError, load_factory, reassemble
 from .progress import Progress
@@ -131,23 +132,14 @@ def agree(comm: Any, fn: Callable[[], Any], what: str) -> Any:
 
 
 def _pick_step(locations: Sequence[Any], step: int | None, comm: Any) -> int:
-    if step is None:
-        steps = sorted({s for loc in locations for s in loc.list_step_dirs()}, reverse=True)
-        step = next((s for s in steps if _committed(locations, s)), None)
+    if step is None:  # the newest with a manifest: a corrupt newest one fails verification
+        step = survey(locations, probe=False).latest_manifest()
         if comm.world_size > 1:  # a save may commit meanwhile: rank 0 decides
             step = comm.broadcast_json(step, "verify: agree on step")
         if step is None:
             raise IncompleteCheckpointError(f"{locations[0].display}: no committed checkpoint "
                                             "to verify")
     return step
-
-
-def _committed(locations: Sequence[Any], step: int) -> bool:
-    try:
-        find_manifest(locations, step)
-        return True
-    except ShardckptError:
-        return False
 
 
 def _device() -> torch.device:
@@ -164,7 +156,7 @@ def _golden_spec(manifest: Any) -> dict[str, Any] | None:
 def verify(opts: VerifyOptions, comm: Any = None) -> VerifyResult:
     """Run every phase; collective over ``comm`` (default: a single process)."""
     comm = comm or LocalComm()
-    locations = [open_location(u) for u in (opts.root, *opts.replicas)]
+    locations = reachable_all([open_location(u) for u in (opts.root, *opts.replicas)])
     factory = load_factory(opts.model) if opts.model else None  # usage errors before any I/O
     step = _pick_step(locations, opts.step, comm)
     manifest, _ = find_manifest(locations, step)
