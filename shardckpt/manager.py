@@ -304,13 +304,13 @@ class CheckpointManager:
     def _note_unreachable(self, found: catalog.Survey) -> None:
         """Warn once per outage of a location; raise if no location answered."""
         down = {found.locations[i].display: why for i, why in found.unreachable.items()}
+        if len(down) == len(found.locations):
+            raise StorageError("no location is reachable: " + "; ".join(
+                f"{n}: {why}" for n, why in down.items()))
         for name in sorted(set(down) - self._down):
             warnings.warn(f"{name} is unreachable ({down[name]}); reading from the other "
                           f"locations", stacklevel=4)
         self._down = set(down)
-        if len(down) == len(found.locations):
-            raise StorageError("no location is reachable: " + "; ".join(
-                f"{n}: {why}" for n, why in down.items()))
 
     def _readable(self) -> list[Location]:
         """The locations to read from: those that answer (probed), in order."""

@@ -88,7 +88,9 @@ def test_corrupt_manifest_is_exit_2(tmp_path: Path) -> None:
     m.write_bytes(bytes(data))
     proc = run_cli("ls", str(d), "--json")
     assert proc.returncode == 2
-    assert json.loads(proc.stdout) == []
+    rows = json.loads(proc.stdout)
+    assert [(r["step"], r["health"]) for r in rows] == [(1, "corrupt")]
+    assert "manifest.json" in rows[0]["error"]
     assert "checksum" in proc.stderr and "Traceback" not in proc.stderr
 
 

@@ -87,7 +87,7 @@ USAGE_ERRORS = [
                                            "npz", "--out", "{tmp}/x"),
     ("export", "{root}", "--step", "10", "--format", "torch", "--out", "{tmp}/no/dir/x.pt"),
     ("export", "{root}", "--step", "10", "--format", "torch", "--out", "{tmp}"),
-    ("diff",), ("diff", "{root}"), ("diff", "{root}", "{root}@20"),
+    ("diff",), ("diff", "{root}"), ("diff", "{missing}", "{root}@20"),
     ("diff", "{root}@10", "{root}@x"), ("diff", "{root}@10", "{root}@20", "--atol", "-3"),
     ("report", "{root}"), ("report", "{root}", "--out", "{tmp}/x.jpeg"),
     ("report", "{root}", "--out", "{tmp}/x.png", "--metric", "accuracy"),
@@ -231,7 +231,9 @@ def test_ls_with_an_unreachable_replica_shows_the_others(
     with shardckpt.CheckpointManager(str(root), capture_rng=False) as mgr:
         mgr.save(1, {"w": torch.ones(3)}, blocking=True)
     closed = free_port()  # nothing listens there: every request fails at once
-    monkeypatch.setenv("FSSPEC_S3_ENDPOINT_URL", f"http://127.0.0.1:{closed}")
+    import fsspec.config  # it reads FSSPEC_S3_* variables once, at import: set it itself
+
+    monkeypatch.setitem(fsspec.config.conf, "s3", {"endpoint_url": f"http://127.0.0.1:{closed}"})
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")

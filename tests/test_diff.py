@@ -128,13 +128,22 @@ def test_last_at_splits(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert doc["summary"]["changed"] == 0 and _user(doc)["x"]["status"] == "same"
 
 
-def test_missing_step_or_root_is_integrity(roots: tuple[str, str], tmp_path: Path,
-                                           capsys: pytest.CaptureFixture[str]) -> None:
+def test_missing_step_is_integrity_and_missing_root_is_usage(
+        roots: tuple[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     one, _ = roots
     assert main(["diff", f"{one}@10", f"{one}@99"]) == 2
-    assert main(["diff", f"{one}@10", f"{tmp_path / 'nope'}@1"]) == 2
+    assert main(["diff", f"{one}@10", f"{tmp_path / 'nope'}@1"]) == 64  # like every command
     err = capsys.readouterr().err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 2
+
+
+def test_root_alone_is_the_latest_step(roots: tuple[str, str],
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    one, _ = roots
+    latest = max(shardckpt.CheckpointManager(one).steps())
+    doc = _json(capsys, f"{one}@10", one)
+    assert doc["b"] == f"{one}@{latest}"
+    assert _json(capsys, f"{one}@{latest}", f"{one}@latest")["summary"]["changed"] == 0
 
 
 def test_max_abs_diff_units() -> None:

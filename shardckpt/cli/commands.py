@@ -216,6 +216,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             raise UsageError("--format safetensors needs the safetensors package "
                              "(pip install 'shardckpt[export]')") from None
     locs = _locations(args)
+    args.step = latest_step(locs) if args.step is None else args.step
     tensors = _consolidate(locs, args.step, args.only, wanted(args))
     if not tensors:
         raise UsageError(f"step {args.step} has no tensors" + (f" under {args.only!r}"
@@ -246,7 +247,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def _add_export(p: argparse.ArgumentParser) -> None:
     p.add_argument("root", metavar="ROOT", help=ROOT_HELP)
-    p.add_argument("--step", type=step_arg, required=True, metavar="N", help="step to export")
+    p.add_argument("--step", type=step_arg, default=None, metavar="N",
+                   help="step to export (default: latest)")
     p.add_argument("--format", choices=("safetensors", "torch"), required=True,
                    help="safetensors (needs the safetensors package) or torch (torch.save of "
                    "a dict of tensors)")

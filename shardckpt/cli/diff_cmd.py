@@ -202,13 +202,17 @@ def _fmt(d: Any) -> str:
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
+    from .commands import latest_step
     from .main import UsageError, emit
 
     a, b = parse_spec(args.a), parse_spec(args.b)
     if not (math.isfinite(args.atol) and args.atol >= 0):
         raise UsageError(f"--atol {args.atol}: must be a finite number >= 0")
     locs_a, step_a = _open(a, args.replica)
-    locs_b, step_b = _open(b, args.replica if b.root == a.root else ())
+    if b.root == a.root:  # one root: opened (and its replicas probed) once
+        locs_b, step_b = locs_a, latest_step(locs_a) if b.step is None else b.step
+    else:
+        locs_b, step_b = _open(b, ())
     report = diff(locs_a, step_a, locs_b, step_b, args.atol, progress=wanted(args))
     a, b = Spec(a.root, step_a), Spec(b.root, step_b)
     if args.json:

@@ -79,7 +79,8 @@ def _check_args(args: argparse.Namespace, world: int | None) -> int:
             raise UsageError(str(exc)) from None
     from .commands import open_locations
 
-    open_locations([args.root, *args.replica])  # UsageError: cannot open, or no such root
+    # UsageError: cannot open, or no such root; one line for an unreachable replica
+    open_locations([args.root, *args.replica], warn="verify")
     return world or args.nproc or 1
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import threading
 import time
-import weakref
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -93,7 +92,13 @@ class Unreachable(Location):
     read_range = read_file = size = listdir = root_exists = move_tree = _fail
 
 
-_down: weakref.WeakKeyDictionary[Location, tuple[float, str]] = weakref.WeakKeyDictionary()
+_down: dict[str, tuple[float, str]] = {}  # location -> when it was found unreachable, and why
+
+
+def _key(location: Location) -> str:
+    """The URL and the filesystem's identity (its options): one entry per endpoint and root."""
+    fs = getattr(location, "fs", None)
+    return f"{location.url} {getattr(fs, '_fs_token', '')}"
 _down_lock = threading.Lock()
 
 
@@ -107,15 +112,15 @@ def reachable(location: Location) -> Location:
     if isinstance(location, Unreachable) or location.is_local:
         return location  # judged already (one probe per location per command or survey)
     with _down_lock:
-        since, why = _down.get(location, (None, ""))
+        since, why = _down.get(_key(location), (None, ""))
     if since is not None and time.monotonic() - since < knobs.UNREACHABLE_TTL_S.get():
         return Unreachable(location, why)
     found = probe(location)
     with _down_lock:
         if found is None:
-            _down.pop(location, None)
+            _down.pop(_key(location), None)
         else:
-            _down[location] = (time.monotonic(), found)
+            _down[_key(location)] = (time.monotonic(), found)
     return location if found is None else Unreachable(location, found)
 
 
