@@ -61,7 +61,20 @@ CONNECT_ATTEMPTS = Knob("SHARDCKPT_CONNECT_ATTEMPTS", 2, 1,
                         "counts as unreachable")
 UNREACHABLE_TTL_S = Knob("SHARDCKPT_UNREACHABLE_TTL", 30, 0,
                          "seconds a location found unreachable is skipped before its next probe")
+STORAGE_ATTEMPTS = Knob("SHARDCKPT_STORAGE_ATTEMPTS", 2, 1,
+                        "tries of one storage operation when it fails transiently (1: no retry)")
+STORAGE_RETRY_SECONDS = Knob(
+    "SHARDCKPT_STORAGE_RETRY_SECONDS", 120, 0,
+    "seconds after which a failing storage operation is no longer retried")
+S3_BLOCK_SIZE = Knob("SHARDCKPT_S3_BLOCK_SIZE", 32 * MiB, 5 * MiB,
+                     "bytes buffered per S3 upload part (S3's minimum part is 5 MiB)")
+LEASE_TTL_S = Knob("SHARDCKPT_LEASE_TTL", 300, 1, "seconds a writer/reaper lease lives unrenewed")
+PRUNE_LOCK_TTL_S = Knob("SHARDCKPT_PRUNE_LOCK_TTL", 120, 1,
+                        "seconds the prune lock lives unrenewed (a dead holder's lock expires)")
+LOCK_SETTLE_MS = Knob("SHARDCKPT_LOCK_SETTLE_MS", 250, 0,
+                      "ms between writing the prune lock and reading it back (Fischer's delay)")
 
 ALL_KNOBS = (CHUNK_SIZE, IO_THREADS, FILES_PER_RANK, MEMORY_BUDGET, ENCODE_THREADS,
              COLLECTIVE_TIMEOUT_S, FSYNC, CONNECT_TIMEOUT_S, CONNECT_ATTEMPTS,
-             UNREACHABLE_TTL_S)
+             UNREACHABLE_TTL_S, STORAGE_ATTEMPTS, STORAGE_RETRY_SECONDS, S3_BLOCK_SIZE,
+             LEASE_TTL_S, PRUNE_LOCK_TTL_S, LOCK_SETTLE_MS)

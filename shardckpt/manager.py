@@ -286,9 +286,13 @@ class CheckpointManager:
         """Committed steps, ascending (a step counts once its manifest is present and valid).
 
         Works from the locations that answer: an unreachable replica is skipped, with one
-        warning (again only once it has come back and gone away again).
+        warning (again only once it has come back and gone away again). A step whose manifest
+        is present but corrupt or unreadable everywhere is left out, with a warning.
         """
-        return self._survey().committed()
+        found = self._survey()
+        for step, error in found.corrupt().items():
+            warnings.warn(f"skipping step {step}: {error}", stacklevel=2)
+        return found.committed()
 
     def _survey(self) -> catalog.Survey:
         found = catalog.survey(self.locations, cache=self._manifests, trust_cache=True,

@@ -4,7 +4,7 @@ spawned children of ``harness.run_ranks``, and by the tests themselves for the s
 Crashes and faults are injected *in the child*, without touching production code: a stable
 low-level call (``StagingPool.snapshot``, ``_LocalSink.write``, ``os.fsync``,
 ``LocalLocation.write_atomic``, ``LocalLocation.remove_tree``, the module-level ``open`` and
-``os`` of ``shardckpt.storage.location``) is wrapped so that, on the chosen rank and once the
+``os`` of ``shardckpt.storage.local``) is wrapped so that, on the chosen rank and once the
 chosen phase is reached, it SIGKILLs this rank (or every rank of the job), or raises an
 ``OSError`` like a failing disk would.
 
@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 import shardckpt
 from shardckpt.engine import snapshot as snapshot_mod
-from shardckpt.storage import location as location_mod
+from shardckpt.storage import local as location_mod
 
 MANIFEST = "manifest.json"
 RETENTION_THREAD = "shardckpt-retention"  # thread name prefix of the manager's retention runner
@@ -302,7 +302,7 @@ class _FaultyRaw(io.FileIO):
 
 
 class _OsProxy:
-    """``os`` for ``shardckpt.storage.location``, with ``fsync`` and ``replace`` checked."""
+    """``os`` for ``shardckpt.storage.local``, with ``fsync`` and ``replace`` checked."""
 
     def __init__(self, faults: Faults) -> None:
         self._faults = faults
@@ -321,7 +321,7 @@ class _OsProxy:
 
 class Faults:
     """Fails ``op`` ("write", "fsync", "replace") with ``err`` on paths that ``match`` accepts,
-    once armed, in this process only. Installed into ``shardckpt.storage.location``."""
+    once armed, in this process only. Installed into ``shardckpt.storage.local``."""
 
     def __init__(self) -> None:
         self.op: str | None = None

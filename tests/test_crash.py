@@ -25,7 +25,7 @@ import torch
 
 import shardckpt
 from shardckpt.format import manifest as M
-from shardckpt.storage import location as location_mod
+from shardckpt.storage import local as location_mod
 
 TESTS_DIR = Path(__file__).resolve().parent
 BIG_TENSORS = 6  # x 64 MiB of float32 for the step that gets killed

@@ -1,6 +1,6 @@
 """Storage faults on a local disk: injected I/O errors, a real full disk, and power loss.
 
-* **Injected faults.** ``shardckpt.storage.location`` sees a proxy of ``os`` whose ``fsync`` and
+* **Injected faults.** ``shardckpt.storage.local`` sees a proxy of ``os`` whose ``fsync`` and
   ``replace`` fail on chosen paths (fd -> path through ``/proc/self/fd``), and an ``open`` whose
   raw file object fails ``write`` on chosen paths (under the real ``BufferedWriter``, so the error
   surfaces where a real ``write(2)`` error would). For each fault point x errno (ENOSPC, EIO) x
@@ -36,7 +36,7 @@ import torch
 
 import shardckpt
 from shardckpt.format import manifest as M
-from shardckpt.storage import location as location_mod
+from shardckpt.storage import local as location_mod
 
 REAL_OS = os
 REAL_OPEN = open
@@ -94,7 +94,7 @@ def fd_path(fd: int) -> str:
 
 # ----------------------------------------------------------------------------- fault injector
 class _OsProxy:
-    """Stands in for ``os`` inside ``shardckpt.storage.location``: everything is the real ``os``
+    """Stands in for ``os`` inside ``shardckpt.storage.local``: everything is the real ``os``
     except ``fsync`` and ``replace``, which go through ``hooks`` first."""
 
     def __init__(self, fsync: Callable[[int], None], replace: Callable[..., None]) -> None:
@@ -376,7 +376,7 @@ class PowerLossFS:
     """Records what fsync made durable, and can "crash" at the k-th durability call.
 
     Durability calls are the ``os.fsync`` and ``os.replace`` calls of
-    ``shardckpt.storage.location``. Model (a strict, ext4-like filesystem without the
+    ``shardckpt.storage.local``. Model (a strict, ext4-like filesystem without the
     ``auto_da_alloc`` rename heuristics):
 
     * fsync of a regular file makes its *data* durable as of that moment (keyed by inode, so a

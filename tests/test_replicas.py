@@ -169,8 +169,9 @@ def test_repair_cannot_invent_data(roots) -> None:
 
 
 @pytest.mark.parametrize("fail_at", ["open", "write", "commit", None])
-def test_tee_sink_survives_a_location_failing_at_any_point(fail_at: str | None) -> None:
-    from shardckpt.storage.location import Location, Sink
+def test_tee_sink_survives_a_location_failing_at_any_point(fail_at: str | None,
+                                                          tmp_path: Path) -> None:
+    from shardckpt.storage.location import Sink
     from shardckpt.storage.replicas import TeeSink
 
     class FakeSink(Sink):
@@ -190,8 +191,9 @@ def test_tee_sink_survives_a_location_failing_at_any_point(fail_at: str | None) 
         def abort(self) -> None:
             pass
 
-    class FakeLocation(Location):
+    class FakeLocation(LocalLocation):  # a real backend whose sinks are fakes
         def __init__(self, fail: str | None) -> None:
+            super().__init__(str(tmp_path))
             self.url, self.fail = "fake://", fail
             self.sinks: list[FakeSink] = []
 

@@ -522,3 +522,40 @@ def test_call_with_retries_bounds(monkeypatch: pytest.MonkeyPatch) -> None:
         R.call_with_retries(forbidden, attempts=5)
     assert len(calls) == 1
     assert all(R.backoff(i) <= 15 for i in range(40))
+
+
+def test_read_into_and_records_on_every_backend(loc: Location) -> None:
+    """``read_into`` (each backend's own, or the base class's fallback) and lease records."""
+    from shardckpt.storage.base import Location as Base
+    from shardckpt.storage.records import LEASE_DIR, Record, put_record, read_record
+
+    loc.makedirs("d")
+    loc.write_atomic("d/f", bytes(range(200)))
+    out = bytearray(50)
+    assert loc.read_into("d/f", 100, memoryview(out)) == 50 and bytes(out) == bytes(range(100, 150))
+    out = bytearray(50)
+    assert loc.read_into("d/f", 180, memoryview(out)) == 20  # short at the end of the file
+    assert bytes(out[:20]) == bytes(range(180, 200))
+    out = bytearray(10)
+    assert Base.read_into(loc, "d/f", 5, memoryview(out)) == 10 and bytes(out) == bytes(
+        range(5, 15))
+    loc.makedirs(LEASE_DIR)
+    record = Record.new("writer", ["step-0000000001"], 60.0, 1000.0)
+    put_record(loc, f"{LEASE_DIR}/a.json", record)
+    assert read_record(loc, f"{LEASE_DIR}/a.json") == record
+    newer = Record.new("writer", ["step-0000000001"], 60.0, 2000.0)
+    put_record(loc, f"{LEASE_DIR}/a.json", newer)  # replaced whole
+    assert read_record(loc, f"{LEASE_DIR}/a.json") == newer
+    assert loc.modified_time(f"{LEASE_DIR}/a.json") is not None
+    assert loc.modified_time("no/such/file") is None
+
+
+def test_a_backend_missing_an_operation_fails_when_made() -> None:
+    from shardckpt.storage.base import Location as Base
+
+    class Partial(Base):
+        def listdir(self, reldir: str = "") -> list[str]:
+            return []
+
+    with pytest.raises(TypeError, match="abstract"):
+        Partial()  # type: ignore[abstract]

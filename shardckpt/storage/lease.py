@@ -30,9 +30,7 @@ both believe they hold it. That costs duplicate work, not data: every prune only
 its own plan deletes, manifest first, and deleting twice is harmless. The holder renews the
 lock while it works and stops deleting as soon as it finds it lost (taken over after a lapse).
 
-A record whose holder is certainly dead no longer counts, whatever its expiry: same host, same
-boot, same PID namespace, and that PID is gone or now belongs to a process started at another
-time (Linux only; elsewhere only expiry frees a record).
+The records themselves (holder identity, parsing, dead holders) are in :mod:`.records`.
 """
 
 from __future__ import annotations
@@ -40,190 +38,31 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-import json
-import os
-import socket
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, fields, replace
-from datetime import datetime, timezone
+from dataclasses import replace
 from typing import Any, TypeVar
 
 from ..errors import LeaseError, PruneLockedError, ShardckptError
-from ..knobs import Knob
-from .location import LocalLocation, Location, drop_world_write, step_dirname
-
-# These belong with the others in knobs.py; they live here until that module is free to edit.
-LEASE_TTL_S = Knob("SHARDCKPT_LEASE_TTL", 300, 1, "seconds a writer/reaper lease lives unrenewed")
-PRUNE_LOCK_TTL_S = Knob("SHARDCKPT_PRUNE_LOCK_TTL", 120, 1,
-                        "seconds the prune lock lives unrenewed (a dead holder's lock expires)")
-LOCK_SETTLE_MS = Knob("SHARDCKPT_LOCK_SETTLE_MS", 250, 0,
-                      "ms between writing the prune lock and reading it back (Fischer's delay)")
+from ..knobs import LEASE_TTL_S, LOCK_SETTLE_MS, PRUNE_LOCK_TTL_S
+from .base import Location, step_dirname
+from .records import (
+    CONTROL_DIR,
+    LEASE_DIR,
+    LOCK_PATH,
+    PRUNER,
+    REAPER,
+    REAPER_PREFIX,
+    WRITER,
+    Record,
+    modified_time,
+    put_record,
+    read_record,
+)
 
 _F = TypeVar("_F", bound=Callable[..., Any])
-
-CONTROL_DIR = ".shardckpt"
-LEASE_DIR = f"{CONTROL_DIR}/leases"
-LOCK_PATH = f"{CONTROL_DIR}/prune.lock"
-RECORD_FORMAT = "shardckpt-lease"
-MAX_RECORD_BYTES = 64 << 10
 RENEWALS_PER_TTL = 5
-WRITER, REAPER, PRUNER = "writer", "reaper", "prune-lock"
-REAPER_PREFIX = "_reaper."
-
-
-# ------------------------------------------------------------------------------ holder identity
-def _read_text(path: str) -> str | None:
-    try:
-        with open(path) as fh:
-            return fh.read().strip()
-    except OSError:
-        return None
-
-
-def _start_ticks(pid: int) -> int | None:
-    """When ``pid`` started, in clock ticks since boot (Linux); None if there is no such pid."""
-    stat = _read_text(f"/proc/{pid}/stat")
-    if stat is None:
-        return None
-    try:
-        return int(stat.rsplit(")", 1)[1].split()[19])
-    except (IndexError, ValueError):
-        return None
-
-
-def _pid_namespace() -> str | None:
-    try:
-        return os.readlink("/proc/self/ns/pid")
-    except OSError:
-        return None
-
-
-@dataclass(frozen=True)
-class Record:
-    """One lease or lock record. Times are POSIX seconds of the holder's clock."""
-
-    kind: str
-    token: str
-    dirs: tuple[str, ...]
-    host: str
-    pid: int
-    boot: str | None
-    pidns: str | None
-    start: int | None
-    acquired: float
-    renewed: float
-    expires: float
-
-    def __post_init__(self) -> None:
-        dirs = self.dirs
-        if isinstance(dirs, str) or not all(isinstance(d, str) for d in dirs):
-            raise ValueError(f"dirs must be a list of step directory names, got {dirs!r}")
-        object.__setattr__(self, "dirs", tuple(dirs))
-
-    @classmethod
-    def new(cls, kind: str, dirs: Iterable[str], ttl: float, now: float) -> Record:
-        pid = os.getpid()
-        return cls(kind, uuid.uuid4().hex, tuple(dirs), socket.gethostname(), pid,
-                   _read_text("/proc/sys/kernel/random/boot_id"), _pid_namespace(),
-                   _start_ticks(pid), now, now, now + ttl)
-
-    def to_bytes(self) -> bytes:
-        return json.dumps({"format": RECORD_FORMAT, **asdict(self)}, sort_keys=True).encode()
-
-    @classmethod
-    def parse(cls, data: bytes) -> Record:
-        """Raises ``ValueError`` (or a subclass) on anything that is not a valid record."""
-        doc = json.loads(data)
-        if not isinstance(doc, dict) or doc.pop("format", None) != RECORD_FORMAT:
-            raise ValueError("not a shardckpt lease record")
-        known = {f.name for f in fields(cls)}  # a newer writer may add fields: ignore them
-        rec = cls(**{k: v for k, v in doc.items() if k in known})
-        for name in ("acquired", "renewed", "expires"):
-            value = getattr(rec, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ValueError(f"{name} is not a time")
-        if not isinstance(rec.token, str) or not isinstance(rec.pid, int):
-            raise ValueError("bad token or pid")
-        return rec
-
-    def holder_dead(self) -> bool:
-        """True only when the holder certainly is gone (see the module docstring)."""
-        if self.boot is None or self.pidns is None or self.host != socket.gethostname():
-            return False
-        if self.boot != _read_text("/proc/sys/kernel/random/boot_id"):
-            return False
-        if self.pidns != _pid_namespace():
-            return False
-        start = _start_ticks(self.pid)
-        return start is None or (self.start is not None and start != self.start)
-
-    def live(self, now: float) -> bool:
-        """In force at ``now``: not expired, and its holder not certainly dead."""
-        return now < self.expires and not self.holder_dead()
-
-    def describe(self) -> str:
-        until = datetime.fromtimestamp(self.expires, timezone.utc).isoformat(timespec="seconds")
-        return f"{self.kind} {self.host}:{self.pid} (until {until})"
-
-
-def put_record(location: Location, relpath: str, record: Record) -> None:
-    """Write ``record`` whole. Local disks: temp file and rename, no fsync (see the module)."""
-    if not isinstance(location, LocalLocation):
-        location.write_atomic(relpath, record.to_bytes())
-        return
-    final = location._path(relpath)
-    tmp = f"{final}.tmp-{uuid.uuid4().hex[:12]}"
-    try:
-        mode = location.file_mode  # exactly that, else the umask's (never world-writable)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666 if mode is None else mode)
-        with open(fd, "wb") as fh:
-            if mode is None:
-                drop_world_write(fd)
-            else:
-                os.fchmod(fd, mode)
-            fh.write(record.to_bytes())
-        os.replace(tmp, final)
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise location._err("write", relpath, exc) from exc
-
-
-def read_record(location: Location, relpath: str) -> Record | None:
-    """The record at ``relpath``; None if it is absent or not a valid record."""
-    try:
-        return Record.parse(location.read_file(relpath, MAX_RECORD_BYTES))
-    except (FileNotFoundError, ValueError, TypeError, UnicodeDecodeError):
-        return None
-
-
-def modified_time(location: Location, relpath: str) -> float | None:
-    """Last modification of a file or directory (POSIX seconds), or None if unknown/absent.
-
-    Belongs on :class:`Location`; it lives here until the storage API grows it.
-    """
-    try:
-        if isinstance(location, LocalLocation):
-            return os.stat(location._path(relpath), follow_symlinks=False).st_mtime
-        fs, path = location.fs, location._path(relpath)  # type: ignore[attr-defined]
-        try:
-            stamp = fs.modified(path)
-        except (NotImplementedError, AttributeError, IsADirectoryError, KeyError):
-            info = fs.info(path)
-            stamp = next((info[k] for k in ("mtime", "LastModified", "last_modified",
-                                            "updated", "created") if info.get(k)), None)
-        if isinstance(stamp, datetime):
-            if stamp.tzinfo is None:
-                stamp = stamp.replace(tzinfo=timezone.utc)
-            return stamp.timestamp()
-        if isinstance(stamp, str):
-            return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
-        return float(stamp) if stamp is not None else None
-    except Exception:  # absent, or a backend that cannot tell: the caller decides what that means
-        return None
 
 
 # ------------------------------------------------------------------------------ held records

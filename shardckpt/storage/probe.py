@@ -6,32 +6,53 @@ with exponential backoff; a black-holed address waits out a 60 s connect timeout
 (listing steps, resuming, ``ls``) and the start of a save cannot wait that long for a replica
 they may not even need, so before using a remote location they *probe* it:
 
-- one cheap request (``root_exists``) on a daemon thread, given ``SHARDCKPT_CONNECT_TIMEOUT``
-  seconds to answer: no answer in that time means unreachable (the thread is left to finish on
-  its own);
-- a quick failure (a refused connection, a DNS failure, a 5xx) is tried again, up to
-  ``SHARDCKPT_CONNECT_ATTEMPTS`` probes in all;
-- a 4xx answer (no such bucket, access denied) means the endpoint is up: the probe passes, and
-  the real operation reports the problem;
+- where the location's HTTP endpoint is known (S3, GCS, ``http(s)://``): one ``HEAD /`` of the
+  endpoint with ``SHARDCKPT_CONNECT_TIMEOUT`` seconds to connect and answer. *Any* HTTP answer
+  (a 403, a 503 SlowDown) means the store is up: throttling is the operations' to retry. A
+  refused connection, a DNS failure or silence means unreachable;
+- elsewhere: one cheap request (``root_exists``) on a daemon thread with the same time to
+  answer; a 4xx-like final error counts as an answer;
+- a quick failure is tried again, up to ``SHARDCKPT_CONNECT_ATTEMPTS`` probes in all; silence
+  for a whole timeout is not;
 - a location found unreachable is skipped without a probe for ``SHARDCKPT_UNREACHABLE_TTL``
   seconds, then probed again.
 
 Local disks are never probed. :class:`Unreachable` stands in for a location that failed its
-probe: every operation raises ``StorageError`` at once, naming it and why.
+probe: every operation raises ``StorageError`` at once, naming it and why. (An HTTP proxy set
+in the environment is not used by the probe: it asks the endpoint directly.)
 """
 
 from __future__ import annotations
 
+import http.client
 import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
+from urllib.parse import urlsplit
 
 from .. import knobs
 from ..errors import StorageError
-from .location import Location, Sink
+from .base import Location, Sink
 from .retry import backoff, is_transient
+
+
+def _http_once(endpoint: str, timeout: float) -> str | None:
+    """None if ``endpoint`` answers a ``HEAD /`` with any HTTP status within ``timeout``."""
+    parts = urlsplit(endpoint)
+    cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+    conn = cls(parts.hostname or "", parts.port, timeout=timeout)
+    try:
+        conn.request("HEAD", "/")
+        conn.getresponse().read()
+        return None
+    except TimeoutError:
+        return f"no answer within {timeout:g} s"
+    except (OSError, http.client.HTTPException) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    finally:
+        conn.close()
 
 
 def _probe_once(location: Location, timeout: float) -> str | None:
@@ -63,9 +84,10 @@ def probe(location: Location, timeout: float | None = None,
         return None
     timeout = float(knobs.CONNECT_TIMEOUT_S.get()) if timeout is None else timeout
     attempts = knobs.CONNECT_ATTEMPTS.get() if attempts is None else max(1, attempts)
+    endpoint = getattr(location, "endpoint", lambda: None)()
     why: str | None = None
     for i in range(attempts):
-        why = _probe_once(location, timeout)
+        why = _http_once(endpoint, timeout) if endpoint else _probe_once(location, timeout)
         if why is None or why.startswith("no answer"):
             return why  # answered, or silent for a whole timeout: no point asking again
         if i + 1 < attempts:
@@ -88,8 +110,8 @@ class Unreachable(Location):
     def open_sink(self, relpath: str) -> Sink:
         return self._fail()
 
-    makedirs = write_atomic = fsync_dir = remove = remove_tree = _fail
-    read_range = read_file = size = listdir = root_exists = move_tree = _fail
+    makedirs = write_atomic = put_record = fsync_dir = remove = remove_tree = move_tree = _fail
+    read_range = read_file = size = listdir = root_exists = modified_time = _fail
 
 
 _down: dict[str, tuple[float, str]] = {}  # location -> when it was found unreachable, and why

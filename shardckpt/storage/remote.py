@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import os
 import posixpath
 import re
+from datetime import datetime, timezone
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -32,11 +34,9 @@ from fsspec.spec import AbstractBufferedFile
 
 from .. import knobs
 from ..errors import StorageError
-from .location import Location, Sink, check_relpath
+from .base import Location, Sink, check_relpath
 from .retry import call_with_retries, http_answer
 
-S3_BLOCK_SIZE = knobs.Knob("SHARDCKPT_S3_BLOCK_SIZE", 32 * knobs.MiB, 5 * knobs.MiB,
-                           "bytes buffered per S3 upload part (S3's minimum part is 5 MiB)")
 _S3_PROTOCOLS = ("s3", "s3a")
 _SECRET_KEY = re.compile(r"key|secret|token|passw|credential|signature|sas", re.IGNORECASE)
 _URL_USERINFO = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^/\s@'\"]+@")
@@ -115,7 +115,24 @@ class FsspecLocation(Location):
             else (self.fs.protocol,)
         self._open_kwargs: dict[str, Any] = {}
         if set(protocols) & set(_S3_PROTOCOLS) and "default_block_size" not in storage_options:
-            self._open_kwargs["block_size"] = S3_BLOCK_SIZE.get()
+            self._open_kwargs["block_size"] = knobs.S3_BLOCK_SIZE.get()
+
+    def endpoint(self) -> str | None:
+        """The HTTP(S) endpoint behind this location (``scheme://host[:port]``), where it can be
+        told without a request: S3 (its ``endpoint_url``, else AWS's), GCS, ``http(s)://``."""
+        protocols = self.fs.protocol if isinstance(self.fs.protocol, (tuple, list)) \
+            else (self.fs.protocol,)
+        if set(protocols) & set(_S3_PROTOCOLS):
+            url = getattr(self.fs, "endpoint_url", None) or \
+                (getattr(self.fs, "client_kwargs", None) or {}).get("endpoint_url") or \
+                os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+            return str(url) if url else "https://s3.amazonaws.com"
+        if set(protocols) & {"gs", "gcs"}:
+            return "https://storage.googleapis.com"
+        if set(protocols) & {"http", "https"}:
+            parts = urlsplit(self.url)
+            return f"{parts.scheme}://{parts.netloc}"
+        return None
 
     def _path(self, relpath: str) -> str:
         return self.root if relpath == "" else posixpath.join(self.root, check_relpath(relpath))
@@ -158,6 +175,28 @@ class FsspecLocation(Location):
 
     def write_atomic(self, relpath: str, data: bytes) -> None:
         self._call("write", relpath, self.fs.pipe_file, self._path(relpath), data)
+
+    def put_record(self, relpath: str, data: bytes) -> None:
+        self.write_atomic(relpath, data)  # one small PUT: visible whole, or not at all
+
+    def modified_time(self, relpath: str) -> float | None:
+        path = self._path(relpath)
+        try:
+            try:
+                stamp = self.fs.modified(path)
+            except (NotImplementedError, AttributeError, IsADirectoryError, KeyError):
+                info = self.fs.info(path)
+                stamp = next((info[k] for k in ("mtime", "LastModified", "last_modified",
+                                                "updated", "created") if info.get(k)), None)
+            if isinstance(stamp, datetime):
+                if stamp.tzinfo is None:
+                    stamp = stamp.replace(tzinfo=timezone.utc)
+                return stamp.timestamp()
+            if isinstance(stamp, str):
+                return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+            return float(stamp) if stamp is not None else None
+        except Exception:  # absent, or a backend that cannot tell: the caller decides
+            return None
 
     def fsync_dir(self, reldir: str) -> None:
         return None

@@ -13,14 +13,11 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from ..knobs import Knob
+from ..knobs import STORAGE_ATTEMPTS as ATTEMPTS
+from ..knobs import STORAGE_RETRY_SECONDS as RETRY_SECONDS
 
 T = TypeVar("T")
 
-ATTEMPTS = Knob("SHARDCKPT_STORAGE_ATTEMPTS", 2, 1,
-                "tries of one storage operation when it fails transiently (1: no retry)")
-RETRY_SECONDS = Knob("SHARDCKPT_STORAGE_RETRY_SECONDS", 120, 0,
-                     "seconds after which a failing storage operation is no longer retried")
 
 # S3 error codes (and their cousins in other stores) that mean "try again later".
 _TRANSIENT_CODES = frozenset({
