@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -61,9 +62,23 @@ def assert_same(got: Any, want: Any, where: str = "") -> None:
         assert got == want, where
 
 
+class Touch:
+    """Unpickling this creates a file: the proof that something was unpickled."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (open, (self.path, "w"))
+
+
 def test_import_is_refused_without_trust_pickle(tmp_path: Path, capsys) -> None:
     src = tmp_path / "dcp"
     dcp.save(plain_state(), checkpoint_id=str(src), no_dist=True)
+    marker = tmp_path / "unpickled"
+    pickle.loads(pickle.dumps(Touch(str(marker)))).close()  # the payload is live
+    marker.unlink()
+    (src / ".metadata").write_bytes(pickle.dumps(Touch(str(marker))))
     root = tmp_path / "root"
     assert main(["import-dcp", str(src), str(root), "--step", "3"]) == 64
     err = capsys.readouterr().err
@@ -72,6 +87,9 @@ def test_import_is_refused_without_trust_pickle(tmp_path: Path, capsys) -> None:
     assert not root.exists()
     with pytest.raises(ConversionError, match="trust_pickle=True"):
         D.import_dcp(src, str(root), 3)
+    with pytest.raises(ConversionError, match="trust_pickle=True"):
+        D.read_dcp(src)
+    assert not marker.exists()  # nothing was unpickled
 
 
 def test_plain_state_round_trip(tmp_path: Path, capsys) -> None:
@@ -101,11 +119,11 @@ def test_plain_state_round_trip(tmp_path: Path, capsys) -> None:
     template["step"] = template["name"] = None
     dcp.load(template, checkpoint_id=str(out), no_dist=True)
     assert_same(template, state)
-    assert_same(D.read_dcp(str(out)), state)
+    assert_same(D.read_dcp(out, trust_pickle=True), state)
 
     # --only: the subtree, its prefix stripped, as dcp.load(model.state_dict()) expects
     assert main(["export", root, "--format", "dcp", "--only", "model", "--out", str(out)]) == 0
-    assert_same(D.read_dcp(str(out)), state["model"])
+    assert_same(D.read_dcp(out, trust_pickle=True), state["model"])
 
 
 @pytest.fixture(scope="module")
@@ -174,12 +192,12 @@ def test_dcp_export_refuses_a_folder_that_is_not_a_previous_export(tmp_path: Pat
     assert main(["export", root, "--format", "dcp", "--out", str(theirs)]) == 64
     assert "not a previous shardckpt DCP export" in capsys.readouterr().err
     assert sorted(os.listdir(theirs)) == before
-    assert torch.equal(D.read_dcp(str(theirs))["w"], torch.full((2,), 9.0))
+    assert torch.equal(D.read_dcp(theirs, trust_pickle=True)["w"], torch.full((2,), 9.0))
     # into a folder of its own, again and again
     out = tmp_path / "ours"
     for _ in range(2):
         assert main(["export", root, "--format", "dcp", "--out", str(out)]) == 0
-    assert torch.equal(D.read_dcp(str(out))["w"], torch.ones(2))
+    assert torch.equal(D.read_dcp(out, trust_pickle=True)["w"], torch.ones(2))
 
 
 def test_a_state_dict_stored_as_plain_dicts_loads_into_a_module_and_an_optimizer(

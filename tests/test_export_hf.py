@@ -256,6 +256,7 @@ def test_exported_files_follow_the_umask(many: str, tmp_path: Path) -> None:
 ])
 def test_hf_usage_errors(many: str, tmp_path: Path, capsys, argv: list[str],
                          message: str) -> None:
+    (tmp_path / "generation_config.json").write_text("{}")  # but no config.json
     args = [a.format(tmp=tmp_path) for a in argv]
     out = [] if "--out" in args else ["--out", str(tmp_path / "o")]
     assert main(["export", many, *args, *out]) == 64

@@ -103,12 +103,16 @@ def _load_planner() -> Any:
     return WeightsOnlyPlanner()
 
 
-def read_dcp(path: str) -> dict[str, Any]:
-    """Every item of the DCP folder ``path`` (trusted: its pickles are read), as the nested state
-    it was saved from. Tensors come back as plain CPU tensors, whatever their sharding was."""
+def read_dcp(path: str | os.PathLike[str], *, trust_pickle: bool = False) -> dict[str, Any]:
+    """Every item of the DCP folder ``path`` as the nested state it was saved from, tensors as
+    plain CPU tensors whatever their sharding was. Its metadata is unpickled, so this too is
+    refused unless ``trust_pickle`` is true."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
 
+    path = os.fspath(path)
+    if not trust_pickle:
+        raise ConversionError(PICKLE_REFUSAL.format(path=path))
     if not os.path.isfile(os.path.join(path, METADATA)):
         raise ConversionError(f"{path}: no {METADATA} file: not a DCP checkpoint folder")
     metadata = dcp.FileSystemReader(path).read_metadata()
@@ -192,7 +196,7 @@ def import_dcp(dcp_dir: str | os.PathLike[str], root: str, step: int, *,
         if step in mgr.steps():
             raise ConversionError(f"{mgr.location.display}: step {step} is already committed; "
                                   "import into another step or root")
-        state = read_dcp(path)
+        state = read_dcp(path, trust_pickle=True)
         bad = [k for k in state if str(k).startswith("__shardckpt")]
         if bad:
             raise ConversionError(f"{path}: item {bad[0]!r} uses a key reserved by shardckpt")

@@ -81,7 +81,7 @@ def config_files(path: str | os.PathLike[str] | None) -> tuple[str, ...]:
     if os.path.isdir(path):
         files = tuple(os.path.join(path, n) for n in CONFIG_FILES
                       if os.path.isfile(os.path.join(path, n)))
-        if not files or not files[0].endswith(CONFIG_FILES[0]):
+        if not files or os.path.basename(files[0]) != CONFIG_FILES[0]:
             raise ConversionError(f"config {path}: folder holds no config.json")
     elif os.path.isfile(path):
         files = (path,)
