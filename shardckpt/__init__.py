@@ -12,6 +12,7 @@ from .errors import (
     StorageError,
     VerificationError,
 )
+from .exporter import ExportResult, consolidated_state_dict, export
 from .golden import Golden
 from .manager import CheckpointInfo, CheckpointManager, PruneReport, SaveHandle
 from .observe import SaveEvent
@@ -23,6 +24,7 @@ __all__ = [
     "CheckpointManager",
     "CollectiveError",
     "CorruptCheckpointError",
+    "ExportResult",
     "Golden",
     "IncompleteCheckpointError",
     "LeaseError",
@@ -36,5 +38,7 @@ __all__ = [
     "StorageError",
     "VerificationError",
     "__version__",
+    "consolidated_state_dict",
+    "export",
     "set_determinism",
 ]

@@ -13,11 +13,11 @@ from ..catalog import find_manifest
 from ..errors import StorageError
 from ..format import manifest as M
 from ..observe import human_bytes
-from ..storage import Location, open_location, redact, step_dirname
+from ..storage import Location, open_location, redact
 from ..storage.probe import Unreachable, reachable_all
-from . import diff_cmd, health, report_cmd, verify_cmd
+from . import diff_cmd, health, interop_cmd, report_cmd, verify_cmd
 from .argtypes import step_arg
-from .progress import Bar, bar, wanted
+from .progress import bar, wanted
 
 ROOT_HELP = "checkpoint root: a path or fsspec URL"
 
@@ -173,89 +173,27 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
-def _consolidate(locs: list[Location], step: int, prefix: str | None,
-                 progress: bool) -> dict[str, Any]:
-    """Every tensor of ``step`` in full (as ``shardckpt.consolidate.consolidate``), read with
-    failover to the replicas, and a bar in bytes on a terminal. With ``prefix``, only keys
-    under it, prefix stripped."""
-    from ..consolidate import read_full, tensor_keys
-    from ..engine.index import full_manifest
-    from ..engine.reader import CheckpointReader
-
-    reader = CheckpointReader(locs, step_dirname(step), find_manifest(locs, step)[0])
-    manifest = full_manifest(reader)
-    want = None if not prefix else prefix.rstrip("/") + "/"
-    todo = [(name, meta, target) for name, meta, target in tensor_keys(manifest)
-            if want is None or name.startswith(want)]
-    out: dict[str, Any] = {}
-    aliases: dict[str, str | None] = {}
-    total = sum(meta.nbytes for _, meta, _ in todo if meta is not None)
-    with Bar(desc=f"export step {step}", total=total, enabled=progress, unit="B",
-             unit_scale=True) as b:
-        for name, meta, target in todo:
-            if meta is None:
-                aliases[name] = target
-            else:
-                out[name] = read_full(reader, meta)
-                b.update(meta.nbytes)
-    for name, target in aliases.items():
-        out[name] = out[target] if target in out else read_full(reader, manifest.resolve(name))
-    if want is not None:
-        out = {k[len(want):]: v for k, v in out.items()}
-    return out
-
-
-def cmd_export(args: argparse.Namespace) -> int:
-    from .main import UsageError, emit
-
-    check_out_path(args.out)
-    if args.format == "safetensors":
-        try:
-            import safetensors.torch  # noqa: F401
-        except ImportError:
-            raise UsageError("--format safetensors needs the safetensors package "
-                             "(pip install 'shardckpt[export]')") from None
-    locs = _locations(args)
-    args.step = latest_step(locs) if args.step is None else args.step
-    tensors = _consolidate(locs, args.step, args.only, wanted(args))
-    if not tensors:
-        raise UsageError(f"step {args.step} has no tensors" + (f" under {args.only!r}"
-                                                                if args.only else ""))
-    if args.format == "safetensors":
-        from safetensors.torch import save_file
-
-        # safetensors refuses shared storage: tied weights are written as separate copies
-        seen: set[int] = set()
-        flat = {}
-        for k, v in tensors.items():
-            flat[k] = v.clone() if id(v) in seen else v.contiguous()
-            seen.add(id(v))
-        save_file(flat, args.out, metadata={"shardckpt_step": str(args.step)})
-    else:
-        import torch
-
-        torch.save(tensors, args.out)  # plain tensors for users' tools; we never read these
-    nbytes = sum(v.numel() * v.element_size() for v in tensors.values())
-    if args.json:
-        emit({"step": args.step, "format": args.format, "out": args.out,
-              "tensors": len(tensors), "nbytes": nbytes})
-    else:
-        print(f"wrote {len(tensors)} tensors ({human_bytes(nbytes)}) of step {args.step} to "
-              f"{args.out}")
-    return 0
-
-
 def _add_export(p: argparse.ArgumentParser) -> None:
+    from .interop_cmd import EXPORT_EPILOG
+
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = EXPORT_EPILOG
     p.add_argument("root", metavar="ROOT", help=ROOT_HELP)
     p.add_argument("--step", type=step_arg, default=None, metavar="N",
                    help="step to export (default: latest)")
-    p.add_argument("--format", choices=("safetensors", "torch"), required=True,
-                   help="safetensors (needs the safetensors package) or torch (torch.save of "
-                   "a dict of tensors)")
-    p.add_argument("--out", required=True, metavar="PATH", help="output file (its directory "
-                   "must exist)")
+    p.add_argument("--format", choices=("safetensors", "torch", "hf", "dcp"), required=True,
+                   help="safetensors, torch (torch.save of a dict of tensors), hf (a Hugging "
+                   "Face model folder) or dcp (a DCP checkpoint folder)")
+    p.add_argument("--out", required=True, metavar="PATH", help="output file (safetensors, "
+                   "torch: its directory must exist) or folder (hf, dcp)")
     p.add_argument("--only", metavar="PREFIX", default=None,
                    help="export only tensors under this key prefix, stripped (e.g. 'model')")
+    p.add_argument("--max-shard-size", metavar="SIZE", default=None,
+                   help="hf: largest safetensors file, e.g. 5GB (the default), 500MB, 2GiB")
+    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None,
+                   help="hf: cast floating-point tensors to this dtype (others stay as stored)")
+    p.add_argument("--config", metavar="PATH", default=None,
+                   help="hf: the model's config.json, or a folder holding it, copied into --out")
 
 
 def cmd_repair(args: argparse.Namespace) -> int:
@@ -446,8 +384,10 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str,
     "show": (cmd_show, "print one checkpoint's manifest in full", _add_show),
     "repair": (cmd_repair, "restore missing or corrupt files in one location from a healthy "
                "replica", _add_repair),
-    "export": (cmd_export, "write one consolidated, unsharded safetensors or torch file",
-               _add_export),
+    "export": (interop_cmd.cmd_export, "write one step, unsharded, as safetensors, torch, a "
+               "Hugging Face folder or a DCP checkpoint", _add_export),
+    "import-dcp": (interop_cmd.cmd_import_dcp, "convert a DCP checkpoint into a step of ROOT "
+                   "(needs --trust-pickle: DCP metadata is a pickle)", interop_cmd.add_import_args),
     "prune": (cmd_prune, "apply a retention policy; safe to run from cron while training writes",
               _add_prune),
     "verify": (verify_cmd.cmd_verify, "integrity, completeness, then golden replay",

@@ -188,6 +188,9 @@ def fill(dest: Any, node: Any, path: str, ctx: LoadContext) -> Any:
         return fill(dest, options[ctx.rank], path, ctx)
     if tag in ("M", "O", "S") and dest is not MISSING:
         return _fill_object(dest, node, path, ctx)
+    if tag in ("d", "D") and dest is not MISSING and not isinstance(dest, dict) and \
+            is_stateful(dest):  # a state_dict saved as a plain dict (an imported DCP, say)
+        return _fill_object(dest, ["S", node], path, ctx)
     if tag == "T":
         key = node[1] if len(node) == 2 and isinstance(node[1], str) else None
         if key is None:
