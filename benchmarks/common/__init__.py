@@ -4,7 +4,9 @@ The scripts run as ``python benchmarks/NAME.py`` or ``torchrun ... benchmarks/NA
 ``benchmarks/`` first on ``sys.path``; they import this package as ``common``
 (``from common import machine``). A test that imports a script puts ``benchmarks/`` on
 ``sys.path`` first (see ``tests/test_scaling.py``). Importing ``common`` itself loads nothing;
-only ``distributed``, ``fsdp_state``, ``rawio``, ``dcp_modes`` and ``phase`` import torch.
+``output``, ``rounds``, ``rss``, ``pagecache`` and ``machine`` load without torch (so a script
+timing a command's start-up can use them; ``machine_info`` imports torch when called), the
+others import it.
 
 Modules, and what a new benchmark takes from each:
 

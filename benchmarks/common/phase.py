@@ -24,7 +24,9 @@ from .rss import RssSampler, gc_collect, rss_bytes
 class Measured:
     """What ``measure_phase`` found.
 
-    ``result`` is JSON-ready and the same on every rank; ``rss_before``/``rss_after`` are this
+    ``result`` is JSON-ready and the same on every rank (but for the text of ``error``: the
+    exception on the rank that raised, "failed on rank(s) [...]" on the others);
+    ``rss_before``/``rss_after`` are this
     rank's RSS just before the phase and after it (after ``gc_collect``); ``error`` this rank's
     exception as ``"Type: message"``, if it raised.
     """

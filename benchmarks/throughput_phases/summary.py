@@ -4,7 +4,6 @@ that say how to read the figures."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -18,11 +17,80 @@ if TYPE_CHECKING:
     from throughput_phases.bench import Bench
 
 
-def summarize(bench: Bench, reps: list[dict[str, dict[str, Any]]]) -> dict[str, Any]:
+#: name, (phase, key) over (phase, key), how to read it. Throughput ratios put the times the
+#: other way round: X GB/s over Y GB/s is Y's time over X's.
+RATIOS = [
+    ("async_stall_over_dcp_async_stall", ("shardckpt_async", "stall_s"),
+     ("dcp_async_save", "stall_s"),
+     "shardckpt async stall / dcp.async_save (thread) stall; lower is better"),
+    ("async_stall_over_dcp_async_process_stall", ("shardckpt_async", "stall_s"),
+     ("dcp_async_save_process", "stall_s"),
+     "shardckpt async stall / dcp.async_save (process) stall; lower is better"),
+    ("async_stall_over_memcpy", ("shardckpt_async", "stall_s"), ("memcpy", "time_s"),
+     "shardckpt async stall / copy into preallocated buffers; lower is better"),
+    ("dcp_async_stall_over_memcpy", ("dcp_async_save", "stall_s"), ("memcpy", "time_s"),
+     "for reference"),
+    ("blocking_save_throughput_over_raw_write", ("raw_write", "time_s"),
+     ("shardckpt_blocking", "time_s"),
+     "shardckpt blocking save GB/s / raw fsynced write GB/s; higher is better"),
+    ("blocking_save_throughput_over_dcp_save", ("dcp_save", "time_s"),
+     ("shardckpt_blocking", "time_s"),
+     "shardckpt blocking save GB/s / dcp.save GB/s; higher is better"),
+    ("async_commit_throughput_over_raw_write", ("raw_write", "time_s"),
+     ("shardckpt_async", "commit_s"), "for reference"),
+    ("dcp_save_throughput_over_raw_write", ("raw_write", "time_s"), ("dcp_save", "time_s"),
+     "for reference"),
+    ("load_throughput_over_dcp_load", ("dcp_load", "time_s"), ("shardckpt_load", "time_s"),
+     "shardckpt load GB/s / dcp.load (+ set_state_dict) GB/s; higher is better"),
+    ("load_throughput_over_raw_read", ("raw_read", "time_s"), ("shardckpt_load", "time_s"),
+     "shardckpt load GB/s / raw read GB/s; higher is better"),
+]
+RSS_RATIO = "async_peak_rss_over_state_plus_budget"
+RSS_MEANING = ("max over ranks of (bytes the manager keeps between saves, measured across its "
+               "first save + peak RSS increase during this async save) / (rank state bytes + "
+               "memory budget); lower is better")
+
+#: name, ratio, op, threshold, the target as the issue set it.
+TARGETS = [
+    ("async stall vs dcp.async_save", "async_stall_over_dcp_async_stall", "<=", 0.2,
+     "stall <= 0.2x dcp.async_save stall"),
+    ("async stall vs memcpy", "async_stall_over_memcpy", "<=", 3.0,
+     "stall <= 3x a copy into preallocated buffers"),
+    ("blocking save vs raw write", "blocking_save_throughput_over_raw_write", ">=", 0.9,
+     "blocking save >= 0.9x raw fsynced write"),
+    ("blocking save vs dcp.save", "blocking_save_throughput_over_dcp_save", ">=", 1.2,
+     "blocking save >= 1.2x dcp.save"),
+    ("load vs dcp.load", "load_throughput_over_dcp_load", ">=", 1.2, "load >= 1.2x dcp.load"),
+    ("async peak RSS", RSS_RATIO, "<=", 1.1,
+     "peak RSS during async save <= rank state + budget + 10%"),
+]
+
+Reps = list[dict[str, dict[str, Any]]]
+
+
+def summarize(bench: Bench, reps: Reps) -> dict[str, Any]:
     """``medians`` (per phase), ``ratios`` and ``targets`` of the timed repetitions ``reps``.
 
     Also adds ``async_save_footprint_bytes_per_rank`` to the RSS of each async shardckpt save.
     """
+    medians = phase_medians(bench, reps)
+    ratios = {name: {"value": _ratio(medians.get(a[0], {}).get(a[1]),
+                                     medians.get(b[0], {}).get(b[1])),
+                     "per_rep": _paired(reps, a, b), "meaning": how}
+              for name, a, b, how in RATIOS}
+    per_rep = rss_over_budget(bench, reps)
+    ratios[RSS_RATIO] = {"value": median(per_rep), "per_rep": per_rep, "meaning": RSS_MEANING}
+    targets = []
+    for name, metric, op, thr, text in TARGETS:
+        v = ratios[metric]["value"]
+        ok = None if v is None else (v <= thr if op == "<=" else v >= thr)
+        targets.append({"name": name, "metric": metric, "value": v, "op": op, "threshold": thr,
+                        "pass": ok, "target": text})
+    return {"medians": medians, "ratios": ratios, "targets": targets}
+
+
+def phase_medians(bench: Bench, reps: Reps) -> dict[str, dict[str, Any]]:
+    """Per phase, medians over the repetitions where it succeeded (or its ``error``)."""
     medians: dict[str, dict[str, Any]] = {}
     phases = [p for p in ALL_PHASES if any(p in r for r in reps)]
     for p in phases:
@@ -46,28 +114,16 @@ def summarize(bench: Bench, reps: list[dict[str, dict[str, Any]]]) -> dict[str, 
         if "verified" in ok[0]:
             m["verified"] = all(x["verified"] for x in ok)
         medians[p] = m
+    return medians
 
-    def med(p: str, k: str) -> float | None:
-        return medians.get(p, {}).get(k)
 
-    def ratio(a: float | None, b: float | None) -> float | None:
-        return a / b if a is not None and b else None
+def rss_over_budget(bench: Bench, reps: Reps) -> list[float]:
+    """Per repetition with a successful async shardckpt save: the worst rank's (bytes the manager
+    holds between saves + this save's peak RSS increase) / (rank state + memory budget).
 
-    def paired(fa: Callable[[dict], float | None], fb: Callable[[dict], float | None],
-               pa: str, pb: str) -> list[float | None]:
-        out = []
-        for r in reps:
-            if pa in r and pb in r and "error" not in r[pa] and "error" not in r[pb]:
-                out.append(ratio(fa(r[pa]), fb(r[pb])))
-        return out
-
-    def t(x: dict) -> float:
-        return x["time_s"]
-
-    def s(x: dict) -> float:
-        return x["stall_s"]
-
-    budget_ratio_per_rep = []
+    Records the numerator per rank as ``async_save_footprint_bytes_per_rank`` in that save's RSS.
+    """
+    out = []
     held = bench.held or [0] * bench.world
     for r in reps:
         x = r.get("shardckpt_async")
@@ -76,76 +132,19 @@ def summarize(bench: Bench, reps: list[dict[str, dict[str, Any]]]) -> dict[str, 
             extra = [inc + (0 if x["rss"].get("first_save") else h) for inc, h in
                      zip(x["rss"]["peak_increase_bytes_per_rank"], held)]
             x["rss"]["async_save_footprint_bytes_per_rank"] = extra
-            budget_ratio_per_rep.append(max(
+            out.append(max(
                 e / (rb + bench.budget_bytes) for e, rb in zip(extra, bench.all_rank_bytes)))
-    spec = [
-        # name, value (ratio of medians), per-rep paired ratios, how read
-        ("async_stall_over_dcp_async_stall",
-         ratio(med("shardckpt_async", "stall_s"), med("dcp_async_save", "stall_s")),
-         paired(s, s, "shardckpt_async", "dcp_async_save"),
-         "shardckpt async stall / dcp.async_save (thread) stall; lower is better"),
-        ("async_stall_over_dcp_async_process_stall",
-         ratio(med("shardckpt_async", "stall_s"), med("dcp_async_save_process", "stall_s")),
-         paired(s, s, "shardckpt_async", "dcp_async_save_process"),
-         "shardckpt async stall / dcp.async_save (process) stall; lower is better"),
-        ("async_stall_over_memcpy",
-         ratio(med("shardckpt_async", "stall_s"), med("memcpy", "time_s")),
-         paired(s, t, "shardckpt_async", "memcpy"),
-         "shardckpt async stall / copy into preallocated buffers; lower is better"),
-        ("dcp_async_stall_over_memcpy",
-         ratio(med("dcp_async_save", "stall_s"), med("memcpy", "time_s")),
-         paired(s, t, "dcp_async_save", "memcpy"), "for reference"),
-        ("blocking_save_throughput_over_raw_write",
-         ratio(med("raw_write", "time_s"), med("shardckpt_blocking", "time_s")),
-         paired(t, t, "raw_write", "shardckpt_blocking"),
-         "shardckpt blocking save GB/s / raw fsynced write GB/s; higher is better"),
-        ("blocking_save_throughput_over_dcp_save",
-         ratio(med("dcp_save", "time_s"), med("shardckpt_blocking", "time_s")),
-         paired(t, t, "dcp_save", "shardckpt_blocking"),
-         "shardckpt blocking save GB/s / dcp.save GB/s; higher is better"),
-        ("async_commit_throughput_over_raw_write",
-         ratio(med("raw_write", "time_s"), med("shardckpt_async", "commit_s")),
-         paired(t, t, "raw_write", "shardckpt_async"), "for reference"),
-        ("dcp_save_throughput_over_raw_write",
-         ratio(med("raw_write", "time_s"), med("dcp_save", "time_s")),
-         paired(t, t, "raw_write", "dcp_save"), "for reference"),
-        ("load_throughput_over_dcp_load",
-         ratio(med("dcp_load", "time_s"), med("shardckpt_load", "time_s")),
-         paired(t, t, "dcp_load", "shardckpt_load"),
-         "shardckpt load GB/s / dcp.load (+ set_state_dict) GB/s; higher is better"),
-        ("load_throughput_over_raw_read",
-         ratio(med("raw_read", "time_s"), med("shardckpt_load", "time_s")),
-         paired(t, t, "raw_read", "shardckpt_load"),
-         "shardckpt load GB/s / raw read GB/s; higher is better"),
-        ("async_peak_rss_over_state_plus_budget",
-         median(budget_ratio_per_rep), budget_ratio_per_rep,
-         "max over ranks of (bytes the manager keeps between saves, measured across its first "
-         "save + peak RSS increase during this async save) / (rank state bytes + memory "
-         "budget); lower is better"),
-    ]
-    ratios = {name: {"value": v, "per_rep": per, "meaning": how} for name, v, per, how in spec}
+    return out
 
-    def target(name: str, metric: str, op: str, thr: float, text: str) -> dict[str, Any]:
-        v = ratios[metric]["value"]
-        ok = None if v is None else (v <= thr if op == "<=" else v >= thr)
-        return {"name": name, "metric": metric, "value": v, "op": op, "threshold": thr,
-                "pass": ok, "target": text}
 
-    targets = [
-        target("async stall vs dcp.async_save", "async_stall_over_dcp_async_stall", "<=", 0.2,
-               "stall <= 0.2x dcp.async_save stall"),
-        target("async stall vs memcpy", "async_stall_over_memcpy", "<=", 3.0,
-               "stall <= 3x a copy into preallocated buffers"),
-        target("blocking save vs raw write", "blocking_save_throughput_over_raw_write", ">=", 0.9,
-               "blocking save >= 0.9x raw fsynced write"),
-        target("blocking save vs dcp.save", "blocking_save_throughput_over_dcp_save", ">=", 1.2,
-               "blocking save >= 1.2x dcp.save"),
-        target("load vs dcp.load", "load_throughput_over_dcp_load", ">=", 1.2,
-               "load >= 1.2x dcp.load"),
-        target("async peak RSS", "async_peak_rss_over_state_plus_budget", "<=", 1.1,
-               "peak RSS during async save <= rank state + budget + 10%"),
-    ]
-    return {"medians": medians, "ratios": ratios, "targets": targets}
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def _paired(reps: Reps, a: tuple[str, str], b: tuple[str, str]) -> list[float | None]:
+    """The ratio within each repetition where both phases succeeded."""
+    return [_ratio(r[a[0]][a[1]], r[b[0]][b[1]]) for r in reps
+            if a[0] in r and b[0] in r and "error" not in r[a[0]] and "error" not in r[b[0]]]
 
 
 def knob_values() -> dict[str, Any]:
