@@ -9,11 +9,9 @@ bucket point --s3-url and the usual FSSPEC_S3_* / AWS_* variables at it instead.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -24,6 +22,9 @@ import uuid
 import torch
 
 import shardckpt
+
+from common.output import write_outputs
+from common.rounds import interleaved_rounds, medians
 
 
 def start_moto() -> tuple[subprocess.Popen, str]:
@@ -70,26 +71,27 @@ def main() -> None:
     state = {f"w{i}": torch.randn(n) for i in range(8)}
     nbytes = sum(t.numel() * 4 for t in state.values())
     base = tempfile.mkdtemp(dir=args.dir, prefix="replica-bench-")
-    times: dict[str, list[float]] = {"local": [], "local+s3": []}
-    try:
-        for rep in range(args.reps):
-            for name in (("local", "local+s3") if rep % 2 == 0 else ("local+s3", "local")):
-                replicas = [f"{s3_root}/{rep}"] if name == "local+s3" else []
-                with shardckpt.CheckpointManager(os.path.join(base, f"{name}-{rep}"),
-                                                 replicas=replicas, storage_options=options,
-                                                 capture_rng=False) as mgr:
-                    start = time.perf_counter()
-                    mgr.save(1, state, blocking=True)
-                    times[name].append(time.perf_counter() - start)
+
+    def save(name: str, rep: int) -> float:
+        replicas = [f"{s3_root}/{rep}"] if name == "local+s3" else []
+        with shardckpt.CheckpointManager(os.path.join(base, f"{name}-{rep}"),
+                                         replicas=replicas, storage_options=options,
+                                         capture_rng=False) as mgr:
+            start = time.perf_counter()
+            mgr.save(1, state, blocking=True)
+            return time.perf_counter() - start
+
+    try:  # A, B then B, A: drift on a shared machine hits both alike
+        times = interleaved_rounds(["local", "local+s3"], args.reps, save)
     finally:
         shutil.rmtree(base, ignore_errors=True)
         if proc is not None:
             proc.kill()
-    med = {k: statistics.median(v) for k, v in times.items()}
-    print(json.dumps({"nbytes": nbytes, "reps": args.reps, "s3": "moto on 127.0.0.1"
-                      if args.s3_url is None else "given", "median_s": med,
-                      "gbps": {k: nbytes / v / 1e9 for k, v in med.items()},
-                      "local_plus_s3_over_local": med["local"] / med["local+s3"]}, indent=2))
+    med = medians(times)
+    write_outputs({"nbytes": nbytes, "reps": args.reps, "s3": "moto on 127.0.0.1"
+                   if args.s3_url is None else "given", "median_s": med,
+                   "gbps": {k: nbytes / v / 1e9 for k, v in med.items()},
+                   "local_plus_s3_over_local": med["local"] / med["local+s3"]})
 
 
 if __name__ == "__main__":

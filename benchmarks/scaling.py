@@ -26,13 +26,14 @@ import os
 import random
 import shutil
 import struct
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from common.distributed import run_torchrun
+from common.output import pyplot, write_outputs
 
 VALUE_SCALE = 1e-3
 
@@ -175,12 +176,9 @@ def run_world(world: int, args: argparse.Namespace) -> dict[str, Any]:
     for p in (root, reports):
         shutil.rmtree(p, ignore_errors=True)
     reports.mkdir(parents=True)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc-per-node={world}", __file__, "--child", "--root", str(root),
-           "--child-out", str(reports), "--tensors", str(args.tensors), "--rows", str(args.rows),
-           "--cols", str(args.cols)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run(cmd, check=True, env=env, timeout=args.timeout)
+    run_torchrun(__file__, world, ["--child", "--root", str(root), "--child-out", str(reports),
+                                   "--tensors", str(args.tensors), "--rows", str(args.rows),
+                                   "--cols", str(args.cols)], timeout=args.timeout)
     ranks = [json.loads(p.read_text()) for p in sorted(reports.glob("rank*.json"))]
     assert len(ranks) == world, f"{len(ranks)} of {world} ranks reported"
     meta = metadata_bytes(root / "step-0000000001")
@@ -188,12 +186,10 @@ def run_world(world: int, args: argparse.Namespace) -> dict[str, Any]:
     return summarize(world, ranks, meta, subset)
 
 
-def plot(rows: list[dict[str, Any]], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(doc: dict[str, Any], path: str) -> None:
+    """Metadata size, save metadata cost and load planning per rank against the world size."""
+    plt = pyplot()
+    rows = doc["results"]
     worlds = [r["world_size"] for r in rows]
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
     axes[0].plot(worlds, [r["metadata_bytes"] / 1e6 for r in rows], "o-", label="all metadata")
@@ -243,12 +239,7 @@ def main() -> None:
         r["manifest_growth_vs_linear"] = r["manifest_bytes"] / base["manifest_bytes"] / scale
     doc = {"tensors_per_rank": args.tensors, "shard_bytes": args.rows * args.cols * 4,
            "torch": torch.__version__, "results": rows}
-    text = json.dumps(doc, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-    if args.plot:
-        plot(rows, args.plot)
+    write_outputs(doc, out=args.out, plot=args.plot, draw=plot)
 
 
 if __name__ == "__main__":
