@@ -332,3 +332,18 @@ def test_missing_destination_keys_of_other_ranks_are_not_added() -> None:
     fill(dest, node, "", LoadContext(lambda k, d, w: d, 0, 2, False))
     assert dest == {"mine": 1}
     assert fill(MISSING, node, "", LoadContext(lambda k, d, w: d, None, 2, False)) == {}
+
+
+def test_differing_rank_local_values_go_only_to_their_own_ranks() -> None:
+    """Two ranks saved different values under a key a third lacks: each of them gets its own at
+    the saving world size; anyone else asking is left as it was, reported as skipped."""
+    node = ["d", {"x": ["P", [[[[0, 1]], ["i", 10]], [[[2, 3]], ["i", 12]]]]}]
+    for rank, want in ((0, 10), (2, 12)):
+        dest = {"x": -1}
+        fill(dest, node, "", LoadContext(lambda k, d, w: d, rank, 3, True))
+        assert dest == {"x": want}
+    for rank in (1, None):  # a rank that did not save it; another world size
+        ctx = LoadContext(lambda k, d, w: d, rank, 3, True)
+        dest = {"x": -1}
+        fill(dest, node, "", ctx)
+        assert dest == {"x": -1} and ctx.skipped == ["x"]

@@ -98,7 +98,6 @@ class LoadPlanner:
         self.requests.append(ReadRequest(key, meta, offsets, tuple(local.shape), local))
         return dest
 
-
     def _lowest_copy(self, key: str) -> tuple[TensorMeta, int]:
         entry = self.manifest.tensors[key]
         if entry.alias_of is not None:

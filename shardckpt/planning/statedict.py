@@ -243,9 +243,10 @@ def _skip(dest: Any, node: list[Any], where: str, ctx: LoadContext) -> Any:
     """Leave ``dest`` as it is: the ranks that saved this node differ, and this rank has no
     copy of its own. Never for a tensor of a module the caller asked for, when strict."""
     if ctx.strict and ctx.in_module and dest is not MISSING and T.has_tensor(node):
-        raise ValueError(f"{where}: differs between the {ctx.world_size} ranks that saved it and "
-                         f"rank {ctx.caller_rank} has no copy of its own; a strict load never "
-                         f"leaves a module tensor unrestored (strict=False keeps its value)")
+        raise ValueError(f"{where}: differs between the ranks that saved it (world size "
+                         f"{ctx.world_size}) and rank {ctx.caller_rank} has no copy of its own; a "
+                         f"strict load never leaves a module tensor unrestored (strict=False "
+                         f"keeps its value)")
     ctx.skipped.append(where)
     return dest
 
