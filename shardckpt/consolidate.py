@@ -30,7 +30,8 @@ def tensor_keys(manifest: Manifest) -> Iterator[tuple[str, TensorMeta | None, st
             yield key, None, entry.alias_of
         elif entry.per_rank is not None:
             for r, meta in enumerate(entry.per_rank):
-                yield f"{key}@rank{r}", meta, None
+                if meta is not None:  # None: rank r did not hold this key
+                    yield f"{key}@rank{r}", meta, None
         else:
             yield key, entry.meta, None
 

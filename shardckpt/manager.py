@@ -22,7 +22,7 @@ from .engine.comm import make_comm
 from .engine.index import full_manifest
 from .engine.load import load_step
 from .engine.reader import CheckpointReader
-from .engine.save import SaveOptions, SaveRequest, save_step
+from .engine.save import SaveOptions, SaveRequest, agree_on_state, save_step
 from .engine.snapshot import Snapshot, StagingPool
 from .errors import (
     IncompleteCheckpointError,
@@ -170,7 +170,9 @@ class CheckpointManager:
 
         Returns once the state is snapshotted (``async_save``) or committed (``blocking=True``).
         A save issued while another is in flight first waits for that one; an error of an earlier
-        background save is raised here. On rank 0, once the save is committed or has failed,
+        background save is raised here. A state that cannot be checkpointed (a value of an
+        unsupported type, a reserved key) on any rank raises here, on every rank, before
+        anything is written. On rank 0, once the save is committed or has failed,
         it is logged (logger ``shardckpt``), the ``metrics_path`` file is rewritten and the
         ``callbacks`` are called with a :class:`~shardckpt.SaveEvent`.
         """
@@ -180,10 +182,6 @@ class CheckpointManager:
             raise ValueError(f"step must be an int in [0, {M.MAX_STEP}], got {step!r}")
         if not isinstance(state, dict):
             raise TypeError(f"state must be a dict, got {type(state).__name__}")
-        reserved = [k for k in state if isinstance(k, str) and k.startswith(RESERVED_PREFIX)]
-        if reserved:
-            raise ValueError(f"state keys starting with {RESERVED_PREFIX!r} are reserved: "
-                             f"{reserved}")
         if golden is not None and not isinstance(golden, Golden):
             raise TypeError("golden must be a shardckpt.Golden")
         metrics = {str(k): float(v) for k, v in (metrics or {}).items()}
@@ -195,7 +193,12 @@ class CheckpointManager:
                                  "provenance": self._provenance_record()}
         blocking = (not self.async_save) if blocking is None else blocking
         staged: Any = None
+        error: Exception | None = None
         try:
+            reserved = [k for k in state if isinstance(k, str) and k.startswith(RESERVED_PREFIX)]
+            if reserved:
+                raise ValueError(f"state keys starting with {RESERVED_PREFIX!r} are reserved: "
+                                 f"{reserved}")
             state = dict(state)
             rng = capture_rng_state() if self.capture_rng else None
             if golden is not None:
@@ -205,12 +208,21 @@ class CheckpointManager:
                     restore_rng_state(rng)  # golden forward passes must not move RNG streams
             if rng is not None:
                 state[RNG_KEY] = rng
+            # Flattening checks every value (type, key path): a blocking save writes straight
+            # from the live tensors, an async one from a snapshot of them.
+            staged = collect(state)
             if not blocking:
-                staged = self._staging.snapshot(collect(state))
-        except Exception as exc:  # every rank must hear of it, or its peers would wait
-            staged = exc
+                staged = self._staging.snapshot(staged)
+        except Exception as exc:
+            error = exc
         req = SaveRequest(step, metrics, tags, extra)
         tracker = self._observer.start(step, metrics=metrics, tags=tags, blocking=blocking, t0=t0)
+        try:
+            agree_on_state(self._comm, step, error)  # raises on every rank if any rank failed
+        except BaseException as exc:
+            tracker.failed(exc)
+            tracker.returned()
+            raise
         tracker.submitted()
         try:
             future = self._pool.submit(self._run_save, req, state, staged, tracker)

@@ -145,29 +145,45 @@ def cmd_show(args: argparse.Namespace) -> int:
 
     locs = _locations(args)
     step = latest_step(locs) if args.step is None else args.step
+    from ..planning import tree as T
+
     m, _ = find_manifest(locs, step)
     doc = m.to_json()
     extras = sorted(set(doc) - M.CORE_FIELDS)
+    # keys that not every rank saved (or saved alike): which ranks wrote each
+    local = [(path, M.to_ranges(ranks), differ) for path, ranks, differ in
+             T.rank_local(m.tree, m.world_size)]
     if args.json:
-        emit({**doc, "nbytes": m.nbytes})
+        emit({**doc, "nbytes": m.nbytes,
+              "rank_local": {p: {"ranks": [list(r) for r in runs], "differ": differ}
+                             for p, runs, differ in local}})
         return 0
+
+    def ranks_text(runs: M.Ranges) -> str:
+        return ",".join(f"{a}" if b == a + 1 else f"{a}-{b - 1}" for a, b in runs)
     print(f"step {m.step}  saved {m.time}  world size {m.world_size}  "
           f"{human_bytes(m.nbytes)} in {len(m.files)} files  save id {m.save_id}")
     if m.metrics:
         print("metrics: " + ", ".join(f"{k}={v:.6g}" for k, v in m.metrics.items()))
     if m.tags:
         print("tags: " + ", ".join(m.tags))
-    print(f"\n{'TENSOR':<60} {'DTYPE':<14} {'SHAPE':<20} {'RANKS':>6} {'BYTES':>10}")
+    print(f"\n{'TENSOR':<60} {'DTYPE':<14} {'SHAPE':<20} {'RANKS':<10} {'BYTES':>10}")
     for key, entry in m.tensors.items():
         if entry.alias_of is not None:
             print(f"{key:<60} (same storage as {entry.alias_of})")
             continue
         metas = entry.per_rank if entry.per_rank is not None else (entry.meta,)
         for r, meta in enumerate(metas):
-            assert meta is not None
+            if meta is None:  # rank r did not save this key
+                continue
             name = key if entry.per_rank is None else f"{key} [rank {r}]"
             print(f"{name:<60} {meta.dtype:<14} {list(meta.shape)!s:<20} "
-                  f"{len(meta.writers):>6} {human_bytes(meta.nbytes):>10}")
+                  f"{ranks_text(meta.ranks):<10} {human_bytes(meta.nbytes):>10}")
+    if local:
+        print("\nrank-local state (saved by some ranks only, or differing between ranks):")
+        for path, runs, differ in local:
+            print(f"  {path:<58} ranks {ranks_text(runs)}"
+                  + ("  (values differ)" if differ else ""))
     for key in extras:
         print(f"\n{key}: {doc[key]}")
     return 0

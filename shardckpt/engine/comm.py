@@ -51,6 +51,9 @@ class LocalComm:
     def broadcast_json(self, obj: Any, what: str = "", src: int = 0) -> Any:
         return json.loads(json.dumps(obj))
 
+    def any_true(self, flag: bool, what: str = "") -> bool:
+        return bool(flag)
+
 
 class GlooComm:
     """Collectives over a private gloo group. Every rank of ``group`` must call each in order."""
@@ -118,6 +121,17 @@ class GlooComm:
         except RuntimeError as exc:
             raise self._fail(what, exc) from exc
         return decode_json(bytes(buf.numpy()))
+
+
+    def any_true(self, flag: bool, what: str = "any") -> bool:
+        """Whether ``flag`` is true on any rank: one all-reduce of one integer, cheaper than
+        gathering JSON when all that matters is whether anything went wrong."""
+        try:
+            value = torch.tensor([int(bool(flag))], dtype=torch.int64)
+            self._dist.all_reduce(value, op=self._dist.ReduceOp.MAX, group=self.group)
+        except RuntimeError as exc:
+            raise self._fail(what, exc) from exc
+        return bool(value.item())
 
 
 def make_comm(process_group: Any, timeout_s: float) -> LocalComm | GlooComm:

@@ -3,6 +3,12 @@
 Tensors are loaded in place: the local shard of a DTensor gets exactly its box of the global
 tensor (whatever the saving world size was), a plain tensor gets the whole tensor. Reads run in
 parallel threads and every chunk is checked against its checksum.
+
+A per-rank tensor (its bytes differed between the ranks that saved it: BatchNorm running stats
+trained on different data, say) goes to each rank that saved one, at the saving world size. A
+rank without a copy of its own (another world size, or a rank that did not save the key) that
+has a slot for it gets the copy of the lowest rank that saved one (rank 0's, when every rank
+did), as DDP broadcasts rank 0's buffers, and one warning names those keys.
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ class LoadPlanner:
         self.index = PieceIndex(reader, rank)
         self.requests: list[ReadRequest] = []
         self.skipped: list[str] = []
+        self.borrowed: list[str] = []  # "path (rank r)": per-rank tensors loaded from rank r
         self._fresh: dict[str, torch.Tensor] = {}  # tensors allocated here, by resolved key
 
     def _allocate(self, key: str, target: str, meta: TensorMeta,
@@ -69,9 +76,12 @@ class LoadPlanner:
             raise CorruptCheckpointError(f"manifest: tree refers to tensor {key!r}, which the "
                                          f"manifest does not list")
         meta = self.manifest.resolve(key, self.rank)
-        if meta is None:  # per-rank tensor saved at another world size
-            self.skipped.append(where)
-            return dest
+        if meta is None:  # a per-rank tensor, and this rank has no copy of its own
+            if dest is None:  # ... nor a slot for one
+                self.skipped.append(where)
+                return dest
+            meta, source = self._lowest_copy(key)
+            self.borrowed.append(f"{where} (rank {source})")
         alias = self.manifest.tensors[key].alias_of
         target = key if alias is None else alias
         dtype = torch_dtype(meta.dtype, key)
@@ -87,6 +97,13 @@ class LoadPlanner:
         meta = self.index.meta_for(meta, target, tuple(offsets), tuple(local.shape))
         self.requests.append(ReadRequest(key, meta, offsets, tuple(local.shape), local))
         return dest
+
+    def _lowest_copy(self, key: str) -> tuple[TensorMeta, int]:
+        entry = self.manifest.tensors[key]
+        if entry.alias_of is not None:
+            entry = self.manifest.tensors[entry.alias_of]
+        assert entry.per_rank is not None
+        return next((m, r) for r, m in enumerate(entry.per_rank) if m is not None)
 
 
 def _execute(reader: CheckpointReader, req: ReadRequest) -> None:
@@ -113,7 +130,8 @@ def load_step(comm: LocalComm | GlooComm, reader: CheckpointReader, state: dict[
     error: BaseException | None = None
     skipped: list[str] = []
     try:
-        ctx = LoadContext(planner.request, rank, manifest.world_size, strict)
+        ctx = LoadContext(planner.request, rank, manifest.world_size, strict,
+                          caller_rank=comm.rank)
         start, cpu = time.perf_counter(), time.thread_time()
         restore(state, manifest.tree, ctx)
         last_profile.update(plan_s=time.perf_counter() - start,
@@ -140,9 +158,18 @@ def load_step(comm: LocalComm | GlooComm, reader: CheckpointReader, state: dict[
             lines = "; ".join(f"rank {r}: {m}" for r, m in sorted(failures.items()))
             raise CollectiveError(f"load failed on rank(s) {sorted(failures)}: {lines}",
                                   failures) from error
+    if planner.borrowed:
+        warnings.warn(
+            f"checkpoint step {manifest.step} (saved at world size {manifest.world_size}, loaded "
+            f"at {comm.world_size}): rank {comm.rank} has no copy of its own of these per-rank "
+            f"tensors, which differ between the ranks that saved them; loaded the copy of the "
+            f"rank named: {', '.join(planner.borrowed[:20])}"
+            + (f" ... ({len(planner.borrowed)} in all)" if len(planner.borrowed) > 20 else ""),
+            stacklevel=3)
     if skipped:
         warnings.warn(
-            f"checkpoint step {manifest.step} was saved at world size {manifest.world_size}, this "
-            f"job has {comm.world_size}: per-rank state not restored: {', '.join(skipped[:20])}"
+            f"checkpoint step {manifest.step} (saved at world size {manifest.world_size}, loaded "
+            f"at {comm.world_size}): per-rank state that differs between the ranks that saved it, "
+            f"with no copy of rank {comm.rank}'s own, not restored: {', '.join(skipped[:20])}"
             + (" ..." if len(skipped) > 20 else ""), stacklevel=3)
     return skipped

@@ -105,6 +105,28 @@ def _raise_failures(stage: str, failures: dict[int, str], local: BaseException |
     raise err from local
 
 
+def agree_on_state(comm: LocalComm | GlooComm, step: int, error: Exception | None) -> None:
+    """Collective, on the caller's thread, after every earlier save has finished (so the comm
+    is idle): if flattening or snapshotting the state failed on any rank, every rank raises
+    now, before anything is written. One process raises the error itself; with several, every
+    rank raises a ``CollectiveError`` naming the failing ranks and their errors (key paths
+    included), chained to its own error if it has one."""
+    if comm.world_size == 1:
+        if error is not None:
+            raise error
+        return
+    if not comm.any_true(error is not None, "save: check state"):
+        return  # the common case costs one all-reduce of one integer
+    outcomes = comm.all_gather_json(describe(error) if error is not None else None,
+                                    "save: gather state errors")
+    failures = {r: m for r, m in enumerate(outcomes) if m}
+    if failures:
+        lines = "; ".join(f"rank {r}: {m}" for r, m in sorted(failures.items()))
+        raise CollectiveError(f"save of step {step} refused, nothing was written: the state of "
+                              f"rank(s) {sorted(failures)} cannot be checkpointed: {lines}",
+                              failures) from error
+
+
 def leaf_spec(leaf: TensorLeaf, world_size: int) -> LeafSpec:
     digest = None
     if world_size > 1 and not leaf.sharded and leaf.alias_of is None:
@@ -153,10 +175,10 @@ def directory(specs: list[list[LeafSpec]], plan: WritePlan) -> dict[str, M.Tenso
     for key, kind in sorted(plan.kind.items()):
         if kind == "alias":
             tensors[key] = M.TensorEntry(alias_of=plan.alias_of[key])
-        elif kind == "per_rank":
+        elif kind == "per_rank":  # None: a rank that does not hold this key (rank-local)
             tensors[key] = M.TensorEntry(per_rank=tuple(
                 M.TensorMeta(spec_of[r][key].dtype, spec_of[r][key].shape, (), ((r, r + 1),))
-                for r in range(len(specs))))
+                if key in spec_of[r] else None for r in range(len(specs))))
         else:
             ranks = writers[key]
             boxes = tuple(Piece(key, spec_of[r][key].dtype, spec_of[r][key].offsets,

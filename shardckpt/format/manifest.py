@@ -87,17 +87,19 @@ class TensorMeta:
 
 @dataclass(frozen=True)
 class TensorEntry:
-    """One key of ``tensors``: a tensor, an alias of another key, or one tensor per rank."""
+    """One key of ``tensors``: a tensor, an alias of another key, or one tensor per rank
+    (``None`` for a rank that does not hold the key: rank-local state)."""
 
     meta: TensorMeta | None = None
     alias_of: str | None = None
-    per_rank: tuple[TensorMeta, ...] | None = None
+    per_rank: tuple[TensorMeta | None, ...] | None = None
 
     def to_json(self) -> dict[str, Any]:
         if self.alias_of is not None:
             return {"alias_of": self.alias_of}
         if self.per_rank is not None:
-            return {"per_rank": [m.to_json(with_ranks=False) for m in self.per_rank]}
+            return {"per_rank": [m.to_json(with_ranks=False) if m is not None else None
+                                 for m in self.per_rank]}
         assert self.meta is not None
         return self.meta.to_json()
 
@@ -279,10 +281,15 @@ def _parse_tensors(value: Any, files: Mapping[str, FileRecord], world: int,
             metas = d["per_rank"]
             if not isinstance(metas, list) or len(metas) != world:
                 raise F.fail(w, f"per_rank must list one tensor per rank ({world})")
-            parsed = []
+            parsed: list[TensorMeta | None] = []
             for r, m in enumerate(metas):
+                if m is None:  # rank r does not hold this key
+                    parsed.append(None)
+                    continue
                 dtype, shape = _parse_meta(F.obj(m, f"{w} rank {r}"), f"{w} rank {r}")
                 parsed.append(TensorMeta(dtype, shape, (), ((r, r + 1),)))
+            if all(m is None for m in parsed):
+                raise F.fail(w, "per_rank lists no rank holding the tensor")
             out[key] = TensorEntry(per_rank=tuple(parsed))
         else:
             dtype, shape = _parse_meta(d, w)
@@ -302,7 +309,11 @@ def meta_of_piece(manifest: Manifest, piece: Piece, rank: int, where: str) -> Te
         raise F.fail(where, f"holds a piece of {piece.key!r}, which the manifest does not list "
                             f"as a tensor")
     if entry.per_rank is not None:
-        meta = entry.per_rank[rank]
+        held = entry.per_rank[rank]
+        if held is None:
+            raise F.fail(where, f"holds a piece of {piece.key!r} written by rank {rank}, which "
+                                f"the manifest lists as not holding it")
+        meta = held
     else:
         assert entry.meta is not None
         meta = entry.meta
@@ -341,9 +352,10 @@ def attach_pieces(manifest: Manifest, headers: Mapping[str, Iterable[Piece]],
         w = f"{where} tensor {key!r}"
         if entry.per_rank is not None:
             metas = tuple(replace(m, pieces=tuple(found.get((key, r), ())))
-                          for r, m in enumerate(entry.per_rank))
+                          if m is not None else None for r, m in enumerate(entry.per_rank))
             for r, m in enumerate(metas):
-                check_coverage(m, f"{w} rank {r}")
+                if m is not None:
+                    check_coverage(m, f"{w} rank {r}")
             tensors[key] = TensorEntry(per_rank=metas)
         elif entry.meta is not None:
             meta = replace(entry.meta, pieces=tuple(found.get((key, -1), ())))

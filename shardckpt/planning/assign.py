@@ -5,6 +5,10 @@ shard of a DTensor, and for replicated tensors a digest of their bytes). Output:
 the one rank that writes it. Replicated data (DDP parameters, ``Replicate`` placements, equal
 tensors) is written once for the whole job, spread over ranks by size; a plain tensor whose bytes
 differ between ranks is per-rank state and every rank writes its own.
+
+Ranks may hold different keys (rank-local state): the plan covers the union. A key that one rank
+alone holds, or that all its holders hold with equal bytes, is written once by one of them; one
+whose holders differ is per-rank state, written by each of its holders.
 """
 
 from __future__ import annotations
@@ -83,17 +87,13 @@ def assign(leaves_by_rank: list[list[LeafSpec]]) -> WritePlan:
             if not boxes and per:  # an empty tensor: one rank records it, writing no bytes
                 items.append((0, key, [min(per)]))
             continue
-        replicated = len(per) == world and same_meta and (
-            world == 1 or (first.digest is not None and all(s.digest == first.digest
-                                                            for s in specs)))
+        replicated = same_meta and (len(per) == 1 or (
+            first.digest is not None and all(s.digest == first.digest for s in specs)))
         if replicated:
             plan.kind[key] = "shared"
             items.append((first.nbytes, key, sorted(per)))
         else:
             plan.kind[key] = "per_rank"
-            if len(per) != world:
-                raise ValueError(f"{key}: present on ranks {sorted(per)} only; per-rank tensors "
-                                 f"must exist on every rank")
             for rank, s in per.items():
                 plan.writes[rank].append(key)
                 plan.load[rank] += s.nbytes

@@ -161,12 +161,14 @@ class LoadContext:
     """What :func:`fill` needs: a way to request tensor data and the rank it loads for."""
 
     request: Callable[[str, torch.Tensor | None, str], torch.Tensor]
-    rank: int | None
-    world_size: int
+    rank: int | None  # the loading rank when the world size is the saving one, else None
+    world_size: int  # the saving world size
     strict: bool
     skipped: list[str] = field(default_factory=list)
     appliers: list[Callable[[], None]] = field(default_factory=list)
     modules: dict[int, torch.nn.Module] = field(default_factory=dict)
+    caller_rank: int = 0  # the loading rank, for messages
+    in_module: int = 0  # depth of nn.Module states around the node being filled
 
 
 def fill(dest: Any, node: Any, path: str, ctx: LoadContext) -> Any:
@@ -174,6 +176,9 @@ def fill(dest: Any, node: Any, path: str, ctx: LoadContext) -> Any:
 
     Tensor data is only *requested* here; objects are re-loaded by ``ctx.appliers`` once every
     requested tensor has arrived.
+
+    Rank-local entries (``P`` nodes) go to the ranks that saved them, and to any rank that asks
+    for them (``dest`` holds the key) when that is unambiguous: one value, whoever saved it.
     """
     where = path or "<root>"
     node = T.check_node(node, where)
@@ -183,9 +188,18 @@ def fill(dest: Any, node: Any, path: str, ctx: LoadContext) -> Any:
         if not isinstance(options, list) or len(options) != ctx.world_size:
             raise T.CorruptCheckpointError(f"{where}: per-rank node must list {ctx.world_size}")
         if ctx.rank is None:
-            ctx.skipped.append(where)
-            return dest
+            return _skip(dest, node, where, ctx)
         return fill(dest, options[ctx.rank], path, ctx)
+    if tag == "P":
+        groups = T.partial_groups(node, where, ctx.world_size)
+        own = [n for ranks, n in groups if ctx.rank in ranks]
+        if own:
+            return fill(dest, own[0], path, ctx)
+        if dest is MISSING:  # saved by other ranks only, and not asked for here
+            return MISSING
+        if len(groups) == 1:
+            return fill(dest, groups[0][1], path, ctx)
+        return _skip(dest, node, where, ctx)
     if tag in ("M", "O", "S") and dest is not MISSING:
         return _fill_object(dest, node, path, ctx)
     if tag in ("d", "D") and dest is not MISSING and not isinstance(dest, dict) and \
@@ -199,9 +213,10 @@ def fill(dest: Any, node: Any, path: str, ctx: LoadContext) -> Any:
     if tag in ("d", "D") and isinstance(dest, dict):
         stored = _children(node, where)
         if ctx.strict:
-            missing = [k for k in dest if k not in stored]
+            missing = [T.join(path, k) for k in dest if k not in stored]
             if missing:
-                raise KeyError(f"{where}: not in the checkpoint: {missing[:10]}")
+                raise KeyError(f"{where}: rank {ctx.caller_rank} asks for keys that no rank "
+                               f"saved (not in the checkpoint): {_listed(missing)}")
         for k, child in stored.items():
             value = fill(dest.get(k, MISSING), child, T.join(path, k), ctx)
             if value is not MISSING:  # MISSING: per-rank state skipped, nothing to put here
@@ -225,6 +240,44 @@ def fill(dest: Any, node: Any, path: str, ctx: LoadContext) -> Any:
     if tag in ("M", "O", "S"):
         return fill(MISSING, node[1] if len(node) == 2 else None, path, ctx)
     return T.decode_scalar(node, where)
+
+
+def _skip(dest: Any, node: list[Any], where: str, ctx: LoadContext) -> Any:
+    """Leave ``dest`` as it is: the ranks that saved this node differ, and this rank has no
+    copy of its own. Never for a tensor of a module the caller asked for, when strict."""
+    if ctx.strict and ctx.in_module and dest is not MISSING and T.has_tensor(node):
+        raise ValueError(f"{where}: differs between the ranks that saved it (world size "
+                         f"{ctx.world_size}) and rank {ctx.caller_rank} has no copy of its own; a "
+                         f"strict load never leaves a module tensor unrestored (strict=False "
+                         f"keeps its value)")
+    ctx.skipped.append(where)
+    return dest
+
+
+def _listed(keys: list[str], limit: int = 20) -> str:
+    return str(keys[:limit]) + (f" ... ({len(keys)} in all)" if len(keys) > limit else "")
+
+
+def _check_model_keys(sd: dict[str, Any], node: Any, where: str, ctx: LoadContext) -> None:
+    """Strict: the model's keys are exactly those the checkpoint offers this rank. One
+    ``KeyError`` lists both the missing and the unexpected keys."""
+    if not (isinstance(node, list) and node and node[0] in ("d", "D")):
+        return
+    stored = _children(node, where)
+
+    def offered(child: Any) -> bool:  # a rank-local entry goes only to the ranks that saved it
+        if not (isinstance(child, list) and child and child[0] == "P"):
+            return True
+        return any(ctx.rank in ranks for ranks, _ in T.partial_groups(child, where,
+                                                                       ctx.world_size))
+
+    missing = [k for k in sd if k not in stored]
+    unexpected = [k for k, child in stored.items() if k not in sd and offered(child)]
+    if missing or unexpected:
+        raise KeyError(f"{where}: the model does not match the checkpoint (rank "
+                       f"{ctx.caller_rank}): missing keys (in the model, not in the checkpoint): "
+                       f"{_listed(missing)}; unexpected keys (in the checkpoint, not in the "
+                       f"model): {_listed(unexpected)}")
 
 
 def _children(node: list[Any], where: str) -> dict[Any, Any]:
@@ -256,7 +309,14 @@ def _fill_object(obj: Any, node: list[Any], path: str, ctx: LoadContext) -> Any:
         raise TypeError(f"{where}: the checkpoint holds an object's state_dict here, the given "
                         f"{type(obj).__name__} has no load_state_dict")
     if isinstance(obj, torch.nn.Module):
-        sd = fill(dsd.get_model_state_dict(obj), node[1], path, ctx)
+        sd = dsd.get_model_state_dict(obj)
+        if ctx.strict:
+            _check_model_keys(sd, node[1], where, ctx)
+        ctx.in_module += 1
+        try:
+            sd = fill(sd, node[1], path, ctx)
+        finally:
+            ctx.in_module -= 1
         options = dsd.StateDictOptions(strict=ctx.strict)
         ctx.appliers.append(lambda: dsd.set_model_state_dict(obj, sd, options=options))
     elif isinstance(obj, torch.optim.Optimizer):

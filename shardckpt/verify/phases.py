@@ -108,7 +108,7 @@ def tree_refs(node: Any) -> Iterator[str]:
     elif tag in ("l", "t", "R") and isinstance(body, list):
         for child in body:
             yield from tree_refs(child)
-    elif tag == "D" and isinstance(body, list):
+    elif tag in ("D", "P") and isinstance(body, list):
         for item in body:
             if isinstance(item, list) and len(item) == 2:
                 yield from tree_refs(item[1])
@@ -132,6 +132,8 @@ def completeness(locations: Sequence[Location], step: int, manifest: M.Manifest)
             continue
         metas = entry.per_rank if entry.per_rank is not None else (entry.meta,)
         for r, meta in enumerate(metas):
+            if meta is None and entry.per_rank is not None:
+                continue  # rank r did not hold this key (rank-local state)
             if meta is None:
                 problems.append(f"tensor {key!r}: no metadata")
                 continue
