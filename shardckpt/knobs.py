@@ -53,6 +53,8 @@ COLLECTIVE_TIMEOUT_S = Knob(
     "SHARDCKPT_COLLECTIVE_TIMEOUT", 600, 1, "seconds a save/load collective may wait for peers"
 )
 FSYNC = Knob("SHARDCKPT_FSYNC", 1, 0, "1: fsync files and directories before commit; 0: skip")
+EXIT_WAIT_S = Knob("SHARDCKPT_EXIT_WAIT_S", 600, 0,
+                   "seconds the interpreter's exit waits for saves still in flight (no close())")
 
 ALL_KNOBS = (CHUNK_SIZE, IO_THREADS, FILES_PER_RANK, MEMORY_BUDGET, ENCODE_THREADS,
-             COLLECTIVE_TIMEOUT_S, FSYNC)
+             COLLECTIVE_TIMEOUT_S, FSYNC, EXIT_WAIT_S)

@@ -293,12 +293,25 @@ class BackgroundPrune:
             warnings.warn(f"background retention failed: {type(exc).__name__}: {exc}",
                           RuntimeWarning, stacklevel=1)
 
-    def close(self) -> None:
-        """Wait for the running and queued runs, then stop the thread."""
+    def close(self, timeout: float | None = None) -> bool:
+        """Wait for the running and queued runs (at most ``timeout`` s), then stop the thread.
+
+        False if a run was still going at the timeout (the thread goes on with it, then stops).
+        """
         with self._lock:
             pool, self._pool = self._pool, None
-        if pool is not None:
+        if pool is None:
+            return True
+        if timeout is None:
             pool.shutdown(wait=True)
+            return True
+        last = pool.submit(lambda: None)  # one worker, runs in order: done once the rest are
+        pool.shutdown(wait=False)
+        try:
+            last.result(timeout)
+        except TimeoutError:
+            return False
+        return True
 
 
 __all__ = ["DEFAULT_GRACE_S", "BackgroundPrune", "PruneReport", "prune_location"]
