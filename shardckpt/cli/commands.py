@@ -311,8 +311,8 @@ def _duration_arg(text: str, flag: str) -> float:
 
 def cmd_prune(args: argparse.Namespace) -> int:
     from ..errors import ShardckptError
-    from ..prune import prune_location
-    from .main import emit
+    from ..prune import UnknownMetricError, prune_location
+    from .main import UsageError, emit
 
     policy = _prune_policy(args)
     grace = _duration_arg(args.grace, "--grace")
@@ -324,7 +324,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
                    unit="location"):  # every location from its own listing, under its own lock
         try:
             report = prune_location(loc, policy, dry_run=args.dry_run, grace=grace,
-                                    lock_wait=lock_wait)
+                                    lock_wait=lock_wait, unknown_metric="raise")
+        except UnknownMetricError as exc:  # before anything changed at this location
+            raise UsageError(f"--metric: {exc}") from None
         except ShardckptError as exc:
             failed = True
             docs.append({"url": loc.display, "error": f"{type(exc).__name__}: {exc}"})
@@ -370,7 +372,8 @@ has touched them for --grace and no live save holds a lease on them. Each locati
 every --replica) is pruned from its own listing, under its own lock.
 
 exit codes: 0 done; 2 a corrupt manifest was found (reported, left alone, the rest pruned);
-64 usage error; 70 another prune still held the lock after --lock-wait, or storage failed.
+64 usage error, also a --metric that no checkpoint has (nothing is pruned then); 70 another
+prune still held the lock after --lock-wait, or storage failed.
 """
 
 
