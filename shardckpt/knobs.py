@@ -73,8 +73,10 @@ PRUNE_LOCK_TTL_S = Knob("SHARDCKPT_PRUNE_LOCK_TTL", 120, 1,
                         "seconds the prune lock lives unrenewed (a dead holder's lock expires)")
 LOCK_SETTLE_MS = Knob("SHARDCKPT_LOCK_SETTLE_MS", 250, 0,
                       "ms between writing the prune lock and reading it back (Fischer's delay)")
+EXIT_WAIT_S = Knob("SHARDCKPT_EXIT_WAIT_S", 600, 0,
+                   "seconds the interpreter's exit waits for saves still in flight (no close())")
 
 ALL_KNOBS = (CHUNK_SIZE, IO_THREADS, FILES_PER_RANK, MEMORY_BUDGET, ENCODE_THREADS,
              COLLECTIVE_TIMEOUT_S, FSYNC, CONNECT_TIMEOUT_S, CONNECT_ATTEMPTS,
              UNREACHABLE_TTL_S, STORAGE_ATTEMPTS, STORAGE_RETRY_SECONDS, S3_BLOCK_SIZE,
-             LEASE_TTL_S, PRUNE_LOCK_TTL_S, LOCK_SETTLE_MS)
+             LEASE_TTL_S, PRUNE_LOCK_TTL_S, LOCK_SETTLE_MS, EXIT_WAIT_S)

@@ -16,7 +16,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
 
-from . import __version__, catalog, knobs
+from . import __version__, catalog, exit_wait, knobs
 from .catalog import find_manifest
 from .engine.comm import make_comm
 from .engine.index import full_manifest
@@ -150,6 +150,7 @@ class CheckpointManager:
                                       world_size=self.world_size, metrics_path=metrics_path,
                                       callbacks=save_callbacks, urls=urls)
         self._observer.publish_initial()
+        exit_wait.track(self)  # a save still in flight when the script ends is finished first
 
     @property
     def rank(self) -> int:
@@ -438,6 +439,7 @@ class CheckpointManager:
         """Wait for in-flight saves, then release threads. Raises a pending save's error."""
         if self._closed:
             return
+        exit_wait.untrack(self)
         try:
             self.wait()
         finally:
@@ -445,6 +447,24 @@ class CheckpointManager:
             self._pool.shutdown(wait=True)
             self._staging.release()
             self._retention_runner.close()  # the last commit's retention finishes first
+
+    def _finish_at_exit(self, timeout: float) -> None:
+        """The interpreter is exiting and ``close()`` was not called: let the saves in flight
+        (and the retention they started) finish, for at most ``timeout`` seconds, then close."""
+        if self._closed:
+            return
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            pending, self._pending = self._pending, []
+        if not exit_wait.wait_for_saves(self.location.display, pending, timeout):
+            return  # still writing: the staging buffers stay, the thread may yet finish
+        if not self._retention_runner.close(max(0.0, deadline - time.monotonic())):
+            exit_wait.logger.error("shardckpt: retention at %s was still running after %.0f s "
+                                   "(SHARDCKPT_EXIT_WAIT_S) at exit", self.location.display,
+                                   timeout)
+        self._closed = True
+        self._pool.shutdown(wait=False)
+        self._staging.release()
 
     def __enter__(self) -> CheckpointManager:
         return self

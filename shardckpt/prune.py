@@ -36,7 +36,7 @@ from typing import Any
 from . import catalog
 from .errors import StorageError
 from .format import manifest as M
-from .policy import CheckpointRecord, RetentionPolicy, plan_retention
+from .policy import CheckpointRecord, RetentionPolicy, missing_metric, plan_retention
 from .storage import Location, step_dirname
 from .storage.lease import (
     CONTROL_DIR,
@@ -53,6 +53,29 @@ from .storage.lease import (
 
 DEFAULT_GRACE_S = 3600.0
 DEFAULT_LOCK_WAIT_S = 60.0
+
+
+class UnknownMetricError(ValueError):
+    """``keep_best`` ranks by a metric that no checkpoint of the location has (a typo, say)."""
+
+
+_warned_metric: set[RetentionPolicy] = set()  # policies already warned about (once each)
+_warned_lock = threading.Lock()
+
+
+def _check_metric(location: Location, policy: RetentionPolicy, records: list[CheckpointRecord],
+                  unknown_metric: str) -> None:
+    problem = missing_metric(policy, records)
+    if problem is None:
+        return
+    text = f"{location.display}: {problem}"
+    if unknown_metric == "raise":
+        raise UnknownMetricError(text)
+    with _warned_lock:
+        if policy in _warned_metric:
+            return
+        _warned_metric.add(policy)
+    warnings.warn(f"retention: {text}", UserWarning, stacklevel=4)
 
 
 @dataclass(frozen=True)
@@ -137,7 +160,8 @@ def _aside_time(name: str) -> float:
 
 def prune_location(location: Location, policy: RetentionPolicy, *, dry_run: bool = False,
                    grace: float = DEFAULT_GRACE_S, lock_wait: float = 0.0,
-                   manifests: Mapping[int, M.Manifest] | None = None) -> PruneReport:
+                   manifests: Mapping[int, M.Manifest] | None = None,
+                   unknown_metric: str = "warn") -> PruneReport:
     """Apply ``policy`` to ``location`` from its own listing, and reap stale uncommitted steps.
 
     Any one process may call this, at any time, also while training saves to the location.
@@ -145,12 +169,19 @@ def prune_location(location: Location, policy: RetentionPolicy, *, dry_run: bool
     seconds, :class:`~shardckpt.storage.lease.LeaseError` if the lock was lost part-way
     (nothing unsafe was done), and ``StorageError`` if the store fails. ``manifests`` may hold
     already-validated manifests by step, to save reading them again.
+
+    When ``policy.keep_best`` ranks by a metric that none of the location's checkpoints has,
+    ``unknown_metric="warn"`` warns (once per policy) and prunes by the other rules;
+    ``"raise"`` raises :class:`UnknownMetricError` (naming the metrics that exist) before
+    anything is changed.
     """
     if not grace >= 0:
         raise ValueError(f"grace must be >= 0 seconds, got {grace!r}")
+    if unknown_metric not in ("warn", "raise"):
+        raise ValueError(f"unknown_metric must be 'warn' or 'raise', got {unknown_metric!r}")
     lock = None if dry_run else PruneLock.acquire(location, wait=lock_wait)
     try:
-        report = _prune(location, policy, dry_run, grace, lock, manifests or {})
+        report = _prune(location, policy, dry_run, grace, lock, manifests or {}, unknown_metric)
     except BaseException:
         if lock is not None:
             with contextlib.suppress(Exception):  # the first error is the one to report
@@ -162,7 +193,8 @@ def prune_location(location: Location, policy: RetentionPolicy, *, dry_run: bool
 
 
 def _prune(location: Location, policy: RetentionPolicy, dry_run: bool, grace: float,
-           lock: PruneLock | None, cache: Mapping[int, M.Manifest]) -> PruneReport:
+           lock: PruneLock | None, cache: Mapping[int, M.Manifest],
+           unknown_metric: str = "warn") -> PruneReport:
     committed, uncommitted, corrupt, aside = _survey(location, cache)
     # Leases are read after the listing: a writer writes its lease before its directory, so
     # every directory listed above that a live writer holds has its lease visible here.
@@ -177,6 +209,7 @@ def _prune(location: Location, policy: RetentionPolicy, dry_run: bool, grace: fl
 
     records = [CheckpointRecord(s, m.unix_time, dict(m.metrics), m.tags)
                for s, m in committed.items()]
+    _check_metric(location, policy, records, unknown_metric)
     plan = plan_retention(policy, records, now,
                           in_progress=[s for s in committed if step_dirname(s) in writing])
     skipped: dict[str, str] = {}
@@ -304,12 +337,26 @@ class BackgroundPrune:
             warnings.warn(f"background retention failed: {type(exc).__name__}: {exc}",
                           RuntimeWarning, stacklevel=1)
 
-    def close(self) -> None:
-        """Wait for the running and queued runs, then stop the thread."""
+    def close(self, timeout: float | None = None) -> bool:
+        """Wait for the running and queued runs (at most ``timeout`` s), then stop the thread.
+
+        False if a run was still going at the timeout (the thread goes on with it, then stops).
+        """
         with self._lock:
             pool, self._pool = self._pool, None
-        if pool is not None:
+        if pool is None:
+            return True
+        if timeout is None:
             pool.shutdown(wait=True)
+            return True
+        last = pool.submit(lambda: None)  # one worker, runs in order: done once the rest are
+        pool.shutdown(wait=False)
+        try:
+            last.result(timeout)
+        except TimeoutError:
+            return False
+        return True
 
 
-__all__ = ["DEFAULT_GRACE_S", "BackgroundPrune", "PruneReport", "prune_location"]
+__all__ = ["DEFAULT_GRACE_S", "BackgroundPrune", "PruneReport", "UnknownMetricError",
+           "prune_location"]

@@ -1,8 +1,12 @@
 """Heal one location from another: find missing or corrupt files and copy good ones over.
 
 A file is good at a location when its size, header and every chunk checksum match the manifest.
-Copies are verified the same way after writing. A location's missing or corrupt manifest is
-recreated (from a healthy location's bytes) only when every shard file there is good, so repair
+A step is repaired in two stages: :func:`plan_step` looks at every location and decides what to
+do (the plan: files to copy, manifests to restore, and what cannot be repaired), and
+:func:`execute` carries the plan out. A dry run is the first stage alone, so it reports exactly
+what the real run does. Copies are verified the same way after writing. A location's missing or
+corrupt manifest is recreated (from a healthy location's bytes) only when every shard file there
+is good or copied in by the same plan, and is written after those copies succeeded, so repair
 never makes a damaged checkpoint look committed.
 """
 
@@ -20,18 +24,62 @@ from .storage import Location, step_dirname
 
 COPY_BLOCK = 16 << 20
 _PROBLEMS = (CorruptCheckpointError, IncompleteCheckpointError, StorageError, FileNotFoundError)
+COPY, RESTORE = "copy", "restore_manifest"
+
+
+@dataclass(frozen=True)
+class Action:
+    """One step of a repair plan: copy ``file`` (or restore ``manifest.json``) at ``location``
+    from ``source``, because of ``problem``."""
+
+    kind: str
+    location: str
+    file: str
+    source: str
+    problem: str
+
+    def to_json(self) -> dict[str, str]:
+        return {"action": self.kind, "location": self.location, "file": self.file,
+                "source": self.source, "problem": self.problem}
+
+    def describe(self, step: int) -> str:
+        verb = "copy" if self.kind == COPY else "restore"
+        return (f"step {step}: {verb} {self.location}/{step_dirname(step)}/{self.file} from "
+                f"{self.source} ({self.problem})")
 
 
 @dataclass
 class StepRepair:
+    """The plan for one step and, unless ``dry_run``, what executing it did.
+
+    ``plan`` is the same for a dry run and a real run of the same damage. ``repaired`` and
+    ``manifests_restored`` are the plan's copies and restores (dry run: those that would be
+    done; real run: those done and verified); ``unrepairable`` what no location could supply,
+    plus, in a real run, actions that failed. ``healthy_before``: nothing needed doing;
+    ``ok``: every location holds a good copy after the repair (dry run: would).
+    """
+
     step: int
+    dry_run: bool = False
+    plan: list[Action] = field(default_factory=list)
     repaired: list[dict[str, str]] = field(default_factory=list)
     unrepairable: list[dict[str, str]] = field(default_factory=list)
     manifests_restored: list[str] = field(default_factory=list)
+    failed: list[dict[str, str]] = field(default_factory=list)
+
+    @property
+    def healthy_before(self) -> bool:
+        return not self.plan and not self.unrepairable
+
+    @property
+    def ok(self) -> bool:
+        return not self.unrepairable
 
     def to_json(self) -> dict[str, object]:
-        return {"step": self.step, "repaired": self.repaired, "unrepairable": self.unrepairable,
-                "manifests_restored": self.manifests_restored, "ok": not self.unrepairable}
+        return {"step": self.step, "dry_run": self.dry_run,
+                "plan": [a.to_json() for a in self.plan], "repaired": self.repaired,
+                "unrepairable": self.unrepairable, "manifests_restored": self.manifests_restored,
+                "failed": self.failed, "healthy_before": self.healthy_before, "ok": self.ok}
 
 
 def verify_file(location: Location, step: int, manifest: M.Manifest, file: str) -> str | None:
@@ -65,29 +113,36 @@ def copy_file(src: Location, dst: Location, rel: str, nbytes: int) -> None:
         raise
 
 
-def repair_step(locations: Sequence[Location], step: int, dry_run: bool = False) -> StepRepair:
-    """Make every location hold a good copy of ``step`` where some location has one."""
-    report = StepRepair(step)
-    source, manifest, manifest_bytes = None, None, b""
-    states: list[str] = []
-    for i, loc in enumerate(locations):
+@dataclass
+class _Survey:
+    manifest: M.Manifest
+    manifest_bytes: bytes
+    source: int
+
+
+def plan_step(locations: Sequence[Location], step: int) -> tuple[StepRepair, _Survey | None]:
+    """Look at ``step`` everywhere and plan its repair; changes nothing."""
+    report = StepRepair(step, dry_run=True)
+    survey: _Survey | None = None
+    states: list[str | None] = []
+    for loc in locations:
         try:
             m = read_manifest(loc, step)
-            states.append("ok")
-            if manifest is None:
-                source, manifest = i, m
-                manifest_bytes = loc.read_file(f"{step_dirname(step)}/{M.MANIFEST_NAME}",
-                                               MAX_MANIFEST_BYTES)
+            states.append(None)
+            if survey is None:
+                data = loc.read_file(f"{step_dirname(step)}/{M.MANIFEST_NAME}",
+                                     MAX_MANIFEST_BYTES)
+                survey = _Survey(m, data, len(states) - 1)
         except _PROBLEMS as exc:
             states.append(str(exc))
-    if manifest is None or source is None:
+    if survey is None:
         report.unrepairable.append({"location": "*", "file": M.MANIFEST_NAME,
                                     "problem": "no location holds a valid manifest"})
-        return report
-    step_dir = step_dirname(step)
-    files = sorted(manifest.files)
-    status = {(i, f): verify_file(loc, step, manifest, f)
+        return report, None
+    files = sorted(survey.manifest.files)
+    status = {(i, f): verify_file(loc, step, survey.manifest, f)
               for i, loc in enumerate(locations) for f in files}
+    fixed = dict(status)  # what each file's state will be once the plan has run
     for f in files:
         good = [i for i in range(len(locations)) if status[(i, f)] is None]
         for i, loc in enumerate(locations):
@@ -98,30 +153,73 @@ def repair_step(locations: Sequence[Location], step: int, dry_run: bool = False)
             if not good:
                 report.unrepairable.append(entry)
                 continue
-            if not dry_run:
-                loc.makedirs(step_dir)
-                copy_file(locations[good[0]], loc, f"{step_dir}/{f}", manifest.files[f].nbytes)
-                after = verify_file(loc, step, manifest, f)
-                if after is not None:
-                    report.unrepairable.append({**entry, "problem": f"copy failed: {after}"})
-                    continue
-                status[(i, f)] = None
+            report.plan.append(Action(COPY, loc.display, f, locations[good[0]].display, problem))
             report.repaired.append(entry)
+            fixed[(i, f)] = None
+    source = locations[survey.source].display
     for i, loc in enumerate(locations):
-        if states[i] == "ok":
+        problem = states[i]
+        if problem is None:
             continue
-        whole = all(status[(i, f)] is None for f in files)
-        entry = {"location": loc.display, "file": M.MANIFEST_NAME, "problem": states[i]}
-        if not whole:
-            report.unrepairable.append({**entry, "problem": states[i] + " (and shards are "
-                                        "not all good there, so it is not recreated)"})
+        entry = {"location": loc.display, "file": M.MANIFEST_NAME, "problem": problem}
+        if not all(fixed[(i, f)] is None for f in files):
+            report.unrepairable.append({**entry, "problem": problem + " (and shards are not "
+                                        "all good there, so it is not recreated)"})
             continue
-        if not dry_run:
-            loc.fsync_dir(step_dir)
-            loc.write_atomic(f"{step_dir}/{M.MANIFEST_NAME}", manifest_bytes)
-            loc.fsync_dir("")
+        report.plan.append(Action(RESTORE, loc.display, M.MANIFEST_NAME, source, problem))
         report.manifests_restored.append(loc.display)
-    return report
+    return report, survey
+
+
+def execute(locations: Sequence[Location], planned: StepRepair,
+            survey: _Survey | None) -> StepRepair:
+    """Carry out ``planned`` (from :func:`plan_step`), in its order; returns what was done.
+
+    A copy is verified after writing; a copy that fails leaves its location's manifest alone
+    (not recreated). Failures are recorded in ``failed`` and ``unrepairable``, never raised.
+    """
+    done = StepRepair(planned.step, dry_run=False, plan=list(planned.plan),
+                      unrepairable=list(planned.unrepairable))
+    if survey is None:
+        return done
+    by_name = {loc.display: loc for loc in locations}
+    step_dir = step_dirname(planned.step)
+    broken: set[str] = set()  # locations where a copy failed
+    for action in planned.plan:
+        loc = by_name[action.location]
+        entry = {"location": action.location, "file": action.file, "problem": action.problem}
+        try:
+            if action.kind == COPY:
+                size = survey.manifest.files[action.file].nbytes
+                loc.makedirs(step_dir)
+                copy_file(by_name[action.source], loc, f"{step_dir}/{action.file}", size)
+                after = verify_file(loc, planned.step, survey.manifest, action.file)
+                if after is not None:
+                    raise CorruptCheckpointError(f"copy failed: {after}")
+                done.repaired.append(entry)
+            else:
+                if action.location in broken:
+                    raise IncompleteCheckpointError("not recreated: a copy of a shard there "
+                                                    "failed")
+                loc.fsync_dir(step_dir)
+                loc.write_atomic(f"{step_dir}/{M.MANIFEST_NAME}", survey.manifest_bytes)
+                loc.fsync_dir("")
+                done.manifests_restored.append(action.location)
+        except (*_PROBLEMS, OSError) as exc:
+            broken.add(action.location)
+            failure = {**entry, "problem": f"{action.problem}; repair failed: {exc}"}
+            done.failed.append({**action.to_json(), "error": str(exc)})
+            done.unrepairable.append(failure)
+    return done
+
+
+def repair_step(locations: Sequence[Location], step: int, dry_run: bool = False) -> StepRepair:
+    """Make every location hold a good copy of ``step`` where some location has one.
+
+    ``dry_run`` returns the plan alone; otherwise the plan is executed. Both report the same
+    ``plan``."""
+    planned, survey = plan_step(locations, step)
+    return planned if dry_run else execute(locations, planned, survey)
 
 
 def repair(locations: Sequence[Location], step: int | None = None,
@@ -133,7 +231,28 @@ def repair(locations: Sequence[Location], step: int | None = None,
     out = []
     for s in steps:
         r = repair_step(locations, s, dry_run)
-        uncommitted = r.unrepairable and r.unrepairable[0]["location"] == "*"
-        if not uncommitted:  # a step committed nowhere is a crashed save, not damage
+        if not committed_nowhere(r):  # a crashed save, not damage
             out.append(r)
     return out
+
+
+def committed_nowhere(report: StepRepair) -> bool:
+    return bool(report.unrepairable) and report.unrepairable[0]["location"] == "*"
+
+
+def summary(reports: Sequence[StepRepair], dry_run: bool) -> str:
+    """One line on the state *after* the repair (for a dry run: after the planned repair)."""
+    n = len(reports)
+    before = sum(1 for r in reports if r.healthy_before)
+    fixed = sum(1 for r in reports if not r.healthy_before and r.ok)
+    damaged = n - before - fixed
+    if dry_run:
+        return (f"{n} checkpoint{'s' * (n != 1)} checked: {before} healthy everywhere, {fixed} "
+                f"would be repaired, {damaged} cannot be; after this repair {before + fixed} of "
+                f"{n} would be healthy everywhere (dry run: nothing was changed)")
+    return (f"{n} checkpoint{'s' * (n != 1)} checked: {before} already healthy everywhere, "
+            f"{fixed} repaired, {damaged} still damaged; {before + fixed} of {n} now healthy "
+            f"everywhere")
+
+
+__all__ = ["Action", "StepRepair", "execute", "plan_step", "repair", "repair_step", "summary"]

@@ -109,7 +109,10 @@ def test_usage_errors_exit_64_with_one_line(argv: tuple[str, ...], root: str, tm
     code = main(args)
     captured = capsys.readouterr()
     assert code == 64, (args, captured.err)
-    assert captured.out == ""
+    if "--json" in args:  # one JSON error document (issue 15 item 13)
+        assert json.loads(captured.out)["error"]["exit_code"] == 64
+    else:
+        assert captured.out == ""
     assert "Traceback" not in captured.err
     assert len(captured.err.strip().splitlines()) == 1, captured.err
     assert captured.err.startswith("shardckpt")
@@ -119,7 +122,11 @@ def test_usage_errors_exit_64_with_one_line(argv: tuple[str, ...], root: str, tm
 def test_usage_errors_as_a_process(argv: tuple[str, ...]) -> None:
     proc = run_cli(*argv)
     assert proc.returncode == 64
-    assert proc.stdout == "" and "Traceback" not in proc.stderr
+    if "--json" in argv:  # one JSON error document (issue 15 item 13)
+        assert json.loads(proc.stdout)["error"]["exit_code"] == 64
+    else:
+        assert proc.stdout == ""
+    assert "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
 
 

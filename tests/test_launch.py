@@ -360,8 +360,8 @@ def _make_root(path: Path) -> Path:
     import shardckpt
 
     with shardckpt.CheckpointManager(str(path), async_save=False, capture_rng=False) as mgr:
-        for step in (1, 2, 3, 4, 5):
-            mgr.save(step, {"w": torch.full((4,), float(step))})
+        for step in (1, 2, 3, 4, 5):  # the example policy ranks by val_loss: best are 5, 4
+            mgr.save(step, {"w": torch.full((4,), float(step))}, metrics={"val_loss": 1 / step})
     return path
 
 
@@ -379,7 +379,7 @@ def test_cron_and_systemd_run_prune(tmp_path: Path, capsys: pytest.CaptureFixtur
         doc = json.loads(out.out)
         assert doc["dry_run"] is True
         kept = {k["step"] for k in doc["kept"]}
-        assert kept == {3, 4, 5} and doc["deleted"] == [1, 2]  # keep_last 3, nothing else
+        assert kept == {3, 4, 5} and doc["deleted"] == [1, 2]  # keep_last 3 (best 2 in them)
     assert sorted(int(p.name[5:]) for p in root.glob("step-*")) == [1, 2, 3, 4, 5]
 
 

@@ -648,7 +648,10 @@ def test_prune_sigkilled_at_a_random_moment(tmp_path: Path) -> None:
 
 def test_launch_examples_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """The crontab and systemd examples' command lines, pointed at a real root, dry-run."""
-    root = make_root(tmp_path / "run", range(1, 5))
+    root = str(tmp_path / "run")
+    with shardckpt.CheckpointManager(root, async_save=False) as mgr:
+        for step in range(1, 5):  # the example policy ranks by val_loss: a missing one is 64
+            mgr.save(step, state_for(step), metrics={"loss": 1.0 / step, "val_loss": 2.0 / step})
     launch = TESTS_DIR.parent / "launch"
     policy = str(launch / "prune-policy.example.toml")
     cron = next(line for line in (launch / "cron" / "shardckpt-prune.crontab").read_text()
@@ -662,7 +665,7 @@ def test_launch_examples_run(tmp_path: Path, capsys: pytest.CaptureFixture[str])
                 for a in args]
         code, out, err = prune_cli(capsys, *args, "--dry-run")
         assert code == 0, err
-        assert json.loads(out)["deleted"] == [1]  # last 3 (no val_loss to rank by)
+        assert json.loads(out)["deleted"] == [1]  # last 3 (the best 2 by val_loss among them)
 
 
 def test_lease_record_host_is_this_host(tmp_path: Path) -> None:

@@ -213,41 +213,40 @@ def _add_export(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_repair(args: argparse.Namespace) -> int:
-    from ..repair import repair
+    from ..repair import committed_nowhere, repair_step, summary
     from .main import UsageError, emit
 
     locs = _locations(args)
     if len(locs) < 2:
         raise UsageError("repair needs at least one --replica URL to copy from or to")
     if args.step is not None:
-        reports = repair(locs, args.step, dry_run=args.dry_run)
-    else:  # as repair(locs) does, one step at a time for the progress bar
-        from ..repair import repair_step
-
-        steps = sorted({s for loc in locs for s in loc.list_step_dirs()})
-        reports = []
-        for s in bar(steps, desc="repair", total=len(steps), enabled=wanted(args),
-                     unit="step"):
-            r = repair_step(locs, s, args.dry_run)
-            if not (r.unrepairable and r.unrepairable[0]["location"] == "*"):
-                reports.append(r)  # a step committed nowhere is a crashed save, not damage
-    ok = all(not r.unrepairable for r in reports)
-    if args.json:
-        emit({"ok": ok, "dry_run": args.dry_run, "steps": [r.to_json() for r in reports]})
+        steps = [args.step]
     else:
-        verb = "would repair" if args.dry_run else "repaired"
+        steps = sorted({s for loc in locs for s in loc.list_step_dirs()})
+    reports = []
+    for s in bar(steps, desc="repair", total=len(steps), enabled=wanted(args), unit="step"):
+        r = repair_step(locs, s, args.dry_run)
+        if args.step is not None or not committed_nowhere(r):  # else a crashed save: no damage
+            reports.append(r)
+    ok = all(r.ok for r in reports)
+    if args.json:
+        emit({"ok": ok, "dry_run": args.dry_run, "summary": summary(reports, args.dry_run),
+              "steps": [r.to_json() for r in reports]})
+    else:  # the plan, the same lines for a dry run and the run that carries it out
         for r in reports:
-            for e in r.repaired:
-                print(f"step {r.step}: {verb} {e['location']}/{e['file']} ({e['problem']})")
-            for loc in r.manifests_restored:
-                print(f"step {r.step}: {'would restore' if args.dry_run else 'restored'} "
-                      f"the manifest at {loc}")
+            for action in r.plan:
+                print(action.describe(r.step))
+            for e in r.failed:
+                print(f"step {r.step}: FAILED to {e['action'].replace('_', ' ')} "
+                      f"{e['location']}/{step_dirname(r.step)}/{e['file']}: {e['error']}",
+                      file=sys.stderr)
             for e in r.unrepairable:
-                print(f"step {r.step}: CANNOT repair {e['location']}/{e['file']}: "
-                      f"{e['problem']}", file=sys.stderr)
-        healthy = sum(1 for r in reports if not (r.repaired or r.unrepairable or
-                                                  r.manifests_restored))
-        print(f"{len(reports)} checkpoints checked, {healthy} healthy everywhere")
+                if not any(e["location"] == f["location"] and e["file"] == f["file"]
+                           for f in r.failed):
+                    where = "" if e["location"] == "*" else f"{e['location']}/"
+                    print(f"step {r.step}: CANNOT repair {where}{step_dirname(r.step)}/"
+                          f"{e['file']}: {e['problem']}", file=sys.stderr)
+        print(summary(reports, args.dry_run))
     return 0 if ok else 2
 
 
@@ -255,7 +254,8 @@ def _add_repair(p: argparse.ArgumentParser) -> None:
     p.add_argument("root", metavar="ROOT", help=ROOT_HELP)
     p.add_argument("--step", type=step_arg, default=None, metavar="N",
                    help="repair only this step (default: every step)")
-    p.add_argument("--dry-run", action="store_true", help="report what would be repaired")
+    p.add_argument("--dry-run", action="store_true", help="print the plan (exactly what a "
+                   "real run does) and change nothing")
 
 
 def _add_ls(p: argparse.ArgumentParser) -> None:
@@ -306,8 +306,8 @@ def _duration_arg(text: str, flag: str) -> float:
 
 def cmd_prune(args: argparse.Namespace) -> int:
     from ..errors import ShardckptError
-    from ..prune import prune_location
-    from .main import emit
+    from ..prune import UnknownMetricError, prune_location
+    from .main import UsageError, emit
 
     policy = _prune_policy(args)
     grace = _duration_arg(args.grace, "--grace")
@@ -319,7 +319,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
                    unit="location"):  # every location from its own listing, under its own lock
         try:
             report = prune_location(loc, policy, dry_run=args.dry_run, grace=grace,
-                                    lock_wait=lock_wait)
+                                    lock_wait=lock_wait, unknown_metric="raise")
+        except UnknownMetricError as exc:  # before anything changed at this location
+            raise UsageError(f"--metric: {exc}") from None
         except ShardckptError as exc:
             failed = True
             docs.append({"url": loc.display, "error": f"{type(exc).__name__}: {exc}"})
@@ -365,7 +367,8 @@ has touched them for --grace and no live save holds a lease on them. Each locati
 every --replica) is pruned from its own listing, under its own lock.
 
 exit codes: 0 done; 2 a corrupt manifest was found (reported, left alone, the rest pruned);
-64 usage error; 70 another prune still held the lock after --lock-wait, or storage failed.
+64 usage error, also a --metric that no checkpoint has (nothing is pruned then); 70 another
+prune still held the lock after --lock-wait, or storage failed.
 """
 
 

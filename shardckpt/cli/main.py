@@ -73,40 +73,59 @@ def main(argv: Sequence[str] | None = None) -> int:
     return code
 
 
+def error_document(exc: BaseException, exit_code: int) -> dict[str, Any]:
+    """What ``--json`` prints on stdout when a command fails: one document, the same exit code."""
+    return {"error": {"type": type(exc).__name__, "message": one_line(exc),
+                      "exit_code": exit_code}}
+
+
+def _fail(exc: BaseException, code: int, line: str | None, as_json: bool) -> int:
+    """Report ``exc``: ``line`` on stderr (for people), and with ``--json`` the error document on
+    stdout (for programs, which otherwise would find nothing there)."""
+    if line is not None:
+        print(line, file=sys.stderr)
+    if as_json:
+        try:
+            emit(error_document(exc, code))
+        except (BrokenPipeError, ValueError):  # no reader left, or stdout closed
+            pass
+    return code
+
+
 def _run(argv: list[str]) -> int:
+    as_json = "--json" in argv  # before parsing, so that usage errors are documents too
     try:
         args = build_parser().parse_args(argv)
     except UsageError as exc:
-        print(f"{one_line(exc)} (see 'shardckpt --help')", file=sys.stderr)
-        return EXIT_USAGE
+        return _fail(exc, EXIT_USAGE, f"{one_line(exc)} (see 'shardckpt --help')", as_json)
     except SystemExit as exc:  # --help / --version
-        return int(exc.code or 0) if not isinstance(exc.code, str) else EXIT_USAGE
+        if isinstance(exc.code, str):
+            return _fail(UsageError(exc.code), EXIT_USAGE, exc.code, as_json)
+        return int(exc.code or 0)
+    as_json = bool(getattr(args, "json", as_json))
+    cmd = f"shardckpt {args.command}"
     try:
         return int(args.func(args) or 0)
     except UsageError as exc:
-        print(f"shardckpt {args.command}: {one_line(exc)}", file=sys.stderr)
-        return EXIT_USAGE
+        return _fail(exc, EXIT_USAGE, f"{cmd}: {one_line(exc)}", as_json)
     except VerificationError as exc:
-        print(f"shardckpt {args.command}: verification failed: {one_line(exc)}",
-              file=sys.stderr)
-        return EXIT_MISMATCH
+        return _fail(exc, EXIT_MISMATCH, f"{cmd}: verification failed: {one_line(exc)}",
+                     as_json)
     except (CorruptCheckpointError, IncompleteCheckpointError, FileNotFoundError) as exc:
-        print(f"shardckpt {args.command}: {one_line(exc)}", file=sys.stderr)
-        return EXIT_INTEGRITY
+        return _fail(exc, EXIT_INTEGRITY, f"{cmd}: {one_line(exc)}", as_json)
     except ShardckptError as exc:
-        print(f"shardckpt {args.command}: {type(exc).__name__}: {one_line(exc)}",
-              file=sys.stderr)
+        return _fail(exc, EXIT_INTERNAL, f"{cmd}: {type(exc).__name__}: {one_line(exc)}",
+                     as_json)
+    except BrokenPipeError:  # stdout's reader went away: nothing more can reach it
         return EXIT_INTERNAL
-    except (KeyboardInterrupt, BrokenPipeError):
-        return EXIT_INTERNAL
+    except KeyboardInterrupt as exc:
+        return _fail(exc, EXIT_INTERNAL, None, as_json)
     except OSError as exc:  # the system refused (permission, disk full): not a bug of ours
-        print(f"shardckpt {args.command}: {type(exc).__name__}: {one_line(exc)}",
-              file=sys.stderr)
-        return EXIT_INTERNAL
+        return _fail(exc, EXIT_INTERNAL, f"{cmd}: {type(exc).__name__}: {one_line(exc)}",
+                     as_json)
     except Exception as exc:  # a bug: keep the traceback for the report
         import traceback
 
         traceback.print_exc()
-        print(f"shardckpt {args.command}: internal error: {type(exc).__name__}: {exc}",
-              file=sys.stderr)
-        return EXIT_INTERNAL
+        return _fail(exc, EXIT_INTERNAL, f"{cmd}: internal error: {type(exc).__name__}: {exc}",
+                     as_json)

@@ -15,6 +15,7 @@ import torch
 import zstandard
 
 from ..errors import CollectiveError
+from .tensorbytes import byte_view
 
 COMPRESS_ABOVE = 64 << 10  # bytes of JSON above which a payload travels zstd-compressed
 MAX_PAYLOAD = 4 << 30
@@ -95,7 +96,7 @@ class GlooComm:
             self._dist.all_gather(bufs, padded, group=self.group)
         except RuntimeError as exc:
             raise self._fail(what, exc) from exc
-        return [decode_json(bytes(b[:n].numpy())) for b, n in zip(bufs, sizes)]
+        return [decode_json(bytes(byte_view(b[:n]))) for b, n in zip(bufs, sizes)]
 
     def gather_json(self, obj: Any, what: str = "gather", dst: int = 0) -> list[Any] | None:
         try:
@@ -107,7 +108,7 @@ class GlooComm:
             raise self._fail(what, exc) from exc
         if bufs is None:
             return None
-        return [decode_json(bytes(b[:n].numpy())) for b, n in zip(bufs, sizes)]
+        return [decode_json(bytes(byte_view(b[:n]))) for b, n in zip(bufs, sizes)]
 
     def broadcast_json(self, obj: Any, what: str = "broadcast", src: int = 0) -> Any:
         dist = self._dist
@@ -120,7 +121,7 @@ class GlooComm:
                 dist.broadcast(buf, src=self._global[src], group=self.group)
         except RuntimeError as exc:
             raise self._fail(what, exc) from exc
-        return decode_json(bytes(buf.numpy()))
+        return decode_json(bytes(byte_view(buf)))
 
 
     def any_true(self, flag: bool, what: str = "any") -> bool:

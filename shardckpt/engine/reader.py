@@ -18,7 +18,7 @@ from ..format.dtypes import itemsize, torch_dtype
 from ..format.manifest import Manifest, TensorMeta
 from ..format.shard import Piece, ShardHeader, checksum, decode_chunk, read_header
 from ..storage import Location
-from .writer import flat
+from .tensorbytes import byte_view
 
 
 def contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -191,10 +191,10 @@ class CheckpointReader:
             whole = size == piece.lengths and size == lengths
             if whole and out.is_contiguous() and out.device.type == "cpu" and \
                     out.dtype == torch_dtype(meta.dtype):
-                self.read_span(piece, 0, memoryview(flat(out).view(torch.uint8).numpy()))
+                self.read_span(piece, 0, byte_view(out))
                 continue
             buf = torch.empty(span, dtype=torch.uint8)
-            self.read_span(piece, first * isz, memoryview(buf.numpy()))
+            self.read_span(piece, first * isz, byte_view(buf))
             src = buf.view(torch_dtype(meta.dtype)).as_strided(size, strides, 0)
             dst_region.copy_(src.to(dtype) if src.dtype != dtype else src)
         if math.prod(lengths) and not meta.pieces:

@@ -14,6 +14,7 @@ from ..format.shard import FileRecord, Piece, ShardWriter, split_chunks
 from ..storage import Location
 from ..storage.replicas import open_tee
 from .pipeline import EncodePipeline, PipelineConfig
+from .tensorbytes import byte_view
 
 
 @dataclass(frozen=True)
@@ -47,7 +48,7 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     t = t.contiguous()
     if t.numel() == 0:
         return memoryview(b"")
-    return memoryview(flat(t).view(torch.uint8).numpy())
+    return byte_view(t)
 
 
 def split_files(pieces: Sequence[PieceData], nfiles: int) -> list[list[PieceData]]:

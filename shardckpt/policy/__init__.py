@@ -4,6 +4,7 @@ from shardckpt.policy.retention import (
     CheckpointRecord,
     RetentionPlan,
     RetentionPolicy,
+    missing_metric,
     parse_duration,
     plan_retention,
 )
@@ -12,6 +13,7 @@ __all__ = [
     "CheckpointRecord",
     "RetentionPlan",
     "RetentionPolicy",
+    "missing_metric",
     "parse_duration",
     "plan_retention",
 ]

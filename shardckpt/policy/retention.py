@@ -318,6 +318,26 @@ def _best(
     return [record for _, record in ranked[:count]]
 
 
+def missing_metric(policy: RetentionPolicy, checkpoints: Iterable[CheckpointRecord]) -> str | None:
+    """Why ``policy``'s ``keep_best`` cannot rank ``checkpoints``, or ``None`` when it can.
+
+    A message when no checkpoint carries ``policy.metric`` at all (a misspelt name, say: the
+    rule then keeps nothing), naming the metrics the checkpoints do carry. ``None`` without a
+    ``keep_best`` rule, without checkpoints, or when at least one carries the metric. Pure.
+    """
+    records = list(checkpoints)
+    if policy.keep_best is None or policy.metric is None or not records:
+        return None
+    names = sorted({str(name) for r in records for name in r.metrics})
+    if policy.metric in names:
+        return None
+    found = ("the metrics that exist: " + ", ".join(names)) if names else \
+        "no checkpoint has any metric"
+    return (f"metric {policy.metric!r}: no checkpoint has it, so keep_best={policy.keep_best} "
+            f"keeps nothing by it ({len(records)} checkpoint{'s' * (len(records) != 1)}; "
+            f"{found})")
+
+
 def plan_retention(
     policy: RetentionPolicy,
     checkpoints: Iterable[CheckpointRecord],
@@ -387,6 +407,7 @@ __all__ = [
     "CheckpointRecord",
     "RetentionPlan",
     "RetentionPolicy",
+    "missing_metric",
     "parse_duration",
     "plan_retention",
 ]

@@ -8,7 +8,7 @@ same on every rank, so the tree never needs a per-rank node for it::
     {"format": 1,
      "python": {"version": 3, "internal": int64[625], "gauss_next": float64[0 or 1]},
      "numpy":  {"algorithm": "MT19937", "key": int64[624], "pos_has_gauss": int64[2],
-                "cached_gaussian": float64[1]}          # None if NumPy is missing or not MT19937
+                "cached_gaussian": float64[1]}          # absent if NumPy is missing or not MT19937
      "torch":  uint8[N],                                # torch.get_rng_state()
      "cuda":   [uint8[M], ...]}                         # one per device; [] if CUDA is not in use
 
@@ -56,7 +56,8 @@ def _capture_numpy() -> dict[str, Any] | None:
         return None  # a non-legacy bit generator was installed; only MT19937 is supported
     algorithm, key, pos, has_gauss, cached = state
     return {"algorithm": str(algorithm),
-            "key": torch.from_numpy(np.asarray(key, dtype=np.int64).copy()),
+            # through a list, not torch.from_numpy: torch's NumPy bridge may be missing or broken
+            "key": torch.tensor([int(k) for k in key], dtype=torch.int64),
             "pos_has_gauss": torch.tensor([int(pos), int(has_gauss)], dtype=torch.int64),
             "cached_gaussian": torch.tensor([float(cached)], dtype=torch.float64)}
 
@@ -68,11 +69,13 @@ def capture_rng_state() -> dict[str, Any]:
     holds only JSON scalars, dicts, lists and CPU tensors that share no memory with the live
     generators. Per-rank: call it on every rank; each rank's values are its own.
     """
-    return {"format": FORMAT,
-            "python": _capture_python(),
-            "numpy": _capture_numpy(),
-            "torch": torch.get_rng_state(),
-            "cuda": [s.cpu() for s in torch.cuda.get_rng_state_all()] if _cuda_in_use() else []}
+    state: dict[str, Any] = {"format": FORMAT, "python": _capture_python()}
+    numpy_state = _capture_numpy()
+    if numpy_state is not None:  # without NumPy there is nothing to restore, nor to warn about
+        state["numpy"] = numpy_state
+    state["torch"] = torch.get_rng_state()
+    state["cuda"] = [s.cpu() for s in torch.cuda.get_rng_state_all()] if _cuda_in_use() else []
+    return state
 
 
 # ----------------------------------------------------------------------------- restore
@@ -137,7 +140,7 @@ def _plan_numpy(value: Any) -> Callable[[], None] | None:
         raise ValueError("numpy.key: words must lie in [0, 2**32)")
     if not 0 <= pos_has[0] <= _MT_WORDS or pos_has[1] not in (0, 1):
         raise ValueError(f"numpy.pos_has_gauss: expected [0..{_MT_WORDS}, 0 or 1], got {pos_has}")
-    state = ("MT19937", key.numpy().astype(np.uint32), pos_has[0], pos_has[1], cached)
+    state = ("MT19937", np.array(key.tolist(), dtype=np.uint32), pos_has[0], pos_has[1], cached)
     try:
         np.random.RandomState().set_state(state)
     except (ValueError, TypeError, OverflowError) as exc:

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import xxhash
 
+from ..engine.tensorbytes import byte_view
 from ..golden import call, detach
 from .phases import Check
 
@@ -125,7 +126,7 @@ def digest(value: Any) -> str:
             t = v.detach().cpu().contiguous()
             h.update(f"T{_describe(t)};".encode())
             if t.numel():
-                h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+                h.update(byte_view(t))
         elif isinstance(v, dict):
             h.update(f"d{len(v)};".encode())
             for k in v:
