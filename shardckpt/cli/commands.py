@@ -13,7 +13,7 @@ from ..catalog import find_manifest
 from ..errors import StorageError
 from ..format import manifest as M
 from ..observe import human_bytes
-from ..storage import Location, open_location, redact
+from ..storage import Location, open_location, redact, step_dirname
 from ..storage.probe import Unreachable, reachable_all
 from . import diff_cmd, health, interop_cmd, report_cmd, verify_cmd
 from .argtypes import step_arg
