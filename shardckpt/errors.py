@@ -64,3 +64,7 @@ __all__ = [
     "StorageError",
     "VerificationError",
 ]
+
+# The command line's exit codes (the contract): success, verification mismatch, integrity problem
+# (corrupt, missing, incomplete), usage error, internal or storage error.
+EXIT_OK, EXIT_MISMATCH, EXIT_INTEGRITY, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 64, 70

@@ -16,7 +16,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
 
-from . import __version__, catalog, exit_wait, knobs
+from . import catalog, exit_wait, knobs
 from .catalog import find_manifest
 from .engine.comm import make_comm
 from .engine.index import full_manifest
@@ -41,6 +41,7 @@ from .prune import DEFAULT_LOCK_WAIT_S, BackgroundPrune, PruneReport, prune_loca
 from .repro import capture_rng_state, collect_provenance, host_record, restore_rng_state
 from .storage import Location, open_location, step_dirname
 from .storage.probe import reachable_all
+from .version import __version__
 
 RNG_KEY = "__shardckpt_rng__"
 

@@ -442,6 +442,6 @@ def _name(cb: Any) -> str:
 
 
 def _version() -> str:
-    from . import __version__
+    from .version import __version__
 
     return __version__

@@ -128,3 +128,41 @@ def test_lower_layers_never_import_torch(module: str) -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=120, check=True).stdout.strip()
     assert out == "", f"{module} imports {out}"
+
+
+def test_import_shardckpt_is_cheap_until_a_torch_name_is_used() -> None:
+    code = ("import sys, shardckpt; before = 'torch' in sys.modules; "
+            "shardckpt.CheckpointManager; print(before, 'torch' in sys.modules, "
+            "'CheckpointManager' in dir(shardckpt))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, check=True).stdout.split()
+    assert out == ["False", "True", "True"]
+
+
+def test_cli_starts_and_lists_without_torch(tmp_path: Path) -> None:
+    """``--help``, ``ls``, ``show`` and ``prune`` never import torch (nor fsspec, locally); the
+    commands that need tensors import it when they run."""
+    import torch
+
+    import shardckpt
+
+    root = tmp_path / "run"
+    with shardckpt.CheckpointManager(str(root), async_save=False) as mgr:
+        mgr.save(1, {"w": torch.ones(3)}, metrics={"loss": 1.0})
+        mgr.save(2, {"w": torch.ones(3)}, metrics={"loss": 0.5})
+    script = (
+        "import sys, json\n"
+        "from shardckpt.cli.main import main\n"
+        "code = main(json.loads(sys.argv[1]))\n"
+        "print(json.dumps([code, [m for m in ('torch', 'fsspec') if m in sys.modules]]),"
+        " file=sys.stderr)\n")
+    cases = {"--help": ["--help"], "ls": ["ls", str(root)], "show": ["show", str(root)],
+             "prune": ["prune", str(root), "--keep-last", "1", "--dry-run"],
+             "verify --help": ["verify", "--help"]}
+    for name, argv in cases.items():
+        import json
+
+        done = subprocess.run([sys.executable, "-c", script, json.dumps(argv)],
+                              capture_output=True, text=True, timeout=120)
+        code, loaded = json.loads(done.stderr.strip().splitlines()[-1])
+        assert (code, loaded) == (0, []), (name, done.stderr)

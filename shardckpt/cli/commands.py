@@ -3,83 +3,18 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Callable
 from typing import Any
 
-from .. import catalog
 from ..catalog import find_manifest
-from ..errors import StorageError
 from ..format import manifest as M
 from ..observe import human_bytes
-from ..storage import Location, open_location, redact, step_dirname
-from ..storage.probe import Unreachable, reachable_all
+from ..storage import step_dirname
 from . import diff_cmd, health, interop_cmd, report_cmd, verify_cmd
 from .argtypes import step_arg
+from .common import ROOT_HELP, latest_step, locations
 from .progress import bar, wanted
-
-ROOT_HELP = "checkpoint root: a path or fsspec URL"
-
-
-def open_locations(urls: list[str], warn: str | None = None) -> list[Location]:
-    """The locations of ``urls``; a URL that cannot be opened or a root that does not exist is
-    a usage error (exit 64), named in one line with credentials redacted.
-
-    Remote locations are probed, all at once: one that does not answer within seconds stands
-    in as :class:`~shardckpt.storage.probe.Unreachable` (its every operation fails at once), so
-    the command works from the others; with ``warn`` (the command's name) one line on stderr
-    says so. ``StorageError`` if no location answers.
-    """
-    from .main import UsageError
-
-    opened = []
-    for url in urls:
-        try:
-            opened.append(open_location(url))
-        except (ValueError, ImportError) as exc:  # unknown protocol, missing fsspec backend
-            raise UsageError(f"{redact(url)}: cannot open: {exc}") from None
-    locs = reachable_all(opened)
-    down = [loc for loc in locs if isinstance(loc, Unreachable)]
-    if len(down) == len(locs):
-        raise StorageError("; ".join(f"{loc.display}: unreachable: {loc.why}" for loc in down))
-    for index, loc in enumerate(locs):
-        if isinstance(loc, Unreachable):
-            continue
-        try:
-            exists = loc.root_exists()
-        except StorageError:
-            if index == 0:
-                raise
-            continue  # a replica failing now: the command reports it where it matters
-        if not exists:
-            raise UsageError(f"{loc.display}: no such checkpoint root")
-    for loc in down if warn else ():
-        print(f"shardckpt {warn}: warning: {loc.display} is unreachable ({loc.why}); using "
-              f"the other locations", file=sys.stderr)
-    return locs
-
-
-def _locations(args: argparse.Namespace) -> list[Location]:
-    quiet = args.command in ("ls", "report")  # these report unreachable locations themselves
-    return open_locations([args.root, *args.replica], warn=None if quiet else args.command)
-
-
-def latest_step(locs: list[Location]) -> int:
-    """The default ``--step``: the newest step directory holding a manifest, valid or not (a
-    corrupt one then fails the command with exit 2, naming the file)."""
-    return catalog.latest_manifest_step(locs, locs[0].display)
-
-
-def check_out_path(path: str, flag: str = "--out") -> None:
-    """``UsageError`` unless ``path``'s directory exists and ``path`` is not a directory."""
-    from .main import UsageError
-
-    parent = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        raise UsageError(f"{flag} {path}: is a directory")
-    if not os.path.isdir(parent):
-        raise UsageError(f"{flag} {path}: directory {parent} does not exist")
 
 
 def _metrics_json(m: M.Manifest) -> dict[str, Any]:
@@ -92,7 +27,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
     a corrupt manifest, a damaged or missing copy, an unreachable location."""
     from ..verify.record import verified
 
-    locs = _locations(args)
+    locs = locations(args)
     report = health.survey(locs, progress=wanted(args))
     rows = []
     for step, entry in bar(sorted(report.steps.items()), desc="verification records",
@@ -116,7 +51,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
                      "dir": f"{where}/{name}"})
     rows.sort(key=lambda r: (r["step"], r["health"] != "aside"))
     if args.json:
-        from .main import emit
+        from .common import emit
 
         emit(rows)
     else:
@@ -141,9 +76,9 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from .main import emit
+    from .common import emit
 
-    locs = _locations(args)
+    locs = locations(args)
     step = latest_step(locs) if args.step is None else args.step
     from ..planning import tree as T
 
@@ -214,9 +149,9 @@ def _add_export(p: argparse.ArgumentParser) -> None:
 
 def cmd_repair(args: argparse.Namespace) -> int:
     from ..repair import committed_nowhere, repair_step, summary
-    from .main import UsageError, emit
+    from .common import UsageError, emit
 
-    locs = _locations(args)
+    locs = locations(args)
     if len(locs) < 2:
         raise UsageError("repair needs at least one --replica URL to copy from or to")
     if args.step is not None:
@@ -277,7 +212,7 @@ def _prune_policy(args: argparse.Namespace) -> Any:
     from dataclasses import fields
 
     from ..policy import RetentionPolicy
-    from .main import UsageError
+    from .common import UsageError
 
     try:
         base = RetentionPolicy.from_toml(args.config) if args.config else RetentionPolicy()
@@ -296,7 +231,7 @@ def _prune_policy(args: argparse.Namespace) -> Any:
 
 def _duration_arg(text: str, flag: str) -> float:
     from ..policy import parse_duration
-    from .main import UsageError
+    from .common import UsageError
 
     try:
         return parse_duration(text)
@@ -307,12 +242,12 @@ def _duration_arg(text: str, flag: str) -> float:
 def cmd_prune(args: argparse.Namespace) -> int:
     from ..errors import ShardckptError
     from ..prune import UnknownMetricError, prune_location
-    from .main import UsageError, emit
+    from .common import UsageError, emit
 
     policy = _prune_policy(args)
     grace = _duration_arg(args.grace, "--grace")
     lock_wait = _duration_arg(args.lock_wait, "--lock-wait")
-    locs = _locations(args)
+    locs = locations(args)
     docs: list[dict[str, Any]] = []
     failed = corrupt = False
     for loc in bar(locs, desc="prune", total=len(locs), enabled=wanted(args) and len(locs) > 1,

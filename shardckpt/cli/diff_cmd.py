@@ -51,7 +51,7 @@ class Spec:
 def parse_spec(text: str) -> Spec:
     """``ROOT@STEP`` split at the last '@'; ``ROOT`` or ``ROOT@latest``: the newest step
     directory holding a manifest. ``UsageError`` if what follows the '@' is no step."""
-    from .main import UsageError
+    from .common import UsageError
 
     root, sep, step = text.rpartition("@")
     if not sep or "/" in step:  # no '@', or one inside the URL (s3://user@bucket/run)
@@ -67,7 +67,7 @@ def parse_spec(text: str) -> Spec:
 
 def _open(spec: Spec, replicas: Sequence[str]) -> tuple[list[Location], int]:
     """The reachable locations of ``spec`` (UsageError for a missing root) and its step."""
-    from .commands import latest_step, open_locations
+    from .common import latest_step, open_locations
 
     locs = open_locations([spec.root, *replicas], warn="diff")
     return locs, latest_step(locs) if spec.step is None else spec.step
@@ -202,8 +202,7 @@ def _fmt(d: Any) -> str:
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
-    from .commands import latest_step
-    from .main import UsageError, emit
+    from .common import UsageError, emit, latest_step
 
     a, b = parse_spec(args.a), parse_spec(args.b)
     if not (math.isfinite(args.atol) and args.atol >= 0):

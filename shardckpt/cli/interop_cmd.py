@@ -37,8 +37,7 @@ cannot store); 70 storage or internal error.
 def cmd_export(args: argparse.Namespace) -> int:
     from ..exporter import export_step
     from ..interop import ConversionError
-    from .commands import open_locations
-    from .main import UsageError, emit
+    from .common import UsageError, emit, open_locations
 
     options: dict[str, Any] = {k: getattr(args, k) for k in ("max_shard_size", "dtype", "config")
                                if getattr(args, k) is not None}
@@ -90,7 +89,7 @@ def add_import_args(p: argparse.ArgumentParser) -> None:
 def cmd_import_dcp(args: argparse.Namespace) -> int:
     from ..interop import ConversionError
     from ..interop.dcp import import_dcp
-    from .main import UsageError, emit
+    from .common import UsageError, emit
 
     try:
         result = import_dcp(args.dcp_dir, args.root, args.step, trust_pickle=args.trust_pickle,

@@ -8,29 +8,22 @@ never a traceback.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 from ..errors import (
+    EXIT_INTEGRITY,
+    EXIT_INTERNAL,
+    EXIT_MISMATCH,
+    EXIT_USAGE,
     CorruptCheckpointError,
     IncompleteCheckpointError,
     ShardckptError,
     VerificationError,
 )
 from . import commands
-
-EXIT_OK, EXIT_MISMATCH, EXIT_INTEGRITY, EXIT_USAGE, EXIT_INTERNAL = 0, 1, 2, 64, 70
-
-
-class UsageError(Exception):
-    """A mistake in how the command was called (exit 64)."""
-
-
-def one_line(text: object) -> str:
-    """A message on one line (errors are one line on stderr, never a traceback)."""
-    return " ".join(str(text).split()) or "(no message)"
+from .common import UsageError, emit, one_line
 
 
 class _Parser(argparse.ArgumentParser):
@@ -55,13 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _version() -> str:
-    from .. import __version__
+    from ..version import __version__
 
     return __version__
-
-
-def emit(document: Any) -> None:
-    sys.stdout.write(json.dumps(document, indent=2, allow_nan=False) + "\n")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -257,8 +257,7 @@ def render_html(png: bytes, rows: list[dict[str, Any]], title: str,
 def cmd_report(args: argparse.Namespace) -> int:
     import sys
 
-    from .commands import check_out_path, open_locations
-    from .main import UsageError, emit
+    from .common import UsageError, check_out_path, emit, open_locations
 
     fmt = FORMATS.get(os.path.splitext(args.out)[1].lower())
     if fmt is None:

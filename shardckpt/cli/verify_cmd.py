@@ -59,7 +59,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
 def _check_args(args: argparse.Namespace, world: int | None) -> int:
     """Validate what can be checked without the checkpoint; returns the number of ranks."""
     from ..verify.model import FactoryError, parse_spec
-    from .main import UsageError
+    from .common import UsageError
 
     for flag in ("atol", "rtol"):
         value = getattr(args, flag)
@@ -77,7 +77,7 @@ def _check_args(args: argparse.Namespace, world: int | None) -> int:
             parse_spec(args.model)
         except FactoryError as exc:
             raise UsageError(str(exc)) from None
-    from .commands import open_locations
+    from .common import open_locations
 
     # UsageError: cannot open, or no such root; one line for an unreachable replica
     open_locations([args.root, *args.replica], warn="verify")
@@ -102,7 +102,7 @@ def _argv(args: argparse.Namespace) -> list[str]:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from ..verify import runner
-    from .main import UsageError
+    from .common import UsageError
 
     job = runner.dist_env()
     world = job[1] if job is not None and job[1] > 1 else None
@@ -161,7 +161,7 @@ def _on_rank(args: argparse.Namespace, opts: Any) -> int:
 def classify(exc: BaseException) -> tuple[int, str]:
     """The exit code and one-line message for an error (as ``shardckpt.cli.main`` maps them)."""
     from ..verify.model import FactoryError
-    from .main import UsageError
+    from .common import UsageError
 
     if isinstance(exc, (UsageError, FactoryError)):
         return 64, str(exc)
@@ -176,7 +176,7 @@ def classify(exc: BaseException) -> tuple[int, str]:
 
 def _report(doc: dict[str, Any], as_json: bool) -> int:
     """Print the verdict (JSON or a table) on stdout, a one-line reason on stderr if failed."""
-    from .main import emit
+    from .common import emit
 
     if as_json:
         emit(doc)

@@ -28,7 +28,7 @@ import torch
 from . import ConversionError
 
 if TYPE_CHECKING:
-    from ..exporter import ExportResult, StepSource
+    from .source import ExportResult, StepSource
 
 METADATA = ".metadata"
 MARKER = ".shardckpt-export.json"  # marks a folder written by export_dcp (may be replaced)
@@ -281,8 +281,8 @@ def export_dcp(source: StepSource, out: str, only: str | None,
     it back. Non-tensor values become DCP byte items (pickled by DCP, as DCP always does)."""
     import torch.distributed.checkpoint as dcp
 
-    from ..exporter import ExportResult
     from ..planning.statedict import rebuild
+    from .source import ExportResult
 
     check_out_dir(out)
     node, path = _select(source, only)

@@ -26,7 +26,7 @@ from . import ConversionError
 from . import safetensors_io as st
 
 if TYPE_CHECKING:
-    from ..exporter import Entry, ExportResult, StepSource
+    from .source import Entry, ExportResult, StepSource
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -165,7 +165,7 @@ def _remove(path: str) -> None:
 
 def export_hf(source: StepSource, entries: list[Entry], opts: Options) -> ExportResult:
     """Write ``entries`` of ``source`` into ``opts.out`` (see the module docstring)."""
-    from ..exporter import ExportResult
+    from .source import ExportResult
 
     by_name = {e.name: e for e in entries}
     specs = []

@@ -16,12 +16,16 @@ import torch
 from ..catalog import read_manifest
 from ..engine.index import full_manifest
 from ..engine.reader import CheckpointReader
-from ..errors import CorruptCheckpointError, IncompleteCheckpointError, StorageError
+from ..errors import (
+    EXIT_INTEGRITY,
+    EXIT_MISMATCH,
+    CorruptCheckpointError,
+    IncompleteCheckpointError,
+    StorageError,
+)
 from ..format import manifest as M
 from ..repair import verify_file
 from ..storage import Location, step_dirname
-
-EXIT_MISMATCH, EXIT_INTEGRITY = 1, 2
 
 
 @dataclass

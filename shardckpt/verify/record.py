@@ -12,10 +12,10 @@ import time
 from datetime import datetime, timezone
 from typing import Any
 
-from .. import __version__
 from ..errors import StorageError
 from ..format import manifest as M
 from ..storage import Location, step_dirname
+from ..version import __version__
 
 RECORD_NAME = "verification.json"
 FORMAT = "shardckpt-verification"

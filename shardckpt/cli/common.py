@@ -1,0 +1,86 @@
+"""What every command shares: usage errors, JSON output, and opening the locations it reads."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+from .. import catalog
+from ..errors import StorageError
+from ..storage import Location, open_location, redact
+from ..storage.probe import Unreachable, reachable_all
+
+
+class UsageError(Exception):
+    """A mistake in how the command was called (exit 64)."""
+
+
+def one_line(text: object) -> str:
+    """A message on one line (errors are one line on stderr, never a traceback)."""
+    return " ".join(str(text).split()) or "(no message)"
+
+
+def emit(document: Any) -> None:
+    sys.stdout.write(json.dumps(document, indent=2, allow_nan=False) + "\n")
+
+
+ROOT_HELP = "checkpoint root: a path or fsspec URL"
+
+
+def open_locations(urls: list[str], warn: str | None = None) -> list[Location]:
+    """The locations of ``urls``; a URL that cannot be opened or a root that does not exist is
+    a usage error (exit 64), named in one line with credentials redacted.
+
+    Remote locations are probed, all at once: one that does not answer within seconds stands
+    in as :class:`~shardckpt.storage.probe.Unreachable` (its every operation fails at once), so
+    the command works from the others; with ``warn`` (the command's name) one line on stderr
+    says so. ``StorageError`` if no location answers.
+    """
+    opened = []
+    for url in urls:
+        try:
+            opened.append(open_location(url))
+        except (ValueError, ImportError) as exc:  # unknown protocol, missing fsspec backend
+            raise UsageError(f"{redact(url)}: cannot open: {exc}") from None
+    locs = reachable_all(opened)
+    down = [loc for loc in locs if isinstance(loc, Unreachable)]
+    if len(down) == len(locs):
+        raise StorageError("; ".join(f"{loc.display}: unreachable: {loc.why}" for loc in down))
+    for index, loc in enumerate(locs):
+        if isinstance(loc, Unreachable):
+            continue
+        try:
+            exists = loc.root_exists()
+        except StorageError:
+            if index == 0:
+                raise
+            continue  # a replica failing now: the command reports it where it matters
+        if not exists:
+            raise UsageError(f"{loc.display}: no such checkpoint root")
+    for loc in down if warn else ():
+        print(f"shardckpt {warn}: warning: {loc.display} is unreachable ({loc.why}); using "
+              f"the other locations", file=sys.stderr)
+    return locs
+
+
+def locations(args: argparse.Namespace) -> list[Location]:
+    quiet = args.command in ("ls", "report")  # these report unreachable locations themselves
+    return open_locations([args.root, *args.replica], warn=None if quiet else args.command)
+
+
+def latest_step(locs: list[Location]) -> int:
+    """The default ``--step``: the newest step directory holding a manifest, valid or not (a
+    corrupt one then fails the command with exit 2, naming the file)."""
+    return catalog.latest_manifest_step(locs, locs[0].display)
+
+
+def check_out_path(path: str, flag: str = "--out") -> None:
+    """``UsageError`` unless ``path``'s directory exists and ``path`` is not a directory."""
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise UsageError(f"{flag} {path}: is a directory")
+    if not os.path.isdir(parent):
+        raise UsageError(f"{flag} {path}: directory {parent} does not exist")
