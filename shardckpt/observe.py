@@ -32,7 +32,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import re
 import threading
 import time
 import traceback
@@ -40,7 +39,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .storage import redact
+from .atomicfile import write_atomic
+from .redact import scrub_urls
 
 LOGGER_NAME = "shardckpt"
 logger = logging.getLogger(f"{LOGGER_NAME}.save")
@@ -100,16 +100,9 @@ class SaveEvent:
                 "error_type": self.error_type}
 
 
-_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>()\[\]{},;]+")
-
-
 def scrub(text: str, urls: Iterable[str] = ()) -> str:
-    """``text`` with every URL in it redacted (user info and query strings removed), and each
-    of ``urls`` (the raw location URLs) replaced by its redacted form first."""
-    for url in sorted(set(urls), key=len, reverse=True):
-        if url:
-            text = text.replace(url, redact(url))
-    return _URL.sub(lambda m: redact(m.group(0)), text)
+    """``text`` with every URL in it redacted (see :func:`shardckpt.redact.scrub_urls`)."""
+    return scrub_urls(text, urls)
 
 
 def human_bytes(n: float) -> str:
@@ -160,22 +153,9 @@ def render_textfile(families: Sequence[tuple[str, str, str, Sequence[tuple[Mappi
 
 
 def write_textfile(path: str, text: str | bytes) -> None:
-    """Replace ``path`` with ``text`` atomically: a temporary file in the same directory (a name
-    the textfile collector ignores: it does not end in ``.prom``), then ``os.replace``."""
-    directory = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}."
-                                  f"{threading.get_ident()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(text.encode() if isinstance(text, str) else text)
-        os.chmod(tmp, 0o644)  # the collector may run as another user
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    """Replace ``path`` with ``text`` atomically, readable by all (the collector may run as
+    another user)."""
+    write_atomic(path, text, perm=0o644, fsync=False)
 
 
 # ---------------------------------------------------------------------------- the observer

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..atomicfile import TMP_MARK, atomic_open, write_atomic
 from ..format.dtypes import itemsize
 from . import ConversionError
 from . import safetensors_io as st
@@ -187,7 +188,7 @@ def export_hf(source: StepSource, entries: list[Entry], opts: Options) -> Export
         _remove(os.path.join(opts.out, name))
     for name in os.listdir(opts.out):
         if name.startswith((".model", ".config", ".generation_config")) and \
-                st.TMP_MARK in name:  # left by an interrupted export
+                TMP_MARK in name:  # left by an interrupted export
             _remove(os.path.join(opts.out, name))
 
     def load(spec: st.TensorSpec) -> torch.Tensor:
@@ -204,7 +205,7 @@ def export_hf(source: StepSource, entries: list[Entry], opts: Options) -> Export
     if len(shards) > 1:
         index = {"metadata": {"total_size": total},
                  "weight_map": {s.name: n for n, shard in zip(names, shards) for s in shard}}
-        _write_text(os.path.join(opts.out, INDEX), json.dumps(index, indent=2) + "\n")
+        write_atomic(os.path.join(opts.out, INDEX), json.dumps(index, indent=2) + "\n")
         files.append(INDEX)
     for name in os.listdir(opts.out):  # shards of a previous export with another shard count
         if ours(name) and name not in files:
@@ -213,19 +214,7 @@ def export_hf(source: StepSource, entries: list[Entry], opts: Options) -> Export
         dst = os.path.join(opts.out, CONFIG_FILES[0] if src == opts.config[0] else
                            os.path.basename(src))
         if not (os.path.exists(dst) and os.path.samefile(src, dst)):
-            tmp = os.path.join(opts.out, f".{os.path.basename(dst)}{st.TMP_MARK}{os.getpid()}")
-            shutil.copyfile(src, tmp)  # contents only: the copy's mode follows the umask
-            os.replace(tmp, dst)
+            with open(src, "rb") as fin, atomic_open(dst) as fout:  # mode: the umask's
+                shutil.copyfileobj(fin, fout)
         files.append(os.path.basename(dst))
     return ExportResult(source.step, "hf", opts.out, len(entries), total, tuple(files))
-
-
-def _write_text(path: str, text: str) -> None:
-    head, base = os.path.split(path)
-    tmp = os.path.join(head, f".{base}{st.TMP_MARK}{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-

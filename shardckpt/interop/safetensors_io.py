@@ -10,13 +10,14 @@ one tensor in memory. The ``safetensors`` package is not needed to write.
 from __future__ import annotations
 
 import json
-import os
 import struct
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
+from ..atomicfile import atomic_open
+from ..engine.tensorbytes import byte_view
 from . import ConversionError
 
 # torch dtype name (as the manifest stores it) -> safetensors dtype code
@@ -27,7 +28,6 @@ CODES = {
     "uint64": "U64", "uint32": "U32", "uint16": "U16", "uint8": "U8", "bool": "BOOL",
 }
 MAX_HEADER = 100 << 20  # the limit the safetensors readers apply
-TMP_MARK = ".tmp-"
 
 
 @dataclass(frozen=True)
@@ -70,34 +70,22 @@ def write_file(path: str, specs: Sequence[TensorSpec],
     """Write ``specs`` to ``path``, each tensor from ``load(spec)`` in turn, and return the bytes
     of tensor data written. The file appears under its name only when complete (written to a
     temporary name in the same directory, fsynced, renamed); its mode follows the umask."""
-    head, base = os.path.split(path)
-    tmp = os.path.join(head, f".{base}{TMP_MARK}{os.getpid()}")
     written = 0
-    try:
-        with open(tmp, "wb") as f:
-            f.write(encode_header(specs, metadata))
-            for spec in specs:
-                tensor = load(spec)
-                if tuple(tensor.shape) != spec.shape or \
-                        str(tensor.dtype).removeprefix("torch.") != spec.dtype:
-                    raise ValueError(f"tensor {spec.name!r}: read {tensor.dtype} "
-                                     f"{tuple(tensor.shape)}, expected {spec.dtype} {spec.shape}")
-                data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
-                del tensor
-                n = f.write(memoryview(data.numpy()))
-                del data
-                if n != spec.nbytes:
-                    raise OSError(f"{path}: short write of tensor {spec.name!r}")
-                written += n
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    with atomic_open(path) as f:
+        f.write(encode_header(specs, metadata))
+        for spec in specs:
+            tensor = load(spec)
+            if tuple(tensor.shape) != spec.shape or \
+                    str(tensor.dtype).removeprefix("torch.") != spec.dtype:
+                raise ValueError(f"tensor {spec.name!r}: read {tensor.dtype} "
+                                 f"{tuple(tensor.shape)}, expected {spec.dtype} {spec.shape}")
+            data = tensor.detach().cpu().contiguous()
+            del tensor
+            n = f.write(byte_view(data))  # no NumPy needed
+            del data
+            if n != spec.nbytes:
+                raise OSError(f"{path}: short write of tensor {spec.name!r}")
+            written += n
     return written
 
 

@@ -12,7 +12,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from .redaction import scrub_text
+from ..redact import scrub_text
 
 GIT_TIMEOUT_S = 5.0
 _ENV = {"GIT_OPTIONAL_LOCKS": "0",  # `git status` must not take index.lock from the user's git

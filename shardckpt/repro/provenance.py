@@ -2,9 +2,9 @@
 
 :func:`collect_provenance` returns a JSON-only dict for the manifest. It never contains a secret:
 environment variables come from an allow-list, and the values of secret-looking names (see
-:mod:`.redaction`) in the environment, the command line, ``config`` and ``data`` are replaced by
-``"<redacted>"``. Facts that cannot change while the process runs (versions, devices, installed
-packages) are gathered once per process and reused.
+:mod:`shardckpt.redact`) in the environment, the command line, ``config`` and ``data`` are
+replaced by ``"<redacted>"``. Facts that cannot change while the process runs (versions,
+devices, installed packages) are gathered once per process and reused.
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ from typing import Any
 
 import torch
 
+from ..redact import REDACTED, is_secret_name, redact_argv, redact_tree, scrub_text
 from .determinism import determinism_record
 from .distributions import installed_distributions
 from .gitstate import git_state
-from .redaction import REDACTED, is_secret_name, redact_argv, redact_tree, scrub_text
 
 FORMAT = 1
 SMI_TIMEOUT_S = 5.0

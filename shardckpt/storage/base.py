@@ -10,9 +10,9 @@ from __future__ import annotations
 import abc
 import re
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 from ..errors import StorageError
+from ..redact import redact_url as redact
 
 STEP_DIR = re.compile(r"step-(\d{10})")
 
@@ -21,17 +21,6 @@ def step_dirname(step: int) -> str:
     if not 0 <= step < 10**10:
         raise ValueError(f"step must be in [0, 10**10), got {step}")
     return f"step-{step:010d}"
-
-
-def redact(url: str) -> str:
-    """A URL safe to print: user info (keys, passwords) and query strings removed."""
-    parts = urlsplit(url)
-    if not parts.scheme or parts.scheme == "file":
-        return url
-    host = parts.hostname or ""
-    if parts.port:
-        host += f":{parts.port}"
-    return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
 def check_relpath(relpath: str) -> str:

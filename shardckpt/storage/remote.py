@@ -24,7 +24,6 @@ import contextlib
 import errno
 import os
 import posixpath
-import re
 from datetime import datetime, timezone
 from typing import Any
 from urllib.parse import urlsplit
@@ -34,27 +33,11 @@ from fsspec.spec import AbstractBufferedFile
 
 from .. import knobs
 from ..errors import StorageError
+from ..redact import scrub_urls, secret_values
 from .base import Location, Sink, check_relpath
 from .retry import call_with_retries, http_answer
 
 _S3_PROTOCOLS = ("s3", "s3a")
-_SECRET_KEY = re.compile(r"key|secret|token|passw|credential|signature|sas", re.IGNORECASE)
-_URL_USERINFO = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^/\s@'\"]+@")
-_URL_QUERY = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s?'\"]*)\?[^\s'\"]*")
-
-
-def _secrets(options: Any) -> set[str]:
-    """String values of credential-like keys anywhere in ``options``."""
-    found: set[str] = set()
-    if isinstance(options, dict):
-        for k, v in options.items():
-            if isinstance(v, str) and len(v) >= 4 and _SECRET_KEY.search(str(k)):
-                found.add(v)
-            else:
-                found |= _secrets(v)
-    return found
-
-
 def _with_connect_timeout(options: dict[str, Any]) -> dict[str, Any]:
     """S3 options with botocore's connect timeout bounded by ``SHARDCKPT_CONNECT_TIMEOUT``
     (botocore waits 60 s for each connection to a silent address), unless the user set one."""
@@ -108,7 +91,7 @@ class FsspecLocation(Location):
             storage_options = _with_connect_timeout(storage_options)
         self.fs, root = fsspec.core.url_to_fs(self.url, **storage_options)
         self.root = root.rstrip("/")
-        secrets = _secrets(storage_options)
+        secrets = secret_values(storage_options)
         secrets.update(v for v in (urlsplit(url).username, urlsplit(url).password) if v)
         self._secrets = sorted(secrets, key=len, reverse=True)
         protocols = self.fs.protocol if isinstance(self.fs.protocol, (tuple, list)) \
@@ -138,11 +121,7 @@ class FsspecLocation(Location):
         return self.root if relpath == "" else posixpath.join(self.root, check_relpath(relpath))
 
     def _scrub(self, text: str) -> str:
-        text = text.replace(self.url, self.display)
-        text = _URL_QUERY.sub(r"\1", _URL_USERINFO.sub(r"\1", text))
-        for secret in self._secrets:
-            text = text.replace(secret, "***")
-        return text
+        return scrub_urls(text, [self.url], self._secrets)
 
     def _err(self, op: str, relpath: str, exc: BaseException) -> StorageError:
         text = self._scrub(f"{type(exc).__name__}: {exc}")

@@ -1,4 +1,10 @@
-"""Keep secrets out of provenance: secret-looking names, token-shaped values, URL credentials.
+"""Keeping secrets out of manifests, logs and error messages: the one place for it (no torch).
+
+- URLs: :func:`redact_url` drops user info (keys, passwords) and query strings (signatures);
+  :func:`scrub_urls` does that to every URL in a text, and hides given secret values (the
+  credentials of a location's ``storage_options``, found by :func:`secret_values`). Storage
+  errors, log records and save events go through it.
+- Provenance: secret-looking names, token-shaped values, URL credentials, as follows.
 
 A *name* (environment variable, config key, command-line option) is secret-looking when, upper-cased
 with every non-alphanumeric character turned into ``_``, it starts with one of
@@ -14,8 +20,9 @@ from __future__ import annotations
 import math
 import numbers
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 REDACTED = "<redacted>"
 SECRET_WORDS = ("KEY", "SECRET", "TOKEN", "PASSWORD", "PASSWD", "CREDENTIAL", "AUTH", "PRIVATE")
@@ -111,3 +118,44 @@ def _is_number(text: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+# ------------------------------------------------------------------------------ URLs and options
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>()\[\]{},;]+")
+_SECRET_OPTION = re.compile(r"key|secret|token|passw|credential|signature|sas", re.IGNORECASE)
+HIDDEN = "***"
+
+
+def redact_url(url: str) -> str:
+    """A URL safe to print: user info (keys, passwords) and query strings removed."""
+    parts = urlsplit(url)
+    if not parts.scheme or parts.scheme == "file":
+        return url
+    host = parts.hostname or ""
+    if parts.port:
+        host += f":{parts.port}"
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+def secret_values(options: Any) -> set[str]:
+    """String values of credential-like keys anywhere in ``options`` (fsspec kwargs)."""
+    found: set[str] = set()
+    if isinstance(options, Mapping):
+        for k, v in options.items():
+            if isinstance(v, str) and len(v) >= 4 and _SECRET_OPTION.search(str(k)):
+                found.add(v)
+            else:
+                found |= secret_values(v)
+    return found
+
+
+def scrub_urls(text: str, urls: Iterable[str] = (), secrets: Iterable[str] = ()) -> str:
+    """``text`` with each of ``urls`` (raw location URLs) replaced by its redacted form, every
+    other URL in it redacted too, and each of ``secrets`` replaced by ``***``."""
+    for url in sorted(set(urls), key=len, reverse=True):
+        if url:
+            text = text.replace(url, redact_url(url))
+    text = _URL.sub(lambda m: redact_url(m.group(0)), text)
+    for secret in sorted(set(secrets), key=len, reverse=True):
+        text = text.replace(secret, HIDDEN)
+    return text
