@@ -25,9 +25,9 @@ from .version import __version__
 
 # name -> the module (relative to this package) that defines it
 _LAZY = {
-    "CheckpointInfo": "manager",
+    "CheckpointInfo": "handles",
     "CheckpointManager": "manager",
-    "SaveHandle": "manager",
+    "SaveHandle": "handles",
     "PruneReport": "prune",
     "ExportResult": "interop.source",
     "consolidated_state_dict": "exporter",
@@ -42,8 +42,9 @@ _LAZY = {
 if TYPE_CHECKING:  # for type checkers and IDEs; never run
     from .exporter import consolidated_state_dict, export
     from .golden import Golden
+    from .handles import CheckpointInfo, SaveHandle
     from .interop.source import ExportResult
-    from .manager import CheckpointInfo, CheckpointManager, SaveHandle
+    from .manager import CheckpointManager
     from .observe import SaveEvent
     from .policy import RetentionPolicy
     from .prune import PruneReport

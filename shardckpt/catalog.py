@@ -26,6 +26,7 @@ newest checkpoint is reported instead of quietly passed over.
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -237,3 +238,59 @@ def latest_manifest_step(locations: Sequence[Location], where: str) -> int:
     if step is None:
         raise IncompleteCheckpointError(f"{where}: no checkpoint")
     return step
+
+
+class Finder:
+    """The manager's view of its locations: cached manifests, and which locations are down.
+
+    Each :meth:`survey` probes the locations, warns once per outage of one (again only after it
+    came back and went away again) and raises ``StorageError`` when none answers.
+    """
+
+    def __init__(self, locations: Sequence[Location]) -> None:
+        self.locations = list(locations)
+        self.manifests: dict[int, M.Manifest] = {}  # valid manifests by step
+        self._down: set[str] = set()
+
+    def survey(self) -> Survey:
+        found = survey(self.locations, cache=dict(self.manifests), trust_cache=True,
+                       first_valid=True)
+        down = {found.locations[i].display: why for i, why in found.unreachable.items()}
+        if len(down) == len(found.locations):
+            raise StorageError("no location is reachable: " + "; ".join(
+                f"{n}: {why}" for n, why in down.items()))
+        for name in sorted(set(down) - self._down):
+            warnings.warn(f"{name} is unreachable ({down[name]}); reading from the other "
+                          f"locations", stacklevel=4)
+        self._down = set(down)
+        for step in set(self.manifests) - set(found.steps):
+            del self.manifests[step]
+        self.manifests.update({s: e.manifest for s, e in found.steps.items()
+                               if e.manifest is not None})
+        return found
+
+    def committed(self) -> list[int]:
+        """Committed steps; a step whose manifest is corrupt or unreadable everywhere is left
+        out, with a warning."""
+        found = self.survey()
+        for step, error in found.corrupt().items():
+            warnings.warn(f"skipping step {step}: {error}", stacklevel=3)
+        return found.committed()
+
+    def manifest(self, step: int) -> M.Manifest:
+        if step not in self.manifests:
+            self.manifests[step] = find_manifest(self.survey().reachable, step)[0]
+        return self.manifests[step]
+
+    @staticmethod
+    def newest_valid(found: Survey, warn: bool) -> int | None:
+        """The newest committed step; newer steps whose manifest is corrupt are skipped, with
+        a warning (if ``warn``) naming them and the step chosen instead."""
+        committed = found.committed()
+        step = committed[-1] if committed else None
+        skipped = {s: e for s, e in found.corrupt().items() if step is None or s > step}
+        if skipped and warn:
+            warnings.warn("skipping step(s) " + ", ".join(
+                f"{s} ({e})" for s, e in skipped.items()) + ": manifest corrupt; loading " +
+                (f"step {step}" if step is not None else "nothing"), stacklevel=4)
+        return step

@@ -12,8 +12,8 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from typing import Any
 
 from . import catalog, exit_wait, knobs
@@ -27,74 +27,30 @@ from .engine.snapshot import Snapshot, StagingPool
 from .errors import (
     IncompleteCheckpointError,
     ShardckptError,
-    StorageError,
 )
 from .format import manifest as M
 from .format.shard import Codec
 from .golden import GOLDEN_KEY, RESERVED_PREFIX, Golden
 from .golden import record as record_golden
+from .handles import CheckpointInfo, SaveHandle
 from .observe import SaveEvent, SaveObserver, SaveTracker, check_callbacks, check_metrics_path
 from .planning.plancache import PlanCache
 from .planning.statedict import collect
 from .policy import RetentionPolicy
 from .prune import DEFAULT_LOCK_WAIT_S, BackgroundPrune, PruneReport, prune_location
 from .repro import capture_rng_state, collect_provenance, host_record, restore_rng_state
-from .storage import Location, open_location, step_dirname
+from .storage import open_location, step_dirname
+from .storage.location import options_for
 from .storage.probe import reachable_all
 from .version import __version__
 
 RNG_KEY = "__shardckpt_rng__"
 
 
-@dataclass(frozen=True)
-class CheckpointInfo:
-    step: int
-    time: str
-    metrics: Mapping[str, float]
-    tags: tuple[str, ...]
-    world_size: int
-    nbytes: int
-    replicas: tuple[str, ...]
-
-    @classmethod
-    def from_manifest(cls, m: M.Manifest) -> CheckpointInfo:
-        return cls(m.step, m.time, dict(m.metrics), m.tags, m.world_size, m.nbytes,
-                   tuple(m.extra.get("locations", ())))
-
-
-class SaveHandle:
-    """The outcome of one ``save``: ``wait()`` returns its :class:`CheckpointInfo` or raises."""
-
-    def __init__(self, step: int, future: Future[CheckpointInfo | None]) -> None:
-        self.step = step
-        self._future = future
-        self.error_reported = False
-
-    def done(self) -> bool:
-        return self._future.done()
-
-    def wait(self, timeout: float | None = None) -> CheckpointInfo | None:
-        """Block until committed; re-raises the background error, if any. None on ranks > 0."""
-        try:
-            return self._future.result(timeout)
-        except BaseException as exc:
-            if not isinstance(exc, TimeoutError):
-                self.error_reported = True
-            raise
-
-
 def _has_key(manifest: M.Manifest, key: str) -> bool:
     tree = manifest.tree
     return isinstance(tree, list) and len(tree) == 2 and isinstance(tree[1], dict) and \
         key in tree[1]
-
-
-def _options_for(url: str, storage_options: Mapping[str, Mapping[str, Any]] | None) -> dict:
-    best, kwargs = -1, {}
-    for prefix, opts in (storage_options or {}).items():
-        if url.startswith(prefix) and len(prefix) > best:
-            best, kwargs = len(prefix), dict(opts)
-    return kwargs
 
 
 class CheckpointManager:
@@ -126,9 +82,10 @@ class CheckpointManager:
         save_callbacks = check_callbacks(callbacks)
         # file_mode: the exact mode of new local files (dirs: + x where r, rwx for the owner);
         # None: what the umask gives. World-writable: ValueError (see shardckpt.storage.location)
-        self.locations = [open_location(u, _options_for(u, storage_options), file_mode=file_mode)
+        self.locations = [open_location(u, options_for(u, storage_options), file_mode=file_mode)
                           for u in urls]
         self.location = self.locations[0]
+        self._finder = catalog.Finder(self.locations)  # steps, manifests, locations down
         self.retention = retention
         self.save_every = save_every
         self.async_save = async_save
@@ -137,14 +94,12 @@ class CheckpointManager:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shardckpt-save")
         self._pending: list[SaveHandle] = []
         self._lock = threading.Lock()
-        self._manifests: dict[int, M.Manifest] = {}
         self._staging = StagingPool()
         self._plan_cache = PlanCache()
         self.capture_rng = capture_rng
         self._config, self._data = config, data
         self._provenance: dict[str, Any] | None = None
         self._closed = False
-        self._down: set[str] = set()  # displays of the locations found unreachable
         self._retention_runner = BackgroundPrune(lambda: self._prune(False, lock_wait=0.0))
         # rank 0 logs each save, keeps the metrics textfile and calls the callbacks
         self._observer = SaveObserver(enabled=self.rank == 0, root=self.location.display,
@@ -275,7 +230,7 @@ class CheckpointManager:
                               else False, self.world_size)
         if manifest is None:
             return None
-        self._manifests[manifest.step] = manifest
+        self._finder.manifests[manifest.step] = manifest
         if self.retention is not None and self.rank == 0:
             self._retention_runner.request()  # on its own thread: pruning never delays a save
         return CheckpointInfo.from_manifest(manifest)
@@ -303,36 +258,7 @@ class CheckpointManager:
         warning (again only once it has come back and gone away again). A step whose manifest
         is present but corrupt or unreadable everywhere is left out, with a warning.
         """
-        found = self._survey()
-        for step, error in found.corrupt().items():
-            warnings.warn(f"skipping step {step}: {error}", stacklevel=2)
-        return found.committed()
-
-    def _survey(self) -> catalog.Survey:
-        found = catalog.survey(self.locations, cache=self._manifests, trust_cache=True,
-                               first_valid=True)
-        self._note_unreachable(found)
-        for step in set(self._manifests) - set(found.steps):
-            del self._manifests[step]
-        for step, entry in found.steps.items():
-            if entry.manifest is not None:
-                self._manifests[step] = entry.manifest
-        return found
-
-    def _note_unreachable(self, found: catalog.Survey) -> None:
-        """Warn once per outage of a location; raise if no location answered."""
-        down = {found.locations[i].display: why for i, why in found.unreachable.items()}
-        if len(down) == len(found.locations):
-            raise StorageError("no location is reachable: " + "; ".join(
-                f"{n}: {why}" for n, why in down.items()))
-        for name in sorted(set(down) - self._down):
-            warnings.warn(f"{name} is unreachable ({down[name]}); reading from the other "
-                          f"locations", stacklevel=4)
-        self._down = set(down)
-
-    def _readable(self) -> list[Location]:
-        """The locations to read from: those that answer (probed), in order."""
-        return self._survey().reachable
+        return self._finder.committed()
 
     def latest_step(self) -> int | None:
         steps = self.steps()
@@ -341,12 +267,10 @@ class CheckpointManager:
     def manifest(self, step: int, *, pieces: bool = False) -> M.Manifest:
         """The validated manifest of ``step``; with ``pieces=True`` every tensor's pieces too,
         read from the headers of all its shard files (coverage checked)."""
-        if step not in self._manifests:
-            self._manifests[step] = find_manifest(self._readable(), step)[0]
-        manifest = self._manifests[step]
+        manifest = self._finder.manifest(step)
         if pieces:
-            return full_manifest(CheckpointReader(self._readable(), step_dirname(step),
-                                                  manifest))
+            return full_manifest(CheckpointReader(self._finder.survey().reachable,
+                                                  step_dirname(step), manifest))
         return manifest
 
     def info(self, step: int) -> CheckpointInfo:
@@ -362,10 +286,10 @@ class CheckpointManager:
         """
         self._check_open()
         self.wait()
-        found = self._survey()
+        found = self._finder.survey()
         locations = found.reachable
         if step is None:
-            step = self._newest_valid(found)
+            step = self._finder.newest_valid(found, warn=self.rank == 0)
             if self._comm.world_size > 1:
                 step = self._comm.broadcast_json(step, "load: agree on step")
             if step is None:
@@ -389,18 +313,6 @@ class CheckpointManager:
                           stacklevel=2)
         return step
 
-    def _newest_valid(self, found: catalog.Survey) -> int | None:
-        """The newest committed step; newer steps whose manifest is corrupt are skipped, with
-        a warning naming them and the step loaded instead."""
-        committed = found.committed()
-        step = committed[-1] if committed else None
-        skipped = {s: e for s, e in found.corrupt().items() if step is None or s > step}
-        if skipped and self.rank == 0:
-            warnings.warn("skipping step(s) " + ", ".join(
-                f"{s} ({e})" for s, e in skipped.items()) + ": manifest corrupt; loading " +
-                (f"step {step}" if step is not None else "nothing"), stacklevel=3)
-        return step
-
     # -------------------------------------------------------------------------------- prune
     def prune(self, dry_run: bool = False) -> PruneReport:
         """Apply ``retention`` now at every location, each from its own listing.
@@ -413,12 +325,12 @@ class CheckpointManager:
         """
         report = self._prune(dry_run or self.rank != 0, DEFAULT_LOCK_WAIT_S)
         for step in report.deleted:
-            self._manifests.pop(step, None)
+            self._finder.manifests.pop(step, None)
         return report
 
     def _prune(self, dry_run: bool, lock_wait: float) -> PruneReport:
         policy = self.retention or RetentionPolicy()
-        cache = dict(self._manifests)  # a copy: the save thread may add to it meanwhile
+        cache = dict(self._finder.manifests)  # a copy: the save thread may add to it meanwhile
         reports: list[PruneReport] = []
         first: ShardckptError | None = None
         for loc in reachable_all(self.locations):  # a dead replica fails in seconds

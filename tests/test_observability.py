@@ -18,7 +18,7 @@ import torch
 
 import shardckpt
 from shardckpt.cli.main import main
-from shardckpt.observe import escape_label, render_textfile
+from shardckpt.textfile import escape_label, render_textfile
 
 # ------------------------------------------------------------------ a Prometheus text parser
 _NAME = r"[a-zA-Z_:][a-zA-Z0-9_:]*"

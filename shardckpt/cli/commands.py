@@ -9,8 +9,8 @@ from typing import Any
 
 from ..catalog import find_manifest
 from ..format import manifest as M
-from ..observe import human_bytes
 from ..storage import step_dirname
+from ..textfile import human_bytes
 from . import diff_cmd, health, interop_cmd, report_cmd, verify_cmd
 from .argtypes import step_arg
 from .common import ROOT_HELP, latest_step, locations

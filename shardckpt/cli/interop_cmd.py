@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..observe import human_bytes
+from ..textfile import human_bytes
 from .argtypes import step_arg
 from .progress import Bar, wanted
 

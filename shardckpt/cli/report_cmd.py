@@ -16,8 +16,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..format import manifest as M
-from ..observe import write_textfile
 from ..storage import Location
+from ..textfile import write_textfile
 from .progress import bar, wanted
 
 _EPILOG = """\

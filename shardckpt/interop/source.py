@@ -18,6 +18,7 @@ from ..errors import IncompleteCheckpointError
 from ..format import manifest as M
 from ..golden import RESERVED_PREFIX
 from ..storage import Location, open_location, step_dirname
+from ..storage.location import options_for
 from ..storage.probe import reachable_all
 from . import ConversionError
 
@@ -110,11 +111,7 @@ def open_locations(root: str, replicas: Iterable[str] = (),
     urls = [str(root), *(str(r) for r in replicas)]
     locs = []
     for url in urls:
-        best, opts = -1, {}
-        for prefix, kwargs in (storage_options or {}).items():
-            if url.startswith(prefix) and len(prefix) > best:
-                best, opts = len(prefix), dict(kwargs)
-        locs.append(open_location(url, opts))
+        locs.append(open_location(url, options_for(url, storage_options)))
     return reachable_all(locs)  # a dead replica: skipped after a probe of seconds
 
 

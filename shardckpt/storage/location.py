@@ -9,6 +9,7 @@ The names of :mod:`.base` and :mod:`.local` are re-exported here for existing im
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -22,6 +23,16 @@ from .local import (
 )
 
 LOCAL_PROTOCOLS = ("", "file", "local")
+
+
+def options_for(url: str, storage_options: Mapping[str, Mapping[str, Any]] | None
+                ) -> dict[str, Any]:
+    """The fsspec kwargs for ``url`` out of ``{url_prefix: kwargs}``: the longest prefix wins."""
+    best, kwargs = -1, {}
+    for prefix, opts in (storage_options or {}).items():
+        if url.startswith(prefix) and len(prefix) > best:
+            best, kwargs = len(prefix), dict(opts)
+    return kwargs
 
 
 def open_location(url: str, storage_options: dict[str, Any] | None = None,
@@ -41,5 +52,6 @@ def open_location(url: str, storage_options: dict[str, Any] | None = None,
 
 
 __all__ = ["STEP_DIR", "LocalLocation", "Location", "Sink", "_LocalSink", "check_file_mode",
-           "check_relpath", "dir_mode_for", "drop_world_write", "open_location", "redact",
+           "check_relpath", "dir_mode_for", "drop_world_write", "open_location", "options_for",
+           "redact",
            "step_dirname"]

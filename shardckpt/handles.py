@@ -1,0 +1,47 @@
+"""What a save returns: :class:`SaveHandle` (wait for it) and :class:`CheckpointInfo` (what was
+committed, read from a manifest)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+from .format import manifest as M
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    step: int
+    time: str
+    metrics: Mapping[str, float]
+    tags: tuple[str, ...]
+    world_size: int
+    nbytes: int
+    replicas: tuple[str, ...]
+
+    @classmethod
+    def from_manifest(cls, m: M.Manifest) -> CheckpointInfo:
+        return cls(m.step, m.time, dict(m.metrics), m.tags, m.world_size, m.nbytes,
+                   tuple(m.extra.get("locations", ())))
+
+
+class SaveHandle:
+    """The outcome of one ``save``: ``wait()`` returns its :class:`CheckpointInfo` or raises."""
+
+    def __init__(self, step: int, future: Future[CheckpointInfo | None]) -> None:
+        self.step = step
+        self._future = future
+        self.error_reported = False
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def wait(self, timeout: float | None = None) -> CheckpointInfo | None:
+        """Block until committed; re-raises the background error, if any. None on ranks > 0."""
+        try:
+            return self._future.result(timeout)
+        except BaseException as exc:
+            if not isinstance(exc, TimeoutError):
+                self.error_reported = True
+            raise
