@@ -31,9 +31,8 @@ STEPS = 8  # 24 samples in batches of 4: 6 steps per epoch
 
 
 class Net(L.LightningModule):
-    def __init__(self, stateful_loader: bool) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        self.stateful_loader = stateful_loader
         self.net = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Dropout(0.3), nn.Linear(16, 1))
         self.losses: dict[int, float] = {}
 
@@ -44,7 +43,22 @@ class Net(L.LightningModule):
         self.log("train_loss", loss)
         return loss
 
+    def configure_optimizers(self) -> dict[str, Any]:
+        optim = torch.optim.AdamW(self.parameters(), lr=0.02)
+        sched = torch.optim.lr_scheduler.StepLR(optim, step_size=3, gamma=0.7)
+        return {"optimizer": optim, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+class Data(L.LightningDataModule):
+    """A datamodule with state of its own: how many loaders it has built."""
+
+    def __init__(self, stateful_loader: bool) -> None:
+        super().__init__()
+        self.stateful_loader = stateful_loader
+        self.built = 0
+
     def train_dataloader(self) -> DataLoader:
+        self.built += 1
         g = torch.Generator().manual_seed(3)
         x = torch.randn(24, 6, generator=g)
         data = TensorDataset(x, x.sum(dim=1, keepdim=True))
@@ -53,10 +67,11 @@ class Net(L.LightningModule):
         # a plain loader's sampler draws each epoch's order from torch's global RNG
         return DataLoader(data, batch_size=4, shuffle=True)
 
-    def configure_optimizers(self) -> dict[str, Any]:
-        optim = torch.optim.AdamW(self.parameters(), lr=0.02)
-        sched = torch.optim.lr_scheduler.StepLR(optim, step_size=3, gamma=0.7)
-        return {"optimizer": optim, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+    def state_dict(self) -> dict[str, Any]:
+        return {"built": self.built}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.built = state["built"]
 
 
 class BatchCounter(L.Callback):
@@ -90,7 +105,7 @@ class StopAfter(L.Callback):
 def fit(tmp: Path, callbacks: list[L.Callback], stateful_loader: bool = True,
         ckpt_path: str | None = None) -> tuple[Net, L.Trainer]:
     L.seed_everything(0, verbose=False)
-    model = Net(stateful_loader)
+    model = Net()
     trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=STEPS, logger=False,
                         enable_progress_bar=False, enable_model_summary=False,
                         default_root_dir=str(tmp),
@@ -98,7 +113,7 @@ def fit(tmp: Path, callbacks: list[L.Callback], stateful_loader: bool = True,
                         enable_checkpointing=any(isinstance(c, ShardckptCallback)
                                                  for c in callbacks),
                         callbacks=callbacks)
-    trainer.fit(model, ckpt_path=ckpt_path)
+    trainer.fit(model, datamodule=Data(stateful_loader), ckpt_path=ckpt_path)
     return model, trainer
 
 
@@ -137,6 +152,7 @@ def test_resume_mid_epoch_matches_uninterrupted_run(tmp_path: Path) -> None:
     assert_same_run(resumed, reference, first_step=5)
     assert counter.batches == ref_counter.batches == STEPS
     assert torch.equal(counter.total, ref_counter.total)
+    assert resumed[1].datamodule.built == 2  # 1 restored, and the resumed fit built one more
     for location in (root, replica):  # retention applied at both locations; metric recorded
         with shardckpt.CheckpointManager(location) as mgr:
             assert mgr.steps() == [6, 8]

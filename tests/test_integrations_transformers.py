@@ -23,6 +23,7 @@ from transformers import (
     TrainingArguments,
     set_seed,
 )
+from transformers.trainer_callback import ExportableState
 
 import shardckpt
 from shardckpt.integrations.transformers import ShardckptCallback
@@ -39,6 +40,19 @@ class RecordingTrainer(Trainer):
         loss = super().training_step(model, inputs, num_items_in_batch)
         self.losses[self.state.global_step + 1] = loss.item()
         return loss
+
+
+class Tally(TrainerCallback, ExportableState):
+    """A stateful callback (like EarlyStoppingCallback): counts the steps it has seen."""
+
+    def __init__(self, start: int = 0) -> None:
+        self.start, self.seen = start, 0
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.seen += 1
+
+    def state(self) -> dict[str, Any]:
+        return {"args": {"start": self.start}, "attributes": {"seen": self.seen}}
 
 
 class StopAfter(TrainerCallback):
@@ -75,9 +89,14 @@ def test_resume_at_epoch_end_matches_uninterrupted_run(tmp_path: Path) -> None:
     reference = make_trainer(tmp_path / "ref", [], save_strategy="no")
     reference.train()
 
-    make_trainer(tmp_path / "out", [StopAfter(7), ShardckptCallback(root)]).train()
+    first_ckpt = ShardckptCallback(root)
+    first = make_trainer(tmp_path / "out", [StopAfter(7), Tally(), first_ckpt],
+                         restore_callback_states_from_checkpoint=True)
+    assert first_ckpt.prepare_resume(first) is None  # called on every run, a no-op on the first
+    first.train()
     ckpt = ShardckptCallback(root, retention=shardckpt.RetentionPolicy(keep_last=1))
-    resumed = make_trainer(tmp_path / "out", [ckpt])
+    resumed = make_trainer(tmp_path / "out", [Tally(), ckpt],
+                           restore_callback_states_from_checkpoint=True)
     resume_dir = ckpt.prepare_resume(resumed)
     resumed.train(resume_from_checkpoint=resume_dir)
 
@@ -92,6 +111,9 @@ def test_resume_at_epoch_end_matches_uninterrupted_run(tmp_path: Path) -> None:
         assert torch.equal(a, b)
     assert resumed.lr_scheduler.state_dict() == reference.lr_scheduler.state_dict()
     assert resumed.state.global_step == STEPS and resumed.state.epoch == reference.state.epoch
+    # the stateful callback's count as of step 6 was saved, and the Trainer restored it
+    tally = next(cb for cb in resumed.callback_handler.callbacks if isinstance(cb, Tally))
+    assert tally.seen == STEPS
     # the Trainer wrote no checkpoint-N directory of its own; retention kept the newest
     assert sorted(os.listdir(tmp_path / "out")) == ["shardckpt-resume"]
     with shardckpt.CheckpointManager(root) as mgr:

@@ -176,12 +176,14 @@ class ShardckptCallback(TrainerCallback):
     def _callback_states(self, state: TrainerState, control: TrainerControl) -> dict[str, Any]:
         """What the Trainer's own save records for stateful callbacks (when the Trainer is
         known, i.e. :meth:`prepare_resume` was called), with the control's state as saved."""
-        states = dict(state.stateful_callbacks)
         callbacks = list(self._trainer.callback_handler.callbacks) if self._trainer else []
+        found: dict[str, list[Any]] = {}
         for cb in [*callbacks, control]:
             if isinstance(cb, ExportableState):
-                states[type(cb).__name__] = cb.state()
-        return states
+                found.setdefault(type(cb).__name__, []).append(cb.state())
+        # several callbacks of one class are stored as a list, as the Trainer does
+        fresh = {name: found[name][0] if len(found[name]) == 1 else found[name] for name in found}
+        return {**state.stateful_callbacks, **fresh}
 
     def _latest_metrics(self, state: TrainerState) -> dict[str, float]:
         found: dict[str, float] = {}
