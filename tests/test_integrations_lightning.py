@@ -3,8 +3,8 @@
 Each resume test trains a reference run without interruption, then the same training stopped
 after a step (the last checkpoint before it is what survives), then a fresh ``fit`` with the same
 configuration, and compares the resumed run with the reference bitwise: losses, weights,
-optimizer and scheduler state, loop progress, another callback's state. The 2-process (DDP)
-case runs the runnable example ``docs/examples/lightning_resume.py --devices 2``.
+optimizer and scheduler state, loop progress, another callback's state. The runnable example
+``docs/examples/lightning_resume.py`` runs as a user runs it, on 1 device and on 2 (DDP).
 """
 
 from __future__ import annotations
@@ -211,13 +211,15 @@ def test_importing_shardckpt_imports_no_framework() -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
-def test_example_two_processes(tmp_path: Path) -> None:
-    """docs/examples/lightning_resume.py under DDP: 2 CPU processes launched by Lightning."""
+@pytest.mark.parametrize("devices", [1, 2])
+def test_example(tmp_path: Path, devices: int) -> None:
+    """docs/examples/lightning_resume.py as a user runs it; with 2 devices, DDP over 2 CPU
+    processes launched by Lightning."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(EXAMPLE), str(tmp_path), "--devices", "2"],
+    proc = subprocess.run([sys.executable, str(EXAMPLE), str(tmp_path), "--devices", str(devices)],
                           capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    for rank in (0, 1):
+    for rank in range(devices):
         assert f"rank {rank}: resumed from step 6, steps 7-12: losses equal, weights equal" \
             in proc.stdout
     assert "checkpoints kept: [9, 12]" in proc.stdout

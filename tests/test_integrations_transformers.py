@@ -2,7 +2,8 @@
 
 A tiny ``LlamaForCausalLM`` from a config (nothing downloaded), a synthetic dataset, ``report_to``
 empty. Resume tests compare a resumed run with an uninterrupted one bitwise. The mid-epoch case
-is the runnable example ``docs/examples/transformers_trainer_resume.py``, run here as CI runs it.
+is the runnable example ``docs/examples/transformers_trainer_resume.py``, run here as a user runs
+it: alone, and as a 2-rank DDP job under ``torchrun``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 
 import pytest
 import torch
+from harness import run_torchrun
 from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
@@ -154,6 +156,16 @@ def test_example_resumes_mid_epoch_bitwise(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, str(EXAMPLE), str(tmp_path)], capture_output=True,
                           text=True, timeout=300, env=env, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "resumed from step 3, steps 4-10: losses equal, weights equal" in proc.stdout
+    assert "rank 0: resumed from step 3, steps 4-10: losses equal, weights equal" in proc.stdout
     assert "checkpoints kept: [9, 10]" in proc.stdout
+    assert "OK: the resumed run matches the uninterrupted one bitwise" in proc.stdout
+
+
+def test_example_under_torchrun_two_processes(tmp_path: Path) -> None:
+    """The same example as a DDP job: 2 ranks on gloo, each rank's run compared bitwise."""
+    proc = run_torchrun(EXAMPLE, 2, [str(tmp_path)], timeout=300, env={"OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for rank in (0, 1):
+        assert f"rank {rank}: resumed from step 3, steps 4-10: losses equal, weights equal" \
+            in proc.stdout
     assert "OK: the resumed run matches the uninterrupted one bitwise" in proc.stdout

@@ -1,6 +1,7 @@
 """Hugging Face Trainer + shardckpt: train, stop, resume, and check the result bit for bit.
 
     python docs/examples/transformers_trainer_resume.py WORKDIR
+    torchrun --nproc-per-node 2 docs/examples/transformers_trainer_resume.py WORKDIR   # DDP
 
 Three ``train()`` calls of a tiny ``LlamaForCausalLM`` built from a config (nothing is
 downloaded; attention dropout on, AdamW, a linear schedule, a shuffled synthetic dataset),
@@ -14,7 +15,7 @@ each from a freshly built model and Trainer:
    from step 3 and trains to step 10.
 
 It exits 0 only if the losses of steps 4 to 10 and the final weights of the resumed run equal
-the reference's bitwise.
+the reference's bitwise (on every rank, under ``torchrun``: DDP over gloo on CPU).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
@@ -98,6 +100,7 @@ def main(argv: list[str]) -> int:
     ckpt = ShardckptCallback(root, retention=shardckpt.RetentionPolicy(keep_last=2))
     resumed = train(args.workdir, [ckpt])
 
+    rank = dist.get_rank() if dist.is_initialized() else 0
     steps = sorted(resumed.losses)
     same_losses = all(resumed.losses[s] == reference.losses[s] for s in steps)
     same_weights = all(torch.equal(a, b) for a, b in zip(resumed.model.state_dict().values(),
@@ -105,13 +108,18 @@ def main(argv: list[str]) -> int:
     expected = SAVE_STEPS * (STOP_AFTER // SAVE_STEPS)
     ok = ckpt.resumed_step == expected and steps == list(range(expected + 1, STEPS + 1)) \
         and same_losses and same_weights
-    with shardckpt.CheckpointManager(root) as manager:
-        kept = manager.steps()
-    print(f"resumed from step {ckpt.resumed_step}, steps {steps[0]}-{steps[-1]}: "
+    print(f"rank {rank}: resumed from step {ckpt.resumed_step}, steps {steps[0]}-{steps[-1]}: "
           f"losses {'equal' if same_losses else 'DIFFER'}, "
-          f"weights {'equal' if same_weights else 'DIFFER'}")
-    print(f"checkpoints kept: {kept}")
-    print("OK: the resumed run matches the uninterrupted one bitwise" if ok else "MISMATCH")
+          f"weights {'equal' if same_weights else 'DIFFER'}", flush=True)
+    if dist.is_initialized():  # every rank exits with the verdict of all
+        flag = torch.tensor([0 if ok else 1])
+        dist.all_reduce(flag)
+        ok = flag.item() == 0
+    with shardckpt.CheckpointManager(root) as manager:  # collective, like every manager
+        kept = manager.steps()
+    if rank == 0:
+        print(f"checkpoints kept: {kept}")
+        print("OK: the resumed run matches the uninterrupted one bitwise" if ok else "MISMATCH")
     return 0 if ok else 1
 
 
