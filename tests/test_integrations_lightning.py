@@ -175,6 +175,33 @@ def test_resume_at_epoch_end_restores_rng_before_the_next_epoch(tmp_path: Path) 
         assert mgr.steps() == [6, 8]
 
 
+class CrashAt(L.Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        if trainer.global_step + 1 == self.step:
+            raise RuntimeError(f"simulated crash in step {self.step}")
+
+
+def test_fit_that_crashes_resumes_from_its_last_checkpoint(tmp_path: Path) -> None:
+    root = str(tmp_path / "ckpt")
+    reference = fit(tmp_path, [])
+    crashed = ShardckptCallback(root, every_n_train_steps=2)
+    with pytest.raises(RuntimeError, match="simulated crash in step 6"):
+        fit(tmp_path, [CrashAt(6), crashed])
+    assert crashed.manager is None  # closed on the exception: step 4's save has committed
+    ckpt = ShardckptCallback(root, every_n_train_steps=2)
+    resumed = fit(tmp_path, [ckpt])
+    assert ckpt.resumed_step == 4
+    assert_same_run(resumed, reference, first_step=5)
+
+
+class NoScheduler(Net):
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=0.02)
+
+
 def test_finished_run_is_not_trained_again_and_ckpt_path_conflicts(tmp_path: Path) -> None:
     root = str(tmp_path / "ckpt")
     model, trainer = fit(tmp_path, [ShardckptCallback(root, every_n_train_steps=4)])
@@ -185,6 +212,14 @@ def test_finished_run_is_not_trained_again_and_ckpt_path_conflicts(tmp_path: Pat
     again = ShardckptCallback(root, every_n_train_steps=4)
     model, _ = fit(tmp_path, [again])
     assert again.resumed_step == STEPS and model.losses == {}  # max_steps already reached
+
+    L.seed_everything(0, verbose=False)
+    changed = L.Trainer(accelerator="cpu", max_steps=STEPS, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[ShardckptCallback(root, every_n_train_steps=4)])
+    with pytest.raises(ValueError, match="holds 1 LR schedulers, this LightningModule "
+                                         "configures 0"):
+        changed.fit(NoScheduler(), datamodule=Data(True))
 
     with pytest.raises(ValueError, match="resume from one of them"):
         fit(tmp_path, [ShardckptCallback(root, every_n_train_steps=4)], ckpt_path=lightning_ckpt)

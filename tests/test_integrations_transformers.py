@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -144,6 +145,16 @@ def test_training_into_a_used_root_without_resuming_is_refused(tmp_path: Path) -
     fresh = make_trainer(tmp_path / "out", [ShardckptCallback(root)])
     with pytest.raises(ValueError, match="prepare_resume"):
         fresh.train()
+    elsewhere = str(tmp_path / "resume-here")
+    assert ShardckptCallback(root, resume_dir=elsewhere).prepare_resume(fresh) == elsewhere
+    assert "trainer_state.json" in os.listdir(elsewhere)
+
+
+def test_deepspeed_and_fsdp_trainers_are_refused() -> None:
+    for flags in ({"is_deepspeed_enabled": True, "is_fsdp_enabled": False},
+                  {"is_deepspeed_enabled": False, "is_fsdp_enabled": True}):
+        with pytest.raises(NotImplementedError, match="DeepSpeed and FSDP"):
+            ShardckptCallback("unused").prepare_resume(SimpleNamespace(**flags))
 
 
 def test_arguments_are_checked() -> None:
