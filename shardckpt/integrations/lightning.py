@@ -147,7 +147,7 @@ class ShardckptCallback(Checkpoint):
 
     # ---------------------------------------------------------------------------------- load
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.resumed_step = None
+        self.resumed_step = self._last_saved = self._pending_rng = None
         manager = self._require_manager()
         if not self.resume or manager.latest_step() is None:
             return
