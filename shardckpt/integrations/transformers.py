@@ -104,7 +104,8 @@ class ShardckptCallback(TrainerCallback):
                        **kwargs: Any) -> None:
         manager = self._require_manager()
         step, self._resume_step = self._resume_step, None
-        self.resumed_step = None
+        self.resumed_step = self._last_saved = self._pending_rng = None
+        self._rng_at_epoch_begin = False
         if step is None:
             latest = manager.latest_step()
             if latest is not None and state.global_step != latest:
