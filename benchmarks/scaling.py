@@ -70,22 +70,19 @@ def rank_main(rank: int, world: int, root: str, tensors: int, rows: int,
               cols: int) -> dict[str, Any]:
     """One rank: save, then load at the same world size and check every value."""
     import shardckpt
-    from shardckpt.engine import load as L
-    from shardckpt.engine import save as S
-
     state = build_state(rank, world, tensors, rows, cols)
     with shardckpt.CheckpointManager(root, async_save=False, capture_rng=False) as mgr:
         t0 = time.perf_counter()
         mgr.save(1, state)
         save_s = time.perf_counter() - t0
-        saved = dict(S.last_profile)
+        saved = dict(mgr.last_save_profile)
         mgr.save(2, state)  # same structure: each rank sends a hash, rank 0 reuses its plan
-        again = dict(S.last_profile)
+        again = dict(mgr.last_save_profile)
         dest = build_state(rank, world, tensors, rows, cols, zero=True)
         t0 = time.perf_counter()
         mgr.load(dest, step=1)
         load_s = time.perf_counter() - t0
-        loaded = dict(L.last_profile)
+        loaded = dict(mgr.last_load_profile)
     bad = [k for k in state if not torch.equal(state[k].to_local(), dest[k].to_local())]
     return {"rank": rank, "save_s": save_s, "save_phases": saved, "resave_phases": again,
             "load_s": load_s,
@@ -112,7 +109,6 @@ def subset_load(root: str, world: int, tensors: int, rows: int, cols: int, n: in
                 seed: int = 0) -> dict[str, Any]:
     """A plain process (no torch.distributed) loads ``n`` random tensors of the checkpoint."""
     import shardckpt
-    from shardckpt.engine import load as L
 
     picks = sorted(random.Random(seed).sample(range(tensors), min(n, tensors)))
     want: dict[str, Any] = {tensor_key(i): None for i in picks}
@@ -120,10 +116,11 @@ def subset_load(root: str, world: int, tensors: int, rows: int, cols: int, n: in
         t0 = time.perf_counter()
         mgr.load(want)
         load_s = time.perf_counter() - t0
+        profile = mgr.last_load_profile
     bad = [tensor_key(i) for i in picks
            if not torch.equal(want[tensor_key(i)], expected(i, rows * world, cols))]
-    return {"tensors": len(picks), "load_s": load_s, "plan_s": L.last_profile["plan_s"],
-            "headers_read": L.last_profile["headers_read"], "mismatches": bad}
+    return {"tensors": len(picks), "load_s": load_s, "plan_s": profile["plan_s"],
+            "headers_read": profile["headers_read"], "mismatches": bad}
 
 
 def summarize(world: int, ranks: list[dict[str, Any]], meta: dict[str, int],

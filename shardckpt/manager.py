@@ -86,6 +86,9 @@ class CheckpointManager:
                           for u in urls]
         self.location = self.locations[0]
         self._finder = catalog.Finder(self.locations)  # steps, manifests, locations down
+        # this rank's phase profile of the last save / load (seconds, counts): for benchmarks
+        self.last_save_profile: dict[str, float] = {}
+        self.last_load_profile: dict[str, float] = {}
         self.retention = retention
         self.save_every = save_every
         self.async_save = async_save
@@ -217,8 +220,9 @@ class CheckpointManager:
                 tracker.ready()
                 # when save() was called and when the write began, for `shardckpt report`
                 req = replace(req, extra={**req.extra, "timing": tracker.manifest_timing()})
-            manifest = save_step(self._comm, self.locations, state, req, opts, collected,
-                                 self.min_replicas, self._plan_cache)
+            result = save_step(self._comm, self.locations, state, req, opts, collected,
+                               self.min_replicas, self._plan_cache)
+            manifest, self.last_save_profile = result.manifest, result.profile
         except BaseException as exc:
             if tracker is not None:
                 tracker.failed(exc)
@@ -300,7 +304,8 @@ class CheckpointManager:
         same_world = manifest.world_size == self.world_size
         wants_rng = restore_rng and _has_key(manifest, RNG_KEY)
         target = {**state, RNG_KEY: {}} if wants_rng and same_world else dict(state)
-        load_step(self._comm, reader, target, strict, knobs.IO_THREADS.get())
+        self.last_load_profile = load_step(self._comm, reader, target, strict,
+                                           knobs.IO_THREADS.get())
         rng = target.pop(RNG_KEY, None)
         state.update(target)
         if rng is not None:

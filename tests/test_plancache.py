@@ -12,7 +12,6 @@ import torch
 from harness import run_ranks
 
 import shardckpt
-from shardckpt.engine import save as S
 from shardckpt.planning.assign import LeafSpec
 from shardckpt.planning.plancache import PlanCache, structure_hash
 
@@ -58,7 +57,7 @@ def saves(rank: int, world: int, root: str) -> dict[str, Any]:
             if step == 4:
                 state["w"] = shared + rank  # a replicated tensor now differs between ranks
             mgr.save(step, state)
-            seen.append(dict(S.last_profile))
+            seen.append(dict(mgr.last_save_profile))
         loaded = {}
         for step in (1, 2, 3, 4):
             dest = {k: (torch.zeros_like(v) if isinstance(v, torch.Tensor) else None)

@@ -32,7 +32,7 @@ from harness import RankFailures, run_ranks
 
 import shardckpt
 from shardckpt.cli.main import main as cli_main
-from shardckpt.engine import save as save_mod
+from shardckpt.engine import stepdir as save_mod
 from shardckpt.format import manifest as M
 from shardckpt.planning import tree as T
 from shardckpt.planning.assign import LeafSpec, assign

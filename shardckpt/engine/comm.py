@@ -1,15 +1,17 @@
 """JSON-only collectives for the save/load protocols: no pickle crosses a process boundary.
 
-:class:`GlooComm` runs on its own gloo group (created once per manager, collectively), so the
-checkpoint protocol never touches training's process group or stream. :class:`LocalComm` is the
-single-process stand-in with the same interface.
+:class:`Comm` is what the protocols need. :class:`GlooComm` runs on its own gloo group (created
+once per manager, collectively), so the checkpoint protocol never touches training's process
+group or stream. :class:`LocalComm` is the single-process stand-in; :class:`ThreadComm` runs N
+ranks as threads of one process, so unit tests can drive multi-rank logic without processes.
 """
 
 from __future__ import annotations
 
 import json
+import threading
 from datetime import timedelta
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import zstandard
@@ -37,6 +39,22 @@ def decode_json(payload: bytes) -> Any:
     elif kind != b"J":
         raise CollectiveError(f"malformed collective payload (kind {kind!r})")
     return json.loads(body)
+
+
+class Comm(Protocol):
+    """The collectives of the save and load protocols. Every rank calls each, in order; JSON
+    values only. ``what`` names the step of the protocol in errors."""
+
+    rank: int
+    world_size: int
+
+    def all_gather_json(self, obj: Any, what: str = "") -> list[Any]: ...
+
+    def gather_json(self, obj: Any, what: str = "", dst: int = 0) -> list[Any] | None: ...
+
+    def broadcast_json(self, obj: Any, what: str = "", src: int = 0) -> Any: ...
+
+    def any_true(self, flag: bool, what: str = "") -> bool: ...
 
 
 class LocalComm:
@@ -123,7 +141,6 @@ class GlooComm:
             raise self._fail(what, exc) from exc
         return decode_json(bytes(byte_view(buf)))
 
-
     def any_true(self, flag: bool, what: str = "any") -> bool:
         """Whether ``flag`` is true on any rank: one all-reduce of one integer, cheaper than
         gathering JSON when all that matters is whether anything went wrong."""
@@ -133,6 +150,55 @@ class GlooComm:
         except RuntimeError as exc:
             raise self._fail(what, exc) from exc
         return bool(value.item())
+
+
+class _Exchange:
+    """What the ranks of a :class:`ThreadComm` group share: one slot per rank, and a barrier."""
+
+    def __init__(self, world_size: int, timeout_s: float) -> None:
+        self.slots: list[Any] = [None] * world_size
+        self.barrier = threading.Barrier(world_size, timeout=timeout_s)
+
+
+class ThreadComm:
+    """One rank of a group of threads in one process (for tests): the same collectives and
+    JSON round trips as :class:`GlooComm`. A rank that never arrives breaks the barrier, and
+    its peers raise ``CollectiveError`` after ``timeout_s``."""
+
+    def __init__(self, rank: int, exchange: _Exchange) -> None:
+        self.rank, self.world_size, self._x = rank, len(exchange.slots), exchange
+
+    @classmethod
+    def group(cls, world_size: int, timeout_s: float = 30.0) -> list[ThreadComm]:
+        exchange = _Exchange(world_size, timeout_s)
+        return [cls(r, exchange) for r in range(world_size)]
+
+    def _wait(self, what: str) -> None:
+        try:
+            self._x.barrier.wait()
+        except threading.BrokenBarrierError as exc:
+            raise CollectiveError(f"rank {self.rank}: collective {what!r} failed (a peer "
+                                  f"never arrived)") from exc
+
+    def _exchange(self, obj: Any, what: str) -> list[Any]:
+        self._x.slots[self.rank] = encode_json(obj)
+        self._wait(what)
+        out = [decode_json(p) for p in self._x.slots]
+        self._wait(what)  # nobody overwrites a slot before everyone has read it
+        return out
+
+    def all_gather_json(self, obj: Any, what: str = "all_gather") -> list[Any]:
+        return self._exchange(obj, what)
+
+    def gather_json(self, obj: Any, what: str = "gather", dst: int = 0) -> list[Any] | None:
+        out = self._exchange(obj, what)
+        return out if self.rank == dst else None
+
+    def broadcast_json(self, obj: Any, what: str = "broadcast", src: int = 0) -> Any:
+        return self._exchange(obj if self.rank == src else None, what)[src]
+
+    def any_true(self, flag: bool, what: str = "any") -> bool:
+        return any(self._exchange(bool(flag), what))
 
 
 def make_comm(process_group: Any, timeout_s: float) -> LocalComm | GlooComm:

@@ -21,17 +21,14 @@ from typing import Any
 
 import torch
 
-from ..errors import CollectiveError, CorruptCheckpointError
+from ..errors import CorruptCheckpointError
 from ..format.dtypes import torch_dtype
 from ..format.manifest import TensorMeta
 from ..planning.statedict import LoadContext, local_box, restore
-from .comm import GlooComm, LocalComm
+from .comm import Comm
+from .failures import gather_failures, raise_failures
 from .index import PieceIndex
 from .reader import CheckpointReader
-from .save import describe
-
-last_profile: dict[str, float] = {}
-"""This process's last load: seconds planning (tree walk + header reads), headers read."""
 
 
 @dataclass
@@ -116,9 +113,10 @@ def _execute(reader: CheckpointReader, req: ReadRequest) -> None:
         reader.read_box(req.meta, req.offsets, req.lengths, out)
 
 
-def load_step(comm: LocalComm | GlooComm, reader: CheckpointReader, state: dict[str, Any],
-              strict: bool, threads: int) -> list[str]:
-    """Fill ``state`` from the checkpoint on this rank; every rank calls it. Returns skipped paths.
+def load_step(comm: Comm, reader: CheckpointReader, state: dict[str, Any],
+              strict: bool, threads: int) -> dict[str, float]:
+    """Fill ``state`` from the checkpoint on this rank; every rank calls it. Returns this rank's
+    profile: seconds planning (tree walk and header reads, wall and CPU), headers read, reads.
 
     If any rank fails, every rank raises :class:`CollectiveError` naming the failing ranks, so no
     rank goes on training with state its peers did not load.
@@ -128,16 +126,17 @@ def load_step(comm: LocalComm | GlooComm, reader: CheckpointReader, state: dict[
     rank = comm.rank if same_world else None
     planner = LoadPlanner(reader, rank, strict)
     error: BaseException | None = None
+    profile: dict[str, float] = {}
     skipped: list[str] = []
     try:
         ctx = LoadContext(planner.request, rank, manifest.world_size, strict,
                           caller_rank=comm.rank)
         start, cpu = time.perf_counter(), time.thread_time()
         restore(state, manifest.tree, ctx)
-        last_profile.update(plan_s=time.perf_counter() - start,
-                            plan_cpu_s=time.thread_time() - cpu,
-                            headers_read=planner.index.headers_read,
-                            requests=len(planner.requests))
+        profile.update(plan_s=time.perf_counter() - start,
+                       plan_cpu_s=time.thread_time() - cpu,
+                       headers_read=planner.index.headers_read,
+                       requests=len(planner.requests))
         with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
             for f in [pool.submit(_execute, reader, r) for r in planner.requests]:
                 f.result()
@@ -146,18 +145,11 @@ def load_step(comm: LocalComm | GlooComm, reader: CheckpointReader, state: dict[
         skipped = sorted(set(ctx.skipped + planner.skipped))
     except Exception as exc:
         error = exc
-    if comm.world_size == 1:
-        if error is not None:
-            raise error
-    else:
-        outcomes = comm.all_gather_json(describe(error) if error else None, "load: outcome")
-        failures = {r: m for r, m in enumerate(outcomes) if m}
-        if failures:
-            if error is not None and len(failures) == 1:
-                raise error
-            lines = "; ".join(f"rank {r}: {m}" for r, m in sorted(failures.items()))
-            raise CollectiveError(f"load failed on rank(s) {sorted(failures)}: {lines}",
-                                  failures) from error
+    failures = gather_failures(comm, error, "load: outcome")
+    if failures:
+        if error is not None and len(failures) == 1:
+            raise error  # this rank alone failed: its own error says it best
+        raise_failures("load failed", failures, error, comm.world_size)
     if planner.borrowed:
         warnings.warn(
             f"checkpoint step {manifest.step} (saved at world size {manifest.world_size}, loaded "
@@ -172,4 +164,4 @@ def load_step(comm: LocalComm | GlooComm, reader: CheckpointReader, state: dict[
             f"at {comm.world_size}): per-rank state that differs between the ranks that saved it, "
             f"with no copy of rank {comm.rank}'s own, not restored: {', '.join(skipped[:20])}"
             + (" ..." if len(skipped) > 20 else ""), stacklevel=3)
-    return skipped
+    return profile

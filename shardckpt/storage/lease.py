@@ -36,8 +36,6 @@ The records themselves (holder identity, parsing, dead holders) are in :mod:`.re
 from __future__ import annotations
 
 import contextlib
-import functools
-import inspect
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -46,7 +44,7 @@ from typing import Any, TypeVar
 
 from ..errors import LeaseError, PruneLockedError, ShardckptError
 from ..knobs import LEASE_TTL_S, LOCK_SETTLE_MS, PRUNE_LOCK_TTL_S
-from .base import Location, step_dirname
+from .base import Location
 from .records import (
     CONTROL_DIR,
     LEASE_DIR,
@@ -125,6 +123,12 @@ class _Held:
 
     def _remove(self) -> None:
         self.location.remove(self.relpath)
+
+    def abandon(self) -> None:
+        """Stop renewing without touching storage: the record expires after its TTL."""
+        self._stop.set()
+        with self._mutex:
+            self._released = True
 
     def release(self) -> None:
         """Stop renewing and remove the record (idempotent). Storage errors propagate."""
@@ -292,71 +296,43 @@ class PruneLock(_Held):
         return lock
 
 
-# ------------------------------------------------------------------------------ save-side registry
-_held_writer_leases: dict[tuple[int, str], Lease] = {}
-_registry_lock = threading.Lock()
-
-
-def hold_writer_lease(location: Location, step_dir: str) -> Lease:
-    """Rank 0 of a save, before anyone writes: lease ``step_dir`` and wait out any reaper on it.
-
-    The lease is remembered until :func:`release_writer_lease` (the save protocol calls that
-    whichever way the save ends).
+# ------------------------------------------------------------------------------ a save's lease
+class StepLease:
+    """A save's writer lease on its step directory at one location (rank 0 holds one per
+    location). Taken before anyone writes, after which any reaper on the directory is waited
+    out; :meth:`check` before the commit; released when the save ends (``with``), or
+    :meth:`abandon` ed for a location that failed (no more renewals, no storage call: the
+    record expires).
     """
-    release_writer_lease(location, step_dir)  # a retry of the same step starts afresh
-    lease = Lease.acquire(location, step_dir, WRITER)
-    with _registry_lock:
-        _held_writer_leases[(id(location), step_dir)] = lease
-    wait_out_reapers(location, step_dir)
-    return lease
 
-
-def writer_lease(location: Location, step_dir: str) -> Lease | None:
-    with _registry_lock:
-        return _held_writer_leases.get((id(location), step_dir))
-
-
-def release_writer_lease(location: Location, step_dir: str) -> None:
-    """Release the writer lease of ``step_dir`` if this process holds one. Never raises a
-    storage error: a lease left behind only expires."""
-    with _registry_lock:
-        lease = _held_writer_leases.pop((id(location), step_dir), None)
-    if lease is not None:
-        with contextlib.suppress(ShardckptError, OSError):
-            lease.release()
-
-
-def abandon_writer_lease(location: Location, step_dir: str) -> None:
-    """Stop renewing the writer lease of ``step_dir`` without touching storage (for a location
-    that failed: calling it again would only wait on its retries). The record expires."""
-    with _registry_lock:
-        lease = _held_writer_leases.pop((id(location), step_dir), None)
-    if lease is not None:
-        lease._stop.set()
-        with lease._mutex:
-            lease._released = True
-
-
-def releases_writer_leases(save_step: _F) -> _F:
-    """Decorate the save protocol so that, however it ends (commit, failure, an exception from
-    a collective), the writer leases that :func:`hold_writer_lease` took for its step at any
-    of its ``locations`` are released and stop renewing. Looks only at the arguments named
-    ``locations`` (or ``location``) and ``req`` (whose ``step`` names the directory)."""
-    signature = inspect.signature(save_step)
-
-    @functools.wraps(save_step)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
+    def __init__(self, location: Location, step_dir: str) -> None:
+        self.location, self.step_dir = location, step_dir
+        self.lease = Lease.acquire(location, step_dir, WRITER)
         try:
-            return save_step(*args, **kwargs)
-        finally:
-            bound = signature.bind_partial(*args, **kwargs).arguments
-            locations = bound.get("locations") or [bound.get("location")]
-            step_dir = step_dirname(bound["req"].step)
-            for location in locations:
-                if location is not None:
-                    release_writer_lease(location, step_dir)
+            wait_out_reapers(location, step_dir)
+        except BaseException:
+            self.release()
+            raise
 
-    return wrapper  # type: ignore[return-value]
+    def check(self) -> None:
+        """``LeaseError`` if renewals stalled for half a TTL: a prune may think us dead."""
+        self.lease.check(margin=self.lease.ttl / 2)
+
+    def abandon(self) -> None:
+        self.lease.abandon()
+
+    def release(self) -> None:
+        """Remove the record; a storage error is swallowed (a lease left behind expires)."""
+        with contextlib.suppress(ShardckptError, OSError):
+            self.lease.release()
+
+    def __enter__(self) -> StepLease:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
 __all__ = [
     "LEASE_DIR",
     "LOCK_PATH",
@@ -367,15 +343,12 @@ __all__ = [
     "PruneLock",
     "PruneLockedError",
     "Record",
+    "StepLease",
     "claim_for_deletion",
-    "hold_writer_lease",
     "live_leases",
     "modified_time",
     "put_record",
     "read_leases",
     "read_record",
-    "release_writer_lease",
-    "releases_writer_leases",
     "wait_out_reapers",
-    "writer_lease",
 ]

@@ -1,0 +1,163 @@
+"""Rank 0's side of a save at each location: prepare the step directory, build the manifest,
+commit it (written last), or undo. The writer lease of each location is a
+:class:`~shardckpt.storage.lease.StepLease` the caller holds for the whole save."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
+from typing import Any
+
+from ..catalog import aside_dirname, read_manifest
+from ..errors import CorruptCheckpointError, ShardckptError
+from ..format import manifest as M
+from ..format.shard import FileRecord, Piece
+from ..planning import tree as T
+from ..planning.assign import LeafSpec, WritePlan
+from ..storage import Location
+from ..storage.lease import StepLease
+from ..storage.probe import Unreachable, reachable_all
+from .failures import describe
+from .messages import WriteReport
+
+
+@dataclass(frozen=True)
+class SaveRequest:
+    step: int
+    metrics: Mapping[str, float]
+    tags: tuple[str, ...]
+    extra: Mapping[str, Any]
+
+
+def prepare_step_dir(location: Location, step_dir: str) -> None:
+    """Before anyone writes (the caller holds the writer lease): refuse a committed step, move
+    a step whose manifest is corrupt aside (kept, never deleted), clear a stale partial one."""
+    if location.size(f"{step_dir}/{M.MANIFEST_NAME}") is not None:
+        step = int(step_dir.removeprefix("step-"))
+        try:
+            read_manifest(location, step)
+        except CorruptCheckpointError as exc:  # not committed, but kept: moved out of the way
+            aside = aside_dirname(step, time.time())
+            location.move_tree(step_dir, aside)
+            warnings.warn(f"{location.display}/{step_dir}: manifest corrupt ({exc}); moved "
+                          f"aside to {aside} and saving step {step} afresh", stacklevel=2)
+        else:
+            raise ValueError(f"step directory {location.display}/{step_dir} is already "
+                             f"committed; a committed checkpoint is never overwritten")
+    if location.listdir(step_dir):
+        location.remove_tree(step_dir)
+    location.makedirs(step_dir)
+
+
+def prepare_all(locations: Sequence[Location], step_dir: str,
+                leases: dict[int, StepLease], stack: contextlib.ExitStack
+                ) -> tuple[list[int], dict[int, str]]:
+    """Rank 0: probe every location (a dead replica costs seconds, not minutes), refuse a step
+    committed anywhere (before any directory is touched), then lease and prepare the step
+    directory at each. Returns the prepared locations and why the others failed."""
+    ok: list[int] = []
+    failed: dict[int, str] = {}
+    for i, loc in enumerate(reachable_all(locations)):
+        if isinstance(loc, Unreachable):
+            failed[i] = f"{loc.display}: unreachable: {loc.why}"
+    live = [i for i in range(len(locations)) if i not in failed]
+    step = int(step_dir.removeprefix("step-"))
+    for i in live:
+        with contextlib.suppress(ShardckptError):
+            read_manifest(locations[i], step)
+            raise ValueError(f"step directory {locations[i].display}/{step_dir} is already "
+                             f"committed; a committed checkpoint is never overwritten")
+    for i in live:
+        try:
+            leases[i] = stack.enter_context(StepLease(locations[i], step_dir))
+            prepare_step_dir(locations[i], step_dir)
+            ok.append(i)
+        except ShardckptError as exc:
+            failed[i] = describe(exc)
+    return ok, failed
+
+
+def writers_of(plan: WritePlan) -> dict[str, list[int]]:
+    """The ranks writing each key, ascending."""
+    out: dict[str, list[int]] = {}
+    for rank in sorted(plan.writes):
+        for key in plan.writes[rank]:
+            out.setdefault(key, []).append(rank)
+    return out
+
+
+def directory(specs: list[list[LeafSpec]], plan: WritePlan) -> dict[str, M.TensorEntry]:
+    """The manifest's tensor entries: dtype, shape and writing ranks (no pieces: those are in
+    the writers' shard headers). Checks that the boxes the plan writes tile every tensor."""
+    spec_of = [{s.key: s for s in rank_specs} for rank_specs in specs]
+    writers = writers_of(plan)
+    tensors: dict[str, M.TensorEntry] = {}
+    for key, kind in sorted(plan.kind.items()):
+        if kind == "alias":
+            tensors[key] = M.TensorEntry(alias_of=plan.alias_of[key])
+        elif kind == "per_rank":  # None: a rank that does not hold this key (rank-local)
+            tensors[key] = M.TensorEntry(per_rank=tuple(
+                M.TensorMeta(spec_of[r][key].dtype, spec_of[r][key].shape, (), ((r, r + 1),))
+                if key in spec_of[r] else None for r in range(len(specs))))
+        else:
+            ranks = writers[key]
+            boxes = tuple(Piece(key, spec_of[r][key].dtype, spec_of[r][key].offsets,
+                                spec_of[r][key].lengths, ()) for r in ranks)
+            spec = spec_of[ranks[0]][key]
+            M.check_coverage(M.TensorMeta(spec.dtype, spec.shape, boxes), f"write plan: {key!r}")
+            tensors[key] = M.TensorEntry(meta=M.TensorMeta(spec.dtype, spec.shape, (),
+                                                           M.to_ranges(ranks)))
+    return tensors
+
+
+def build_manifest(req: SaveRequest, save_id: str, world: int, trees: list[Any],
+                   tensors: dict[str, M.TensorEntry],
+                   reports: Sequence[WriteReport]) -> M.Manifest:
+    files = {f.name: FileRecord(f.name, f.nbytes, f.header_offset, f.header_xxh3, rank)
+             for rank, rep in enumerate(reports) for f in rep.files}
+    now = time.time()
+    return M.Manifest(
+        step=req.step, save_id=save_id,
+        time=datetime.fromtimestamp(now, timezone.utc).isoformat(timespec="milliseconds"),
+        unix_time=now, world_size=world, files=files, tensors=tensors,
+        tree=T.merge_ranks(trees), metrics=dict(req.metrics), tags=req.tags, extra=req.extra)
+
+
+def commit(location: Location, step_dir: str, data: bytes, lease: StepLease | None) -> None:
+    """Make the step durable at one location: data entries first, then the manifest, last."""
+    location.fsync_dir(step_dir)
+    if lease is not None:  # stalled renewals: a prune may have judged this save dead
+        lease.check()
+    location.write_atomic(f"{step_dir}/{M.MANIFEST_NAME}", data)
+    location.fsync_dir("")
+
+
+def commit_all(locations: Sequence[Location], good: list[int], step_dir: str,
+               manifest: M.Manifest, min_replicas: int, leases: Mapping[int, StepLease]
+               ) -> tuple[list[int], dict[int, str], M.Manifest, int]:
+    """Rank 0: commit at every good location; undo them all if fewer than ``min_replicas``.
+    Returns the committed locations, the failed ones, the manifest and its size in bytes."""
+    extra = dict(manifest.extra)
+    extra["locations"] = [locations[i].display for i in good]
+    extra["degraded"] = len(good) < len(locations)
+    manifest = replace(manifest, extra=extra)
+    data = M.serialize(manifest)
+    M.parse(data, "new manifest")  # never commit what we could not read back
+    committed, failed = [], {}
+    for i in good:
+        try:
+            commit(locations[i], step_dir, data, leases.get(i))
+            committed.append(i)
+        except ShardckptError as exc:
+            failed[i] = describe(exc)
+    if len(committed) < min_replicas:
+        for i in committed:  # no location may be left showing a save that failed
+            with contextlib.suppress(ShardckptError):
+                locations[i].remove(f"{step_dir}/{M.MANIFEST_NAME}")
+                locations[i].fsync_dir(step_dir)
+        committed = []
+    return committed, failed, manifest, len(data)
