@@ -219,3 +219,19 @@ def test_throughput_benchmark_runs_end_to_end_with_its_documented_keys(tmp_path:
                for r in doc["results"]["shardckpt_async"])
     assert doc["config"]["manager_held_bytes_per_rank"] is not None
     assert png.read_bytes().startswith(b"\x89PNG")
+
+
+def test_cli_startup_benchmark_runs_and_reports_the_targets() -> None:
+    import json
+    import subprocess
+
+    done = subprocess.run([sys.executable, str(BENCH / "cli_startup.py"), "--steps", "2",
+                           "--reps", "1"], capture_output=True, text=True, timeout=300,
+                          cwd=str(BENCH))
+    assert done.returncode == 0, done.stderr
+    doc = json.loads(done.stdout)
+    assert set(doc["seconds"]) == {"python_pass", "help", "ls", "show", "prune_dry_run"}
+    assert doc["ratio_to_python_pass"]["python_pass"] == 1.0
+    assert all(v and v > 0 for v in doc["peak_rss_bytes"].values())
+    assert set(doc["targets"]) == {"help_within_few_times_python_pass", "ls_under_1s",
+                                   "ls_peak_rss_under_100MB"}

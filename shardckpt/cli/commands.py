@@ -5,19 +5,21 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..catalog import find_manifest
-from ..format import manifest as M
-from ..storage import step_dirname
 from ..textfile import human_bytes
-from . import diff_cmd, health, interop_cmd, report_cmd, verify_cmd
+from . import diff_cmd, interop_cmd, report_cmd, verify_cmd
 from .argtypes import step_arg
 from .common import ROOT_HELP, latest_step, locations
 from .progress import bar, wanted
 
+if TYPE_CHECKING:  # the checkpoint layers load when a command runs, not for --help
+    from ..format import manifest as M
+
 
 def _metrics_json(m: M.Manifest) -> dict[str, Any]:
+    from ..format import manifest as M
+
     return {k: M.encode_float(v) for k, v in m.metrics.items()}
 
 
@@ -26,6 +28,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
     corrupt step directories moved aside by a save (``health: aside``). Exit 2 on any problem:
     a corrupt manifest, a damaged or missing copy, an unreachable location."""
     from ..verify.record import verified
+    from . import health
 
     locs = locations(args)
     report = health.survey(locs, progress=wanted(args))
@@ -80,6 +83,8 @@ def cmd_show(args: argparse.Namespace) -> int:
 
     locs = locations(args)
     step = latest_step(locs) if args.step is None else args.step
+    from ..catalog import find_manifest
+    from ..format import manifest as M
     from ..planning import tree as T
 
     m, _ = find_manifest(locs, step)
@@ -149,6 +154,7 @@ def _add_export(p: argparse.ArgumentParser) -> None:
 
 def cmd_repair(args: argparse.Namespace) -> int:
     from ..repair import committed_nowhere, repair_step, summary
+    from ..storage import step_dirname
     from .common import UsageError, emit
 
     locs = locations(args)

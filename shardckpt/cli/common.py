@@ -6,12 +6,12 @@ import argparse
 import json
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .. import catalog
 from ..errors import StorageError
-from ..storage import Location, open_location, redact
-from ..storage.probe import Unreachable, reachable_all
+
+if TYPE_CHECKING:  # the storage layer is imported by the commands that use it, not by --help
+    from ..storage import Location
 
 
 class UsageError(Exception):
@@ -39,6 +39,10 @@ def open_locations(urls: list[str], warn: str | None = None) -> list[Location]:
     the command works from the others; with ``warn`` (the command's name) one line on stderr
     says so. ``StorageError`` if no location answers.
     """
+    from ..redact import redact_url as redact
+    from ..storage import open_location
+    from ..storage.probe import Unreachable, reachable_all
+
     opened = []
     for url in urls:
         try:
@@ -74,7 +78,9 @@ def locations(args: argparse.Namespace) -> list[Location]:
 def latest_step(locs: list[Location]) -> int:
     """The default ``--step``: the newest step directory holding a manifest, valid or not (a
     corrupt one then fails the command with exit 2, naming the file)."""
-    return catalog.latest_manifest_step(locs, locs[0].display)
+    from ..catalog import latest_manifest_step
+
+    return latest_manifest_step(locs, locs[0].display)
 
 
 def check_out_path(path: str, flag: str = "--out") -> None:

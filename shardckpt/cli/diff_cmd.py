@@ -14,12 +14,13 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..format import manifest as M
-from ..format.manifest import Manifest, TensorMeta
-from ..storage import Location, step_dirname
 from .progress import bar, wanted
+
+if TYPE_CHECKING:
+    from ..format.manifest import Manifest, TensorMeta
+    from ..storage import Location
 
 _EPILOG = """\
 A and B are ROOT@STEP: a checkpoint root (path or fsspec URL) and a committed step, split at
@@ -60,7 +61,9 @@ def parse_spec(text: str) -> Spec:
         raise UsageError(f"{text!r}: expected ROOT@STEP")
     if step == "latest":
         return Spec(root, None)
-    if not (step.isascii() and step.isdigit()) or int(step) > M.MAX_STEP:
+    from ..format.manifest import MAX_STEP
+
+    if not (step.isascii() and step.isdigit()) or int(step) > MAX_STEP:
         raise UsageError(f"{text!r}: step {step!r} is not a non-negative integer or 'latest'")
     return Spec(root, int(step))
 
@@ -149,6 +152,7 @@ def diff(locs_a: Sequence[Location], step_a: int, locs_b: Sequence[Location], st
     from ..consolidate import read_full
     from ..engine.index import full_manifest
     from ..engine.reader import CheckpointReader
+    from ..storage import step_dirname
 
     reader_a = CheckpointReader(locs_a, step_dirname(step_a), find_manifest(locs_a, step_a)[0])
     reader_b = CheckpointReader(locs_b, step_dirname(step_b), find_manifest(locs_b, step_b)[0])
@@ -215,7 +219,9 @@ def cmd_diff(args: argparse.Namespace) -> int:
     report = diff(locs_a, step_a, locs_b, step_b, args.atol, progress=wanted(args))
     a, b = Spec(a.root, step_a), Spec(b.root, step_b)
     if args.json:
-        tensors = [{**r, "max_abs_diff": M.encode_float(r["max_abs_diff"])}
+        from ..format.manifest import encode_float
+
+        tensors = [{**r, "max_abs_diff": encode_float(r["max_abs_diff"])}
                    if isinstance(r["max_abs_diff"], float) else r for r in report["tensors"]]
         emit({"a": str(a), "b": str(b), **report, "tensors": tensors})
         return 0

@@ -13,11 +13,13 @@ import io
 import math
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..format import manifest as M
-from ..storage import Location
 from ..textfile import write_textfile
+
+if TYPE_CHECKING:
+    from ..format import manifest as M
+    from ..storage import Location
 from .progress import bar, wanted
 
 _EPILOG = """\
@@ -86,6 +88,7 @@ def timing_of(m: M.Manifest) -> dict[str, float | None]:
 
 def collect(locs: Sequence[Location], progress: bool) -> tuple[list[dict[str, Any]], list[str]]:
     """One row per committed step, and the problems met (corrupt manifests)."""
+    from ..format import manifest as M
     from ..verify.record import verified
     from . import health
 
