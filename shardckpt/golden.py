@@ -15,7 +15,6 @@ from typing import Any
 import torch
 
 GOLDEN_KEY = "__shardckpt_golden__"
-RESERVED_PREFIX = "__shardckpt"
 
 
 @dataclass(frozen=True)

@@ -98,3 +98,15 @@ def test_help_for_every_command() -> None:
     for cmd in ("ls", "show", "export"):
         proc = run_cli(cmd, "--help")
         assert proc.returncode == 0 and "--json" in proc.stdout and "--replica" in proc.stdout
+
+
+def test_show_hides_internal_tensors_and_prints_provenance_as_json(tmp_path: Path) -> None:
+    d = tmp_path / "run"
+    with shardckpt.CheckpointManager(str(d), async_save=False) as mgr:  # RNG states captured
+        mgr.save(1, {"w": torch.ones(3)})
+    out = run_cli("show", str(d)).stdout
+    assert "__shardckpt" not in out and "internal tensors" in out and "--all" in out
+    assert "\nprovenance:\n  {\n" in out  # indented JSON, not one long Python repr
+    assert max(len(line) for line in out.splitlines()) < 400
+    full = run_cli("show", str(d), "--all").stdout
+    assert "__shardckpt_rng__" in full and "internal tensors" not in full

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -108,7 +109,11 @@ def cmd_show(args: argparse.Namespace) -> int:
     if m.tags:
         print("tags: " + ", ".join(m.tags))
     print(f"\n{'TENSOR':<60} {'DTYPE':<14} {'SHAPE':<20} {'RANKS':<10} {'BYTES':>10}")
+    hidden = 0
     for key, entry in m.tensors.items():
+        if key.startswith(M.RESERVED_PREFIX) and not args.all:  # RNG states, golden batches
+            hidden += 1
+            continue
         if entry.alias_of is not None:
             print(f"{key:<60} (same storage as {entry.alias_of})")
             continue
@@ -119,13 +124,16 @@ def cmd_show(args: argparse.Namespace) -> int:
             name = key if entry.per_rank is None else f"{key} [rank {r}]"
             print(f"{name:<60} {meta.dtype:<14} {list(meta.shape)!s:<20} "
                   f"{ranks_text(meta.ranks):<10} {human_bytes(meta.nbytes):>10}")
+    if hidden:
+        print(f"({hidden} internal tensors of shardckpt's own not shown: --all shows them)")
     if local:
         print("\nrank-local state (saved by some ranks only, or differing between ranks):")
         for path, runs, differ in local:
             print(f"  {path:<58} ranks {ranks_text(runs)}"
                   + ("  (values differ)" if differ else ""))
-    for key in extras:
-        print(f"\n{key}: {doc[key]}")
+    for key in extras:  # provenance, golden spec, timing, ...: indented JSON, not a repr
+        text = json.dumps(doc[key], indent=2, sort_keys=True, ensure_ascii=False)
+        print(f"\n{key}:\n" + "\n".join("  " + line for line in text.splitlines()))
     return 0
 
 
@@ -207,6 +215,8 @@ def _add_show(p: argparse.ArgumentParser) -> None:
     p.add_argument("root", metavar="ROOT", help=ROOT_HELP)
     p.add_argument("--step", type=step_arg, default=None, metavar="N",
                    help="step to show (default: latest)")
+    p.add_argument("--all", action="store_true",
+                   help="also list shardckpt's internal tensors (RNG states, golden batches)")
 
 
 _PRUNE_RULES = ("keep_last", "keep_every", "keep_best", "metric", "mode", "keep_hourly",

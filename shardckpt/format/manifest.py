@@ -42,6 +42,7 @@ _SUFFIX = re.compile(rb',"checksum":"([0-9a-f]{16})"\}\n\Z')
 _SUFFIX_LEN = len(b',"checksum":""}\n') + 16
 FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,200}\.shard")
 MAX_STEP = 10**10 - 1
+RESERVED_PREFIX = "__shardckpt"  # state keys of shardckpt's own (RNG states, golden batches)
 Ranges = tuple[tuple[int, int], ...]
 
 
