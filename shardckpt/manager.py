@@ -29,8 +29,9 @@ from .errors import (
     ShardckptError,
 )
 from .format import manifest as M
+from .format.manifest import RESERVED_PREFIX
 from .format.shard import Codec
-from .golden import GOLDEN_KEY, RESERVED_PREFIX, Golden
+from .golden import GOLDEN_KEY, Golden
 from .golden import record as record_golden
 from .handles import CheckpointInfo, SaveHandle
 from .observe import SaveEvent, SaveObserver, SaveTracker, check_callbacks, check_metrics_path

@@ -245,7 +245,7 @@ def check_out_dir(out: str) -> None:
 
 def _select(source: StepSource, only: str | None) -> tuple[Any, str]:
     """The tree node under ``only`` (modules, optimizers and objects unwrapped) and its path."""
-    from ..golden import RESERVED_PREFIX
+    from ..format.manifest import RESERVED_PREFIX
     from ..planning import tree as T
 
     node = T.check_node(source.manifest.tree, "<root>")

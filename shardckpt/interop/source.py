@@ -16,7 +16,7 @@ from ..engine.index import full_manifest
 from ..engine.reader import CheckpointReader
 from ..errors import IncompleteCheckpointError
 from ..format import manifest as M
-from ..golden import RESERVED_PREFIX
+from ..format.manifest import RESERVED_PREFIX
 from ..storage import Location, open_location, step_dirname
 from ..storage.location import options_for
 from ..storage.probe import reachable_all
