@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from . import ConversionError
+from . import ConversionError, existing_names
 
 if TYPE_CHECKING:
     from .source import ExportResult, StepSource
@@ -228,14 +228,9 @@ def count(value: Any) -> tuple[int, int, int]:
 def check_out_dir(out: str) -> None:
     """``out`` may receive a DCP export: it is new (its parent exists), empty, or a previous
     DCP export by shardckpt (it holds the marker file and DCP's files only)."""
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise ConversionError(f"{out}: exists and is not a folder")
-    if not os.path.exists(out):
-        parent = os.path.dirname(os.path.abspath(out))
-        if not os.path.isdir(parent):
-            raise ConversionError(f"{out}: folder {parent} does not exist")
+    names = existing_names(out)
+    if names is None:
         return
-    names = os.listdir(out)
     if names and (MARKER not in names or
                   any(n not in (MARKER, METADATA) and not DATA_FILE.fullmatch(n)
                       for n in names)):

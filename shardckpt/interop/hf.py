@@ -23,7 +23,7 @@ import torch
 
 from ..atomicfile import TMP_MARK, atomic_open, write_atomic
 from ..format.dtypes import itemsize
-from . import ConversionError
+from . import ConversionError, existing_names
 from . import safetensors_io as st
 
 if TYPE_CHECKING:
@@ -107,14 +107,9 @@ def ours(name: str) -> bool:
 def check_out_dir(out: str) -> None:
     """``out`` may receive an export: it is new (its parent exists), empty, or a previous export
     (it holds safetensors files written by shardckpt, and every model file in it is one)."""
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise ConversionError(f"{out}: exists and is not a folder")
-    if not os.path.exists(out):
-        parent = os.path.dirname(os.path.abspath(out))
-        if not os.path.isdir(parent):
-            raise ConversionError(f"{out}: folder {parent} does not exist")
+    names = existing_names(out)
+    if names is None:
         return
-    names = os.listdir(out)
     if not names:
         return
     weights = [n for n in names if n.endswith(".safetensors") and ours(n)]

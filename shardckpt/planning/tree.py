@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from ..errors import CorruptCheckpointError
+from ..format.manifest import to_ranges
 
 SCALAR_KEY_TYPES = (str, int, float, bool, type(None))
 
@@ -169,18 +170,7 @@ def _partial(held: list[tuple[int, Any]]) -> list[Any]:
     groups: dict[str, tuple[list[int], Any]] = {}
     for rank, node in held:
         groups.setdefault(_canon(node), ([], node))[0].append(rank)
-    return ["P", [[[list(r) for r in to_runs(ranks)], node] for ranks, node in groups.values()]]
-
-
-def to_runs(ranks: list[int]) -> list[tuple[int, int]]:
-    """Ranks as sorted half-open runs: ``[0, 1, 2, 5]`` -> ``[(0, 3), (5, 6)]``."""
-    out: list[list[int]] = []
-    for r in sorted(set(ranks)):
-        if out and out[-1][1] == r:
-            out[-1][1] = r + 1
-        else:
-            out.append([r, r + 1])
-    return [(a, b) for a, b in out]
+    return ["P", [[[list(r) for r in to_ranges(ranks)], node] for ranks, node in groups.values()]]
 
 
 def partial_groups(node: list[Any], where: str, world: int) -> list[tuple[list[int], Any]]:
