@@ -10,6 +10,7 @@ from .errors import (
     PruneLockedError,
     ShardckptError,
     StorageError,
+    TornSnapshotError,
     VerificationError,
 )
 from .golden import Golden
@@ -34,6 +35,7 @@ __all__ = [
     "SaveHandle",
     "ShardckptError",
     "StorageError",
+    "TornSnapshotError",
     "VerificationError",
     "__version__",
     "set_determinism",

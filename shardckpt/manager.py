@@ -20,6 +20,7 @@ from . import __version__, catalog, knobs
 from .catalog import find_manifest
 from .engine.comm import make_comm
 from .engine.index import full_manifest
+from .engine.lazy import LazySnapshot
 from .engine.load import load_step
 from .engine.reader import CheckpointReader
 from .engine.save import SaveOptions, SaveRequest, save_step
@@ -103,7 +104,8 @@ class CheckpointManager:
                  retention: RetentionPolicy | None = None, save_every: int | None = None,
                  async_save: bool = True, compression: str | None = None,
                  storage_options: Mapping[str, Mapping[str, Any]] | None = None,
-                 process_group: Any = None, *, config: Mapping[str, Any] | None = None,
+                 process_group: Any = None, *, snapshot: str = "lazy",
+                 config: Mapping[str, Any] | None = None,
                  data: Mapping[str, Any] | None = None, capture_rng: bool = True,
                  metrics_path: str | os.PathLike[str] | None = None,
                  callbacks: Iterable[Callable[[SaveEvent], Any]] | None = (),
@@ -121,6 +123,8 @@ class CheckpointManager:
             raise ValueError(f"save_every must be a positive int, got {save_every!r}")
         if retention is not None and not isinstance(retention, RetentionPolicy):
             raise TypeError("retention must be a shardckpt.RetentionPolicy")
+        if snapshot not in ("lazy", "eager"):
+            raise ValueError(f"snapshot must be 'lazy' or 'eager', got {snapshot!r}")
         metrics_path = check_metrics_path(metrics_path)
         save_callbacks = check_callbacks(callbacks)
         # file_mode: the exact mode of new local files (dirs: + x where r, rwx for the owner);
@@ -137,7 +141,9 @@ class CheckpointManager:
         self._pending: list[SaveHandle] = []
         self._lock = threading.Lock()
         self._manifests: dict[int, M.Manifest] = {}
-        self._staging = StagingPool()
+        # lazy: parameters and optimizer state are copied while training goes on, and optimizer
+        # steps wait for the copy (engine/lazy.py); eager: everything is copied inside save()
+        self._staging = StagingPool(lazy=snapshot == "lazy")
         self._plan_cache = PlanCache()
         self.capture_rng = capture_rng
         self._config, self._data = config, data
@@ -239,7 +245,7 @@ class CheckpointManager:
                   tracker: SaveTracker | None = None) -> CheckpointInfo | None:
         opts = SaveOptions.from_knobs(self._codec)
         try:
-            if isinstance(collected, Snapshot):
+            if isinstance(collected, (Snapshot, LazySnapshot)):  # lazy: the copy runs here
                 try:
                     collected = collected.ready()
                 except Exception as exc:  # reported to every rank by the protocol

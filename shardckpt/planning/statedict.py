@@ -33,23 +33,40 @@ def dtensor_type() -> type | None:
     return DTensor
 
 
-def local_box(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...], tuple[int, ...], bool]:
-    """(local data, global shape, offsets of the local piece, sharded?) of a tensor or DTensor."""
-    dt = dtensor_type()
-    if dt is not None and isinstance(t, dt):
+_BOXES: dict[tuple[Any, ...], tuple[tuple[int, ...], tuple[int, ...], bool]] = {}
+"""(global shape, mesh, placements) -> (local shape, offsets, sharded): the same for every
+DTensor of one layout on this rank, and slow to compute (most of ``collect``'s time without it)."""
+
+
+def _dtensor_box(t: Any) -> tuple[tuple[int, ...], tuple[int, ...], bool]:
+    key = (t.shape, t.device_mesh, t.placements)
+    box = _BOXES.get(key)
+    if box is None:
         from torch.distributed.tensor import Partial, Shard
         from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
         if any(isinstance(p, Partial) for p in t.placements):
             raise TypeError("DTensor with a Partial placement: reduce it before checkpointing")
-        local = t.to_local()
         shape, offsets = compute_local_shape_and_global_offset(t.shape, t.device_mesh,
                                                                t.placements)
-        sharded = any(isinstance(p, Shard) for p in t.placements)
-        if tuple(local.shape) != tuple(shape):
+        box = (tuple(shape), tuple(offsets), any(isinstance(p, Shard) for p in t.placements))
+        if len(_BOXES) >= 4096:  # layouts are few; a job creating meshes forever stays bounded
+            _BOXES.clear()
+        _BOXES[key] = box
+    return box
+
+
+def local_box(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...], tuple[int, ...], bool]:
+    """(local data, global shape, offsets of the local piece, sharded?) of a tensor or DTensor."""
+    dt = dtensor_type()
+    if dt is not None and isinstance(t, dt):
+        shape, offsets, sharded = _dtensor_box(t)
+        with torch.no_grad():  # without grad mode, to_local() is the local tensor itself
+            local = t.to_local()
+        if tuple(local.shape) != shape:
             raise ValueError(f"DTensor local shape {tuple(local.shape)} differs from its "
-                             f"placement's {tuple(shape)} (padded shards are not supported)")
-        return local, tuple(t.shape), tuple(offsets), sharded
+                             f"placement's {shape} (padded shards are not supported)")
+        return local, tuple(t.shape), offsets, sharded
     return t, tuple(t.shape), (0,) * t.dim(), False
 
 
@@ -64,6 +81,13 @@ class TensorLeaf:
     offsets: tuple[int, ...]
     sharded: bool
     alias_of: str | None = None
+    # For lazy snapshots (engine/lazy.py): the tensor as the state holds it (a DTensor's own
+    # version counter is the live parameter's; its local tensor's is not), that counter at
+    # collect() (None: an inference tensor, which has none), and whether only an optimizer step
+    # changes it in place (a parameter or optimizer state, not a buffer or a plain tensor).
+    source: torch.Tensor | None = field(default=None, repr=False, compare=False)
+    version: int | None = None
+    guarded: bool = False
 
     @property
     def lengths(self) -> tuple[int, ...]:
@@ -74,13 +98,18 @@ class TensorLeaf:
         return self.data.numel() * self.data.element_size()
 
 
-def _modules_by_param(state: Any) -> dict[int, torch.nn.Module]:
+def _modules_by_param(state: Any, buffers: set[int] | None = None) -> dict[int, torch.nn.Module]:
+    """id(parameter) -> the module of the state holding it; with ``buffers``, also collects the
+    storage addresses of those modules' buffers into it."""
     found: dict[int, torch.nn.Module] = {}
 
     def walk(v: Any) -> None:
         if isinstance(v, torch.nn.Module):
             for p in v.parameters():
                 found.setdefault(id(p), v)
+            if buffers is not None:
+                for b in v.buffers():
+                    buffers.add(_storage_ptr(b))
         elif isinstance(v, dict):
             for x in v.values():
                 walk(x)
@@ -112,22 +141,31 @@ def collect(state: dict[str, Any]) -> Collected:
     """Flatten ``state`` into a JSON tree and tensor leaves (no tensor data is copied)."""
     if not isinstance(state, dict):
         raise TypeError(f"state must be a dict, got {type(state).__name__}")
-    modules = _modules_by_param(state)
+    buffers: set[int] = set()
+    modules = _modules_by_param(state, buffers)
     leaves: list[TensorLeaf] = []
     seen: dict[tuple[Any, ...], str] = {}
     keys: set[str] = set()
+    within = ""  # "M" or "O" while encoding a module's or an optimizer's state dict
 
     def on_leaf(value: Any, path: str) -> list[Any] | None:
+        nonlocal within
         if isinstance(value, torch.Tensor):
             return ["T", _add_tensor(value, path)]
         if isinstance(value, torch.nn.Module):
-            return ["M", T.encode(dsd.get_model_state_dict(value), path, on_leaf)]
-        if isinstance(value, torch.optim.Optimizer):
+            sd, tag = dsd.get_model_state_dict(value), "M"
+        elif isinstance(value, torch.optim.Optimizer):
             sd = dsd.get_optimizer_state_dict(owning_module(value, modules, path), value)
-            return ["O", T.encode(sd, path, on_leaf)]
-        if is_stateful(value):
+            tag = "O"
+        elif is_stateful(value):
             return ["S", T.encode(value.state_dict(), path, on_leaf)]
-        return None
+        else:
+            return None
+        outer, within = within, tag
+        try:
+            return [tag, T.encode(sd, path, on_leaf)]
+        finally:
+            within = outer
 
     def _add_tensor(value: torch.Tensor, path: str) -> str:
         if path in keys:
@@ -142,16 +180,37 @@ def collect(state: dict[str, Any]) -> Collected:
             raise TypeError(f"{path}: {exc}") from None
         if local.is_sparse or local.layout != torch.strided:
             raise TypeError(f"{path}: only strided (dense) tensors can be checkpointed")
-        alias = None
+        alias, guarded = None, False
         if local.numel() > 0 and local.device.type != "meta":
-            ident = (local.device, local.untyped_storage().data_ptr(), local.storage_offset(),
-                     tuple(local.shape), local.stride(), local.dtype, shape, offsets)
+            ptr = local.untyped_storage().data_ptr()
+            ident = (local.device, ptr, local.storage_offset(), tuple(local.shape),
+                     local.stride(), local.dtype, shape, offsets)
             alias = seen.setdefault(ident, path)
             alias = None if alias == path else alias
-        leaves.append(TensorLeaf(path, local.detach(), name, shape, offsets, sharded, alias))
+            guarded = within == "O" or (within == "M" and ptr not in buffers)
+        try:
+            version: int | None = value._version
+        except RuntimeError:  # an inference tensor tracks no version: copied eagerly
+            version, guarded = None, False
+        leaves.append(TensorLeaf(path, local.detach(), name, shape, offsets, sharded, alias,
+                                 value, version, guarded))
         return path
 
-    return Collected(T.encode(state, "", on_leaf), leaves)
+    with torch.no_grad():
+        return Collected(T.encode(state, "", on_leaf), leaves)
+
+
+def _storage_ptr(t: torch.Tensor) -> int:
+    dt = dtensor_type()
+    if dt is not None and isinstance(t, dt):
+        with torch.no_grad():
+            t = t.to_local()
+    if t.device.type == "meta":
+        return 0
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # a tensor subclass without a storage
+        return 0
 
 
 # ----------------------------------------------------------------------------- load
