@@ -4,6 +4,7 @@ optimizer steps wait for the copy, and a tensor changed before its copy fails th
 from __future__ import annotations
 
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from torch import nn
 import shardckpt
 from shardckpt.engine import lazy
 from shardckpt.engine.snapshot import StagingPool
-from shardckpt.planning.statedict import collect
+from shardckpt.planning.statedict import Collected, TensorLeaf, collect
 
 
 class Gate:
@@ -275,3 +276,147 @@ def test_two_ranks_fsdp_change_on_one_rank_fails_the_save_everywhere(tmp_path: P
         assert "'model/0.weight'" in result["error"]
         assert result["steps"] == [2], rank  # the torn step 1 is not committed; step 2 is
         assert result["equal_after_load"], rank
+
+
+# ------------------------------------------------------------------ CUDA ordering, on the CPU
+class CudaLog:
+    """Stand-ins for CUDA streams, events and tensors that log what the engine asks of them, so
+    that the order of the side-stream protocol is checked without a GPU."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.log: list[tuple[str, ...]] = []
+        self.train = self.Stream(self, "train")
+        log, train, events = self.log, self.train, [0]
+
+        class Event:
+            def __init__(self) -> None:
+                events[0] += 1
+                self.name = f"event{events[0]}"
+
+            def record(self, stream: Any) -> None:
+                log.append(("record", self.name, stream.name))
+
+            def synchronize(self) -> None:
+                log.append(("synchronize", self.name))
+
+        @contextmanager
+        def stream(s: Any) -> Any:
+            log.append(("enter", s.name))
+            yield
+            log.append(("exit", s.name))
+
+        monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: train)
+        monkeypatch.setattr(torch.cuda, "Event", Event)
+        monkeypatch.setattr(torch.cuda, "stream", stream)
+        monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: self.Stream(self, "side"))
+
+    class Stream:
+        def __init__(self, owner: CudaLog, name: str) -> None:
+            self.log, self.name = owner.log, name
+
+        def wait_stream(self, other: Any) -> None:
+            self.log.append(("wait_stream", self.name, other.name))
+
+        def wait_event(self, event: Any) -> None:
+            self.log.append(("wait_event", self.name, event.name))
+
+    def tensor(self, key: str) -> Any:
+        log = self.log
+
+        class Storage:
+            def data_ptr(self) -> int:
+                return id(self)
+
+        class CudaTensor:
+            device = torch.device("cuda", 0)
+            _version = 0
+            shape = (2,)
+            dtype = torch.float32
+
+            def __init__(self, name: str) -> None:
+                self.key, self._storage = name, Storage()
+
+            def record_stream(self, s: Any) -> None:
+                log.append(("record_stream", self.key, s.name))
+
+            def untyped_storage(self) -> Any:
+                return self._storage
+
+            def clone(self) -> Any:
+                log.append(("clone", self.key))
+                return CudaTensor(f"{self.key}.clone")
+
+        return CudaTensor(key)
+
+    def buffer(self, key: str) -> Any:
+        log = self.log
+
+        class Buffer:
+            def copy_(self, src: Any, non_blocking: bool = False) -> None:
+                log.append(("copy", src.key, "async" if non_blocking else "sync"))
+
+        return Buffer()
+
+    def snapshot(self, *keys: str) -> tuple[lazy.LazySnapshot, list[Any]]:
+        srcs = [self.tensor(k) for k in keys]
+        fence = lazy.CudaFence({torch.device("cuda", 0): self.Stream(self, "side")})
+        jobs = [lazy.CopyJob(s.key, s, self.buffer(s.key), s, 0) for s in srcs]
+        return lazy.LazySnapshot(Collected([], []), jobs, fence=fence), srcs
+
+
+def test_cuda_step_first_waits_on_the_gpu_not_the_host(monkeypatch) -> None:
+    cuda = CudaLog(monkeypatch)
+    snap, srcs = cuda.snapshot("a", "b")
+    snap.before_step()  # the optimizer step: queues the copies, training's stream waits for them
+    assert cuda.log == [
+        ("wait_stream", "side", "train"),  # the copies come after the work queued before save()
+        ("enter", "side"), ("copy", "a", "async"), ("record_stream", "a", "side"), ("exit", "side"),
+        ("enter", "side"), ("copy", "b", "async"), ("record_stream", "b", "side"), ("exit", "side"),
+        ("record", "event1", "side"),
+        ("wait_event", "train", "event1"),  # on the GPU: the host never synchronized
+    ]
+    assert lazy.inflight() == []
+    for s in srcs:
+        s._version += 1  # the optimizer step, now ordered after the copies
+    assert snap.ready() is snap.collected  # not torn
+    assert cuda.log[-1] == ("synchronize", "event1")
+
+
+def test_cuda_change_before_the_step_is_caught(monkeypatch) -> None:
+    cuda = CudaLog(monkeypatch)
+    snap, srcs = cuda.snapshot("a", "b")
+    srcs[1]._version += 1  # queued before the copy was fenced: it may run before it
+    snap.before_step()
+    with pytest.raises(shardckpt.TornSnapshotError, match="'b'"):
+        snap.ready()
+
+
+def test_cuda_copies_done_first_need_no_wait_at_the_step(monkeypatch) -> None:
+    cuda = CudaLog(monkeypatch)
+    snap, srcs = cuda.snapshot("a")
+    snap.ready()  # the save thread: queued, recorded, synchronized, checked
+    assert ("synchronize", "event1") in cuda.log and lazy.inflight() == []
+    n = len(cuda.log)
+    srcs[0]._version += 1
+    lazy._before_step(object(), (), {})  # nothing in flight: the step does not wait
+    snap.before_step()
+    assert len(cuda.log) == n
+
+
+def test_cuda_pool_clones_unguarded_tensors_on_the_training_stream(monkeypatch) -> None:
+    cuda = CudaLog(monkeypatch)
+    pool = StagingPool(lazy=True)
+    monkeypatch.setattr(pool, "_buffer", lambda key, src: cuda.buffer(key))
+    param, running = cuda.tensor("model/w"), cuda.tensor("model/running_mean")
+    leaves = [TensorLeaf("model/w", param, "float32", (2,), (0,), False, None, param, 0, True),
+              TensorLeaf("model/running_mean", running, "float32", (2,), (0,), False, None,
+                         running, 0, False)]
+    snap = pool.snapshot(Collected([], leaves))
+    assert isinstance(snap, lazy.LazySnapshot)
+    # the buffer is cloned on training's stream inside save(), before the side stream is fenced
+    assert cuda.log == [("clone", "model/running_mean"), ("wait_stream", "side", "train")]
+    snap.ready()
+    assert ("copy", "model/w", "async") in cuda.log
+    assert ("copy", "model/running_mean.clone", "async") in cuda.log
+    running._version += 1  # the forward pass updating it: harmless, its clone is copied
+    assert snap.done()
