@@ -17,19 +17,22 @@ once per mode, in an order rotated by one per round:
 * ``dcp_zero_overhead``: ``dcp.async_save(..., async_stager=DefaultStager(StagingOptions(...)))``
   (one stager, reused), waiting on ``staging_completion`` before the next ``optimizer.step``.
 
-A loop of one mode saves every ``--save-every`` steps, ``--saves`` times, and runs
-``--save-every`` more steps after its last save. Each save waits for the previous one (as
-``mgr.save`` does). Per save, the figures are:
+A loop of one mode is ``--saves`` pairs of windows of ``--save-every`` steps: a window without a
+save, then the save and the window after it, then whatever the save has left to do (waited for
+and counted, as if training had waited). Per save, the figures are:
 
-* **extra loop seconds**: (the loop's time - the same round's ``none`` loop) / saves;
+* **extra loop seconds**: the second window (with the save and what was left of it) minus the
+  first. The two windows are seconds apart, so a change of load from outside mostly cancels;
+  ``none`` runs the same pairs with no save, and its figure is the noise floor;
 * **blocked seconds**: the time inside the save call (with ``get_state_dict`` for DCP), plus how
   much longer the next ``optimizer.step`` took (with DCP's wait for staging) than the median
-  step of the ``none`` loop;
-* the training thread's extra CPU, run-queue delay (runnable, no core free) and other waiting
-  (the GIL, collectives), from ``/proc/self/task/<tid>/schedstat``, and the process's extra CPU
-  (user, system): where the overhead goes.
+  optimizer step of the first window;
+* where the extra time went: the training thread's extra CPU, run-queue delay (runnable but no
+  core free) and other waiting (the GIL, collectives waiting on the slower rank), from
+  ``/proc/self/task/<tid>/schedstat``, and the process's extra CPU (user, system), which
+  includes the background work.
 
-Figures are the maximum over the ranks within a round, then the median over the rounds. One
+Each figure is the worst rank's per save, then the median over every save of every round. One
 JSON document goes to stdout (rank 0) and to ``--out``; logs go to stderr.
 """
 
@@ -59,7 +62,8 @@ from torch.distributed.fsdp import fully_shard
 import shardckpt
 
 REPO = Path(__file__).resolve().parent.parent
-MODES = ("none", "shardckpt", "shardckpt_eager", "dcp_async", "dcp_zero_overhead")
+MODES = ("none", "shardckpt", "shardckpt_eager", "shardckpt_nice", "dcp_async",
+         "dcp_zero_overhead")
 DEFAULT_MODES = ("none", "shardckpt", "dcp_async", "dcp_zero_overhead")
 RANK = int(os.environ.get("RANK", "0"))
 
@@ -100,19 +104,24 @@ def schedstat() -> tuple[float, float]:
 
 
 class Meter:
-    """Wall, thread and process clocks over one loop."""
+    """Wall seconds, the training thread's CPU and run-queue seconds, and the process's CPU
+    seconds (user, system: every thread, the background included) over a window of steps."""
 
     def __init__(self) -> None:
-        self.wall, self.sched = time.perf_counter(), schedstat()
-        self.proc = resource.getrusage(resource.RUSAGE_SELF)
+        self.start = self._read()
+
+    @staticmethod
+    def _read() -> tuple[float, ...]:
+        run, wait = schedstat()
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return time.perf_counter(), run, wait, usage.ru_utime, usage.ru_stime
 
     def stop(self) -> dict[str, float]:
-        wall, (run, wait) = time.perf_counter(), schedstat()
-        proc = resource.getrusage(resource.RUSAGE_SELF)
-        return {"loop_s": wall - self.wall, "main_cpu_s": run - self.sched[0],
-                "main_runqueue_s": wait - self.sched[1],
-                "proc_user_s": proc.ru_utime - self.proc.ru_utime,
-                "proc_sys_s": proc.ru_stime - self.proc.ru_stime}
+        end = self._read()
+        d = [b - a for a, b in zip(self.start, end)]
+        return {"wall_s": d[0], "main_cpu_s": d[1], "main_runqueue_s": d[2],
+                "main_other_wait_s": d[0] - d[1] - d[2], "proc_user_s": d[3],
+                "proc_sys_s": d[4]}
 
 
 # ----------------------------------------------------------------------------- the model
@@ -189,6 +198,8 @@ class Mode:
     def save(self, step: int) -> None:
         state = {"model": self.t.model, "optim": self.t.optim}
         if self.mgr is not None:
+            if self.name == "shardckpt_nice":  # read by the save thread when it starts a save
+                os.environ["SHARDCKPT_SAVE_NICE"] = os.environ.get("BENCH_NICE", "10")
             self.pending = self.mgr.save(step, state)
             return
         if self.pending is not None:  # one save at a time, as mgr.save does
@@ -214,6 +225,7 @@ class Mode:
         elif self.pending is not None:
             self.pending.result()
         self.pending = None
+        os.environ.pop("SHARDCKPT_SAVE_NICE", None)
 
     def close(self) -> None:
         self.finish()
@@ -225,29 +237,35 @@ class Mode:
 
 def run_loop(mode: Mode | None, trainer: Trainer, args: argparse.Namespace,
              first_step: int) -> dict[str, Any]:
-    steps = (args.saves + 1) * args.save_every
-    save_s, opt_s, after_save = [], [], []
+    """``--saves`` pairs of windows of ``--save-every`` steps: a baseline window, then the save
+    and the window after it, then whatever the save still has to do (``drain``: counted, as if
+    training had waited for it). A pair's difference is one sample of the extra loop time; its
+    two windows are seconds apart, so a change of load from outside mostly cancels out."""
+    k = args.save_every
+    step = first_step
+    pairs = []
     dist.barrier()
-    meter = Meter()
-    saved_at = None
-    for i in range(1, steps + 1):
-        took = trainer.step(mode.before_optim if mode is not None else lambda: None)
-        opt_s.append(took)
-        if saved_at is not None:
-            after_save.append(took)
-            saved_at = None
-        if mode is not None and i % args.save_every == 0 and i <= args.saves * args.save_every:
-            t0 = time.perf_counter()
-            mode.save(first_step + i)
-            save_s.append(time.perf_counter() - t0)
-            saved_at = i
-    out = meter.stop()
-    t0 = time.perf_counter()
-    if mode is not None:
-        mode.finish()
-    out["drain_s"] = time.perf_counter() - t0  # background work left when the loop ended
-    out.update(save_s=save_s, opt_s=opt_s, opt_after_save_s=after_save, saves=len(save_s),
-               steps=steps)
+    before = mode.before_optim if mode is not None else (lambda: None)
+    for _ in range(args.saves):
+        meter = Meter()
+        base_opt = [trainer.step(before) for _ in range(k)]
+        base = meter.stop()
+        step += k
+        meter = Meter()
+        t0 = time.perf_counter()
+        if mode is not None:
+            mode.save(step)
+        save_s = time.perf_counter() - t0
+        opt = [trainer.step(before) for _ in range(k)]
+        t0 = time.perf_counter()
+        if mode is not None:
+            mode.finish()
+        drain_s = time.perf_counter() - t0
+        after = meter.stop()
+        step += k
+        pairs.append({"base": base, "after": after, "save_s": save_s, "drain_s": drain_s,
+                      "base_opt_s": base_opt, "opt_s": opt})
+    out: dict[str, Any] = {"pairs": pairs}
     if mode is not None and mode.mgr is not None:
         from shardckpt.engine import lazy
         from shardckpt.engine.save import last_profile
@@ -263,28 +281,29 @@ def gather(value: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-def per_save(mode: list[dict[str, Any]], base: list[dict[str, Any]]) -> dict[str, float]:
-    """One round of one mode against the same round's baseline: the worst rank's figures."""
-    figures: dict[str, list[float]] = {}
-    for m, b in zip(mode, base):
-        n = max(1, m["saves"])
-        typical = statistics.median(b["opt_s"])
-        row = {
-            "extra_loop_s": (m["loop_s"] - b["loop_s"]) / n,
-            "blocked_s": (sum(m["save_s"]) + sum(x - typical for x in m["opt_after_save_s"])) / n,
-            "in_save_s": sum(m["save_s"]) / n,
-            "next_step_extra_s": sum(x - typical for x in m["opt_after_save_s"]) / n,
-            "main_cpu_extra_s": (m["main_cpu_s"] - b["main_cpu_s"]) / n,
-            "main_runqueue_extra_s": (m["main_runqueue_s"] - b["main_runqueue_s"]) / n,
-            "proc_user_extra_s": (m["proc_user_s"] - b["proc_user_s"]) / n,
-            "proc_sys_extra_s": (m["proc_sys_s"] - b["proc_sys_s"]) / n,
-            "drain_s": m["drain_s"],
-        }
-        row["main_other_wait_extra_s"] = (row["extra_loop_s"] - row["main_cpu_extra_s"]
-                                          - row["main_runqueue_extra_s"])
-        for k, v in row.items():
-            figures.setdefault(k, []).append(v)
-    return {k: max(v) for k, v in figures.items()}
+BREAKDOWN = ("main_cpu_s", "main_runqueue_s", "main_other_wait_s", "proc_user_s", "proc_sys_s")
+
+
+def samples(rounds: list[list[dict[str, Any]]]) -> dict[str, list[float]]:
+    """One sample per save (every pair of every round): the worst rank's figures."""
+    out: dict[str, list[float]] = {}
+    for rnd in rounds:
+        for j in range(len(rnd[0]["pairs"])):
+            ranks = [r["pairs"][j] for r in rnd]
+            row = {
+                "extra_loop_s": max(p["after"]["wall_s"] - p["base"]["wall_s"] for p in ranks),
+                "blocked_s": max(p["save_s"] + p["opt_s"][0] - statistics.median(p["base_opt_s"])
+                                 for p in ranks),
+                "in_save_s": max(p["save_s"] for p in ranks),
+                "drain_s": max(p["drain_s"] for p in ranks),
+            }
+            row["next_step_extra_s"] = row["blocked_s"] - row["in_save_s"]
+            for key in BREAKDOWN:  # where the extra time went (rank mean)
+                row[key[:-2] + "_extra_s"] = statistics.mean(
+                    p["after"][key] - p["base"][key] for p in ranks)
+            for key, value in row.items():
+                out.setdefault(key, []).append(value)
+    return out
 
 
 # ----------------------------------------------------------------------------- main
@@ -374,11 +393,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def summarize(args: argparse.Namespace, trainer: Trainer, results: dict[str, list[Any]],
               device: torch.device) -> dict[str, Any]:
-    base = results["none"]
-    rounds = {m: [per_save(results[m][r], base[r]) for r in range(args.rounds)]
-              for m in results if m != "none"}
-    medians = {m: {k: statistics.median(r[k] for r in rs) for k in rs[0]}
-               for m, rs in rounds.items()}
+    per_mode = {m: samples(rounds) for m, rounds in results.items()}
+    medians = {m: {k: statistics.median(v) for k, v in rows.items()}
+               for m, rows in per_mode.items()}
+    base_step = statistics.median(p["base"]["wall_s"] / args.save_every
+                                  for rnd in results["none"] for r in rnd for p in r["pairs"])
     doc: dict[str, Any] = {
         "benchmark": "training-loop overhead (benchmarks/training_overhead.py)",
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -389,11 +408,10 @@ def summarize(args: argparse.Namespace, trainer: Trainer, results: dict[str, lis
                    "save_every": args.save_every, "saves_per_loop": args.saves,
                    "rounds": args.rounds, "modes": args.modes, "dir": args.dir,
                    "device": str(device)},
-        "baseline_loop_s": statistics.median(max(x["loop_s"] for x in r) for r in base),
-        "baseline_step_s": statistics.median(max(x["loop_s"] / x["steps"] for x in r)
-                                             for r in base),
+        "baseline_step_s": base_step,
         "per_save_median": medians,
-        "per_save_rounds": rounds,
+        "per_save_samples": per_mode,
+        "note": "none: no save between its windows; its figures are the noise floor",
     }
     dcps = [m for m in ("dcp_async", "dcp_zero_overhead") if m in medians]
     if "shardckpt" in medians and dcps:

@@ -22,6 +22,7 @@ from .engine.comm import make_comm
 from .engine.index import full_manifest
 from .engine.lazy import LazySnapshot
 from .engine.load import load_step
+from .engine.priority import lower_thread_priority
 from .engine.reader import CheckpointReader
 from .engine.save import SaveOptions, SaveRequest, save_step
 from .engine.snapshot import Snapshot, StagingPool
@@ -244,6 +245,7 @@ class CheckpointManager:
     def _run_save(self, req: SaveRequest, state: dict[str, Any], collected: Any,
                   tracker: SaveTracker | None = None) -> CheckpointInfo | None:
         opts = SaveOptions.from_knobs(self._codec)
+        lower_thread_priority(knobs.SAVE_NICE.get())  # and the threads this one starts
         try:
             if isinstance(collected, (Snapshot, LazySnapshot)):  # lazy: the copy runs here
                 try:
