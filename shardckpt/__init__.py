@@ -19,6 +19,7 @@ from .errors import (
     PruneLockedError,
     ShardckptError,
     StorageError,
+    TornSnapshotError,
     VerificationError,
 )
 from .version import __version__
@@ -81,6 +82,7 @@ __all__ = [
     "SaveHandle",
     "ShardckptError",
     "StorageError",
+    "TornSnapshotError",
     "VerificationError",
     "__version__",
     "consolidated_state_dict",

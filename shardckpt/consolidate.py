@@ -19,7 +19,7 @@ from .errors import CorruptCheckpointError
 from .format.dtypes import torch_dtype
 from .format.manifest import Manifest, TensorMeta
 from .planning import tree as T
-from .planning.statedict import rebuild
+from .planning.restore import rebuild
 from .storage import Location, step_dirname
 
 

@@ -42,6 +42,11 @@ class CollectiveError(ShardckptError):
         self.failures = dict(failures or {})
 
 
+class TornSnapshotError(ShardckptError):
+    """A lazy snapshot's tensor changed in place after ``save`` and before it was copied: the
+    save is not committed (a checkpoint never mixes two steps). Names the keys."""
+
+
 class LeaseError(ShardckptError):
     """A writer lease or the prune lock was lost (it lapsed, or another holder took it over)."""
 
@@ -62,6 +67,7 @@ __all__ = [
     "PruneLockedError",
     "ShardckptError",
     "StorageError",
+    "TornSnapshotError",
     "VerificationError",
 ]
 

@@ -20,7 +20,9 @@ from . import catalog, exit_wait, knobs
 from .catalog import find_manifest
 from .engine.comm import make_comm
 from .engine.index import full_manifest
+from .engine.lazy import LazySnapshot
 from .engine.load import load_step
+from .engine.priority import lower_thread_priority
 from .engine.reader import CheckpointReader
 from .engine.save import SaveOptions, SaveRequest, agree_on_state, save_step
 from .engine.snapshot import Snapshot, StagingPool
@@ -61,7 +63,8 @@ class CheckpointManager:
                  retention: RetentionPolicy | None = None, save_every: int | None = None,
                  async_save: bool = True, compression: str | None = None,
                  storage_options: Mapping[str, Mapping[str, Any]] | None = None,
-                 process_group: Any = None, *, config: Mapping[str, Any] | None = None,
+                 process_group: Any = None, *, snapshot: str = "lazy",
+                 config: Mapping[str, Any] | None = None,
                  data: Mapping[str, Any] | None = None, capture_rng: bool = True,
                  metrics_path: str | os.PathLike[str] | None = None,
                  callbacks: Iterable[Callable[[SaveEvent], Any]] | None = (),
@@ -79,6 +82,8 @@ class CheckpointManager:
             raise ValueError(f"save_every must be a positive int, got {save_every!r}")
         if retention is not None and not isinstance(retention, RetentionPolicy):
             raise TypeError("retention must be a shardckpt.RetentionPolicy")
+        if snapshot not in ("lazy", "eager"):
+            raise ValueError(f"snapshot must be 'lazy' or 'eager', got {snapshot!r}")
         metrics_path = check_metrics_path(metrics_path)
         save_callbacks = check_callbacks(callbacks)
         # file_mode: the exact mode of new local files (dirs: + x where r, rwx for the owner);
@@ -98,7 +103,9 @@ class CheckpointManager:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shardckpt-save")
         self._pending: list[SaveHandle] = []
         self._lock = threading.Lock()
-        self._staging = StagingPool()
+        # lazy: parameters and optimizer state are copied while training goes on, and optimizer
+        # steps wait for the copy (engine/lazy.py); eager: everything is copied inside save()
+        self._staging = StagingPool(lazy=snapshot == "lazy")
         self._plan_cache = PlanCache()
         self.capture_rng = capture_rng
         self._config, self._data = config, data
@@ -211,8 +218,9 @@ class CheckpointManager:
     def _run_save(self, req: SaveRequest, state: dict[str, Any], collected: Any,
                   tracker: SaveTracker | None = None) -> CheckpointInfo | None:
         opts = SaveOptions.from_knobs(self._codec)
+        lower_thread_priority(knobs.SAVE_NICE.get())  # and the threads this one starts
         try:
-            if isinstance(collected, Snapshot):
+            if isinstance(collected, (Snapshot, LazySnapshot)):  # lazy: the copy runs here
                 try:
                     collected = collected.ready()
                 except Exception as exc:  # reported to every rank by the protocol

@@ -1,7 +1,11 @@
 """A training job for the resume tests: dropout, a shuffled 2-worker DataLoader, AdamW, a
 scheduler, checkpointing with shardckpt. Runs under torchrun (FSDP2) or as one process.
 
-    repro_train.py --root R --steps N [--save-at K --die-after-save] --out OUT_PREFIX
+    repro_train.py --root R --steps N [--save-at K --die-after-save] [--mode M] --out OUT_PREFIX
+
+``--mode blocking`` saves with ``blocking=True``; ``eager`` and ``lazy`` save asynchronously with
+that snapshot mode, and training goes on for one more step (forward, backward, optimizer step)
+while the save runs before ``--die-after-save`` waits for its commit and kills the process.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, required=True)
     ap.add_argument("--save-at", type=int, default=0)
     ap.add_argument("--die-after-save", action="store_true")
+    ap.add_argument("--mode", choices=("blocking", "eager", "lazy"), default="blocking")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
@@ -74,7 +79,9 @@ def main() -> None:
     state = {"model": model, "optim": optim, "sched": sched, "data": position,
              "progress": progress}
     losses: dict[int, str] = {}
-    with shardckpt.CheckpointManager(args.root) as mgr:
+    snapshot = "eager" if args.mode == "eager" else "lazy"
+    pending = None
+    with shardckpt.CheckpointManager(args.root, snapshot=snapshot) as mgr:
         if mgr.latest_step() is not None:
             mgr.load(state)
         while progress["step"] < args.steps:
@@ -86,9 +93,13 @@ def main() -> None:
                 optim.zero_grad()
                 progress["step"] += 1
                 losses[progress["step"]] = loss.item().hex()
+                if pending is not None and args.die_after_save:
+                    pending.wait()  # committed, while this step ran alongside the save
+                    os.kill(os.getpid(), signal.SIGKILL)
                 if progress["step"] == args.save_at:
-                    mgr.save(progress["step"], state, blocking=True)
-                    if args.die_after_save:
+                    blocking = args.mode == "blocking"
+                    pending = mgr.save(progress["step"], state, blocking=blocking)
+                    if blocking and args.die_after_save:
                         os.kill(os.getpid(), signal.SIGKILL)
                 if progress["step"] >= args.steps:
                     break

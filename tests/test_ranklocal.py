@@ -36,7 +36,8 @@ from shardckpt.engine import stepdir as save_mod
 from shardckpt.format import manifest as M
 from shardckpt.planning import tree as T
 from shardckpt.planning.assign import LeafSpec, assign
-from shardckpt.planning.statedict import MISSING, LoadContext, collect, fill
+from shardckpt.planning.restore import LoadContext, fill
+from shardckpt.planning.statedict import MISSING, collect
 
 ENV = {"SHARDCKPT_COLLECTIVE_TIMEOUT": "30", "OMP_NUM_THREADS": "1",
        "SHARDCKPT_CHUNK_SIZE": "4K", "SHARDCKPT_LOCK_SETTLE_MS": "10"}

@@ -33,7 +33,7 @@ from torch.utils.data import (
 
 import shardckpt
 from shardckpt.planning import tree as T
-from shardckpt.planning.statedict import rebuild
+from shardckpt.planning.restore import rebuild
 from shardckpt.repro import (
     REDACTED,
     SamplerPosition,

@@ -1,5 +1,6 @@
-"""Resumed training is bit-identical to uninterrupted training (issue 7), and no secret from the
-environment reaches a checkpoint file."""
+"""Resumed training is bit-identical to uninterrupted training (issue 7), with blocking saves and
+with asynchronous saves in both snapshot modes (issue 17), and no secret from the environment
+reaches a checkpoint file."""
 
 from __future__ import annotations
 
@@ -36,17 +37,21 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().reshape(-1).view(torch.uint8)
 
 
+@pytest.mark.parametrize("mode", ["blocking", "eager", "lazy"])
 @pytest.mark.parametrize("nproc", [1, 2])
-def test_killed_and_resumed_run_is_bit_identical(tmp_path: Path, nproc: int) -> None:
-    straight = _run(nproc, "--root", str(tmp_path / "a"), "--steps", str(STEPS), "--out",
-                    str(tmp_path / "a_out"))
+def test_killed_and_resumed_run_is_bit_identical(tmp_path: Path, nproc: int, mode: str) -> None:
+    # the uninterrupted run saves too: an asynchronous save must not change training either
+    straight = _run(nproc, "--root", str(tmp_path / "a"), "--steps", str(STEPS), "--save-at",
+                    str(SAVE_AT), "--mode", mode, "--out", str(tmp_path / "a_out"))
     assert straight.returncode == 0, straight.stderr[-3000:]
+    # async modes: one more training step runs alongside the save before the kill
     killed = _run(nproc, "--root", str(tmp_path / "b"), "--steps", str(STEPS), "--save-at",
-                  str(SAVE_AT), "--die-after-save", "--out", str(tmp_path / "b_killed"))
+                  str(SAVE_AT), "--die-after-save", "--mode", mode, "--out",
+                  str(tmp_path / "b_killed"))
     assert killed.returncode != 0  # SIGKILLed right after the checkpoint committed
     assert (tmp_path / "b" / f"step-{SAVE_AT:010d}" / "manifest.json").exists()
-    resumed = _run(nproc, "--root", str(tmp_path / "b"), "--steps", str(STEPS), "--out",
-                   str(tmp_path / "b_out"))
+    resumed = _run(nproc, "--root", str(tmp_path / "b"), "--steps", str(STEPS), "--mode", mode,
+                   "--out", str(tmp_path / "b_out"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     for rank in range(nproc):
         a = json.loads((tmp_path / f"a_out.rank{rank}.json").read_text())

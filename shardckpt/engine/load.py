@@ -24,7 +24,8 @@ import torch
 from ..errors import CorruptCheckpointError
 from ..format.dtypes import torch_dtype
 from ..format.manifest import TensorMeta
-from ..planning.statedict import LoadContext, local_box, restore
+from ..planning.restore import LoadContext, restore
+from ..planning.statedict import local_box
 from .comm import Comm
 from .failures import gather_failures, raise_failures
 from .index import PieceIndex

@@ -1,11 +1,18 @@
 """Snapshots: copy a rank's tensor leaves into reusable host buffers so training may change its
-tensors the moment ``save`` returns.
+tensors the moment it is allowed to.
 
 Buffers are kept per leaf key between saves (a training state has the same keys and shapes at
 every save), so after the first save a snapshot is a plain memory copy into warm pages: no
 allocation, no page faults. Buffers for CUDA tensors are pinned and filled on a side stream that
-is ordered after the current stream's work; training's stream is then made to wait for the copy,
-so the host never blocks on it and training never overwrites a tensor before it was copied.
+is ordered after the current stream's work.
+
+* **Eager** (``snapshot="eager"``): every tensor is copied inside ``save``; for CUDA tensors the
+  training stream is then made to wait for the copy, so the host never blocks on it and
+  training never overwrites a tensor before it was copied.
+* **Lazy** (the default): parameters and optimizer state are copied after ``save`` returns,
+  while the next forward and backward run, and optimizer steps wait for the copy
+  (:mod:`.lazy`). The rest is copied inside ``save``: on CUDA as a device-side clone queued on
+  training's stream, which costs the host nothing.
 """
 
 from __future__ import annotations
@@ -17,12 +24,14 @@ from typing import Any
 import torch
 
 from ..planning.statedict import Collected, TensorLeaf
+from .lazy import CopyJob, CudaFence, LazySnapshot
 
 
 class StagingPool:
     """Host buffers reused across saves, keyed by leaf key, dtype and shape."""
 
-    def __init__(self) -> None:
+    def __init__(self, lazy: bool = False) -> None:
+        self.lazy = lazy
         self._buffers: dict[str, torch.Tensor] = {}
         self._lock = threading.Lock()
         self._streams: dict[torch.device, Any] = {}
@@ -39,12 +48,14 @@ class StagingPool:
             self._buffers[key] = buf
         return buf
 
-    def snapshot(self, collected: Collected) -> Snapshot:
-        """Copy every leaf into its buffer; aliases share their target's copy."""
+    def snapshot(self, collected: Collected) -> Snapshot | LazySnapshot:
+        """Stage every leaf into its buffer; aliases share their target's copy."""
         with self._lock:
             live = {leaf.key for leaf in collected.leaves if leaf.alias_of is None}
             for stale in set(self._buffers) - live:  # keys gone from the state: free them
                 del self._buffers[stale]
+            if self.lazy:
+                return self._lazy(collected)
             copies: dict[str, torch.Tensor] = {}
             leaves: list[TensorLeaf] = []
             events = []
@@ -59,14 +70,48 @@ class StagingPool:
                 else:
                     buf.copy_(src)
                 copies[leaf.key] = buf
-                leaves.append(replace(leaf, data=buf))
+                leaves.append(replace(leaf, data=buf, source=None))
             return Snapshot(Collected(collected.tree, leaves), [e for e in events if e])
 
-    def _copy_cuda(self, buf: torch.Tensor, src: torch.Tensor) -> Any:
-        device = src.device
+    def _lazy(self, collected: Collected) -> LazySnapshot:
+        """Copy the unguarded leaves now; queue the guarded ones (parameters, optimizer state)
+        as jobs for the background copy."""
+        copies: dict[str, torch.Tensor] = {}
+        leaves: list[TensorLeaf] = []
+        jobs: list[CopyJob] = []
+        streams: dict[torch.device, Any] = {}
+        for leaf in collected.leaves:
+            if leaf.alias_of is not None and leaf.alias_of in copies:
+                leaves.append(replace(leaf, data=copies[leaf.alias_of], source=None))
+                continue
+            src = leaf.data
+            buf = self._buffer(leaf.key, src)
+            kind = src.device.type
+            later = leaf.guarded and leaf.version is not None
+            if kind == "cuda":
+                streams.setdefault(src.device, self._stream(src.device))
+                if later:
+                    jobs.append(CopyJob(leaf.key, src, buf, leaf.source, leaf.version))
+                else:  # a private clone, queued on training's stream before anything later
+                    jobs.append(CopyJob(leaf.key, src.clone(), buf))
+            elif later and kind == "cpu":
+                jobs.append(CopyJob(leaf.key, src, buf, leaf.source, leaf.version))
+            else:
+                buf.copy_(src)
+            copies[leaf.key] = buf
+            leaves.append(replace(leaf, data=buf, source=None))
+        fence = CudaFence(streams) if streams else None
+        return LazySnapshot(Collected(collected.tree, leaves), jobs, fence=fence)
+
+    def _stream(self, device: torch.device) -> Any:
         stream = self._streams.get(device)
         if stream is None:
             stream = self._streams[device] = torch.cuda.Stream(device=device)
+        return stream
+
+    def _copy_cuda(self, buf: torch.Tensor, src: torch.Tensor) -> Any:
+        device = src.device
+        stream = self._stream(device)
         current = torch.cuda.current_stream(device)
         stream.wait_stream(current)  # the copy sees every write training queued before save
         with torch.cuda.stream(stream):

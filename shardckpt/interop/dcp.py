@@ -276,7 +276,7 @@ def export_dcp(source: StepSource, out: str, only: str | None,
     it back. Non-tensor values become DCP byte items (pickled by DCP, as DCP always does)."""
     import torch.distributed.checkpoint as dcp
 
-    from ..planning.statedict import rebuild
+    from ..planning.restore import rebuild
     from .source import ExportResult
 
     check_out_dir(out)

@@ -14,7 +14,7 @@ Each node is a small JSON list whose first element is a tag::
 
 Dicts are merged key by key into the union of every rank's keys, so a rank-specific key
 (``{f"dp_rank_{rank}": ...}``) is kept, under a ``P`` node naming the ranks that saved it.
-Values are rebuilt from nodes by :func:`shardckpt.planning.statedict.fill`.
+Values are rebuilt from nodes by :func:`shardckpt.planning.restore.fill`.
 
 Tensor keys are key paths joined with "/" (``~`` and ``/`` inside a key escaped as in RFC 6901),
 so ``state["model"]["layers.0.weight"]`` is stored as ``model/layers.0.weight``.
