@@ -63,7 +63,7 @@ class CheckpointManager:
                  retention: RetentionPolicy | None = None, save_every: int | None = None,
                  async_save: bool = True, compression: str | None = None,
                  storage_options: Mapping[str, Mapping[str, Any]] | None = None,
-                 process_group: Any = None, *, snapshot: str = "lazy",
+                 process_group: Any = None, *, snapshot: str = "eager",
                  config: Mapping[str, Any] | None = None,
                  data: Mapping[str, Any] | None = None, capture_rng: bool = True,
                  metrics_path: str | os.PathLike[str] | None = None,

@@ -44,7 +44,7 @@ def torn_on_one_rank(rank: int, world_size: int, root: str) -> dict[str, Any]:
     lazy.copy_cpu = gated
     model, optim = _sharded_model(0)
     state = {"model": model, "optim": optim}
-    mgr = shardckpt.CheckpointManager(root)
+    mgr = shardckpt.CheckpointManager(root, snapshot="lazy")
     handle = mgr.save(1, state)
     if rank == 1:
         with torch.no_grad():

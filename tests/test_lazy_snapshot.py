@@ -88,7 +88,7 @@ def test_save_returns_before_the_copy_and_commits_the_state_of_save(tmp_path: Pa
     gate = Gate(monkeypatch)
     model, optim = build()
     expected = values(model, optim)
-    with shardckpt.CheckpointManager(str(tmp_path)) as mgr:
+    with shardckpt.CheckpointManager(str(tmp_path), snapshot="lazy") as mgr:
         handle = mgr.save(1, {"model": model, "optim": optim})
         assert gate.log == [] and not handle.done()  # returned with nothing copied
         forward_backward(model)  # the next forward and backward overlap the copy
@@ -126,7 +126,7 @@ def test_optimizer_step_waits_for_the_copy(tmp_path: Path, monkeypatch, how: str
     optim.register_step_post_hook(lambda *_: order.append("stepped"))
     stepper = StepThrough(optim) if how == "wrapped" else optim
     state = {"model": model} if how == "not_in_state" else {"model": model, "optim": optim}
-    with shardckpt.CheckpointManager(str(tmp_path)) as mgr:
+    with shardckpt.CheckpointManager(str(tmp_path), snapshot="lazy") as mgr:
         handle = mgr.save(1, state)
         forward_backward(model)
         trainer = threading.Thread(target=stepper.step, name="trainer")
@@ -148,7 +148,7 @@ def test_an_unrelated_optimizer_steps_without_waiting(tmp_path: Path, monkeypatc
     gate = Gate(monkeypatch)
     model, optim = build()
     other, other_optim = build(seed=3)  # a second model trained alongside, not saved
-    with shardckpt.CheckpointManager(str(tmp_path)) as mgr:
+    with shardckpt.CheckpointManager(str(tmp_path), snapshot="lazy") as mgr:
         handle = mgr.save(1, {"model": model, "optim": optim})
         train_step(other, other_optim)  # would hang here, were it made to wait
         assert gate.log == [] and not handle.done()
@@ -176,7 +176,7 @@ def test_buffers_that_forward_updates_are_copied_inside_save(tmp_path: Path,
     gate = Gate(monkeypatch)
     model, optim = build(bn=True)
     expected = values(model, optim)
-    with shardckpt.CheckpointManager(str(tmp_path)) as mgr:
+    with shardckpt.CheckpointManager(str(tmp_path), snapshot="lazy") as mgr:
         handle = mgr.save(1, {"model": model, "optim": optim})
         forward_backward(model)  # BatchNorm updates its running stats in place
         assert not torch.equal(model[1].running_mean, expected["model/1.running_mean"])
@@ -193,7 +193,7 @@ def test_plain_and_inference_tensors_are_copied_inside_save(tmp_path: Path,
     with torch.inference_mode():
         frozen = torch.arange(5.0)
     plain = torch.ones(3)
-    with shardckpt.CheckpointManager(str(tmp_path)) as mgr:
+    with shardckpt.CheckpointManager(str(tmp_path), snapshot="lazy") as mgr:
         handle = mgr.save(1, {"model": model, "optim": optim, "plain": plain,
                               "frozen": frozen})
         plain.add_(1)  # no hook guards a plain tensor: it was copied before save() returned
@@ -234,7 +234,7 @@ def test_a_change_before_the_copy_fails_the_save_naming_the_key(tmp_path: Path, 
     ema = torch.optim.swa_utils.AveragedModel(
         model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(0.9))
     state = {"model": model, "optim": optim, "ema": ema}
-    with shardckpt.CheckpointManager(str(tmp_path)) as mgr:
+    with shardckpt.CheckpointManager(str(tmp_path), snapshot="lazy") as mgr:
         handle = mgr.save(1, state)
         key = _mutate(how, model, optim, ema)
         gate.open()
