@@ -95,6 +95,7 @@ def main() -> None:
                 print(f"step {progress['step']:3d}  loss {loss.item():.6f}", flush=True)
             if mgr.should_save(progress["step"]):
                 mgr.save(progress["step"], state, metrics={"loss": loss.item()})
+    mgr.close()  # collective: the last save commits before the process group goes away
     if rank == 0:
         print(f"done at step {progress['step']}; checkpoints: {mgr.steps()}", flush=True)
     if distributed:
