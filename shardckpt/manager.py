@@ -18,11 +18,11 @@ from typing import Any
 
 from . import __version__, catalog, knobs
 from .catalog import find_manifest
+from .engine.background import background_options
 from .engine.comm import make_comm
 from .engine.index import full_manifest
 from .engine.lazy import LazySnapshot
 from .engine.load import load_step
-from .engine.priority import lower_thread_priority
 from .engine.reader import CheckpointReader
 from .engine.save import SaveOptions, SaveRequest, save_step
 from .engine.snapshot import Snapshot, StagingPool
@@ -245,7 +245,8 @@ class CheckpointManager:
     def _run_save(self, req: SaveRequest, state: dict[str, Any], collected: Any,
                   tracker: SaveTracker | None = None) -> CheckpointInfo | None:
         opts = SaveOptions.from_knobs(self._codec)
-        lower_thread_priority(knobs.SAVE_NICE.get())  # and the threads this one starts
+        if collected is not None:  # async: training runs beside it (engine/background.py)
+            opts = background_options(opts)
         try:
             if isinstance(collected, (Snapshot, LazySnapshot)):  # lazy: the copy runs here
                 try:

@@ -420,3 +420,56 @@ def test_cuda_pool_clones_unguarded_tensors_on_the_training_stream(monkeypatch) 
     assert ("copy", "model/running_mean.clone", "async") in cuda.log
     running._version += 1  # the forward pass updating it: harmless, its clone is copied
     assert snap.done()
+
+
+# ------------------------------------------------------------------ background threads
+def _writers(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int, str]]:
+    """Records (thread id, nice value, what) for every shard write and chunk encoding."""
+    import os
+
+    from shardckpt.engine import pipeline
+    from shardckpt.storage import location
+
+    seen: list[tuple[int, int, str]] = []
+    real_write, real_encode = location._LocalSink.write, pipeline.encode_chunk
+
+    def me(what: str) -> None:
+        tid = threading.get_native_id()
+        seen.append((tid, os.getpriority(os.PRIO_PROCESS, tid), what))
+
+    def write(self: Any, data: Any) -> int:
+        if self.path.endswith(".shard"):
+            me("write")
+        return real_write(self, data)
+
+    def encode(codec: Any, raw: Any) -> Any:
+        me("encode")
+        return real_encode(codec, raw)
+
+    monkeypatch.setattr(location._LocalSink, "write", write)
+    monkeypatch.setattr(pipeline, "encode_chunk", encode)
+    return seen
+
+
+def test_background_saves_hash_and_write_on_one_low_priority_thread(tmp_path: Path,
+                                                                    monkeypatch) -> None:
+    import os
+
+    base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    monkeypatch.setenv("SHARDCKPT_FILES_PER_RANK", "2")
+    monkeypatch.setenv("SHARDCKPT_CHUNK_SIZE", "4K")  # several chunks per file
+    seen = _writers(monkeypatch)
+    state = {"a": torch.randn(4096), "b": torch.randn(4096)}
+    with shardckpt.CheckpointManager(str(tmp_path)) as mgr:
+        mgr.save(1, state).wait()
+        background = list(seen)
+        seen.clear()
+        mgr.save(2, state, blocking=True)
+        blocking = list(seen)
+    # background: one thread hashes (inline) and writes both files, at nice 10
+    assert {tid for tid, _, _ in background} == {background[0][0]}
+    assert {what for _, _, what in background} == {"write", "encode"}
+    assert {nice for _, nice, _ in background} == {max(base, 10)}
+    # blocking: the caller waits, so writers and encoders run in parallel at its priority
+    assert len({tid for tid, _, _ in blocking}) > 1
+    assert {nice for _, nice, _ in blocking} == {base}

@@ -51,6 +51,7 @@ class SaveOptions:
     io_threads: int
     encode_threads: int
     memory_budget: int
+    nice: int = 0  # of the encoder and writer threads (engine/background.py)
 
     @classmethod
     def from_knobs(cls, codec: Codec) -> SaveOptions:
@@ -334,7 +335,8 @@ def save_step(comm: LocalComm | GlooComm, locations: Sequence[Location], state: 
         clock.lap("plan")
         written = write_rank(targets, step_dir, todo, save_id=save_id, step=req.step,
                              rank=rank, config=config, nfiles=opts.files_per_rank,
-                             threads=opts.io_threads, encoders=opts.encode_threads)
+                             threads=opts.io_threads, encoders=opts.encode_threads,
+                             nice=opts.nice)
         report["files"] = [[w.record.name, w.record.nbytes, w.record.header_offset,
                             w.record.header_xxh3, w.stored_at] for w in written]
         report["loc_failures"] = {str(i): m for w in written for i, m in w.failures.items()}
