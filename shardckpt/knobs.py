@@ -62,13 +62,10 @@ CONNECT_ATTEMPTS = Knob("SHARDCKPT_CONNECT_ATTEMPTS", 2, 1,
 UNREACHABLE_TTL_S = Knob("SHARDCKPT_UNREACHABLE_TTL", 30, 0,
                          "seconds a location found unreachable is skipped before its next probe")
 
-BACKGROUND_THREADS = Knob("SHARDCKPT_BACKGROUND_THREADS", 1, 1,
-                          "writer threads of a background (async) save, hashing inline when 1; "
-                          "blocking saves use SHARDCKPT_IO_THREADS and SHARDCKPT_ENCODE_THREADS")
 SAVE_NICE = Knob("SHARDCKPT_SAVE_NICE", 10, 0,
-                 "nice value (0-19) of a background save's hashing and writing threads: higher "
-                 "leaves training more of the CPU (Linux); 0: the caller's priority")
+                 "nice value (0-19) of a background save's copy, hashing and writing threads: "
+                 "higher leaves training more of the CPU (Linux); 0: the caller's priority")
 
 ALL_KNOBS = (CHUNK_SIZE, IO_THREADS, FILES_PER_RANK, MEMORY_BUDGET, ENCODE_THREADS,
              COLLECTIVE_TIMEOUT_S, FSYNC, CONNECT_TIMEOUT_S, CONNECT_ATTEMPTS,
-             UNREACHABLE_TTL_S, BACKGROUND_THREADS, SAVE_NICE)
+             UNREACHABLE_TTL_S, SAVE_NICE)

@@ -156,12 +156,31 @@ def test_an_unrelated_optimizer_steps_without_waiting(tmp_path: Path, monkeypatc
         handle.wait()
 
 
-def test_a_step_with_no_save_thread_copies_itself(tmp_path: Path) -> None:
-    """A snapshot nobody runs (the save thread is late, or gone) never hangs training: the
-    step's hook takes every copy not yet started."""
+class Held:
+    """An executor whose work runs only when the test says so (a copy thread not scheduled)."""
+
+    def __init__(self) -> None:
+        self.work: list[Any] = []
+
+    def submit(self, fn: Any) -> None:
+        self.work.append(fn)
+
+    def run(self) -> None:
+        for fn in self.work:
+            fn()
+
+    def shutdown(self, wait: bool = True) -> None:
+        pass
+
+
+def test_a_step_copies_what_the_copy_thread_has_not_started(tmp_path: Path) -> None:
+    """A copy thread that is late (or gone) never holds training up for longer than the copy:
+    the step's hook takes every copy not yet started."""
     model, optim = build()
     expected = values(model, optim)
-    snap = StagingPool(lazy=True).snapshot(collect({"model": model, "optim": optim}))
+    pool = StagingPool(lazy=True)
+    pool._copier = Held()  # type: ignore[assignment]
+    snap = pool.snapshot(collect({"model": model, "optim": optim}))
     assert isinstance(snap, lazy.LazySnapshot) and snap in lazy.inflight()
     train_step(model, optim)
     assert snap.done() and lazy.inflight() == [] and snap.waited_s > 0
@@ -406,6 +425,7 @@ def test_cuda_copies_done_first_need_no_wait_at_the_step(monkeypatch) -> None:
 def test_cuda_pool_clones_unguarded_tensors_on_the_training_stream(monkeypatch) -> None:
     cuda = CudaLog(monkeypatch)
     pool = StagingPool(lazy=True)
+    pool._copier = held = Held()  # type: ignore[assignment]
     monkeypatch.setattr(pool, "_buffer", lambda key, src: cuda.buffer(key))
     param, running = cuda.tensor("model/w"), cuda.tensor("model/running_mean")
     leaves = [TensorLeaf("model/w", param, "float32", (2,), (0,), False, None, param, 0, True),
@@ -415,6 +435,7 @@ def test_cuda_pool_clones_unguarded_tensors_on_the_training_stream(monkeypatch) 
     assert isinstance(snap, lazy.LazySnapshot)
     # the buffer is cloned on training's stream inside save(), before the side stream is fenced
     assert cuda.log == [("clone", "model/running_mean"), ("wait_stream", "side", "train")]
+    held.run()  # the copy thread queues the copies
     snap.ready()
     assert ("copy", "model/w", "async") in cuda.log
     assert ("copy", "model/running_mean.clone", "async") in cuda.log
@@ -451,25 +472,54 @@ def _writers(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int, str]]:
     return seen
 
 
-def test_background_saves_hash_and_write_on_one_low_priority_thread(tmp_path: Path,
-                                                                    monkeypatch) -> None:
+def test_background_saves_hash_and_write_at_low_priority(tmp_path: Path, monkeypatch) -> None:
     import os
 
     base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
     monkeypatch.setenv("SHARDCKPT_FILES_PER_RANK", "2")
     monkeypatch.setenv("SHARDCKPT_CHUNK_SIZE", "4K")  # several chunks per file
     seen = _writers(monkeypatch)
-    state = {"a": torch.randn(4096), "b": torch.randn(4096)}
+    copier: list[int] = []
+    real_copy = lazy.copy_cpu
+
+    def copy(job: lazy.CopyJob) -> None:
+        tid = threading.get_native_id()
+        copier.append(os.getpriority(os.PRIO_PROCESS, tid))
+        real_copy(job)
+
+    monkeypatch.setattr(lazy, "copy_cpu", copy)
+    model, optim = build()
+    state = {"model": model, "optim": optim, "a": torch.randn(4096)}
     with shardckpt.CheckpointManager(str(tmp_path)) as mgr:
         mgr.save(1, state).wait()
         background = list(seen)
         seen.clear()
         mgr.save(2, state, blocking=True)
         blocking = list(seen)
-    # background: one thread hashes (inline) and writes both files, at nice 10
-    assert {tid for tid, _, _ in background} == {background[0][0]}
+    # background: the copy thread, the encoders and the writers run at nice 10
     assert {what for _, _, what in background} == {"write", "encode"}
     assert {nice for _, nice, _ in background} == {max(base, 10)}
-    # blocking: the caller waits, so writers and encoders run in parallel at its priority
-    assert len({tid for tid, _, _ in blocking}) > 1
+    assert copier and set(copier) == {max(base, 10)}
+    # blocking: training waits for it, so it keeps the caller's priority
+    assert {what for _, _, what in blocking} == {"write", "encode"}
     assert {nice for _, nice, _ in blocking} == {base}
+
+
+def test_thread_priority_is_never_raised() -> None:
+    import os
+
+    from shardckpt.engine.priority import lower_thread_priority
+
+    result: list[Any] = []
+
+    def body() -> None:
+        tid = threading.get_native_id()
+        first = lower_thread_priority(12)
+        second = lower_thread_priority(5)  # lower than the current value: left alone
+        result.extend([first, second, os.getpriority(os.PRIO_PROCESS, tid)])
+
+    t = threading.Thread(target=body)
+    t.start()
+    t.join()
+    base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    assert result == [max(base, 12)] * 3
