@@ -523,3 +523,15 @@ def test_thread_priority_is_never_raised() -> None:
     t.join()
     base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
     assert result == [max(base, 12)] * 3
+
+
+def test_first_save_before_any_optimizer_step(tmp_path: Path) -> None:
+    """Collecting an optimizer that has no state yet runs a zero step to create it (torch's
+    state_dict helpers do): that is part of save(), not a change to report."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    optim = torch.optim.AdamW(model.parameters(), lr=0.1)
+    with shardckpt.CheckpointManager(str(tmp_path)) as mgr:
+        mgr.save(1, {"model": model, "optim": optim}).wait()
+        expected = values(model, optim)
+        assert_equal(loaded(mgr, 1), expected)
