@@ -338,28 +338,29 @@ def profile_components(trainer: Trainer, args: argparse.Namespace, where: Path) 
 
 
 def profile_saves(modes: dict[str, Mode], args: argparse.Namespace) -> dict[str, Any]:
-    """Each mode's save with training stopped: wall and process CPU from the call to the
-    commit; for shardckpt, the save thread's CPU per phase and the lazy copy's."""
-    out: dict[str, Any] = {}
-    for name, mode in modes.items():
-        rows, phases = [], []
-        for i in range(args.profile_saves):
+    """Each mode's save with training stopped, the modes interleaved: wall and process CPU from
+    the call to the commit; for shardckpt, the save thread's CPU per phase and the copy's."""
+    rows: dict[str, list[dict[str, float]]] = {m: [] for m in modes}
+    phases: dict[str, list[dict[str, float]]] = {m: [] for m in modes}
+    for i in range(args.profile_saves):
+        names = list(modes)
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            mode = modes[name]
             dist.barrier()
             t = cpu_now()
-            mode.save(10_000_000 + 1000 * len(out) + i)
+            mode.save(10_000_000 + 1000 * names.index(name) + i)
             mode.finish()
-            rows.append(cpu_since(t))
+            rows[name].append(cpu_since(t))
             if mode.mgr is not None:
                 from shardckpt.engine import lazy
                 from shardckpt.engine.save import last_profile
 
-                phases.append({**{k: v for k, v in last_profile.items()
-                                  if k.endswith("_cpu") or k in ("plan", "write", "commit")},
-                               **{f"copy_{k}": v for k, v in lazy.last_stats.items()}})
-        if rows:
-            out[name] = {"per_save": median_of(rows[1:] or rows),
-                         "save_thread": median_of(phases[1:] or phases) if phases else None}
-    return out
+                phases[name].append({**{k: v for k, v in last_profile.items()
+                                        if k.endswith("_cpu") or k in ("plan", "write")},
+                                     **{f"copy_{k}": v for k, v in lazy.last_stats.items()}})
+    return {m: {"per_save": median_of(rows[m][1:] or rows[m]),
+                "save_thread": median_of(phases[m][1:] or phases[m]) if phases[m] else None}
+            for m in modes if rows[m]}
 
 
 def gather(value: dict[str, Any]) -> list[dict[str, Any]]:
