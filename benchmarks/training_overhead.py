@@ -287,7 +287,7 @@ def run_loop(mode: Mode | None, trainer: Trainer, args: argparse.Namespace,
         from shardckpt.engine.save import last_profile
 
         out["last_save_profile"] = dict(last_profile)
-        out["last_copy"] = dict(lazy.last_stats)
+        out["last_copy"] = dict(lazy.last_stats) if mode.mgr._staging.lazy else {}
     return out
 
 
@@ -355,9 +355,10 @@ def profile_saves(modes: dict[str, Mode], args: argparse.Namespace) -> dict[str,
                 from shardckpt.engine import lazy
                 from shardckpt.engine.save import last_profile
 
+                copy = lazy.last_stats if mode.mgr._staging.lazy else {}
                 phases[name].append({**{k: v for k, v in last_profile.items()
                                         if k.endswith("_cpu") or k in ("plan", "write")},
-                                     **{f"copy_{k}": v for k, v in lazy.last_stats.items()}})
+                                     **{f"copy_{k}": v for k, v in copy.items()}})
     return {m: {"per_save": median_of(rows[m][1:] or rows[m]),
                 "save_thread": median_of(phases[m][1:] or phases[m]) if phases[m] else None}
             for m in modes if rows[m]}
