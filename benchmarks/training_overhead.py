@@ -79,6 +79,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--state-mb", type=float, default=128.0, help="fp32 state per rank, 1e6 B")
     p.add_argument("--layers", type=int, default=8, help="Linear layers of the model")
     p.add_argument("--step-time", type=float, default=1.2, help="target seconds per step")
+    p.add_argument("--batch", type=int, default=None,
+                   help="batch rows per step instead of sizing it to --step-time (the step "
+                        "time then follows the machine's load; comparable across runs)")
     p.add_argument("--save-every", type=int, default=3, help="steps between saves")
     p.add_argument("--saves", type=int, default=4, help="saves per loop")
     p.add_argument("--rounds", type=int, default=3, help="timed rounds (medians over them)")
@@ -432,7 +435,11 @@ def main(argv: list[str] | None = None) -> int:
         base.mkdir(parents=True)
     dist.barrier()
     trainer = Trainer(args, device)
-    trainer.calibrate(args.step_time)
+    if args.batch is None:
+        trainer.calibrate(args.step_time)
+    else:
+        trainer.batch = args.batch
+        trainer.x = torch.randn(args.batch, trainer.width, device=device)
     log(f"{trainer.state_bytes / 1e6:.1f} MB of state per rank, width {trainer.width}, "
         f"batch {trainer.batch}; modes {args.modes}")
     modes = {m: Mode(m, str(base / m), trainer, dcp_group, args.variants.get(m))
