@@ -13,6 +13,8 @@ once per mode, in an order rotated by one per round:
 * ``none``: no checkpoints (the baseline);
 * ``shardckpt``: ``mgr.save(step, state)`` (lazy snapshots, the default);
 * ``shardckpt_eager``: the same with ``snapshot="eager"`` (only with ``--modes``);
+* ``shardckpt_NAME``: shardckpt with the environment of ``--variant NAME:KEY=VALUE,...`` set
+  during each of its saves (``SHARDCKPT_*`` knobs: threads, nice value, ...);
 * ``dcp_async``: ``get_state_dict`` + ``dcp.async_save`` on its own gloo group (thread mode);
 * ``dcp_zero_overhead``: ``dcp.async_save(..., async_stager=DefaultStager(StagingOptions(...)))``
   (one stager, reused), waiting on ``staging_completion`` before the next ``optimizer.step``.
@@ -62,8 +64,7 @@ from torch.distributed.fsdp import fully_shard
 import shardckpt
 
 REPO = Path(__file__).resolve().parent.parent
-MODES = ("none", "shardckpt", "shardckpt_eager", "shardckpt_nice", "dcp_async",
-         "dcp_zero_overhead")
+MODES = ("none", "shardckpt", "shardckpt_eager", "dcp_async", "dcp_zero_overhead")
 DEFAULT_MODES = ("none", "shardckpt", "dcp_async", "dcp_zero_overhead")
 RANK = int(os.environ.get("RANK", "0"))
 
@@ -78,6 +79,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--state-mb", type=float, default=128.0, help="fp32 state per rank, 1e6 B")
     p.add_argument("--layers", type=int, default=8, help="Linear layers of the model")
     p.add_argument("--step-time", type=float, default=1.2, help="target seconds per step")
+    p.add_argument("--batch", type=int, default=None,
+                   help="batch rows per step instead of sizing it to --step-time (the step "
+                        "time then follows the machine's load; comparable across runs)")
     p.add_argument("--save-every", type=int, default=3, help="steps between saves")
     p.add_argument("--saves", type=int, default=4, help="saves per loop")
     p.add_argument("--rounds", type=int, default=3, help="timed rounds (medians over them)")
@@ -85,10 +89,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dir", default="/work/bench_tmp", help="where checkpoints are written")
     p.add_argument("--out", default=None, help="also write the JSON here")
     p.add_argument("--plot", default=None, help="PNG: extra loop and blocked seconds per save")
+    p.add_argument("--profile-saves", type=int, default=4,
+                   help="at the end, saves per mode with training stopped, for the CPU profile "
+                        "(and the parts of a save measured alone); 0: none")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE,...",
+                   help="add mode shardckpt_NAME, saving with these environment variables set")
     args = p.parse_args(argv)
     args.modes = [m for m in args.modes.split(",") if m]
     if set(args.modes) - set(MODES) or "none" not in args.modes:
         p.error(f"--modes: a subset of {MODES} including none")
+    args.variants = {}
+    for v in args.variant:
+        name, _, spec = v.partition(":")
+        try:
+            env = dict(kv.split("=", 1) for kv in spec.split(",") if kv)
+        except ValueError:
+            p.error(f"--variant {v!r}: expected NAME:KEY=VALUE,...")
+        args.variants[f"shardckpt_{name}"] = env
+        args.modes.append(f"shardckpt_{name}")
     return args
 
 
@@ -176,8 +194,9 @@ class Mode:
     """One way of checkpointing: ``save`` (timed: blocked), ``before_optim`` (timed with the
     next optimizer step), ``finish`` (untimed: waits for the last save)."""
 
-    def __init__(self, name: str, root: str, trainer: Trainer, group: Any) -> None:
-        self.name, self.root, self.t = name, root, trainer
+    def __init__(self, name: str, root: str, trainer: Trainer, group: Any,
+                 env: dict[str, str] | None = None) -> None:
+        self.name, self.root, self.t, self.env = name, root, trainer, env or {}
         self.group = group
         self.pending: Any = None
         self.mgr: shardckpt.CheckpointManager | None = None
@@ -198,8 +217,7 @@ class Mode:
     def save(self, step: int) -> None:
         state = {"model": self.t.model, "optim": self.t.optim}
         if self.mgr is not None:
-            if self.name == "shardckpt_nice":  # read by the save thread when it starts a save
-                os.environ["SHARDCKPT_SAVE_NICE"] = os.environ.get("BENCH_NICE", "10")
+            os.environ.update(self.env)  # knobs are read by the save thread as the save starts
             self.pending = self.mgr.save(step, state)
             return
         if self.pending is not None:  # one save at a time, as mgr.save does
@@ -224,8 +242,9 @@ class Mode:
             self.mgr.wait()
         elif self.pending is not None:
             self.pending.result()
-        self.pending = None
-        os.environ.pop("SHARDCKPT_SAVE_NICE", None)
+        self.pending = self.staging = None
+        for key in self.env:
+            os.environ.pop(key, None)
 
     def close(self) -> None:
         self.finish()
@@ -271,8 +290,81 @@ def run_loop(mode: Mode | None, trainer: Trainer, args: argparse.Namespace,
         from shardckpt.engine.save import last_profile
 
         out["last_save_profile"] = dict(last_profile)
-        out["last_copy"] = dict(lazy.last_stats)
+        out["last_copy"] = dict(lazy.last_stats) if mode.mgr._staging.lazy else {}
     return out
+
+
+def cpu_now() -> tuple[float, float, float]:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return time.perf_counter(), usage.ru_utime, usage.ru_stime
+
+
+def cpu_since(t: tuple[float, float, float]) -> dict[str, float]:
+    now = cpu_now()
+    return {"wall_s": now[0] - t[0], "user_s": now[1] - t[1], "sys_s": now[2] - t[2]}
+
+
+def median_of(rows: list[dict[str, float]]) -> dict[str, float]:
+    return {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+
+
+def profile_components(trainer: Trainer, args: argparse.Namespace, where: Path) -> dict[str, Any]:
+    """The CPU cost of the parts of a save, on this rank's state bytes, with training stopped:
+    a memory copy, XXH3 over it, writing it into the page cache, and fsyncing it."""
+    import xxhash
+
+    src = torch.cat([t.detach().reshape(-1).view(torch.uint8).cpu() for t in trainer._locals()])
+    dst = torch.empty_like(src)
+    view = memoryview(dst.numpy())
+    chunk = 16 << 20
+    rows: dict[str, list[dict[str, float]]] = {}
+    for i in range(4):
+        t = cpu_now()
+        dst.copy_(src)
+        rows.setdefault("memcpy", []).append(cpu_since(t))
+        t = cpu_now()
+        for j in range(0, len(view), chunk):
+            xxhash.xxh3_64_intdigest(view[j:j + chunk])
+        rows.setdefault("xxh3", []).append(cpu_since(t))
+        path = where / f"component-{RANK}-{i}"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        t = cpu_now()
+        for j in range(0, len(view), chunk):
+            os.write(fd, view[j:j + chunk])
+        rows.setdefault("write_page_cache", []).append(cpu_since(t))
+        t = cpu_now()
+        os.fsync(fd)
+        rows.setdefault("fsync", []).append(cpu_since(t))
+        os.close(fd)
+        os.unlink(path)
+    return {k: median_of(v[1:]) for k, v in rows.items()}  # the first is a warm-up
+
+
+def profile_saves(modes: dict[str, Mode], args: argparse.Namespace) -> dict[str, Any]:
+    """Each mode's save with training stopped, the modes interleaved: wall and process CPU from
+    the call to the commit; for shardckpt, the save thread's CPU per phase and the copy's."""
+    rows: dict[str, list[dict[str, float]]] = {m: [] for m in modes}
+    phases: dict[str, list[dict[str, float]]] = {m: [] for m in modes}
+    for i in range(args.profile_saves):
+        names = list(modes)
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            mode = modes[name]
+            dist.barrier()
+            t = cpu_now()
+            mode.save(10_000_000 + 1000 * names.index(name) + i)
+            mode.finish()
+            rows[name].append(cpu_since(t))
+            if mode.mgr is not None:
+                from shardckpt.engine import lazy
+                from shardckpt.engine.save import last_profile
+
+                copy = lazy.last_stats if mode.mgr._staging.lazy else {}
+                phases[name].append({**{k: v for k, v in last_profile.items()
+                                        if k.endswith("_cpu") or k in ("plan", "write")},
+                                     **{f"copy_{k}": v for k, v in copy.items()}})
+    return {m: {"per_save": median_of(rows[m][1:] or rows[m]),
+                "save_thread": median_of(phases[m][1:] or phases[m]) if phases[m] else None}
+            for m in modes if rows[m]}
 
 
 def gather(value: dict[str, Any]) -> list[dict[str, Any]]:
@@ -343,10 +435,15 @@ def main(argv: list[str] | None = None) -> int:
         base.mkdir(parents=True)
     dist.barrier()
     trainer = Trainer(args, device)
-    trainer.calibrate(args.step_time)
+    if args.batch is None:
+        trainer.calibrate(args.step_time)
+    else:
+        trainer.batch = args.batch
+        trainer.x = torch.randn(args.batch, trainer.width, device=device)
     log(f"{trainer.state_bytes / 1e6:.1f} MB of state per rank, width {trainer.width}, "
         f"batch {trainer.batch}; modes {args.modes}")
-    modes = {m: Mode(m, str(base / m), trainer, dcp_group) for m in args.modes if m != "none"}
+    modes = {m: Mode(m, str(base / m), trainer, dcp_group, args.variants.get(m))
+             for m in args.modes if m != "none"}
     results: dict[str, list[Any]] = {m: [] for m in args.modes}
     loads, orders = [], []
     step = 0
@@ -367,10 +464,16 @@ def main(argv: list[str] | None = None) -> int:
                         shutil.rmtree(old, ignore_errors=True)
         if r >= 0:
             orders.append(order)
+    profile: dict[str, Any] = {}
+    if args.profile_saves > 0:
+        log("profile: saves and their parts with training stopped")
+        profile = {"saves": gather(profile_saves(modes, args)),
+                   "components": gather(profile_components(trainer, args, base))}
     for m in modes.values():
         m.close()
     if RANK == 0:
         doc = summarize(args, trainer, results, device)
+        doc["profile"] = profile
         doc["machine"] = {"cpu_count": os.cpu_count(), "loadavg_per_round": loads,
                           "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],
                           "torch": torch.__version__, "device": str(device),
@@ -406,7 +509,8 @@ def summarize(args: argparse.Namespace, trainer: Trainer, results: dict[str, lis
                    trainer.state_bytes, "layers": args.layers, "width": trainer.width,
                    "batch": trainer.batch, "step_time_target_s": args.step_time,
                    "save_every": args.save_every, "saves_per_loop": args.saves,
-                   "rounds": args.rounds, "modes": args.modes, "dir": args.dir,
+                   "rounds": args.rounds, "modes": args.modes, "variants": args.variants,
+                   "dir": args.dir,
                    "device": str(device)},
         "baseline_step_s": base_step,
         "per_save_median": medians,

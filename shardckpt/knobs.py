@@ -76,9 +76,9 @@ LOCK_SETTLE_MS = Knob("SHARDCKPT_LOCK_SETTLE_MS", 250, 0,
 EXIT_WAIT_S = Knob("SHARDCKPT_EXIT_WAIT_S", 600, 0,
                    "seconds the interpreter's exit waits for saves still in flight (no close())")
 
-SAVE_NICE = Knob("SHARDCKPT_SAVE_NICE", 0, 0,
-                 "nice value (0-19) of the background save threads: higher leaves training more "
-                 "of the CPU (Linux)")
+SAVE_NICE = Knob("SHARDCKPT_SAVE_NICE", 10, 0,
+                 "nice value (0-19) of a background save's copy, hashing and writing threads: "
+                 "higher leaves training more of the CPU (Linux); 0: the caller's priority")
 
 ALL_KNOBS = (CHUNK_SIZE, IO_THREADS, FILES_PER_RANK, MEMORY_BUDGET, ENCODE_THREADS,
              COLLECTIVE_TIMEOUT_S, FSYNC, CONNECT_TIMEOUT_S, CONNECT_ATTEMPTS,

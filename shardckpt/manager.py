@@ -18,11 +18,11 @@ from typing import Any
 
 from . import catalog, exit_wait, knobs
 from .catalog import find_manifest
+from .engine.background import background_options
 from .engine.comm import make_comm
 from .engine.index import full_manifest
 from .engine.lazy import LazySnapshot
 from .engine.load import load_step
-from .engine.priority import lower_thread_priority
 from .engine.reader import CheckpointReader
 from .engine.save import SaveOptions, SaveRequest, agree_on_state, save_step
 from .engine.snapshot import Snapshot, StagingPool
@@ -63,7 +63,7 @@ class CheckpointManager:
                  retention: RetentionPolicy | None = None, save_every: int | None = None,
                  async_save: bool = True, compression: str | None = None,
                  storage_options: Mapping[str, Mapping[str, Any]] | None = None,
-                 process_group: Any = None, *, snapshot: str = "eager",
+                 process_group: Any = None, *, snapshot: str = "lazy",
                  config: Mapping[str, Any] | None = None,
                  data: Mapping[str, Any] | None = None, capture_rng: bool = True,
                  metrics_path: str | os.PathLike[str] | None = None,
@@ -188,6 +188,8 @@ class CheckpointManager:
         try:
             agree_on_state(self._comm, step, error)  # raises on every rank if any rank failed
         except BaseException as exc:
+            if isinstance(staged, LazySnapshot):  # this rank's copy had begun: stop it
+                staged.cancel()
             tracker.failed(exc)
             tracker.returned()
             raise
@@ -218,7 +220,8 @@ class CheckpointManager:
     def _run_save(self, req: SaveRequest, state: dict[str, Any], collected: Any,
                   tracker: SaveTracker | None = None) -> CheckpointInfo | None:
         opts = SaveOptions.from_knobs(self._codec)
-        lower_thread_priority(knobs.SAVE_NICE.get())  # and the threads this one starts
+        if isinstance(collected, (Snapshot, LazySnapshot)):  # async: training runs beside it
+            opts = background_options(opts)  # (engine/background.py)
         try:
             if isinstance(collected, (Snapshot, LazySnapshot)):  # lazy: the copy runs here
                 try:

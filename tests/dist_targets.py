@@ -193,13 +193,18 @@ def failing_save(rank: int, world: int, root: str, async_save: bool) -> dict[str
     except shardckpt.ShardckptError as exc:
         error = f"{type(exc).__name__}: {exc}"
     obj.armed = False
+    from shardckpt.engine import lazy
+    inflight = len(lazy.inflight())  # a lazy copy begun on rank 0 was cancelled, not left armed
     steps = mgr.steps()
+    train_step(model, optim, _sched, 2, rank)
+    mgr.save(3, state).wait()  # a copy left armed by step 2 would tear or block this one
     before = full_state(model, optim)
     model2, optim2, _ = build(sharded=True, seed=9)
     loaded = mgr.load({"model": model2, "optim": optim2, "obj": Exploding(rank, 1)})
     mgr.close()
     problems = compare(before, full_state(model2, optim2))
     return {"error": error, "steps": steps, "loaded": loaded, "problems": problems,
+            "inflight": inflight,
             "dir_exists": os.path.exists(os.path.join(root, "step-0000000002", "manifest.json"))}
 
 

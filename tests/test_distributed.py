@@ -57,8 +57,9 @@ def test_rank_raising_in_state_dict_fails_every_rank(tmp_path, async_save: bool)
     for r in results:
         assert "rank 1" in r["error"] and "boom on rank 1" in r["error"], r["error"]
         assert r["steps"] == [1]
-        assert r["loaded"] == 1
+        assert r["loaded"] == 3
         assert r["problems"] == []
+        assert r["inflight"] == 0
         assert not r["dir_exists"]
 
 

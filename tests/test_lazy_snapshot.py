@@ -156,12 +156,31 @@ def test_an_unrelated_optimizer_steps_without_waiting(tmp_path: Path, monkeypatc
         handle.wait()
 
 
-def test_a_step_with_no_save_thread_copies_itself(tmp_path: Path) -> None:
-    """A snapshot nobody runs (the save thread is late, or gone) never hangs training: the
-    step's hook takes every copy not yet started."""
+class Held:
+    """An executor whose work runs only when the test says so (a copy thread not scheduled)."""
+
+    def __init__(self) -> None:
+        self.work: list[Any] = []
+
+    def submit(self, fn: Any) -> None:
+        self.work.append(fn)
+
+    def run(self) -> None:
+        for fn in self.work:
+            fn()
+
+    def shutdown(self, wait: bool = True) -> None:
+        pass
+
+
+def test_a_step_copies_what_the_copy_thread_has_not_started(tmp_path: Path) -> None:
+    """A copy thread that is late (or gone) never holds training up for longer than the copy:
+    the step's hook takes every copy not yet started."""
     model, optim = build()
     expected = values(model, optim)
-    snap = StagingPool(lazy=True).snapshot(collect({"model": model, "optim": optim}))
+    pool = StagingPool(lazy=True)
+    pool._copier = Held()  # type: ignore[assignment]
+    snap = pool.snapshot(collect({"model": model, "optim": optim}))
     assert isinstance(snap, lazy.LazySnapshot) and snap in lazy.inflight()
     train_step(model, optim)
     assert snap.done() and lazy.inflight() == [] and snap.waited_s > 0
@@ -260,6 +279,63 @@ def test_eager_mode_copies_everything_inside_save(tmp_path: Path, monkeypatch) -
         handle.wait()
         assert_equal(loaded(mgr, 1), expected)
     assert gate.log == []
+
+
+def test_lazy_is_the_default(tmp_path: Path, monkeypatch) -> None:
+    gate = Gate(monkeypatch)
+    model, optim = build()
+    with shardckpt.CheckpointManager(str(tmp_path)) as mgr:
+        handle = mgr.save(1, {"model": model, "optim": optim})
+        assert gate.log == [] and len(lazy.inflight()) == 1  # returned before the copy
+        gate.open()
+        handle.wait()
+
+
+def test_cancel_stops_the_copy_and_releases_optimizer_steps(monkeypatch) -> None:
+    gate = Gate(monkeypatch)
+    model, optim = build()
+    snap = StagingPool(lazy=True).snapshot(collect({"model": model, "optim": optim}))
+    assert isinstance(snap, lazy.LazySnapshot) and len(snap._jobs) > 2
+    started = snap._started
+
+    class OpensTheGate:  # cancel waits for the copy thread only after it has claimed every job
+        def result(self) -> Any:
+            gate.open()
+            return started.result()
+
+    snap._started = OpensTheGate()
+    snap.cancel()
+    assert len(gate.log) <= 1  # at most the copy already in progress when cancel came
+    assert snap.done() and lazy.inflight() == []
+    train_step(model, optim)  # no wait, no error: the snapshot is gone
+
+
+def test_a_save_refused_elsewhere_cancels_this_ranks_copy(tmp_path: Path, monkeypatch) -> None:
+    """Rank 0's state is fine and its lazy copy has begun when the agreement says another rank's
+    state is not: the copy is cancelled, so the next steps and saves are not held or torn."""
+    gate = Gate(monkeypatch)
+    model, optim = build()
+
+    def refused(comm: Any, step: int, error: Any) -> None:
+        assert len(lazy.inflight()) == 1  # this rank's copy has begun
+        gate.open()
+        raise shardckpt.CollectiveError("rank 1: boom", {1: "boom"})
+
+    with shardckpt.CheckpointManager(str(tmp_path)) as mgr:
+        monkeypatch.setattr(shardckpt.manager, "agree_on_state", refused)
+        with pytest.raises(shardckpt.CollectiveError, match="boom"):
+            mgr.save(1, {"model": model, "optim": optim})
+        assert lazy.inflight() == []
+        monkeypatch.undo()
+        gate = Gate(monkeypatch)
+        gate.open()
+        with torch.no_grad():
+            model[0].weight.mul_(2)  # would tear the refused save's copy, were it still armed
+        train_step(model, optim)
+        expected = values(model, optim)
+        mgr.save(2, {"model": model, "optim": optim}).wait()
+        assert mgr.steps() == [2]
+        assert_equal(loaded(mgr, 2), expected)
 
 
 def test_snapshot_mode_is_checked(tmp_path: Path) -> None:
@@ -406,6 +482,7 @@ def test_cuda_copies_done_first_need_no_wait_at_the_step(monkeypatch) -> None:
 def test_cuda_pool_clones_unguarded_tensors_on_the_training_stream(monkeypatch) -> None:
     cuda = CudaLog(monkeypatch)
     pool = StagingPool(lazy=True)
+    pool._copier = held = Held()  # type: ignore[assignment]
     monkeypatch.setattr(pool, "_buffer", lambda key, src: cuda.buffer(key))
     param, running = cuda.tensor("model/w"), cuda.tensor("model/running_mean")
     leaves = [TensorLeaf("model/w", param, "float32", (2,), (0,), False, None, param, 0, True),
@@ -415,8 +492,103 @@ def test_cuda_pool_clones_unguarded_tensors_on_the_training_stream(monkeypatch) 
     assert isinstance(snap, lazy.LazySnapshot)
     # the buffer is cloned on training's stream inside save(), before the side stream is fenced
     assert cuda.log == [("clone", "model/running_mean"), ("wait_stream", "side", "train")]
+    held.run()  # the copy thread queues the copies
     snap.ready()
     assert ("copy", "model/w", "async") in cuda.log
     assert ("copy", "model/running_mean.clone", "async") in cuda.log
     running._version += 1  # the forward pass updating it: harmless, its clone is copied
     assert snap.done()
+
+
+# ------------------------------------------------------------------ background threads
+def _writers(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int, str]]:
+    """Records (thread id, nice value, what) for every shard write and chunk encoding."""
+    import os
+
+    from shardckpt.engine import pipeline
+    from shardckpt.storage import location
+
+    seen: list[tuple[int, int, str]] = []
+    real_write, real_encode = location._LocalSink.write, pipeline.encode_chunk
+
+    def me(what: str) -> None:
+        tid = threading.get_native_id()
+        seen.append((tid, os.getpriority(os.PRIO_PROCESS, tid), what))
+
+    def write(self: Any, data: Any) -> int:
+        if self.path.endswith(".shard"):
+            me("write")
+        return real_write(self, data)
+
+    def encode(codec: Any, raw: Any) -> Any:
+        me("encode")
+        return real_encode(codec, raw)
+
+    monkeypatch.setattr(location._LocalSink, "write", write)
+    monkeypatch.setattr(pipeline, "encode_chunk", encode)
+    return seen
+
+
+def test_background_saves_hash_and_write_at_low_priority(tmp_path: Path, monkeypatch) -> None:
+    import os
+
+    base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    monkeypatch.setenv("SHARDCKPT_FILES_PER_RANK", "2")
+    monkeypatch.setenv("SHARDCKPT_CHUNK_SIZE", "4K")  # several chunks per file
+    seen = _writers(monkeypatch)
+    copier: list[int] = []
+    real_copy = lazy.copy_cpu
+
+    def copy(job: lazy.CopyJob) -> None:
+        tid = threading.get_native_id()
+        copier.append(os.getpriority(os.PRIO_PROCESS, tid))
+        real_copy(job)
+
+    monkeypatch.setattr(lazy, "copy_cpu", copy)
+    model, optim = build()
+    state = {"model": model, "optim": optim, "a": torch.randn(4096)}
+    with shardckpt.CheckpointManager(str(tmp_path)) as mgr:
+        mgr.save(1, state).wait()
+        background = list(seen)
+        seen.clear()
+        mgr.save(2, state, blocking=True)
+        blocking = list(seen)
+    # background: the copy thread, the encoders and the writers run at nice 10
+    assert {what for _, _, what in background} == {"write", "encode"}
+    assert {nice for _, nice, _ in background} == {max(base, 10)}
+    assert copier and set(copier) == {max(base, 10)}
+    # blocking: training waits for it, so it keeps the caller's priority
+    assert {what for _, _, what in blocking} == {"write", "encode"}
+    assert {nice for _, nice, _ in blocking} == {base}
+
+
+def test_thread_priority_is_never_raised() -> None:
+    import os
+
+    from shardckpt.engine.priority import lower_thread_priority
+
+    result: list[Any] = []
+
+    def body() -> None:
+        tid = threading.get_native_id()
+        first = lower_thread_priority(12)
+        second = lower_thread_priority(5)  # lower than the current value: left alone
+        result.extend([first, second, os.getpriority(os.PRIO_PROCESS, tid)])
+
+    t = threading.Thread(target=body)
+    t.start()
+    t.join()
+    base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    assert result == [max(base, 12)] * 3
+
+
+def test_first_save_before_any_optimizer_step(tmp_path: Path) -> None:
+    """Collecting an optimizer that has no state yet runs a zero step to create it (torch's
+    state_dict helpers do): that is part of save(), not a change to report."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    optim = torch.optim.AdamW(model.parameters(), lr=0.1)
+    with shardckpt.CheckpointManager(str(tmp_path)) as mgr:
+        mgr.save(1, {"model": model, "optim": optim}).wait()
+        expected = values(model, optim)
+        assert_equal(loaded(mgr, 1), expected)

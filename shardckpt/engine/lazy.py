@@ -1,8 +1,9 @@
 """Lazy snapshots: ``save`` returns before the state is copied; the copy overlaps training.
 
 A lazy snapshot copies a parameter or an optimizer state tensor (a *guarded* leaf: only an
-optimizer step changes it in place) after ``save`` has returned: on the save thread for CPU
-tensors, on a side stream for CUDA tensors. Everything else (buffers, which a forward pass may
+optimizer step changes it in place) after ``save`` has returned: on a copy thread for CPU
+tensors (at the background saves' lower priority: engine/background.py), on a side stream for
+CUDA tensors (queued by that thread). Everything else (buffers, which a forward pass may
 update in place, plain tensors, an object's state) is copied inside ``save``, as an eager snapshot
 does: it is small, or nothing could make its writer wait.
 
@@ -110,6 +111,9 @@ class LazySnapshot:
         self._torn: list[str] = []
         self._error: BaseException | None = None
         self.waited_s = 0.0  # seconds optimizer steps spent waiting for this snapshot
+        self.copy_cpu_s = 0.0  # CPU seconds of the copy thread
+        self._started: Any = None
+        self._t0, self._t_done = time.perf_counter(), 0.0
         # the storages this snapshot still has to read: an optimizer with no parameter in them
         # cannot tear it, and steps freely (say, a second model trained alongside)
         self._storages = {storage_ptr(j.src) for j in self._jobs if j.version is not None}
@@ -120,6 +124,17 @@ class LazySnapshot:
             register(self)
 
     # ----------------------------------------------------------------------------- the copy
+    def start(self, executor: Any) -> None:
+        """Run the copy on ``executor``'s thread (``ready`` and the step hook then wait for it,
+        or take over what it has not started)."""
+        if not self._done.is_set():
+            self._started = executor.submit(self._copy_thread)
+
+    def _copy_thread(self) -> None:
+        cpu0 = time.thread_time()
+        self._work()
+        self.copy_cpu_s += time.thread_time() - cpu0
+
     def _work(self) -> None:
         """Copy (CPU) or queue (CUDA) every job nobody has taken yet; any thread may call it."""
         jobs, n = self._jobs, len(self._jobs)
@@ -151,6 +166,7 @@ class LazySnapshot:
 
     def _finish(self) -> None:
         """Every job is copied (CPU) or queued (CUDA): mark the end of the copies."""
+        self._t_done = time.perf_counter()
         if self._fence is not None:
             try:
                 self._fence.record()
@@ -206,11 +222,13 @@ class LazySnapshot:
     def ready(self) -> Collected:
         """Copy what is left (the save thread), wait until every copy has landed, and return the
         staged state; :class:`TornSnapshotError` if a guarded tensor changed before its copy."""
-        t0, cpu0 = time.perf_counter(), time.thread_time()
-        self._work()
+        cpu0 = time.thread_time()
+        if self._started is None:  # no copy thread: this one copies
+            self._work()
         self._done.wait()
-        last_stats.update(copy_s=time.perf_counter() - t0, copy_cpu_s=time.thread_time() - cpu0,
-                          jobs=len(self._jobs), waited_s=self.waited_s)
+        last_stats.update(copy_s=self._t_done - self._t0, jobs=len(self._jobs),
+                          copy_cpu_s=self.copy_cpu_s + time.thread_time() - cpu0,
+                          waited_s=self.waited_s)
         error = self._error
         if self._fence is not None:
             try:
@@ -234,10 +252,30 @@ class LazySnapshot:
     def done(self) -> bool:
         return self._done.is_set() and self._closed
 
+    def cancel(self) -> None:
+        """Abandon this snapshot (its save was refused before it began): no copy starts after
+        this, the copy in progress ends before this returns (its buffers are reused by the next
+        save), and no optimizer step waits for it any more."""
+        with self._lock:
+            self._next = len(self._jobs)
+        if self._started is not None:
+            try:
+                self._started.result()
+            except BaseException:  # a failed copy of an abandoned snapshot matters to no one
+                pass
+        if self._fence is not None:
+            try:
+                self._fence.synchronize()
+            except BaseException:
+                pass
+        self._close()
+        self._done.set()
+
 
 last_stats: dict[str, float] = {}
-"""The last lazy snapshot of this process, seen from the save thread (for benchmarks): seconds
-and thread CPU seconds it spent copying, jobs, seconds optimizer steps had waited by then."""
+"""The last lazy snapshot of this process (for benchmarks): seconds from ``save`` to the end of
+its copies, CPU seconds of the copy and save threads on it, jobs, seconds optimizer steps had
+waited by the time the save thread had it."""
 
 
 # --------------------------------------------------------------------------- the step hook

@@ -1,9 +1,5 @@
-"""CPU priority of the background save work.
-
-On Linux a thread has its own nice value, and threads it starts inherit it, so lowering the save
-thread's priority also lowers that of the encoder, writer and replica threads it starts. The
-scheduler then gives training's threads the CPU first and the save work what is left.
-"""
+"""Thread priority on Linux, where a thread has its own nice value and threads it starts
+inherit it."""
 
 from __future__ import annotations
 
@@ -14,8 +10,8 @@ import threading
 
 def lower_thread_priority(nice: int) -> int | None:
     """Set the calling thread's nice value to ``nice`` if that lowers its priority (never raises
-    it: that needs privileges, and never happens behind the user's back). Returns the value in
-    effect, or None where threads have no nice value of their own (not Linux)."""
+    it: that needs privileges). Returns the value in effect, or None where threads have no nice
+    value of their own (not Linux) or it cannot be read."""
     if sys.platform != "linux" or not hasattr(os, "setpriority"):
         return None
     tid = threading.get_native_id()

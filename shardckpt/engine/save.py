@@ -55,6 +55,7 @@ class SaveOptions:
     io_threads: int
     encode_threads: int
     memory_budget: int
+    nice: int = 0  # of the encoder and writer threads (engine/background.py)
 
     @classmethod
     def from_knobs(cls, codec: Codec) -> SaveOptions:
@@ -218,7 +219,7 @@ class _SaveRun:
             written = write_rank(targets, self.step_dir, todo, save_id=assignment.save_id,
                                  step=self.req.step, rank=rank, config=config,
                                  nfiles=opts.files_per_rank, threads=opts.io_threads,
-                                 encoders=opts.encode_threads)
+                                 encoders=opts.encode_threads, nice=opts.nice)
             report = WriteReport(None, tuple(
                 FileEntry(w.record.name, w.record.nbytes, w.record.header_offset,
                           w.record.header_xxh3, tuple(w.stored_at)) for w in written),

@@ -10,21 +10,24 @@ is ordered after the current stream's work.
   training stream is then made to wait for the copy, so the host never blocks on it and
   training never overwrites a tensor before it was copied.
 * **Lazy** (the default): parameters and optimizer state are copied after ``save`` returns,
-  while the next forward and backward run, and optimizer steps wait for the copy
-  (:mod:`.lazy`). The rest is copied inside ``save``: on CUDA as a device-side clone queued on
+  on a copy thread, while the next forward and backward run, and optimizer steps wait for the
+  copy (:mod:`.lazy`). The rest is copied inside ``save``: on CUDA as a device-side clone queued on
   training's stream, which costs the host nothing.
 """
 
 from __future__ import annotations
 
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
 
 import torch
 
+from .. import knobs
 from ..planning.statedict import Collected, TensorLeaf
 from .lazy import CopyJob, CudaFence, LazySnapshot
+from .priority import lower_thread_priority
 
 
 class StagingPool:
@@ -35,6 +38,7 @@ class StagingPool:
         self._buffers: dict[str, torch.Tensor] = {}
         self._lock = threading.Lock()
         self._streams: dict[torch.device, Any] = {}
+        self._copier: ThreadPoolExecutor | None = None  # runs lazy copies
 
     @property
     def nbytes(self) -> int:
@@ -101,7 +105,13 @@ class StagingPool:
             copies[leaf.key] = buf
             leaves.append(replace(leaf, data=buf, source=None))
         fence = CudaFence(streams) if streams else None
-        return LazySnapshot(Collected(collected.tree, leaves), jobs, fence=fence)
+        snap = LazySnapshot(Collected(collected.tree, leaves), jobs, fence=fence)
+        if self._copier is None:  # at the background saves' priority: training goes first
+            self._copier = ThreadPoolExecutor(1, thread_name_prefix="shardckpt-copy",
+                                              initializer=lower_thread_priority,
+                                              initargs=(knobs.SAVE_NICE.get(),))
+        snap.start(self._copier)
+        return snap
 
     def _stream(self, device: torch.device) -> Any:
         stream = self._streams.get(device)
@@ -126,6 +136,9 @@ class StagingPool:
         with self._lock:
             self._buffers.clear()
             self._streams.clear()
+            if self._copier is not None:
+                self._copier.shutdown(wait=True)
+                self._copier = None
 
 
 class Snapshot:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import xxhash
@@ -14,6 +15,7 @@ from ..format.shard import FileRecord, Piece, ShardWriter, split_chunks
 from ..storage import Location
 from ..storage.replicas import open_tee
 from .pipeline import EncodePipeline, PipelineConfig
+from .priority import lower_thread_priority
 from .tensorbytes import byte_view
 
 
@@ -111,13 +113,16 @@ def shard_name(rank: int, index: int, spread: bool) -> str:
 def write_rank(locations: Sequence[tuple[int, Location]], step_dir: str,
                pieces: Sequence[PieceData], *, save_id: str, step: int, rank: int,
                config: PipelineConfig, nfiles: int, threads: int,
-               encoders: int) -> list[WrittenFile]:
-    """Write this rank's pieces to ``nfiles`` shard files concurrently, at every location."""
+               encoders: int, nice: int = 0) -> list[WrittenFile]:
+    """Write this rank's pieces to ``nfiles`` shard files concurrently, at every location;
+    ``nice`` > 0 lowers the priority of the threads that do it (and of those they start)."""
     groups = split_files(pieces, nfiles)
     spread = not all(loc.is_local for _, loc in locations)
     names = [shard_name(rank, i, spread) for i in range(len(groups))]
-    with ThreadPoolExecutor(max_workers=max(1, encoders)) as encode_pool, \
-            ThreadPoolExecutor(max_workers=max(1, min(threads, len(groups) or 1))) as pool:
+    init: dict[str, Any] = {"initializer": lower_thread_priority, "initargs": (nice,)} \
+        if nice > 0 else {}
+    with ThreadPoolExecutor(max_workers=max(1, encoders), **init) as encode_pool, \
+            ThreadPoolExecutor(max_workers=max(1, min(threads, len(groups) or 1)), **init) as pool:
         pipeline = EncodePipeline(config, encode_pool if encoders > 0 else None)
         futures = [pool.submit(write_file, locations, step_dir, n, g, pipeline,
                                save_id=save_id, step=step, rank=rank)

@@ -187,16 +187,21 @@ def collect(state: dict[str, Any]) -> Collected:
             alias = seen.setdefault(ident, path)
             alias = None if alias == path else alias
             guarded = within == "O" or (within == "M" and ptr not in buffers)
-        try:
-            version: int | None = value._version
-        except RuntimeError:  # an inference tensor tracks no version: copied eagerly
-            version, guarded = None, False
         leaves.append(TensorLeaf(path, local.detach(), name, shape, offsets, sharded, alias,
-                                 value, version, guarded))
+                                 value, None, guarded))
         return path
 
     with torch.no_grad():
-        return Collected(T.encode(state, "", on_leaf), leaves)
+        tree = T.encode(state, "", on_leaf)
+    # Version counters are read once everything is collected: collecting an optimizer without
+    # state runs a zero step that creates it (torch's state_dict helpers do), after its model's
+    # tensors were met. The snapshot is of the state as collect() leaves it.
+    for leaf in leaves:
+        try:
+            leaf.version = leaf.source._version  # type: ignore[union-attr]
+        except RuntimeError:  # an inference tensor tracks no version: copied eagerly
+            leaf.guarded = False
+    return Collected(tree, leaves)
 
 
 def _storage_ptr(t: torch.Tensor) -> int:
