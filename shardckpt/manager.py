@@ -26,10 +26,7 @@ from .engine.load import load_step
 from .engine.reader import CheckpointReader
 from .engine.save import SaveOptions, SaveRequest, agree_on_state, save_step
 from .engine.snapshot import Snapshot, StagingPool
-from .errors import (
-    IncompleteCheckpointError,
-    ShardckptError,
-)
+from .errors import IncompleteCheckpointError, ShardckptError
 from .format import manifest as M
 from .format.manifest import RESERVED_PREFIX
 from .format.shard import Codec
