@@ -287,9 +287,8 @@ def run_loop(mode: Mode | None, trainer: Trainer, args: argparse.Namespace,
     out: dict[str, Any] = {"pairs": pairs}
     if mode is not None and mode.mgr is not None:
         from shardckpt.engine import lazy
-        from shardckpt.engine.save import last_profile
 
-        out["last_save_profile"] = dict(last_profile)
+        out["last_save_profile"] = dict(mode.mgr.last_save_profile)
         out["last_copy"] = dict(lazy.last_stats) if mode.mgr._staging.lazy else {}
     return out
 
@@ -356,10 +355,9 @@ def profile_saves(modes: dict[str, Mode], args: argparse.Namespace) -> dict[str,
             rows[name].append(cpu_since(t))
             if mode.mgr is not None:
                 from shardckpt.engine import lazy
-                from shardckpt.engine.save import last_profile
 
                 copy = lazy.last_stats if mode.mgr._staging.lazy else {}
-                phases[name].append({**{k: v for k, v in last_profile.items()
+                phases[name].append({**{k: v for k, v in mode.mgr.last_save_profile.items()
                                         if k.endswith("_cpu") or k in ("plan", "write")},
                                      **{f"copy_{k}": v for k, v in copy.items()}})
     return {m: {"per_save": median_of(rows[m][1:] or rows[m]),
