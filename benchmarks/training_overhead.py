@@ -199,20 +199,25 @@ class Mode:
         self.name, self.root, self.t, self.env = name, root, trainer, env or {}
         self.group = group
         self.pending: Any = None
+        self.saved = False
         self.mgr: shardckpt.CheckpointManager | None = None
         self.stager: Any = None
         if name.startswith("shardckpt"):
             snapshot = "eager" if name == "shardckpt_eager" else "lazy"
             self.mgr = shardckpt.CheckpointManager(root, snapshot=snapshot, capture_rng=False)
+        # torch 2.11's DefaultStager cannot stage twice (pytorch/pytorch#183413: KeyError
+        # <class 'type'>), so there a stager is made per save; elsewhere one is reused
+        self.stager_per_save = torch.__version__.startswith("2.11")
         if name == "dcp_zero_overhead":
-            from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
-
-            cuda = trainer.device.type == "cuda"
-            self.stager = DefaultStager(StagingOptions(use_pinned_memory=cuda,
-                                                       use_shared_memory=False,
-                                                       use_async_staging=True,
-                                                       use_non_blocking_copy=cuda))
+            self.stager = self.new_stager()
         self.staging: Any = None
+
+    def new_stager(self) -> Any:
+        from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+        cuda = self.t.device.type == "cuda"
+        return DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False,
+                                            use_async_staging=True, use_non_blocking_copy=cuda))
 
     def save(self, step: int) -> None:
         state = {"model": self.t.model, "optim": self.t.optim}
@@ -222,6 +227,10 @@ class Mode:
             return
         if self.pending is not None:  # one save at a time, as mgr.save does
             self.pending.result()
+        if self.stager is not None and self.stager_per_save and self.saved:
+            self.stager.close()
+            self.stager = self.new_stager()
+        self.saved = True
         msd, osd = get_state_dict(self.t.model, self.t.optim)
         path = f"{self.root}/step-{step:06d}"
         if self.stager is None:
@@ -477,6 +486,7 @@ def main(argv: list[str] | None = None) -> int:
                           "torch": torch.__version__, "device": str(device),
                           "gpu": torch.cuda.get_device_name() if cuda else None}
         doc["order_per_round"] = orders
+        doc["dcp_stager_per_save"] = torch.__version__.startswith("2.11")  # see Mode
         text = json.dumps(doc, indent=2)
         if args.out:
             Path(args.out).write_text(text + "\n")

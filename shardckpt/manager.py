@@ -175,9 +175,7 @@ class CheckpointManager:
                 state[RNG_KEY] = rng
             # Flattening checks every value (type, key path): a blocking save writes straight
             # from the live tensors, an async one from a snapshot of them.
-            staged = collect(state)
-            if not blocking:
-                staged = self._staging.snapshot(staged)
+            staged = self._staging.stage(collect(state), blocking)
         except Exception as exc:
             error = exc
         req = SaveRequest(step, metrics, tags, extra)
@@ -192,7 +190,7 @@ class CheckpointManager:
             raise
         tracker.submitted()
         try:
-            future = self._pool.submit(self._run_save, req, state, staged, tracker)
+            future = self._pool.submit(self._run_save, req, state, staged, tracker, not blocking)
             handle = SaveHandle(step, future)
             with self._lock:
                 self._pending.append(handle)
@@ -215,10 +213,11 @@ class CheckpointManager:
         return self._provenance
 
     def _run_save(self, req: SaveRequest, state: dict[str, Any], collected: Any,
-                  tracker: SaveTracker | None = None) -> CheckpointInfo | None:
+                  tracker: SaveTracker | None = None, background: bool = False
+                  ) -> CheckpointInfo | None:
         opts = SaveOptions.from_knobs(self._codec)
-        if isinstance(collected, (Snapshot, LazySnapshot)):  # async: training runs beside it
-            opts = background_options(opts)  # (engine/background.py)
+        if background:  # async: training runs beside it (engine/background.py)
+            opts = background_options(opts)
         try:
             if isinstance(collected, (Snapshot, LazySnapshot)):  # lazy: the copy runs here
                 try:

@@ -338,6 +338,15 @@ def test_a_save_refused_elsewhere_cancels_this_ranks_copy(tmp_path: Path, monkey
         assert_equal(loaded(mgr, 2), expected)
 
 
+def test_blocking_saves_of_cpu_tensors_write_from_the_live_tensors() -> None:
+    model, optim = build()
+    collected = collect({"model": model, "optim": optim})
+    pool = StagingPool(lazy=False)
+    assert pool.stage(collected, blocking=True) is collected  # no copy: nothing runs beside it
+    staged = pool.stage(collected, blocking=False)
+    assert staged is not collected and pool.nbytes > 0
+
+
 def test_snapshot_mode_is_checked(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="snapshot"):
         shardckpt.CheckpointManager(str(tmp_path), snapshot="later")

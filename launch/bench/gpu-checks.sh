@@ -35,14 +35,14 @@ part() {  # part NAME SECONDS COMMAND...: run one part, its stderr into the log
 }
 
 { nvidia-smi -L; "$PY" -c 'import torch; print("torch", torch.__version__)'; } >>"$LOG" 2>&1
-part cuda_check "${CUDA_CHECK_S:-120}" "$PY" benchmarks/cuda_check.py \
+part cuda_check "${CUDA_CHECK_S:-100}" "$PY" benchmarks/cuda_check.py \
   --dir "$CKPT/check" --out "$RESULTS/cuda_check.json"
-part training_overhead "${OVERHEAD_S:-260}" $TORCHRUN --standalone \
+part training_overhead "${OVERHEAD_S:-240}" $TORCHRUN --standalone \
   --nproc-per-node "$NPROC" benchmarks/training_overhead.py --state-mb 1000 \
-  --step-time 0.1 --save-every 20 --saves 3 --rounds 2 --profile-saves 2 \
+  --step-time 0.1 --save-every 20 --saves 2 --rounds 2 --profile-saves 2 \
   --dir "$CKPT/overhead" --out "$RESULTS/training_overhead.json" \
   --plot "$RESULTS/training_overhead.png"
-part throughput "${THROUGHPUT_S:-170}" bash launch/bench/gpu-benchmark.sh \
+part throughput "${THROUGHPUT_S:-160}" bash launch/bench/gpu-benchmark.sh \
   --results "$RESULTS/throughput" --dir "$CKPT/throughput" --reps 2
 rm -f "$RESULTS/throughput/bench.log"  # its lines are in the log above as well
 rm -rf "$CKPT"

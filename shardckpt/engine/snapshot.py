@@ -52,6 +52,14 @@ class StagingPool:
             self._buffers[key] = buf
         return buf
 
+    def stage(self, collected: Collected, blocking: bool) -> Collected | Snapshot | LazySnapshot:
+        """What a save writes from: a snapshot for an async save; for a blocking one the live
+        tensors, unless some are on a GPU: those go through the pinned buffers and the side
+        stream too (one D2H pass at full speed instead of a pageable copy per piece)."""
+        if blocking and all(leaf.data.device.type != "cuda" for leaf in collected.leaves):
+            return collected
+        return self.snapshot(collected)
+
     def snapshot(self, collected: Collected) -> Snapshot | LazySnapshot:
         """Stage every leaf into its buffer; aliases share their target's copy."""
         with self._lock:
