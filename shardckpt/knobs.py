@@ -53,6 +53,9 @@ COLLECTIVE_TIMEOUT_S = Knob(
     "SHARDCKPT_COLLECTIVE_TIMEOUT", 600, 1, "seconds a save/load collective may wait for peers"
 )
 FSYNC = Knob("SHARDCKPT_FSYNC", 1, 0, "1: fsync files and directories before commit; 0: skip")
+DIRECT_IO = Knob("SHARDCKPT_DIRECT_IO", 1, 0,
+                 "1: large aligned writes to local files bypass the page cache (O_DIRECT, where "
+                 "the filesystem has it); 0: every write buffered")
 CONNECT_TIMEOUT_S = Knob(
     "SHARDCKPT_CONNECT_TIMEOUT", 3, 1,
     "seconds a remote location has to answer a reachability probe (and to connect, on S3)")
@@ -81,7 +84,7 @@ SAVE_NICE = Knob("SHARDCKPT_SAVE_NICE", 10, 0,
                  "higher leaves training more of the CPU (Linux); 0: the caller's priority")
 
 ALL_KNOBS = (CHUNK_SIZE, IO_THREADS, FILES_PER_RANK, MEMORY_BUDGET, ENCODE_THREADS,
-             COLLECTIVE_TIMEOUT_S, FSYNC, CONNECT_TIMEOUT_S, CONNECT_ATTEMPTS,
+             COLLECTIVE_TIMEOUT_S, FSYNC, DIRECT_IO, CONNECT_TIMEOUT_S, CONNECT_ATTEMPTS,
              UNREACHABLE_TTL_S, STORAGE_ATTEMPTS, STORAGE_RETRY_SECONDS, S3_BLOCK_SIZE,
              LEASE_TTL_S, PRUNE_LOCK_TTL_S, LOCK_SETTLE_MS, EXIT_WAIT_S,
              SAVE_NICE)

@@ -4,7 +4,9 @@ tensors the moment it is allowed to.
 Buffers are kept per leaf key between saves (a training state has the same keys and shapes at
 every save), so after the first save a snapshot is a plain memory copy into warm pages: no
 allocation, no page faults. Buffers for CUDA tensors are pinned and filled on a side stream that
-is ordered after the current stream's work.
+is ordered after the current stream's work. Large CPU buffers are page-aligned (anonymous
+``mmap``) so that the writer can hand them to the disk without the page cache
+(storage/direct.py); pinned buffers already are.
 
 * **Eager** (``snapshot="eager"``): every tensor is copied inside ``save``; for CUDA tensors the
   training stream is then made to wait for the copy, so the host never blocks on it and
@@ -17,6 +19,7 @@ is ordered after the current stream's work.
 
 from __future__ import annotations
 
+import mmap
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -28,6 +31,19 @@ from .. import knobs
 from ..planning.statedict import Collected, TensorLeaf
 from .lazy import CopyJob, CudaFence, LazySnapshot
 from .priority import lower_thread_priority
+
+
+ALIGNED_MIN = 1 << 20  # smaller buffers are written through the page cache anyway
+
+
+def page_aligned(shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialized CPU tensor; from ``ALIGNED_MIN`` bytes on, on pages of its own (the
+    tensor keeps the mapping alive)."""
+    nbytes = shape.numel() * dtype.itemsize
+    if nbytes < ALIGNED_MIN:
+        return torch.empty(shape, dtype=dtype)
+    pages = mmap.mmap(-1, nbytes)
+    return torch.frombuffer(pages, dtype=torch.uint8).view(dtype).view(shape)
 
 
 class StagingPool:
@@ -47,8 +63,10 @@ class StagingPool:
     def _buffer(self, key: str, src: torch.Tensor) -> torch.Tensor:
         buf = self._buffers.get(key)
         if buf is None or buf.dtype != src.dtype or buf.shape != src.shape:
-            pin = src.device.type == "cuda"
-            buf = torch.empty(src.shape, dtype=src.dtype, device="cpu", pin_memory=pin)
+            if src.device.type == "cuda":
+                buf = torch.empty(src.shape, dtype=src.dtype, device="cpu", pin_memory=True)
+            else:
+                buf = page_aligned(src.shape, src.dtype)
             self._buffers[key] = buf
         return buf
 

@@ -24,6 +24,7 @@ from typing import Any, BinaryIO
 from .. import knobs
 from ..errors import StorageError
 from .base import Location, Sink, check_relpath
+from .direct import DIRECT_MIN, DirectWriter
 
 WRITE_BUFFER = 1 << 20
 
@@ -81,9 +82,12 @@ class _LocalSink(Sink):
 
     def __init__(self, path: str, mode: int | None = None) -> None:
         self.path = path
+        self._pos = 0
+        self._direct: DirectWriter | None = None
         if mode is None:
             self._f: BinaryIO = open(path, "xb", buffering=WRITE_BUFFER)
             drop_world_write(self._f.fileno())
+            self._direct = DirectWriter.open(path)
             return
         # Created with the umask applied (never more open than asked, not even for a moment),
         # then given exactly ``mode``.
@@ -91,6 +95,7 @@ class _LocalSink(Sink):
         try:
             os.fchmod(fd, mode)
             self._f = open(fd, "wb", buffering=WRITE_BUFFER)
+            self._direct = DirectWriter.open(path)
         except BaseException:
             os.close(fd)
             with contextlib.suppress(OSError):
@@ -101,8 +106,24 @@ class _LocalSink(Sink):
         return StorageError(f"{self.path}: {op} failed: {type(exc).__name__}: {exc}")
 
     def write(self, data: Any) -> int:
+        """Large aligned buffers go straight to the disk (storage/direct.py), the rest through
+        the page cache."""
         try:
-            return self._f.write(data)
+            view = data if isinstance(data, memoryview) else memoryview(data)
+            done = 0
+            if self._direct is not None and view.nbytes >= DIRECT_MIN:
+                self._f.flush()  # what came before is in the file before what comes after
+                try:
+                    done = self._direct.write(view, self._pos)
+                except OSError:  # a filesystem that took O_DIRECT at open but not here
+                    self._direct.close()
+                    self._direct = None
+                if done:
+                    self._f.seek(self._pos + done)
+            if done < view.nbytes:
+                self._f.write(view[done:] if done else data)
+            self._pos += view.nbytes
+            return view.nbytes
         except OSError as exc:
             raise self._fail("write", exc) from exc
 
@@ -112,13 +133,20 @@ class _LocalSink(Sink):
         try:
             self._f.flush()
             if _fsync_enabled():
-                os.fsync(self._f.fileno())
+                os.fsync(self._f.fileno())  # the direct writes' size and extents too
+            self._close_direct()
             self._f.close()
         except OSError as exc:
             self.abort()
             raise self._fail("flush/fsync", exc) from exc
 
+    def _close_direct(self) -> None:
+        if self._direct is not None:
+            self._direct.close()
+            self._direct = None
+
     def abort(self) -> None:
+        self._close_direct()
         with contextlib.suppress(OSError):
             self._f.close()
         with contextlib.suppress(OSError):
