@@ -32,7 +32,6 @@ from ..planning.statedict import Collected, TensorLeaf
 from .lazy import CopyJob, CudaFence, LazySnapshot
 from .priority import lower_thread_priority
 
-
 ALIGNED_MIN = 1 << 20  # smaller buffers are written through the page cache anyway
 
 
