@@ -23,6 +23,7 @@ import contextlib
 import datetime as _dt
 import os
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -46,7 +47,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=3, help="timed repetitions")
     p.add_argument("--warmup-reps", type=int, default=1,
                    help="untimed repetitions of every phase first (first-call costs; reported)")
-    p.add_argument("--dir", default="/work/bench_tmp", help="where checkpoints are written")
+    p.add_argument("--dir", default=os.path.join(tempfile.gettempdir(), "shardckpt-bench"),
+                   help="where checkpoints are written (a local disk, not tmpfs)")
     p.add_argument("--out", default=None, help="also write the JSON here")
     p.add_argument("--plot", default=None, help="PNG bar chart of median times")
     p.add_argument("--compression", default=None, help='shardckpt compression, e.g. "zstd:1"')

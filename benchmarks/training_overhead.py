@@ -49,6 +49,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -86,7 +87,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--saves", type=int, default=4, help="saves per loop")
     p.add_argument("--rounds", type=int, default=3, help="timed rounds (medians over them)")
     p.add_argument("--modes", default=",".join(DEFAULT_MODES), help=f"subset of {MODES}")
-    p.add_argument("--dir", default="/work/bench_tmp", help="where checkpoints are written")
+    p.add_argument("--dir", default=os.path.join(tempfile.gettempdir(), "shardckpt-bench"),
+                   help="where checkpoints are written (a local disk, not tmpfs)")
     p.add_argument("--out", default=None, help="also write the JSON here")
     p.add_argument("--plot", default=None, help="PNG: extra loop and blocked seconds per save")
     p.add_argument("--profile-saves", type=int, default=4,

@@ -20,6 +20,7 @@ from . import catalog, exit_wait, knobs
 from .catalog import find_manifest
 from .engine.background import background_options
 from .engine.comm import make_comm
+from .engine.failures import describe, refusal
 from .engine.index import full_manifest
 from .engine.lazy import LazySnapshot
 from .engine.load import load_step
@@ -27,30 +28,21 @@ from .engine.reader import CheckpointReader
 from .engine.save import SaveOptions, SaveRequest, agree_on_state, save_step
 from .engine.snapshot import Snapshot, StagingPool
 from .errors import IncompleteCheckpointError, ShardckptError
+from .extras import RNG_KEY, has_key, with_extras
 from .format import manifest as M
-from .format.manifest import RESERVED_PREFIX
 from .format.shard import Codec
-from .golden import GOLDEN_KEY, Golden
-from .golden import record as record_golden
+from .golden import Golden
 from .handles import CheckpointInfo, SaveHandle
 from .observe import SaveEvent, SaveObserver, SaveTracker, check_callbacks, check_metrics_path
 from .planning.plancache import PlanCache
 from .planning.statedict import collect
 from .policy import RetentionPolicy
 from .prune import DEFAULT_LOCK_WAIT_S, BackgroundPrune, PruneReport, prune_location
-from .repro import capture_rng_state, collect_provenance, host_record, restore_rng_state
+from .repro import collect_provenance, host_record, restore_rng_state
 from .storage import open_location, step_dirname
 from .storage.location import options_for
 from .storage.probe import reachable_all
 from .version import __version__
-
-RNG_KEY = "__shardckpt_rng__"
-
-
-def _has_key(manifest: M.Manifest, key: str) -> bool:
-    tree = manifest.tree
-    return isinstance(tree, list) and len(tree) == 2 and isinstance(tree[1], dict) and \
-        key in tree[1]
 
 
 class CheckpointManager:
@@ -136,8 +128,10 @@ class CheckpointManager:
         Returns once the state is snapshotted (``async_save``) or committed (``blocking=True``).
         A save issued while another is in flight first waits for that one; an error of an earlier
         background save is raised here. A state that cannot be checkpointed (a value of an
-        unsupported type, a reserved key) on any rank raises here, on every rank, before
-        anything is written. On rank 0, once the save is committed or has failed,
+        unsupported type, a reserved key) raises here on its rank; every other rank raises a
+        ``CollectiveError`` naming it, here for a blocking save, from the save's handle (or the
+        next ``save``/``wait``) for an async one, which never waits for the other ranks to reach
+        ``save``. Nothing is written. On rank 0, once the save is committed or has failed,
         it is logged (logger ``shardckpt``), the ``metrics_path`` file is rewritten and the
         ``callbacks`` are called with a :class:`~shardckpt.SaveEvent`.
         """
@@ -160,19 +154,7 @@ class CheckpointManager:
         staged: Any = None
         error: Exception | None = None
         try:
-            reserved = [k for k in state if isinstance(k, str) and k.startswith(RESERVED_PREFIX)]
-            if reserved:
-                raise ValueError(f"state keys starting with {RESERVED_PREFIX!r} are reserved: "
-                                 f"{reserved}")
-            state = dict(state)
-            rng = capture_rng_state() if self.capture_rng else None
-            if golden is not None:
-                state[GOLDEN_KEY] = record_golden(golden, state)
-                extra["golden"] = golden.spec()
-                if rng is not None:
-                    restore_rng_state(rng)  # golden forward passes must not move RNG streams
-            if rng is not None:
-                state[RNG_KEY] = rng
+            state = with_extras(state, self.capture_rng, golden, extra)
             # Flattening checks every value (type, key path): a blocking save writes straight
             # from the live tensors, an async one from a snapshot of them.
             staged = self._staging.stage(collect(state), blocking)
@@ -181,7 +163,10 @@ class CheckpointManager:
         req = SaveRequest(step, metrics, tags, extra)
         tracker = self._observer.start(step, metrics=metrics, tags=tags, blocking=blocking, t0=t0)
         try:
-            agree_on_state(self._comm, step, error)  # raises on every rank if any rank failed
+            if blocking or self.world_size == 1:
+                agree_on_state(self._comm, step, error)  # raises on every rank if one failed
+            elif error is not None:  # async: the others learn it from their save's handle
+                self._refuse(req, state, error)
         except BaseException as exc:
             if isinstance(staged, LazySnapshot):  # this rank's copy had begun: stop it
                 staged.cancel()
@@ -199,6 +184,17 @@ class CheckpointManager:
         finally:
             tracker.returned()  # the event goes out once this and the outcome are both known
         return handle
+
+    def _refuse(self, req: SaveRequest, state: dict[str, Any], error: Exception) -> None:
+        """An async save whose state this rank cannot save: raise here, at once, and run the
+        protocol in the background with the error, so that every other rank's save fails too
+        (none hangs, nothing is written). No collective on the caller's thread: an async save
+        never waits for the other ranks to reach ``save``."""
+        handle = SaveHandle(req.step, self._pool.submit(self._run_save, req, state, error))
+        handle.error_reported = True  # the user gets it here; wait() does not raise it again
+        with self._lock:
+            self._pending.append(handle)
+        raise refusal(req.step, {self.rank: describe(error)}) from error
 
     def _provenance_record(self) -> dict[str, Any]:
         """Collected once per manager, at the first save (after the user's set_determinism)."""
@@ -310,7 +306,7 @@ class CheckpointManager:
         manifest, _ = find_manifest(locations, step)
         reader = CheckpointReader(locations, step_dirname(step), manifest)
         same_world = manifest.world_size == self.world_size
-        wants_rng = restore_rng and _has_key(manifest, RNG_KEY)
+        wants_rng = restore_rng and has_key(manifest, RNG_KEY)
         target = {**state, RNG_KEY: {}} if wants_rng and same_world else dict(state)
         self.last_load_profile = load_step(self._comm, reader, target, strict,
                                            knobs.IO_THREADS.get())

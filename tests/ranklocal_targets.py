@@ -210,9 +210,10 @@ def plain_state(step: int, rank: int, mesh: Any) -> dict[str, Any]:
 
 def refused_saves(rank: int, world: int, root: str, blocking: bool) -> list[dict[str, Any]]:
     """Step 1 saves. Then step 2 is saved with a bad state on one rank only: a value of an
-    unsupported type on rank 1, a reserved key on rank 0. Each must raise from ``save()`` itself
-    on every rank (the other rank's state is fine), with nothing written; the same step saved
-    with a good state works next."""
+    unsupported type on rank 1, a reserved key on rank 0. It must raise from ``save()`` itself on
+    the rank whose state is bad, and on the other rank (whose state is fine) from ``save()`` too
+    when blocking, from the save's handle when async (an async save never waits for the other
+    ranks in ``save``); nothing is written; the same step saved with a good state works next."""
     mesh = C._mesh(world)
     out = []
     with shardckpt.CheckpointManager(root, async_save=not blocking) as mgr:
@@ -224,8 +225,11 @@ def refused_saves(rank: int, world: int, root: str, blocking: bool) -> list[dict
             if rank == bad_rank:
                 state.update(extra)
             rec: dict[str, Any] = {"case": case}
+            rec["from"] = "save"
             try:
-                mgr.save(2, state)  # no wait(): the error must come from save() itself
+                handle = mgr.save(2, state)  # blocking: the error comes from save() itself
+                rec["from"] = "handle"
+                handle.wait()
                 rec["error"] = None
             except Exception as exc:
                 rec["error"] = f"{type(exc).__name__}: {exc}"

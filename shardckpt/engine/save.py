@@ -2,8 +2,9 @@
 
 Four phases, each a method of :class:`_SaveRun`, exchanging the messages of :mod:`.messages`:
 
-1. **plan**: every rank flattens its state and sends rank 0 a :class:`RankPlan`; rank 0
-   prepares the step directory at every location, plans who writes what, and broadcasts an
+1. **plan**: every rank flattens its state and sends rank 0 a :class:`RankPlan` (or the error
+   that stopped it); if no rank failed, rank 0 prepares the step directory at every location
+   (so a refused save leaves nothing behind), plans who writes what, and broadcasts an
    :class:`Assignment`;
 2. **write**: every rank writes its pieces to its own shard files (their headers hold the piece
    index) at every prepared location, and sends rank 0 a :class:`WriteReport`;
@@ -24,7 +25,7 @@ import time
 import uuid
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from .. import knobs
@@ -135,18 +136,11 @@ class _SaveRun:
         """Phase 1: flatten, gather the plans on rank 0, prepare, plan, broadcast."""
         rank, world = self.comm.rank, self.comm.world_size
         specs: list[LeafSpec] = []
-        prepared = list(range(len(self.locations)))
+        prepared: list[int] = []
         try:
             if isinstance(collected, BaseException):
                 error, collected = collected, None
                 raise error
-            if rank == 0:
-                prepared, self.loc_failures = prepare_all(self.locations, self.step_dir,
-                                                          self.leases, self.stack)
-                if len(prepared) < self.min_replicas:
-                    raise StorageError(f"step {self.req.step}: only {len(prepared)} of "
-                                       f"{len(self.locations)} locations are writable: "
-                                       f"{self.loc_failures}")
             if collected is None:
                 collected = collect(state)
             specs = [leaf_spec(leaf, world) for leaf in collected.leaves]
@@ -165,14 +159,32 @@ class _SaveRun:
         if rank == 0:
             assert gathered is not None
             self.plans = [RankPlan.from_json(p) for p in gathered]
+            if not any(p.error for p in self.plans):  # a refused save prepares nothing
+                prepared = self._prepare()
             msg = self._assign(prepared).to_json()
         assignment = Assignment.from_json(self.comm.broadcast_json(msg, "save: write plan"))
         self.cache.ack(assignment.known, rank)
         if assignment.failures:
-            raise_failures("save failed during state collection", assignment.failures,
-                           self.error, world)
+            raise_failures(f"save of step {self.req.step} refused, nothing was written: state "
+                           f"collection failed", assignment.failures, self.error, world)
         assert isinstance(collected, Collected)
         return assignment, collected
+
+    def _prepare(self) -> list[int]:
+        """Rank 0: lease and prepare the step directory at each location; a failure is rank
+        0's, reported to every rank with the plan."""
+        try:
+            prepared, self.loc_failures = prepare_all(self.locations, self.step_dir,
+                                                      self.leases, self.stack)
+            if len(prepared) < self.min_replicas:
+                raise StorageError(f"step {self.req.step}: only {len(prepared)} of "
+                                   f"{len(self.locations)} locations are writable: "
+                                   f"{self.loc_failures}")
+            return prepared
+        except Exception as exc:
+            self.error = exc
+            self.plans[0] = replace(self.plans[0], error=describe(exc))
+            return []
 
     def _assign(self, prepared: list[int]) -> Assignment:
         """Rank 0: the write plan (reused while every rank's structure and digests are)."""
