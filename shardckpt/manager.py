@@ -20,7 +20,7 @@ from . import catalog, exit_wait, knobs
 from .catalog import find_manifest
 from .engine.background import background_options
 from .engine.comm import make_comm
-from .engine.failures import describe, refusal
+from .engine.failures import describe
 from .engine.index import full_manifest
 from .engine.lazy import LazySnapshot
 from .engine.load import load_step
@@ -128,10 +128,11 @@ class CheckpointManager:
         Returns once the state is snapshotted (``async_save``) or committed (``blocking=True``).
         A save issued while another is in flight first waits for that one; an error of an earlier
         background save is raised here. A state that cannot be checkpointed (a value of an
-        unsupported type, a reserved key) raises here on its rank; every other rank raises a
-        ``CollectiveError`` naming it, here for a blocking save, from the save's handle (or the
-        next ``save``/``wait``) for an async one, which never waits for the other ranks to reach
-        ``save``. Nothing is written. On rank 0, once the save is committed or has failed,
+        unsupported type, a reserved key) raises here in one process and, in a job, on every
+        rank: here for a blocking save; for an async one, which never waits here for the other
+        ranks, from every rank's handle (or the next ``save``, ``wait``, ``close``), with a
+        warning here on the rank at fault. Nothing is written. On rank 0, once the save is
+        committed or has failed,
         it is logged (logger ``shardckpt``), the ``metrics_path`` file is rewritten and the
         ``callbacks`` are called with a :class:`~shardckpt.SaveEvent`.
         """
@@ -165,14 +166,17 @@ class CheckpointManager:
         try:
             if blocking or self.world_size == 1:
                 agree_on_state(self._comm, step, error)  # raises on every rank if one failed
-            elif error is not None:  # async: the others learn it from their save's handle
-                self._refuse(req, state, error)
         except BaseException as exc:
             if isinstance(staged, LazySnapshot):  # this rank's copy had begun: stop it
                 staged.cancel()
             tracker.failed(exc)
             tracker.returned()
             raise
+        if error is not None:  # async, in a job: no collective here (it would wait for the
+            # slowest rank); the protocol carries the error, and every rank's handle raises it
+            warnings.warn(f"save of step {step} will fail on every rank: the state of rank "
+                          f"{self.rank} cannot be checkpointed: {describe(error)}", stacklevel=2)
+            staged = error
         tracker.submitted()
         try:
             future = self._pool.submit(self._run_save, req, state, staged, tracker, not blocking)
@@ -184,17 +188,6 @@ class CheckpointManager:
         finally:
             tracker.returned()  # the event goes out once this and the outcome are both known
         return handle
-
-    def _refuse(self, req: SaveRequest, state: dict[str, Any], error: Exception) -> None:
-        """An async save whose state this rank cannot save: raise here, at once, and run the
-        protocol in the background with the error, so that every other rank's save fails too
-        (none hangs, nothing is written). No collective on the caller's thread: an async save
-        never waits for the other ranks to reach ``save``."""
-        handle = SaveHandle(req.step, self._pool.submit(self._run_save, req, state, error))
-        handle.error_reported = True  # the user gets it here; wait() does not raise it again
-        with self._lock:
-            self._pending.append(handle)
-        raise refusal(req.step, {self.rank: describe(error)}) from error
 
     def _provenance_record(self) -> dict[str, Any]:
         """Collected once per manager, at the first save (after the user's set_determinism)."""

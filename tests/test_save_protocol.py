@@ -78,6 +78,26 @@ def test_a_failure_on_one_rank_fails_every_rank_and_commits_nothing(tmp_path: Pa
     assert not (tmp_path / "step-0000000001" / "manifest.json").exists()
 
 
+def test_ranks_saving_different_steps_fail_every_rank_and_leave_nothing(tmp_path: Path) -> None:
+    """Ranks out of step (one caught an error the others did not see, say) must never mix two
+    steps in one checkpoint: every rank fails, and no step directory is even prepared."""
+    opts = SaveOptions.from_knobs(Codec(None))
+    loc = open_location(str(tmp_path))
+    results = run_threads(2, lambda c: save_step(
+        c, [loc], {"w": torch.ones(3)}, SaveRequest(2 + c.rank, {}, (), {}), opts))
+    assert all(isinstance(r, CollectiveError) for r in results), results
+    assert all(set(r.failures) == {1} for r in results)
+    assert "saves step 3 while rank 0 saves step 2" in str(results[0])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failure_on_one_rank_prepares_no_step_directory(tmp_path: Path) -> None:
+    results = save_at(tmp_path, 2, lambda r: {"w": torch.ones(3), "bad": object() if r else 1})
+    assert all(isinstance(r, CollectiveError) for r in results), results
+    assert "nothing was written" in str(results[1])
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_rank_that_never_arrives_breaks_the_collective() -> None:
     comms = ThreadComm.group(2, timeout_s=0.5)
     with pytest.raises(CollectiveError, match="never arrived"):

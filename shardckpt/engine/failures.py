@@ -56,12 +56,7 @@ def agree_on_state(comm: Comm, step: int, error: Exception | None) -> None:
     if comm.world_size == 1 and error is not None:
         raise error
     if failures:
-        raise refusal(step, failures) from error
-
-
-def refusal(step: int, failures: Mapping[int, str]) -> CollectiveError:
-    """The error of a save refused because the state of ``failures``' ranks cannot be saved."""
-    lines = "; ".join(f"rank {r}: {m}" for r, m in sorted(failures.items()))
-    return CollectiveError(f"save of step {step} refused, nothing was written: the state of "
-                           f"rank(s) {sorted(failures)} cannot be checkpointed: {lines}",
-                           dict(failures))
+        lines = "; ".join(f"rank {r}: {m}" for r, m in sorted(failures.items()))
+        raise CollectiveError(f"save of step {step} refused, nothing was written: the state of "
+                              f"rank(s) {sorted(failures)} cannot be checkpointed: {lines}",
+                              failures) from error

@@ -33,14 +33,15 @@ class RankPlan:
     error: str | None
     tree: Any
     leaves: Mapping[str, Any]  # the plan cache's part: hash, digests, leaves or None
+    step: int = -1  # the step this rank's save() was called with
 
     def to_json(self) -> dict[str, Any]:
-        return {"error": self.error, "tree": self.tree, **self.leaves}
+        return {"error": self.error, "tree": self.tree, "step": self.step, **self.leaves}
 
     @classmethod
     def from_json(cls, doc: Mapping[str, Any]) -> RankPlan:
-        rest = {k: v for k, v in doc.items() if k not in ("error", "tree")}
-        return cls(doc["error"], doc["tree"], rest)
+        rest = {k: v for k, v in doc.items() if k not in ("error", "tree", "step")}
+        return cls(doc["error"], doc["tree"], rest, int(doc.get("step", -1)))
 
 
 @dataclass(frozen=True)

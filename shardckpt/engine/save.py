@@ -148,7 +148,7 @@ class _SaveRun:
             self.error = exc
         mine = RankPlan(describe(self.error) if self.error else None,
                         collected.tree if isinstance(collected, Collected) else None,
-                        self.cache.outgoing(specs))
+                        self.cache.outgoing(specs), self.req.step)
         self.counts["leaves_sent"] = float(mine.leaves["leaves"] is not None)
         # Rank 0 alone sees every rank's leaves (only when their structure changed), plans, and
         # sends each rank its writes as index runs: what a rank receives does not grow with
@@ -158,7 +158,10 @@ class _SaveRun:
         msg: dict[str, Any] = {}
         if rank == 0:
             assert gathered is not None
-            self.plans = [RankPlan.from_json(p) for p in gathered]
+            self.plans = [p if p.step == self.req.step or p.error else replace(
+                p, error=f"saves step {p.step} while rank 0 saves step {self.req.step}: every "
+                         f"rank must call save() with the same step, in the same order")
+                for p in map(RankPlan.from_json, gathered)]
             if not any(p.error for p in self.plans):  # a refused save prepares nothing
                 prepared = self._prepare()
             msg = self._assign(prepared).to_json()
