@@ -47,7 +47,6 @@ import os
 import resource
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -64,7 +63,8 @@ from torch.distributed.fsdp import fully_shard
 
 import shardckpt
 
-REPO = Path(__file__).resolve().parent.parent
+from common.machine import git_info
+
 MODES = ("none", "shardckpt", "shardckpt_eager", "dcp_async", "dcp_zero_overhead")
 DEFAULT_MODES = ("none", "shardckpt", "dcp_async", "dcp_zero_overhead")
 RANK = int(os.environ.get("RANK", "0"))
@@ -408,19 +408,6 @@ def samples(rounds: list[list[dict[str, Any]]]) -> dict[str, list[float]]:
 
 
 # ----------------------------------------------------------------------------- main
-def git_info() -> dict[str, Any]:
-    def run(*cmd: str) -> str:
-        try:
-            return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
-                                  timeout=30).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return ""
-
-    return {"commit": run("git", "rev-parse", "--short", "HEAD") or None,
-            "package_dirty_files": [x for x in run("git", "status", "--porcelain", "--",
-                                                   "shardckpt").splitlines() if x]}
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if "RANK" not in os.environ:
