@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
-from typing import Any
 
 from .. import knobs
 
@@ -60,12 +59,11 @@ class DirectWriter:
         except OSError:
             return None
 
-    def write(self, data: Any, offset: int) -> int:
-        """Write the largest whole-block prefix of ``data`` at ``offset`` directly; 0 if
-        ``data`` is too small or not aligned (the caller then writes it buffered)."""
+    def write(self, view: memoryview, offset: int) -> int:
+        """Write the largest whole-block prefix of ``view`` at ``offset`` directly; 0 if it is
+        too small or not aligned (the caller then writes it buffered)."""
         if offset % BLOCK:
             return 0
-        view = memoryview(data).cast("B") if not isinstance(data, memoryview) else data
         n = len(view) - len(view) % BLOCK
         if n < DIRECT_MIN or not view.c_contiguous or view.format not in ("B", "b", "c"):
             return 0

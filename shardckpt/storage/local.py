@@ -112,13 +112,12 @@ class _LocalSink(Sink):
             view = data if isinstance(data, memoryview) else memoryview(data)
             done = 0
             if self._direct is not None and view.nbytes >= DIRECT_MIN:
-                self._f.flush()  # what came before is in the file before what comes after
                 try:
                     done = self._direct.write(view, self._pos)
                 except OSError:  # a filesystem that took O_DIRECT at open but not here
                     self._direct.close()
                     self._direct = None
-                if done:
+                if done:  # seek flushes what the buffered file holds before it (no overlap)
                     self._f.seek(self._pos + done)
             if done < view.nbytes:
                 self._f.write(view[done:] if done else data)
