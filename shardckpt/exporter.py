@@ -41,23 +41,27 @@ def consolidated_state_dict(root: str, step: int | None = None, only: str | None
 
 
 def export(root: str, step: int | None = None, format: str = "safetensors",
-           out: str | os.PathLike[str] | None = None, only: str | None = None, *,
-           replicas: Iterable[str] = (),
+           out: str | os.PathLike[str] | None = None, only: str | None = None,
+           overwrite: bool = False, *, replicas: Iterable[str] = (),
            storage_options: Mapping[str, Mapping[str, Any]] | None = None,
            **options: Any) -> ExportResult:
     """Write ``step`` (default: the latest) of the checkpoints under ``root`` to ``out``, as the
     CLI's ``export`` does. ``format``: ``safetensors`` or ``torch`` (one file), ``hf`` (a model
     folder; options ``max_shard_size="5GB"``, ``dtype="bf16"|"fp16"|"fp32"``, ``config=PATH``)
-    or ``dcp`` (a DCP checkpoint folder). ``ConversionError`` (a ``ValueError``) for options or
-    outputs that cannot work; checkpoint errors as for ``load``."""
+    or ``dcp`` (a DCP checkpoint folder). An export never replaces a file it did not write: an
+    existing ``out`` file, or a folder holding files no shardckpt export of that format wrote,
+    is refused unless ``overwrite`` (the CLI's ``--force``). ``ConversionError`` (a
+    ``ValueError``) for options or outputs that cannot work; checkpoint errors as for
+    ``load``."""
     locations = open_locations(root, replicas, storage_options)
-    return export_step(locations, step, format, out, only, options)
+    return export_step(locations, step, format, out, only, options, overwrite=overwrite)
 
 
 def export_step(locations: Sequence[Location], step: int | None, format: str,
                 out: str | os.PathLike[str] | None, only: str | None,
                 options: Mapping[str, Any], on_read: Callable[[int], None] | None = None,
-                on_plan: Callable[[int, int], None] | None = None) -> ExportResult:
+                on_plan: Callable[[int, int], None] | None = None, *,
+                overwrite: bool = False) -> ExportResult:
     """:func:`export` on opened locations. ``on_plan(step, nbytes)`` is told what will be read
     before the first read; ``on_read(nbytes)`` after each tensor."""
     if format not in FORMATS:
@@ -70,21 +74,22 @@ def export_step(locations: Sequence[Location], step: int | None, format: str,
     if extra:
         raise ConversionError(f"format {format!r} takes no option {', '.join(extra)}")
     if format in FILE_FORMATS:
-        check_out_file(out)
+        check_out_file(out, overwrite)
     prepared: Any = None
     if format == "hf":
         from .interop import hf
 
-        prepared = hf.prepare(out, **options)  # options and output checked before any read
+        # options and output checked before any read
+        prepared = hf.prepare(out, **options, overwrite=overwrite)
     elif format == "dcp":
         from .interop import dcp
 
-        dcp.check_out_dir(out)
+        dcp.check_out_dir(out, overwrite)
     source = StepSource(locations, step, on_read)
     if format == "dcp":
         from .interop import dcp
 
-        return dcp.export_dcp(source, out, only, on_plan)
+        return dcp.export_dcp(source, out, only, on_plan, overwrite=overwrite)
     entries = source.require(source.entries(only), only)
     if on_plan is not None:
         on_plan(source.step, sum(e.nbytes for e in entries))
@@ -106,10 +111,14 @@ def export_step(locations: Sequence[Location], step: int | None, format: str,
                         sum(e.nbytes for e in entries), (out,))
 
 
-def check_out_file(path: str) -> None:
-    """``ConversionError`` unless ``path``'s directory exists and ``path`` is not a directory."""
+def check_out_file(path: str, overwrite: bool = False) -> None:
+    """``ConversionError`` unless ``path``'s directory exists and ``path`` is not a directory,
+    nor, unless ``overwrite``, an existing file (or link)."""
     parent = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
         raise ConversionError(f"{path}: is a directory")
     if not os.path.isdir(parent):
         raise ConversionError(f"{path}: directory {parent} does not exist")
+    if not overwrite and os.path.lexists(path):
+        raise ConversionError(f"{path}: file exists; an export does not replace it unless told "
+                              "to: --force (Python: overwrite=True), or give another --out")

@@ -13,8 +13,12 @@ records go. A committed save gives one INFO record, a failed save one WARNING re
 
 ``CheckpointManager(..., metrics_path="/var/lib/node_exporter/textfile/train.prom")`` keeps a
 file in the text exposition format of node_exporter's textfile collector, replaced atomically
-after every save attempt. Counters count the saves of this manager (they start again at 0 with
-the process, as Prometheus counters may). Every sample carries a ``root`` label (the redacted
+after every save attempt, and first when the manager starts: every family is present from then
+on (counters at 0, the times of events that have not happened yet at 0, other values at NaN), so
+that alerts need no ``absent()``. ``shardckpt_last_save_success`` describes the last attempt;
+``shardckpt_last_commit_timestamp_seconds`` and ``shardckpt_last_commit_step`` the last commit.
+Counters count the saves of this manager (they start again at 0 with the process, as Prometheus
+counters may). Every sample carries a ``root`` label (the redacted
 checkpoint root), so that several jobs can share one textfile directory.
 
 ``CheckpointManager(..., callbacks=[fn, ...])`` calls each ``fn(event)`` with a frozen
@@ -110,6 +114,7 @@ class _Totals:
     saves: int = 0
     failures: int = 0
     committed: int = 0
+    degraded: int = 0
     bytes: int = 0
     stall_s: float = 0.0
     write_s: float = 0.0
@@ -134,6 +139,7 @@ class SaveObserver:
         self.callbacks = tuple(callbacks)
         self.urls = tuple(urls)
         self.totals = _Totals()
+        self.started = time.time()
         self._lock = threading.Lock()
         self._version = _version()
 
@@ -156,6 +162,7 @@ class SaveObserver:
             t.last = event
             if event.ok:
                 t.committed += 1
+                t.degraded += int(event.degraded)
                 t.bytes += event.nbytes
                 t.last_ok = event
             else:
@@ -194,25 +201,36 @@ class SaveObserver:
 
     # -- the textfile
     def metrics_text(self) -> str:
+        """The textfile. Every family is there from the manager's start: counters at 0, times
+        of events that have not happened at 0 (the Unix epoch) and other values at NaN, so that
+        alerts need no ``absent()``."""
         with self._lock:
             t = _Totals(**vars(self.totals))
         lab = {"root": self.root}
         ok, bad, last = t.last_ok, t.last_failed, t.last
+        nan = float("nan")
 
-        def one(value: float | None) -> list[tuple[Mapping[str, str], float]]:
-            return [] if value is None else [(lab, value)]
+        def one(value: float) -> list[tuple[Mapping[str, str], float]]:
+            return [(lab, value)]
+
+        def of_ok(attr: str, never: float = nan) -> list[tuple[Mapping[str, str], float]]:
+            return one(never if ok is None else getattr(ok, attr))
 
         families: list[tuple[str, str, str, list[tuple[Mapping[str, str], float]]]] = [
             ("shardckpt_info", "gauge", "Always 1; labels name the checkpoint root and the "
              "shardckpt version.", [({**lab, "version": self._version}, 1)]),
             ("shardckpt_world_size", "gauge", "Ranks of the job that saves.",
              one(self.world_size)),
+            ("shardckpt_start_timestamp_seconds", "gauge", "Unix time the manager started (for "
+             "staleness alerts before the first commit).", one(self.started)),
             ("shardckpt_saves_total", "counter", "Save attempts finished (committed or failed) "
              "by this process.", one(t.saves)),
             ("shardckpt_save_failures_total", "counter", "Save attempts that failed.",
              one(t.failures)),
             ("shardckpt_checkpoints_committed_total", "counter", "Checkpoints committed.",
              one(t.committed)),
+            ("shardckpt_degraded_saves_total", "counter", "Checkpoints committed while some "
+             "location missed them (min_replicas allowed it).", one(t.degraded)),
             ("shardckpt_committed_bytes_total", "counter", "Bytes of the committed checkpoints "
              "(sum of their sizes).", one(t.bytes)),
             ("shardckpt_save_stall_seconds_total", "counter", "Time save() blocked the training "
@@ -220,30 +238,35 @@ class SaveObserver:
             ("shardckpt_save_write_seconds_total", "counter", "Time from snapshot to commit (or "
              "failure), summed over all attempts.", one(t.write_s)),
             ("shardckpt_last_save_success", "gauge", "1 if the most recent save attempt "
-             "committed, 0 if it failed.", one(None if last is None else int(last.ok))),
-            ("shardckpt_last_save_step", "gauge", "Step of the last committed checkpoint.",
-             one(None if ok is None else ok.step)),
+             "committed, 0 if it failed; NaN before the first attempt.",
+             one(nan if last is None else int(last.ok))),
+            ("shardckpt_last_commit_timestamp_seconds", "gauge", "Unix time of the last commit "
+             "(0: none yet).", of_ok("unix_time", 0.0)),
+            ("shardckpt_last_commit_step", "gauge", "Step of the last committed checkpoint (NaN: "
+             "none yet).", of_ok("step")),
+            ("shardckpt_last_save_step", "gauge", "Step of the last committed checkpoint (same "
+             "as shardckpt_last_commit_step).", of_ok("step")),
             ("shardckpt_last_save_bytes", "gauge", "Size in bytes of the last committed "
-             "checkpoint.", one(None if ok is None else ok.nbytes)),
+             "checkpoint.", of_ok("nbytes")),
             ("shardckpt_last_save_stall_seconds", "gauge", "Time save() blocked the caller for "
-             "the last committed checkpoint.", one(None if ok is None else ok.stall_s)),
+             "the last committed checkpoint.", of_ok("stall_s")),
             ("shardckpt_last_save_write_seconds", "gauge", "Time from snapshot to commit of the "
-             "last committed checkpoint.", one(None if ok is None else ok.write_s)),
+             "last committed checkpoint.", of_ok("write_s")),
             ("shardckpt_last_save_duration_seconds", "gauge", "Time from the save() call to the "
-             "commit of the last committed checkpoint.", one(None if ok is None else ok.total_s)),
+             "commit of the last committed checkpoint.", of_ok("total_s")),
             ("shardckpt_last_save_throughput_bytes_per_second", "gauge", "Bytes per second of "
              "the last committed checkpoint's write (bytes / write seconds).",
-             one(None if ok is None else ok.throughput)),
-            ("shardckpt_last_save_timestamp_seconds", "gauge", "Unix time of the last commit.",
-             one(None if ok is None else ok.unix_time)),
+             of_ok("throughput")),
+            ("shardckpt_last_save_timestamp_seconds", "gauge", "Unix time of the last commit "
+             "(same as shardckpt_last_commit_timestamp_seconds).", of_ok("unix_time", 0.0)),
             ("shardckpt_last_save_locations", "gauge", "Locations that committed the last "
-             "checkpoint.", one(None if ok is None else len(ok.locations))),
+             "checkpoint.", one(0 if ok is None else len(ok.locations))),
             ("shardckpt_last_save_degraded", "gauge", "1 if some location missed the last "
-             "committed checkpoint.", one(None if ok is None else int(ok.degraded))),
-            ("shardckpt_last_failure_step", "gauge", "Step of the last failed save attempt.",
-             one(None if bad is None else bad.step)),
+             "committed checkpoint.", one(0 if ok is None else int(ok.degraded))),
+            ("shardckpt_last_failure_step", "gauge", "Step of the last failed save attempt (NaN: "
+             "none).", one(nan if bad is None else bad.step)),
             ("shardckpt_last_failure_timestamp_seconds", "gauge", "Unix time of the last failed "
-             "save attempt.", one(None if bad is None else bad.unix_time)),
+             "save attempt (0: none).", one(0.0 if bad is None else bad.unix_time)),
         ]
         return render_textfile(families)
 

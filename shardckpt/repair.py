@@ -222,12 +222,31 @@ def repair_step(locations: Sequence[Location], step: int, dry_run: bool = False)
     return planned if dry_run else execute(locations, planned, survey)
 
 
+def steps_to_repair(locations: Sequence[Location]) -> tuple[list[int], dict[int, list[str]]]:
+    """The steps a repair without ``--step`` looks at, and those it leaves alone.
+
+    It looks at every step that has a directory at the first location (ROOT): the checkpoints
+    committed there, damaged or not. A step found only at the other locations is one that
+    ROOT's retention (or a prune) deleted while a replica kept it, or that never reached ROOT:
+    a repair does not bring it back, and it is returned in the second item (step -> the
+    locations holding it) for the report. ``repair --step N`` restores such a step on
+    request."""
+    at_root = set(locations[0].list_step_dirs())
+    elsewhere: dict[int, list[str]] = {}
+    for loc in locations[1:]:
+        for s in loc.list_step_dirs():
+            if s not in at_root:
+                elsewhere.setdefault(s, []).append(loc.display)
+    return sorted(at_root), dict(sorted(elsewhere.items()))
+
+
 def repair(locations: Sequence[Location], step: int | None = None,
            dry_run: bool = False) -> list[StepRepair]:
-    """Repair one step, or every step committed at some location."""
+    """Repair one step, or every step that has a directory at the first location (ROOT; see
+    :func:`steps_to_repair`)."""
     if step is not None:
         return [repair_step(locations, step, dry_run)]
-    steps = sorted({s for loc in locations for s in loc.list_step_dirs()})
+    steps, _ = steps_to_repair(locations)
     out = []
     for s in steps:
         r = repair_step(locations, s, dry_run)
@@ -255,4 +274,5 @@ def summary(reports: Sequence[StepRepair], dry_run: bool) -> str:
             f"everywhere")
 
 
-__all__ = ["Action", "StepRepair", "execute", "plan_step", "repair", "repair_step", "summary"]
+__all__ = ["Action", "StepRepair", "execute", "plan_step", "repair", "repair_step",
+           "steps_to_repair", "summary"]

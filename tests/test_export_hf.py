@@ -211,19 +211,23 @@ def test_hf_refuses_a_folder_that_is_not_a_previous_export(many: str, tmp_path: 
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
     assert main(["export", many, "--format", "hf", "--only", "model", "--out", str(out)]) == 64
-    assert "not a previous shardckpt export" in capsys.readouterr().err
+    assert "notes.txt, which no shardckpt export wrote" in capsys.readouterr().err
     assert os.listdir(out) == ["notes.txt"]
     # a model file that shardckpt did not write is not replaced either
     save_file({"w": torch.ones(2)}, str(out / "model.safetensors"), metadata={"format": "pt"})
     assert main(["export", many, "--format", "hf", "--only", "model", "--out", str(out)]) == 64
-    assert "model.safetensors was not written by shardckpt" in capsys.readouterr().err
+    assert "model.safetensors, which no shardckpt export wrote" in capsys.readouterr().err
     assert list(load_file(str(out / "model.safetensors"))) == ["w"]
-    # a previous export is replaced, and files a user added to it (a tokenizer) stay
+    # a previous export is replaced; with a file a user added to it (a tokenizer), only when
+    # told to (issue 25: never overwrite or mix with files no export wrote), and that file stays
     prev = tmp_path / "prev"
     assert main(["export", many, "--format", "hf", "--only", "model", "--out", str(prev)]) == 0
     (prev / "tokenizer.json").write_text("{}")
     assert main(["export", many, "--format", "hf", "--only", "model", "--out", str(prev),
-                 "--max-shard-size", "300KB"]) == 0
+                 "--max-shard-size", "300KB"]) == 64
+    assert "tokenizer.json, which no shardckpt export wrote" in capsys.readouterr().err
+    assert main(["export", many, "--format", "hf", "--only", "model", "--out", str(prev),
+                 "--max-shard-size", "300KB", "--force"]) == 0
     assert sorted(os.listdir(prev))[-2:] == ["model.safetensors.index.json", "tokenizer.json"]
     assert "model.safetensors" not in os.listdir(prev)
 

@@ -111,7 +111,7 @@ def test_metrics_textfile_after_save(tmp_path: Path) -> None:
     with shardckpt.CheckpointManager(root, metrics_path=prom) as mgr:
         first = parse_prometheus(prom.read_text())  # written at construction, before any save
         assert value_of(first, "shardckpt_saves_total") == 0
-        assert "shardckpt_last_save_step" not in first
+        assert math.isnan(value_of(first, "shardckpt_last_save_step"))  # present (issue 26)
         before = time.time()
         info = mgr.save(7, _state(), metrics={"loss": 0.5}).wait()
         assert info is not None
@@ -141,7 +141,7 @@ def test_metrics_textfile_after_save(tmp_path: Path) -> None:
     assert before <= value_of(fams, "shardckpt_last_save_timestamp_seconds") <= time.time()
     [(labels, one)] = fams["shardckpt_info"]["samples"]
     assert one == 1 and labels["version"] == shardckpt.__version__
-    assert "shardckpt_last_failure_step" not in fams
+    assert math.isnan(value_of(fams, "shardckpt_last_failure_step"))  # present, no failure
     assert [p.name for p in tmp_path.iterdir() if p.name != "run"] == ["train.prom"]  # no temp
 
 

@@ -158,20 +158,23 @@ def _add_export(p: argparse.ArgumentParser) -> None:
                    help="hf: cast floating-point tensors to this dtype (others stay as stored)")
     p.add_argument("--config", metavar="PATH", default=None,
                    help="hf: the model's config.json, or a folder holding it, copied into --out")
+    p.add_argument("--force", action="store_true", help="replace an existing --out file, or "
+                   "write into a folder holding files no export wrote")
 
 
 def cmd_repair(args: argparse.Namespace) -> int:
-    from ..repair import committed_nowhere, repair_step, summary
+    from ..repair import committed_nowhere, repair_step, steps_to_repair, summary
     from ..storage import step_dirname
     from .common import UsageError, emit
 
     locs = locations(args)
     if len(locs) < 2:
         raise UsageError("repair needs at least one --replica URL to copy from or to")
+    left: dict[int, list[str]] = {}  # steps ROOT does not hold (pruned there): not brought back
     if args.step is not None:
         steps = [args.step]
     else:
-        steps = sorted({s for loc in locs for s in loc.list_step_dirs()})
+        steps, left = steps_to_repair(locs)
     reports = []
     for s in bar(steps, desc="repair", total=len(steps), enabled=wanted(args), unit="step"):
         r = repair_step(locs, s, args.dry_run)
@@ -180,8 +183,13 @@ def cmd_repair(args: argparse.Namespace) -> int:
     ok = all(r.ok for r in reports)
     if args.json:
         emit({"ok": ok, "dry_run": args.dry_run, "summary": summary(reports, args.dry_run),
-              "steps": [r.to_json() for r in reports]})
+              "steps": [r.to_json() for r in reports],
+              "not_at_root": [{"step": s, "locations": w} for s, w in left.items()]})
     else:  # the plan, the same lines for a dry run and the run that carries it out
+        for s, where in left.items():
+            print(f"step {s}: not at {locs[0].display} (pruned there?), only at "
+                  f"{', '.join(where)}: not restored (repair --step {s} restores it)",
+                  file=sys.stderr)
         for r in reports:
             for action in r.plan:
                 print(action.describe(r.step))
@@ -202,7 +210,8 @@ def cmd_repair(args: argparse.Namespace) -> int:
 def _add_repair(p: argparse.ArgumentParser) -> None:
     p.add_argument("root", metavar="ROOT", help=ROOT_HELP)
     p.add_argument("--step", type=step_arg, default=None, metavar="N",
-                   help="repair only this step (default: every step)")
+                   help="repair only this step, even one that ROOT no longer holds (default: "
+                   "every step ROOT holds; steps it pruned are not brought back)")
     p.add_argument("--dry-run", action="store_true", help="print the plan (exactly what a "
                    "real run does) and change nothing")
 

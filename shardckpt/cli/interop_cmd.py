@@ -16,10 +16,12 @@ and model.safetensors.index.json above --max-shard-size; --dtype, --config), dcp
 checkpoint folder that torch.distributed.checkpoint.load reads). Tensor names are the state's
 key paths; --only PREFIX keeps those under PREFIX and strips it (--only model gives a model's own
 state_dict names). Without --step: the newest step directory holding a manifest (a corrupt one
-exits 2). --out for hf and dcp is a folder: new, empty, or a previous export of that format.
+exits 2). --out for hf and dcp is a folder: new, empty, or a previous export of that format
+holding no file that export did not write (a config.json of yours, a tokenizer): exit 64 unless
+--force. An existing --out file (safetensors, torch) is not replaced unless --force.
 
 exit codes: 0 written; 2 corrupt, missing or incomplete checkpoint; 64 usage error (bad option,
---out in the way, nothing under --only); 70 storage or internal error.
+--out in the way or not ours to replace, nothing under --only); 70 storage or internal error.
 """
 
 _IMPORT_EPILOG = """\
@@ -54,7 +56,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     try:
         locs = open_locations([args.root, *args.replica], warn="export")
         result = export_step(locs, args.step, args.format, args.out, args.only, options,
-                             on_read=lambda n: bar.update(n), on_plan=on_plan)
+                             on_read=lambda n: bar.update(n), on_plan=on_plan,
+                             overwrite=bool(getattr(args, "force", False)))
     except ConversionError as exc:
         raise UsageError(str(exc)) from None
     finally:

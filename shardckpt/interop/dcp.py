@@ -225,17 +225,19 @@ def count(value: Any) -> tuple[int, int, int]:
 
 # ------------------------------------------------------------------------------------- export
 
-def check_out_dir(out: str) -> None:
+def check_out_dir(out: str, overwrite: bool = False) -> None:
     """``out`` may receive a DCP export: it is new (its parent exists), empty, or a previous
-    DCP export by shardckpt (it holds the marker file and DCP's files only)."""
+    DCP export by shardckpt (it holds the marker file and DCP's files only); with
+    ``overwrite``, any folder (DCP's own names are replaced, other files left alone)."""
     names = existing_names(out)
-    if names is None:
+    if names is None or overwrite:
         return
     if names and (MARKER not in names or
                   any(n not in (MARKER, METADATA) and not DATA_FILE.fullmatch(n)
                       for n in names)):
         raise ConversionError(f"{out}: folder is not empty and is not a previous shardckpt DCP "
-                              "export; refusing to write into it: give an empty or new folder")
+                              "export; refusing to write into it: give an empty or new folder, "
+                              "or --force (Python: overwrite=True)")
 
 
 def _select(source: StepSource, only: str | None) -> tuple[Any, str]:
@@ -270,7 +272,8 @@ def _select(source: StepSource, only: str | None) -> tuple[Any, str]:
 
 
 def export_dcp(source: StepSource, out: str, only: str | None,
-               on_plan: Callable[[int, int], None] | None = None) -> ExportResult:
+               on_plan: Callable[[int, int], None] | None = None, *,
+               overwrite: bool = False) -> ExportResult:
     """Write the state of ``source`` (under ``only``, prefix stripped) as a DCP checkpoint in
     ``out`` with ``dcp.save`` in this process: ``dcp.load`` into a state of the same shape reads
     it back. Non-tensor values become DCP byte items (pickled by DCP, as DCP always does)."""
@@ -279,7 +282,7 @@ def export_dcp(source: StepSource, out: str, only: str | None,
     from ..planning.restore import rebuild
     from .source import ExportResult
 
-    check_out_dir(out)
+    check_out_dir(out, overwrite)
     node, path = _select(source, only)
     manifest = source.manifest
     cache: dict[str, torch.Tensor] = {}

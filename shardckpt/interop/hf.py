@@ -3,7 +3,11 @@
 The folder holds ``model.safetensors``, or, when the tensors exceed ``max_shard_size``,
 ``model-0000i-of-0000n.safetensors`` and ``model.safetensors.index.json`` (``metadata.total_size``
 and ``weight_map``), plus a copy of the model's ``config.json`` when one is given. Every file
-carries ``{"format": "pt"}`` metadata, as ``transformers`` expects, and ``shardckpt_step``.
+carries ``{"format": "pt"}`` metadata, as ``transformers`` expects, ``shardckpt_step``, and
+``shardckpt_files``: the other files the export wrote (index, config). An export writes only into
+a new or empty folder or one that holds nothing but an earlier export's files (told apart by
+that metadata): it never replaces or mixes with a file it did not write (a user's own
+``config.json``, a tokenizer) unless ``overwrite`` is given.
 
 Shards are planned from the manifest (every shape and dtype is known before a byte is read) and
 written one tensor at a time: the export holds one tensor (and its cast) in memory, never a
@@ -33,6 +37,8 @@ SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 SHARD = re.compile(r"model-(\d{5})-of-(\d{5})\.safetensors")
 CONFIG_FILES = ("config.json", "generation_config.json")  # copied from a --config folder
+FILES_KEY = "shardckpt_files"  # weights metadata: the other files the export wrote (JSON list)
+_TMP_PREFIXES = (".model", ".config", ".generation_config")  # atomic writes in progress
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DEFAULT_MAX_SHARD = "5GB"
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -47,6 +53,11 @@ class Options:
     max_shard_size: int
     dtype: torch.dtype | None
     config: tuple[str, ...]  # config files to copy into ``out``
+
+    def config_names(self) -> list[str]:
+        """The names the config files get in ``out``."""
+        return [CONFIG_FILES[0] if i == 0 else os.path.basename(src)
+                for i, src in enumerate(self.config)]
 
 
 def parse_size(value: int | str) -> int:
@@ -104,30 +115,57 @@ def ours(name: str) -> bool:
     return name in (SINGLE, INDEX) or SHARD.fullmatch(name) is not None
 
 
-def check_out_dir(out: str) -> None:
-    """``out`` may receive an export: it is new (its parent exists), empty, or a previous export
-    (it holds safetensors files written by shardckpt, and every model file in it is one)."""
+def written_by_export(out: str, names: list[str]) -> set[str]:
+    """The names in ``out`` that a shardckpt hf export wrote: its weights files (``ours`` names
+    carrying ``shardckpt_step`` metadata), the files their ``shardckpt_files`` metadata lists
+    (the index, the copied config files) and temporary files an interrupted export left."""
+    mine: set[str] = set()
+    for n in names:
+        if n.startswith(_TMP_PREFIXES) and TMP_MARK in n:
+            mine.add(n)
+        if not (n.endswith(".safetensors") and ours(n)):
+            continue
+        meta = st.read_metadata(os.path.join(out, n)) or {}
+        if "shardckpt_step" not in meta:
+            continue
+        mine.add(n)
+        try:
+            listed = json.loads(meta.get(FILES_KEY, "[]"))
+        except ValueError:
+            listed = []
+        if isinstance(listed, list):
+            mine.update(x for x in listed if isinstance(x, str) and x in names)
+    return mine
+
+
+def check_out_dir(out: str, overwrite: bool = False) -> None:
+    """``out`` may receive an export: it is new (its parent exists), empty, or holds nothing
+    but the files of a previous shardckpt export (see :func:`written_by_export`). With
+    ``overwrite``, any folder will do: the export replaces the files of the names it writes
+    and leaves the others alone."""
     names = existing_names(out)
-    if names is None:
+    if not names or overwrite:
         return
-    if not names:
-        return
-    weights = [n for n in names if n.endswith(".safetensors") and ours(n)]
-    foreign = [n for n in weights
-               if "shardckpt_step" not in (st.read_metadata(os.path.join(out, n)) or {})]
-    if not weights or foreign:
+    foreign = sorted(set(names) - written_by_export(out, names))
+    if foreign:
+        weights = [n for n in foreign if n.endswith(".safetensors") and ours(n)]
+        first = weights[0] if weights else foreign[0]
         raise ConversionError(
-            f"{out}: folder is not empty and is not a previous shardckpt export"
-            + (f" ({foreign[0]} was not written by shardckpt)" if foreign else "")
-            + "; refusing to write into it: give an empty or new folder")
+            f"{out}: folder holds {first}, which no shardckpt export wrote"
+            + (f" (and {len(foreign) - 1} more such file{'s' * (len(foreign) > 2)})"
+               if len(foreign) > 1 else "")
+            + "; an export never replaces or mixes with files it did not write: give a new or "
+            "empty folder (or a previous export's), or --force (Python: overwrite=True) to "
+            "write into it anyway")
 
 
 def prepare(out: str, max_shard_size: int | str = DEFAULT_MAX_SHARD,
             dtype: str | torch.dtype | None = None,
-            config: str | os.PathLike[str] | None = None) -> Options:
+            config: str | os.PathLike[str] | None = None, *,
+            overwrite: bool = False) -> Options:
     """Check every option and the output folder before anything is read or written."""
     opts = Options(out, parse_size(max_shard_size), parse_dtype(dtype), config_files(config))
-    check_out_dir(out)
+    check_out_dir(out, overwrite)
     return opts
 
 
@@ -177,13 +215,16 @@ def export_hf(source: StepSource, entries: list[Entry], opts: Options) -> Export
         [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
 
     os.makedirs(opts.out, exist_ok=True)
+    # files an earlier export wrote (a config.json) and this one leaves: still ours afterwards
+    here = os.listdir(opts.out)
+    kept = sorted(n for n in written_by_export(opts.out, here)
+                  if not ours(n) and TMP_MARK not in n and n not in opts.config_names())
     # The entry points of a previous export go first: until the new one is complete, the folder
     # holds no loadable model, never a mix of two steps.
     for name in (INDEX, SINGLE):
         _remove(os.path.join(opts.out, name))
     for name in os.listdir(opts.out):
-        if name.startswith((".model", ".config", ".generation_config")) and \
-                TMP_MARK in name:  # left by an interrupted export
+        if name.startswith(_TMP_PREFIXES) and TMP_MARK in name:  # left by an interrupted export
             _remove(os.path.join(opts.out, name))
 
     def load(spec: st.TensorSpec) -> torch.Tensor:
@@ -192,7 +233,9 @@ def export_hf(source: StepSource, entries: list[Entry], opts: Options) -> Export
             tensor = tensor.to(getattr(torch, spec.dtype))
         return tensor
 
-    metadata = {"format": "pt", "shardckpt_step": str(source.step)}
+    others = ([INDEX] if len(shards) > 1 else []) + opts.config_names() + kept
+    metadata = {"format": "pt", "shardckpt_step": str(source.step),
+                FILES_KEY: json.dumps(others)}  # what the next export may replace
     total = 0
     for name, shard in zip(names, shards):
         total += st.write_file(os.path.join(opts.out, name), shard, load, metadata)
@@ -205,9 +248,8 @@ def export_hf(source: StepSource, entries: list[Entry], opts: Options) -> Export
     for name in os.listdir(opts.out):  # shards of a previous export with another shard count
         if ours(name) and name not in files:
             _remove(os.path.join(opts.out, name))
-    for src in opts.config:
-        dst = os.path.join(opts.out, CONFIG_FILES[0] if src == opts.config[0] else
-                           os.path.basename(src))
+    for src, name in zip(opts.config, opts.config_names()):
+        dst = os.path.join(opts.out, name)
         if not (os.path.exists(dst) and os.path.samefile(src, dst)):
             with open(src, "rb") as fin, atomic_open(dst) as fout:  # mode: the umask's
                 shutil.copyfileobj(fin, fout)
