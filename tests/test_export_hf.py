@@ -73,7 +73,8 @@ def test_hf_export_loads_in_transformers_with_identical_logits(llama: dict, tmp_
                                        "model.safetensors"]
     transformers_accepts(out / "model.safetensors")
     with safe_open(str(out / "model.safetensors"), framework="pt") as f:
-        assert f.metadata() == {"format": "pt", "shardckpt_step": "1"}
+        assert f.metadata() == {"format": "pt", "shardckpt_step": "1",  # + what it wrote too
+                                "shardckpt_files": '["config.json", "generation_config.json"]'}
     ref = load_file(llama["ref"])
     got = load_file(str(out / "model.safetensors"))
     assert set(got) == set(ref)  # the module's own names: the "model/" prefix is gone
