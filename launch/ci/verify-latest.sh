@@ -13,12 +13,13 @@
 #     VERIFY_REPORT   where to write the JSON verdict (default: verify-report.json)
 #     OMP_NUM_THREADS threads per rank (default 1 when VERIFY_NPROC > 1)
 #
-# The exit code is shardckpt verify's: 0 ok, 1 replay mismatch, 2 corrupt / missing /
-# incomplete, 64 usage error, 70 internal error.
+# Prints one summary line on stderr (a corrupt manifest, an empty root: one line, no traceback),
+# then a verdict's checks. The exit code is shardckpt verify's: 0 ok, 1 replay mismatch, 2 corrupt
+# / missing / incomplete (an empty root too), 64 usage error, 70 internal error.
 set -euo pipefail
 
 if [ $# -lt 1 ] || [ "$1" = "-h" ] || [ "$1" = "--help" ]; then
-  sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'
   exit 64
 fi
 ROOT=$1
@@ -50,23 +51,46 @@ if [ -n "$MODEL" ]; then
   ARGS+=(--model "$MODEL")
 fi
 
-echo "== ${CMD[*]} ${ARGS[*]} $*" >&2
+ERRLOG=$(mktemp)
+trap 'rm -f "$ERRLOG"' EXIT
 set +e
-"${CMD[@]}" "${ARGS[@]}" "$@" > "$REPORT"
+"${CMD[@]}" "${ARGS[@]}" "$@" > "$REPORT" 2> "$ERRLOG"
 rc=$?
 set -e
 
-if [ -s "$REPORT" ]; then
-  # A short summary for the CI log; the full verdict stays in $REPORT.
-  python3 - "$REPORT" <<'PY' >&2 || true
+# One summary line on stderr, whatever happened (a verdict, an error document such as a corrupt
+# manifest or an empty root, or no JSON at all); the check details follow a verdict. Never a
+# traceback: a report that cannot be read is described, not parsed blindly.
+python3 - "$REPORT" "$ROOT" "$rc" "$ERRLOG" <<'PY' >&2 || echo "verify-latest: $ROOT: exit $rc (report: $REPORT)" >&2
 import json, sys
-doc = json.load(open(sys.argv[1]))
-print(f"step {doc['step']}: {'OK' if doc['ok'] else 'FAILED'} "
-      f"(saved at world size {doc['saved_world_size']}, verified on {doc['nproc']})")
-for c in doc["checks"]:
-    state = "skipped" if c.get("skipped") else "ok" if c["ok"] else "FAILED"
-    print(f"  {c['name']:<13} {state:<8} {c['detail']}")
+report, root, rc, errlog = sys.argv[1:]
+try:
+    with open(report, encoding="utf-8") as f:
+        doc = json.load(f)
+except (OSError, ValueError):
+    doc = None
+try:
+    with open(errlog, encoding="utf-8", errors="replace") as f:
+        err = [ln.rstrip() for ln in f if ln.strip()]
+except OSError:
+    err = []
+tail = f"exit {rc}; report: {report}"
+if isinstance(doc, dict) and isinstance(doc.get("error"), dict):
+    e = doc["error"]
+    msg = " ".join(str(e.get("message", "")).split())
+    print(f"verify-latest: {root}: {e.get('type', 'error')}: {msg} ({tail})")
+elif isinstance(doc, dict) and "step" in doc and isinstance(doc.get("checks"), list):
+    for line in err:  # warnings of the run (an unreachable replica, ...)
+        print(f"  {line}")
+    print(f"verify-latest: {root}: step {doc['step']}: {'OK' if doc.get('ok') else 'FAILED'} "
+          f"(saved at world size {doc.get('saved_world_size', '?')}, verified on "
+          f"{doc.get('nproc', '?')}; {tail})")
+    for c in doc["checks"]:
+        if isinstance(c, dict):
+            state = "skipped" if c.get("skipped") else "ok" if c.get("ok") else "FAILED"
+            print(f"  {c.get('name', '?'):<13} {state:<8} {c.get('detail', '')}")
+else:
+    last = err[-1] if err else "no output"
+    print(f"verify-latest: {root}: no verdict: {' '.join(last.split())[:500]} ({tail})")
 PY
-fi
-echo "== exit $rc (report: $REPORT)" >&2
 exit "$rc"
