@@ -3,12 +3,16 @@
 Run under torchrun (FSDP2 over gloo on CPU, or NCCL on GPUs) or as a plain single process:
 
     torchrun --standalone --nproc-per-node 2 launch/demo.py --root demo_run/ckpt --steps 20
+
+SIGTERM (preemption, scancel) and SIGUSR1 (Slurm's time-limit warning) make it save the current
+step with a blocking save, print one line and exit 0, to resume from there when restarted.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 
 import torch
 import torch.distributed as dist
@@ -46,6 +50,27 @@ class TinyLM(nn.Module):
         return self.head(h)
 
 
+class StopSignal:
+    """Set by SIGTERM or SIGUSR1; :meth:`agreed` is the same on every rank (the ranks see the
+    signal at slightly different steps, while ``save`` needs the same step everywhere)."""
+
+    def __init__(self) -> None:
+        self.name: str | None = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._on)
+
+    def _on(self, signum: int, frame: object) -> None:
+        self.name = self.name or signal.Signals(signum).name
+
+    def agreed(self, distributed: bool) -> bool:
+        if not distributed:
+            return self.name is not None
+        device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+        flag = torch.tensor([float(self.name is not None)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # microseconds next to a step
+        return bool(flag.item() > 0)
+
+
 def batch(step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(step * 7919 + rank)
     x = torch.randint(0, VOCAB, (8, 16), generator=g)
@@ -59,6 +84,7 @@ def main() -> None:
     ap.add_argument("--save-every", type=int, default=5)
     args = ap.parse_args()
 
+    stop = StopSignal()  # before anything slow: a signal from now on means "save and exit"
     distributed = "RANK" in os.environ
     if distributed:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
@@ -83,6 +109,7 @@ def main() -> None:
             step = mgr.load(state)
             if rank == 0:
                 print(f"resumed from step {step} (lr {sched.get_last_lr()[0]:.6f})", flush=True)
+        stopped = False
         while progress["step"] < args.steps:
             x, y = batch(progress["step"], rank)
             loss = nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
@@ -93,10 +120,17 @@ def main() -> None:
             progress["step"] += 1
             if rank == 0:
                 print(f"step {progress['step']:3d}  loss {loss.item():.6f}", flush=True)
+            if stop.agreed(distributed):
+                mgr.save(progress["step"], state, metrics={"loss": loss.item()}, blocking=True)
+                stopped = True
+                break
             if mgr.should_save(progress["step"]):
                 mgr.save(progress["step"], state, metrics={"loss": loss.item()})
     mgr.close()  # collective: the last save commits before the process group goes away
-    if rank == 0:
+    if rank == 0 and stopped:
+        print(f"{stop.name or 'stop signal'} (preemption or time limit): saved step "
+              f"{progress['step']}, exiting to resume from it", flush=True)
+    elif rank == 0:
         print(f"done at step {progress['step']}; checkpoints: {mgr.steps()}", flush=True)
     if distributed:
         dist.destroy_process_group()
