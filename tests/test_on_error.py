@@ -87,7 +87,7 @@ def test_warn_raises_after_max_failed_saves_in_a_row(tmp_path: Path, monkeypatch
         mgr = shardckpt.CheckpointManager(str(tmp_path), on_error="warn")
         mgr.save(1, state())
         mgr.save(2, state())
-        with pytest.raises(ShardckptError, match=r"steps \[1, 2\] failed in a row"):
+        with pytest.raises(ShardckptError, match=r"steps \[1, 2\]\) failed in a row"):
             mgr.save(3, state())
         mgr.save(3, state())  # the count starts again; a commit resets it
         mgr.save(4, state())
