@@ -27,12 +27,12 @@ from .engine.lazy import LazySnapshot
 from .engine.load import load_step
 from .engine.reader import CheckpointReader
 from .engine.save import SaveOptions, SaveRequest, agree_on_state, save_step
+from .engine.saveargs import check_save_args
 from .engine.snapshot import Snapshot, StagingPool
 from .errors import IncompleteCheckpointError, ShardckptError
 from .extras import RNG_KEY, has_key, with_extras
 from .format import manifest as M
 from .format.shard import Codec
-from .golden import Golden
 from .handles import CheckpointInfo, SaveHandle
 from .observe import SaveEvent, SaveObserver, SaveTracker, check_callbacks, check_metrics_path
 from .planning.plancache import PlanCache
@@ -134,27 +134,18 @@ class CheckpointManager:
 
         Returns once the state is snapshotted (``async_save``) or committed (``blocking=True``).
         A save issued while another is in flight first waits for that one. An earlier background
-        save's failure is raised here after this save has started (``on_error="raise"``), or
-        warned about and kept in ``failed_saves`` (``"warn"``). A state that cannot be checkpointed (a value of an
-        unsupported type, a reserved key) raises here in one process and, in a job, on every
-        rank: here for a blocking save; for an async one, which never waits here for the other
-        ranks, from every rank's handle (or the next ``save``, ``wait``, ``close``), with a
-        warning here on the rank at fault. Nothing is written. On rank 0, once the save is
-        committed or has failed, it is logged (logger ``shardckpt``), the ``metrics_path`` file is rewritten and the
-        ``callbacks`` are called with a :class:`~shardckpt.SaveEvent`.
+        save's failure is raised here once this save has started (``on_error="raise"``), or is
+        warned about and kept in ``failed_saves`` (``"warn"``). A state that cannot be
+        checkpointed (an unsupported type, a reserved key) raises here in one process and, in a
+        job, on every rank: here for a blocking save; for an async one, which never waits here
+        for the other ranks, from every rank's handle (or the next ``save``, ``wait``,
+        ``close``), with a warning here on the rank at fault. Nothing is written. On rank 0, once
+        the save is committed or has failed, it is logged (logger ``shardckpt``), the
+        ``metrics_path`` file is rewritten and the ``callbacks`` get a ``SaveEvent``.
         """
         t0 = time.monotonic()  # the caller's stall is measured from here to the return
         self._check_open()
-        if type(step) is not int or not 0 <= step <= M.MAX_STEP:
-            raise ValueError(f"step must be an int in [0, {M.MAX_STEP}], got {step!r}")
-        if not isinstance(state, dict):
-            raise TypeError(f"state must be a dict, got {type(state).__name__}")
-        if golden is not None and not isinstance(golden, Golden):
-            raise TypeError("golden must be a shardckpt.Golden")
-        metrics = {str(k): float(v) for k, v in (metrics or {}).items()}
-        tags = tuple(tags)
-        if not all(isinstance(t, str) for t in tags):
-            raise TypeError("tags must be strings")
+        metrics, tags = check_save_args(step, state, metrics, tags, golden)
         with self._lock:
             pending, self._pending = self._pending, []
         previous, agreed = self._failures.settle(pending)

@@ -75,8 +75,8 @@ def test_warn_goes_on_and_records_the_failure(tmp_path: Path, monkeypatch) -> No
     assert all(isinstance(e, StorageError) for _, e in mgr.failed_saves)
     assert mgr.steps() == [2, 4]
     assert "shardckpt_save_failures_total{root=" in metrics.read_text()
-    assert [line for line in metrics.read_text().splitlines()
-            if line.startswith("shardckpt_save_failures_total")][0].endswith(" 2")
+    assert next(line for line in metrics.read_text().splitlines()
+                if line.startswith("shardckpt_save_failures_total")).endswith(" 2")
 
 
 def test_warn_raises_after_max_failed_saves_in_a_row(tmp_path: Path, monkeypatch) -> None:

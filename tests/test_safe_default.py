@@ -194,7 +194,7 @@ def test_lazy_torn_save_raises_and_the_key_is_then_copied_inside_save(tmp_path: 
         with torch.no_grad():
             weight.mul_(2)  # outside an optimizer step, before the copy
         held.release()
-        with pytest.raises(TornSnapshotError, match="0.weight"), \
+        with pytest.raises(TornSnapshotError, match=r"0\.weight"), \
                 pytest.warns(UserWarning, match=r"copied inside save\(\).*model/0\.weight"):
             handle.wait()
         assert mgr.steps() == []  # nothing wrong is committed

@@ -32,8 +32,14 @@ import torch
 
 from .. import knobs
 from ..planning.statedict import Collected, TensorLeaf
-from .lazy import CopyJob, CudaFence, LazySnapshot, storage_ptr, warn_contract_once, \
-    written_in_forward
+from .lazy import (
+    CopyJob,
+    CudaFence,
+    LazySnapshot,
+    storage_ptr,
+    warn_contract_once,
+    written_in_forward,
+)
 from .priority import lower_thread_priority
 
 ALIGNED_MIN = 1 << 20  # smaller buffers are written through the page cache anyway
