@@ -65,6 +65,9 @@ def test_warn_goes_on_and_records_the_failure(tmp_path: Path, monkeypatch) -> No
     assert h2.wait().step == 2
     with pytest.warns(UserWarning, match="step 3 failed"):
         mgr.wait()  # does not raise
+    assert "shardckpt_save_failures_in_a_row{" in metrics.read_text()
+    assert next(x for x in metrics.read_text().splitlines()
+                if x.startswith("shardckpt_save_failures_in_a_row")).endswith(" 1")
     mgr.save(4, state())
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -75,8 +78,10 @@ def test_warn_goes_on_and_records_the_failure(tmp_path: Path, monkeypatch) -> No
     assert all(isinstance(e, StorageError) for _, e in mgr.failed_saves)
     assert mgr.steps() == [2, 4]
     assert "shardckpt_save_failures_total{root=" in metrics.read_text()
-    assert next(line for line in metrics.read_text().splitlines()
-                if line.startswith("shardckpt_save_failures_total")).endswith(" 2")
+    lines = metrics.read_text().splitlines()
+    assert next(x for x in lines if x.startswith("shardckpt_save_failures_total")).endswith(" 2")
+    assert next(x for x in lines if x.startswith("shardckpt_save_failures_in_a_row")).endswith(
+        " 0")  # step 4 committed after step 3 failed
 
 
 def test_warn_raises_after_max_failed_saves_in_a_row(tmp_path: Path, monkeypatch) -> None:
