@@ -164,6 +164,17 @@ def test_embedding_with_max_norm_under_lazy_warn_loses_at_most_one_save(tmp_path
             assert_same(committed(mgr, step, make_embedding), expected[step])
 
 
+def test_embedding_with_max_norm_under_lazy_raise_commits_every_save(tmp_path: Path,
+                                                                      monkeypatch) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        steps, expected, mgr = run_embedding(tmp_path, monkeypatch, snapshot="lazy")
+    with mgr:  # copied inside save() from the start: nothing to tear, nothing raised
+        assert steps == [2, 4, 6, 8, 10] and mgr.failed_saves == []
+        for step in steps:
+            assert_same(committed(mgr, step, make_embedding), expected[step])
+
+
 def test_lazy_copies_weights_written_in_forward_inside_save() -> None:
     model = Renormed()
     assert lazy.written_in_forward({"m": model}) == {lazy.storage_ptr(model.emb.weight)}
