@@ -20,18 +20,19 @@ from . import catalog, exit_wait, knobs
 from .catalog import find_manifest
 from .engine.background import background_options
 from .engine.comm import make_comm
+from .engine.failpolicy import FailurePolicy, check_on_error
 from .engine.failures import describe
 from .engine.index import full_manifest
 from .engine.lazy import LazySnapshot
 from .engine.load import load_step
 from .engine.reader import CheckpointReader
 from .engine.save import SaveOptions, SaveRequest, agree_on_state, save_step
+from .engine.saveargs import check_save_args
 from .engine.snapshot import Snapshot, StagingPool
 from .errors import IncompleteCheckpointError, ShardckptError
 from .extras import RNG_KEY, has_key, with_extras
 from .format import manifest as M
 from .format.shard import Codec
-from .golden import Golden
 from .handles import CheckpointInfo, SaveHandle
 from .observe import SaveEvent, SaveObserver, SaveTracker, check_callbacks, check_metrics_path
 from .planning.plancache import PlanCache
@@ -52,7 +53,7 @@ class CheckpointManager:
                  retention: RetentionPolicy | None = None, save_every: int | None = None,
                  async_save: bool = True, compression: str | None = None,
                  storage_options: Mapping[str, Mapping[str, Any]] | None = None,
-                 process_group: Any = None, *, snapshot: str = "lazy",
+                 process_group: Any = None, *, snapshot: str = "eager", on_error: str = "raise",
                  config: Mapping[str, Any] | None = None,
                  data: Mapping[str, Any] | None = None, capture_rng: bool = True,
                  metrics_path: str | os.PathLike[str] | None = None,
@@ -73,6 +74,7 @@ class CheckpointManager:
             raise TypeError("retention must be a shardckpt.RetentionPolicy")
         if snapshot not in ("lazy", "eager"):
             raise ValueError(f"snapshot must be 'lazy' or 'eager', got {snapshot!r}")
+        check_on_error(on_error)
         metrics_path = check_metrics_path(metrics_path)
         save_callbacks = check_callbacks(callbacks)
         # file_mode: the exact mode of new local files (dirs: + x where r, rwx for the owner);
@@ -92,9 +94,10 @@ class CheckpointManager:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shardckpt-save")
         self._pending: list[SaveHandle] = []
         self._lock = threading.Lock()
-        # lazy: parameters and optimizer state are copied while training goes on, and optimizer
-        # steps wait for the copy (engine/lazy.py); eager: everything is copied inside save()
+        # eager: everything is copied inside save(); lazy (opt-in, with a contract: see
+        # engine/lazy.py): parameters and optimizer state are copied while training goes on
         self._staging = StagingPool(lazy=snapshot == "lazy")
+        self._failures = FailurePolicy(on_error, self.world_size)  # on_error, failed_saves
         self._plan_cache = PlanCache()
         self.capture_rng = capture_rng
         self._config, self._data = config, data
@@ -107,6 +110,10 @@ class CheckpointManager:
                                       callbacks=save_callbacks, urls=urls)
         self._observer.publish_initial()
         exit_wait.track(self)  # a save still in flight when the script ends is finished first
+
+    @property
+    def failed_saves(self) -> list[tuple[int, BaseException]]:  # (step, error), oldest first
+        return self._failures.failed_saves
 
     @property
     def rank(self) -> int:
@@ -126,29 +133,25 @@ class CheckpointManager:
         """Collective. Snapshot ``state`` and write it as checkpoint ``step``.
 
         Returns once the state is snapshotted (``async_save``) or committed (``blocking=True``).
-        A save issued while another is in flight first waits for that one; an error of an earlier
-        background save is raised here. A state that cannot be checkpointed (a value of an
-        unsupported type, a reserved key) raises here in one process and, in a job, on every
-        rank: here for a blocking save; for an async one, which never waits here for the other
-        ranks, from every rank's handle (or the next ``save``, ``wait``, ``close``), with a
-        warning here on the rank at fault. Nothing is written. On rank 0, once the save is
-        committed or has failed,
-        it is logged (logger ``shardckpt``), the ``metrics_path`` file is rewritten and the
-        ``callbacks`` are called with a :class:`~shardckpt.SaveEvent`.
+        A save issued while another is in flight first waits for that one. An earlier background
+        save's failure is raised here once this save has started (``on_error="raise"``), or is
+        warned about and kept in ``failed_saves`` (``"warn"``). A state that cannot be
+        checkpointed (an unsupported type, a reserved key) raises here in one process and, in a
+        job, on every rank: here for a blocking save; for an async one, which never waits here
+        for the other ranks, from every rank's handle (or the next ``save``, ``wait``,
+        ``close``), with a warning here on the rank at fault. Nothing is written. On rank 0, once
+        the save is committed or has failed, it is logged (logger ``shardckpt``), the
+        ``metrics_path`` file is rewritten and the ``callbacks`` get a ``SaveEvent``.
         """
         t0 = time.monotonic()  # the caller's stall is measured from here to the return
         self._check_open()
-        if type(step) is not int or not 0 <= step <= M.MAX_STEP:
-            raise ValueError(f"step must be an int in [0, {M.MAX_STEP}], got {step!r}")
-        if not isinstance(state, dict):
-            raise TypeError(f"state must be a dict, got {type(state).__name__}")
-        if golden is not None and not isinstance(golden, Golden):
-            raise TypeError("golden must be a shardckpt.Golden")
-        metrics = {str(k): float(v) for k, v in (metrics or {}).items()}
-        tags = tuple(tags)
-        if not all(isinstance(t, str) for t in tags):
-            raise TypeError("tags must be strings")
-        self.wait()
+        metrics, tags = check_save_args(step, state, metrics, tags, golden)
+        with self._lock:
+            pending, self._pending = self._pending, []
+        previous, agreed = self._failures.settle(pending)
+        if previous is not None and not agreed:  # an outcome the ranks may not share
+            raise previous
+        self._failures.check_limit(step)  # raises on every rank alike
         extra: dict[str, Any] = {"shardckpt_version": __version__,
                                  "provenance": self._provenance_record()}
         blocking = (not self.async_save) if blocking is None else blocking
@@ -158,7 +161,7 @@ class CheckpointManager:
             state = with_extras(state, self.capture_rng, golden, extra)
             # Flattening checks every value (type, key path): a blocking save writes straight
             # from the live tensors, an async one from a snapshot of them.
-            staged = self._staging.stage(collect(state), blocking)
+            staged = self._staging.stage(collect(state), blocking, state)
         except Exception as exc:
             error = exc
         req = SaveRequest(step, metrics, tags, extra)
@@ -184,9 +187,11 @@ class CheckpointManager:
             with self._lock:
                 self._pending.append(handle)
             if blocking:
-                self.wait()
+                self._wait(strict=True)  # a blocking save always raises
         finally:
             tracker.returned()  # the event goes out once this and the outcome are both known
+        if previous is not None:
+            raise previous
         return handle
 
     def _provenance_record(self) -> dict[str, Any]:
@@ -237,17 +242,14 @@ class CheckpointManager:
         return CheckpointInfo.from_manifest(manifest)
 
     def wait(self) -> None:
-        """Wait for every in-flight save; raise the first error among them."""
+        """Wait for every in-flight save; raise the first error among them (under
+        ``on_error="warn"`` only one the ranks may not share: see ``failed_saves``)."""
+        self._wait()
+
+    def _wait(self, strict: bool = False) -> None:
         with self._lock:
             pending, self._pending = self._pending, []
-        first: BaseException | None = None
-        for handle in pending:
-            already = handle.error_reported
-            try:
-                handle.wait()
-            except BaseException as exc:
-                if not already:  # an error reaches the user once, wherever it surfaces first
-                    first = first or exc
+        first, _ = self._failures.settle(pending, strict)  # an error surfaces once, first place
         if first is not None:
             raise first
 

@@ -113,6 +113,7 @@ def scrub(text: str, urls: Iterable[str] = ()) -> str:
 class _Totals:
     saves: int = 0
     failures: int = 0
+    failures_in_a_row: int = 0  # since the last commit (on_error="warn" goes on through them)
     committed: int = 0
     degraded: int = 0
     bytes: int = 0
@@ -163,10 +164,12 @@ class SaveObserver:
             if event.ok:
                 t.committed += 1
                 t.degraded += int(event.degraded)
+                t.failures_in_a_row = 0
                 t.bytes += event.nbytes
                 t.last_ok = event
             else:
                 t.failures += 1
+                t.failures_in_a_row += 1
                 t.last_failed = event
             t.stall_s += event.stall_s
             t.write_s += event.write_s
@@ -227,6 +230,8 @@ class SaveObserver:
              "by this process.", one(t.saves)),
             ("shardckpt_save_failures_total", "counter", "Save attempts that failed.",
              one(t.failures)),
+            ("shardckpt_save_failures_in_a_row", "gauge", "Save attempts that failed since the "
+             "last commit (0 after a commit).", one(t.failures_in_a_row)),
             ("shardckpt_checkpoints_committed_total", "counter", "Checkpoints committed.",
              one(t.committed)),
             ("shardckpt_degraded_saves_total", "counter", "Checkpoints committed while some "

@@ -125,7 +125,9 @@ def test_background_failure_surfaces_on_wait_and_next_save(tmp_path, monkeypatch
     # ...and a failure not yet seen by anyone surfaces from the next save()
     mgr.save(3, state)
     with pytest.raises(shardckpt.ShardckptError, match="No space left"):
-        mgr.save(4, state)
+        mgr.save(4, state)  # raised once save 4 has started (issue 26)...
+    with pytest.raises(shardckpt.ShardckptError, match="No space left"):
+        mgr.wait()  # ...which fails too, on the same full disk
     monkeypatch.undo()
     mgr.save(5, state).wait()  # the next save works again
     assert mgr.steps() == [1, 5]

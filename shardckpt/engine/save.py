@@ -38,6 +38,7 @@ from ..planning.statedict import Collected, TensorLeaf, collect
 from ..storage import Location, step_dirname
 from ..storage.lease import StepLease
 from .comm import Comm
+from .failpolicy import mark_agreed
 from .failures import agree_on_state, describe, raise_failures
 from .messages import Assignment, FileEntry, Outcome, RankPlan, WriteReport
 from .pipeline import PipelineConfig
@@ -107,10 +108,15 @@ def save_step(comm: Comm, locations: Sequence[Location], state: dict[str, Any],
     with contextlib.ExitStack() as stack:
         run = _SaveRun(comm, list(locations), req, opts, min_replicas,
                        plan_cache if plan_cache is not None else PlanCache(), stack)
-        assignment, collected = run.plan(state, collected)
-        report = run.write(assignment, collected)
-        outcome = run.commit(assignment, report)
-        return run.decide(outcome)
+        try:
+            assignment, collected = run.plan(state, collected)
+            report = run.write(assignment, collected)
+            outcome = run.commit(assignment, report)
+            return run.decide(outcome)
+        except BaseException as exc:
+            if run.agreed:  # raised on every rank alike (engine/failpolicy.py)
+                mark_agreed(exc)
+            raise
 
 
 class _SaveRun:
@@ -130,6 +136,7 @@ class _SaveRun:
         self.tensors: dict[str, M.TensorEntry] = {}  # rank 0: the manifest's tensor entries
         self.manifest: M.Manifest | None = None
         self.counts: dict[str, float] = {}
+        self.agreed = False  # a failure broadcast to every rank is being raised
 
     def plan(self, state: dict[str, Any], collected: Collected | BaseException | None
              ) -> tuple[Assignment, Collected]:
@@ -168,6 +175,7 @@ class _SaveRun:
         assignment = Assignment.from_json(self.comm.broadcast_json(msg, "save: write plan"))
         self.cache.ack(assignment.known, rank)
         if assignment.failures:
+            self.agreed = True
             raise_failures(f"save of step {self.req.step} refused, nothing was written: state "
                            f"collection failed", assignment.failures, self.error, world)
         assert isinstance(collected, Collected)
@@ -309,6 +317,7 @@ class _SaveRun:
                                                              "save: commit decision"))
         self.clock.lap("decision")
         if not outcome.ok:
+            self.agreed = True
             if outcome.storage:
                 raise StorageError("save failed: " + "; ".join(outcome.failures.values())) \
                     from self.error
