@@ -40,7 +40,7 @@ class RootKind:
 
     def describe(self) -> str:
         """One line for a root without checkpoints (``missing`` / ``empty``)."""
-        why = "does not exist yet" if self.kind == MISSING else "is empty"
+        why = "does not exist" if self.kind == MISSING else "is empty"
         return f"{self.display}: no checkpoints yet (the root {why})"
 
 

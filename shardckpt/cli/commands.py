@@ -129,7 +129,12 @@ def cmd_show(args: argparse.Namespace) -> int:
 
     from .common import checked_roots
 
-    locs, kinds = checked_roots(args)  # a root with no checkpoints: exit 2 below, "no checkpoint"
+    locs, kinds = checked_roots(args)
+    known = [k for k in kinds if k is not None]
+    if known and all(k.kind != "root" for k in known):  # nothing to show: exit 2, as for a
+        from ..errors import IncompleteCheckpointError  # root whose steps were all pruned
+
+        raise IncompleteCheckpointError(known[0].describe())
     step = latest_step(locs) if args.step is None else args.step
     from ..catalog import find_manifest
     from ..format import manifest as M
