@@ -59,6 +59,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
     started = time.time()
     outcome: list[tuple[str, int, int]] = []
     code = 70
+    if args.metrics_file and not args.dry_run:  # a dry run writes no metrics
+        from .common import check_out_path
+
+        check_out_path(args.metrics_file, "--metrics-file")
     try:
         code = _prune(args, started, outcome)
         return code
@@ -94,10 +98,6 @@ def _prune(args: argparse.Namespace, started: float, outcome: list[tuple[str, in
     policy = _prune_policy(args)
     grace = _duration_arg(args.grace, "--grace")
     lock_wait = _duration_arg(args.lock_wait, "--lock-wait")
-    if args.metrics_file:
-        from .common import check_out_path
-
-        check_out_path(args.metrics_file, "--metrics-file")
     locs, kinds = checked_roots(args)  # NotARootError (exit 2) before anything is written
     docs: list[dict[str, Any]] = []
     errors: list[tuple[str, ShardckptError]] = []
