@@ -34,9 +34,9 @@ from datetime import datetime, timezone
 from typing import Any
 
 from . import catalog
+from .controldir import make_control_dirs
 from .errors import StorageError
 from .format import manifest as M
-from .controldir import make_control_dirs
 from .policy import (
     CheckpointRecord,
     RetentionPlan,

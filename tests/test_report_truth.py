@@ -36,11 +36,11 @@ def test_nonfinite_values_break_the_line_and_are_marked() -> None:
     assert all(math.isnan(ys[s]) for s in (3, 5, 7))  # a gap, not a line through them
     assert [ys[s] for s in (1, 2, 4, 6, 8)] == [1.0, 0.5, 0.25, 0.2, 0.1]
     marks = {c.get_label(): [float(x) for x, _ in c.get_offsets()] for c in ax.collections}
-    assert marks == {"NaN (at the top edge)": [3.0], "+inf (at the top edge)": [5.0],
-                     "-inf (at the bottom edge)": [7.0]}
+    assert marks == {"loss: NaN (top edge)": [3.0], "loss: +inf (top edge)": [5.0],
+                     "loss: -inf (bottom edge)": [7.0]}
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
-    assert labels == ["loss", "NaN (at the top edge)", "+inf (at the top edge)",
-                      "-inf (at the bottom edge)"]
+    assert labels == ["loss", "loss: NaN (top edge)", "loss: +inf (top edge)",
+                      "loss: -inf (bottom edge)"]
 
 
 def test_the_legend_hides_no_data() -> None:

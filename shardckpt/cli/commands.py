@@ -125,9 +125,7 @@ def _print_ls(rows: list[dict[str, Any]]) -> None:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from .common import emit
-
-    from .common import checked_roots
+    from .common import checked_roots, emit
 
     locs, kinds = checked_roots(args)
     known = [k for k in kinds if k is not None]

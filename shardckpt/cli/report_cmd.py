@@ -169,25 +169,30 @@ def _plot_metrics(ax: Any, rows: list[dict[str, Any]], names: Sequence[str]) -> 
 
     edge = blended_transform_factory(ax.transData, ax.transAxes)
     plotted: list[str] = []
-    marks: dict[str, list[int]] = {"nan": [], "inf": [], "-inf": []}
+    marked = False
     for name in names:
         pts = [(r["step"], r["metrics"][name]) for r in rows if name in r["metrics"]]
         ys = [_float(v) for _, v in pts]
+        marks: dict[str, list[int]] = {"nan": [], "inf": [], "-inf": []}
         for (step, v), y in zip(pts, ys):
             bad = nonfinite(v)
             if y is None and bad is not None:
                 marks["nan" if math.isnan(bad) else "inf" if bad > 0 else "-inf"].append(step)
+        color = None
         if any(y is not None for y in ys):
             plotted.append(name)
-            ax.plot([s for s, _ in pts], [math.nan if y is None else y for y in ys],
-                    marker=".", ms=4, lw=1.0, label=name)
-    for key, y, marker, label in (("nan", 0.96, "X", "NaN (at the top edge)"),
-                                  ("inf", 0.96, "^", "+inf (at the top edge)"),
-                                  ("-inf", 0.04, "v", "-inf (at the bottom edge)")):
-        if marks[key]:
-            ax.scatter(marks[key], [y] * len(marks[key]), marker=marker, s=50, color="tab:red",
-                       transform=edge, clip_on=False, zorder=5, label=label)
-    if plotted or any(marks.values()):
+            (line,) = ax.plot([s for s, _ in pts], [math.nan if y is None else y for y in ys],
+                              marker=".", ms=4, lw=1.0, label=name)
+            color = line.get_color()
+        for key, y, marker, label in (("nan", 0.96, "X", "NaN (top edge)"),
+                                      ("inf", 0.96, "^", "+inf (top edge)"),
+                                      ("-inf", 0.04, "v", "-inf (bottom edge)")):
+            if marks[key]:
+                marked = True
+                ax.scatter(marks[key], [y] * len(marks[key]), marker=marker, s=60,
+                           color=color or "tab:red", edgecolors="black", linewidths=0.5,
+                           transform=edge, clip_on=False, zorder=5, label=f"{name}: {label}")
+    if plotted or marked:
         _legend(ax)
     else:
         ax.text(0.5, 0.5, "no metrics", ha="center", va="center", transform=ax.transAxes,
