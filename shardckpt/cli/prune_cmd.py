@@ -117,8 +117,8 @@ def _prune(args: argparse.Namespace, started: float, outcome: list[tuple[str, in
             raise UsageError(f"--metric: {exc}") from None
         except ShardckptError as exc:
             errors.append((loc.display, exc))
-            docs.append({"url": loc.display, "error": {"type": type(exc).__name__,
-                                                       "message": " ".join(str(exc).split())}})
+            docs.append({"url": loc.display, "error": f"{type(exc).__name__}: "
+                         f"{' '.join(str(exc).split())}"})
             continue
         docs.append({"url": loc.display, **report.to_json()})
         outcome.append((loc.display, len(report.deleted), len(report.reaped)))
