@@ -106,7 +106,8 @@ def _prune(args: argparse.Namespace, started: float, outcome: list[tuple[str, in
                          enabled=wanted(args) and len(locs) > 1, unit="location"):
         if kind is not None and kind.kind != "root":  # before the job's first save
             docs.append({"url": loc.display, "dry_run": args.dry_run, "kept": [],
-                         "deleted": [], "note": kind.describe()})
+                         "deleted": [], "reaped": [], "skipped": [], "corrupt": [],
+                         "note": kind.describe()})
             outcome.append((loc.display, 0, 0))
             _say(args, f"{kind.describe()}; nothing to prune")
             continue
