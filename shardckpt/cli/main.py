@@ -42,7 +42,8 @@ class _QuietPipe:
     def write(self, text: str) -> int:
         if not self.broken:
             try:
-                return int(self._stream.write(text))
+                written = self._stream.write(text)
+                return len(text) if written is None else int(written)
             except BrokenPipeError:
                 self._silence()
         return len(text)
