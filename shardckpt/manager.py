@@ -325,14 +325,16 @@ class CheckpointManager:
         directories left untouched for an hour with no live writer. Not collective: only rank 0
         changes anything (other ranks get a dry-run report). Returns the root's report, with
         the replicas' in ``replicas``. Waits up to a minute for another prune of a location to
-        finish, then raises ``PruneLockedError``.
+        finish, then raises ``PruneLockedError``. ``ValueError`` (naming the metrics that
+        exist) if ``keep_best`` ranks by a metric no checkpoint has, before anything is deleted.
         """
-        report = self._prune(dry_run or self.rank != 0, DEFAULT_LOCK_WAIT_S)
+        report = self._prune(dry_run or self.rank != 0, DEFAULT_LOCK_WAIT_S, "raise")
         for step in report.deleted:
             self._finder.manifests.pop(step, None)
         return report
 
-    def _prune(self, dry_run: bool, lock_wait: float) -> PruneReport:
+    def _prune(self, dry_run: bool, lock_wait: float, unknown_metric: str = "warn"
+               ) -> PruneReport:
         policy = self.retention or RetentionPolicy()
         cache = dict(self._finder.manifests)  # a copy: the save thread may add to it meanwhile
         reports: list[PruneReport] = []
@@ -340,7 +342,7 @@ class CheckpointManager:
         for loc in reachable_all(self.locations):  # a dead replica fails in seconds
             try:
                 reports.append(prune_location(loc, policy, dry_run=dry_run, lock_wait=lock_wait,
-                                              manifests=cache))
+                                              manifests=cache, unknown_metric=unknown_metric))
             except ShardckptError as exc:
                 first = first or exc
         if first is not None:

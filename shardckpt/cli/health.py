@@ -11,6 +11,9 @@ from ..storage import Location, step_dirname
 
 # how a location's state of a step shows in ``ls`` (the catalog's word where not listed here)
 _SHOWN = {"corrupt": "corrupt manifest"}
+# states of a location that are no damage to report: whole, never saved there (a degraded
+# save, or a replica added later), or unreachable (reported once per location)
+NOT_DAMAGE = frozenset({"ok", "absent", "unreachable"})
 
 
 @dataclass
