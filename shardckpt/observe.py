@@ -103,11 +103,6 @@ class SaveEvent:
                 "error_type": self.error_type}
 
 
-def scrub(text: str, urls: Iterable[str] = ()) -> str:
-    """``text`` with every URL in it redacted (see :func:`shardckpt.redact.scrub_urls`)."""
-    return scrub_urls(text, urls)
-
-
 # ---------------------------------------------------------------------------- the observer
 @dataclass
 class _Totals:
@@ -187,7 +182,7 @@ class SaveObserver:
                 where = f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
                 logger.warning("shardckpt: save callback %s raised %s: %s%s (ignored; the save "
                                "of step %d is unaffected)", _name(cb), type(exc).__name__,
-                               scrub(str(exc), self.urls)[:1000], where, event.step)
+                               scrub_urls(str(exc), self.urls)[:1000], where, event.step)
 
     def _log(self, e: SaveEvent) -> None:
         extra = {LOGGER_NAME: e.to_record()}
@@ -328,7 +323,7 @@ class SaveTracker:
                       "degraded": degraded, "world_size": world_size})
 
     def failed(self, exc: BaseException) -> None:
-        text = scrub(f"{type(exc).__name__}: {exc}", self.observer.urls)
+        text = scrub_urls(f"{type(exc).__name__}: {exc}", self.observer.urls)
         self._finish({"ok": False, "nbytes": 0, "error": text[:2000],
                       "error_type": type(exc).__name__})
 
