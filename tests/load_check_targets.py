@@ -87,11 +87,11 @@ def meta_save(rank: int, world: int, root: str) -> dict[str, Any]:
         return {"type": None, "steps": mgr.steps()}
 
 
-def damage(root: str, step: int, victim_rank: int, how: str) -> str:
-    """Damage the shard file that ``victim_rank`` wrote at ``step``: flip a byte inside its
-    first data chunk (``chunk``) or cut the file in half (``truncate``). Returns its path."""
-    with shardckpt.CheckpointManager(root) as mgr:
-        manifest = mgr.manifest(step)
+def damage(root: str, manifest: Any, victim_rank: int, how: str) -> str:
+    """Damage the shard file that ``victim_rank`` wrote at the step of ``manifest``: flip a
+    byte inside its first data chunk (``chunk``) or cut the file in half (``truncate``).
+    Returns its path."""
+    step = manifest.step
     name = next(n for n, rec in sorted(manifest.files.items()) if rec.rank == victim_rank)
     step_dir = f"step-{step:010d}"
     path = os.path.join(root, step_dir, name)
@@ -118,7 +118,7 @@ def corrupt_newest(rank: int, world: int, root: str, how: str) -> dict[str, Any]
             mgr.save(step, rank_state(step, mesh))
         dist.barrier()
         if rank == 0:
-            out["damaged"] = os.path.basename(damage(root, 2, 1, how))
+            out["damaged"] = os.path.basename(damage(root, mgr.manifest(2), 1, how))
         dist.barrier()
         blank = blank_state(mesh)
         try:

@@ -52,8 +52,10 @@ def load_state(comm: Comm, finder: Finder, state: dict[str, Any], step: int | No
             if i + 1 == len(candidates):
                 raise
             if comm.rank == 0:
-                warnings.warn(f"step {candidate} cannot be loaded, its data is bad: {exc}; "
-                              f"loading step {candidates[i + 1]} instead", stacklevel=3)
+                lines = "; ".join(f"rank {r}: {m}" for r, m in sorted(exc.failures.items()))
+                warnings.warn(f"step {candidate} cannot be loaded, its data is bad ({lines}); "
+                              f"loading step {candidates[i + 1]} instead, every key again",
+                              stacklevel=3)
             continue
         if bad and comm.rank == 0:
             for s in bad:
