@@ -17,8 +17,8 @@ garbage collected. Each object's ``_finish_at_exit(timeout)`` is called with wha
 from __future__ import annotations
 
 import atexit
-import functools
 import concurrent.futures.thread  # noqa: F401  (registers its exit hook before ours, see above)
+import functools
 import logging
 import sys
 import threading
@@ -91,7 +91,7 @@ def guard_teardown() -> None:
         for obj in objs:
             try:
                 obj._before_teardown(group)
-            except Exception as exc:  # noqa: PERF203 (one object's failure must not stop others)
+            except Exception as exc:
                 logger.error("shardckpt: a save in flight when destroy_process_group() was "
                              "called could not be committed: %s: %s", type(exc).__name__, exc)
                 failed.append(exc)

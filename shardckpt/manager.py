@@ -17,7 +17,6 @@ from dataclasses import replace
 from typing import Any
 
 from . import catalog, exit_wait, knobs
-from .catalog import find_manifest
 from .engine.background import background_options
 from .engine.comm import make_comm
 from .engine.failures import describe
@@ -27,8 +26,8 @@ from .engine.reader import CheckpointReader
 from .engine.resume import load_state
 from .engine.save import SaveOptions, SaveRequest, agree_on_state, save_step
 from .engine.snapshot import Snapshot, StagingPool
-from .errors import IncompleteCheckpointError, ShardckptError
-from .extras import RNG_KEY, has_key, with_extras
+from .errors import ShardckptError
+from .extras import with_extras
 from .format import manifest as M
 from .format.shard import Codec
 from .golden import Golden
@@ -38,7 +37,7 @@ from .planning.plancache import PlanCache
 from .planning.statedict import collect
 from .policy import RetentionPolicy
 from .prune import DEFAULT_LOCK_WAIT_S, BackgroundPrune, PruneReport, prune_location
-from .repro import collect_provenance, host_record, restore_rng_state
+from .repro import collect_provenance, host_record
 from .storage import open_location, step_dirname
 from .storage.location import options_for
 from .storage.probe import reachable_all

@@ -73,7 +73,7 @@ def test_scalar_values_wait_for_every_check(tmp_path: Path) -> None:
     with shardckpt.CheckpointManager(str(tmp_path / "ck"), async_save=False) as mgr:
         mgr.save(1, {"progress": {"step": 7}, "z": torch.ones(4, 2)})
         state = {"progress": {"step": 0}, "z": torch.zeros(4, 1).expand(4, 2)}
-        with pytest.raises(ValueError, match="z: .*overlap"):
+        with pytest.raises(ValueError, match=r"z: .*overlap"):
             mgr.load(state)
     assert state["progress"] == {"step": 0}
 

@@ -16,7 +16,7 @@ import time
 import warnings
 from typing import Any
 
-from ..catalog import Finder, Survey, aside_dirname
+from ..catalog import Finder, Survey, aside_dirname, find_manifest
 from ..errors import IncompleteCheckpointError, ShardckptError
 from ..extras import RNG_KEY, has_key
 from ..repro import restore_rng_state
@@ -75,8 +75,6 @@ def _load_one(comm: Comm, found: Survey, state: dict[str, Any], step: int, stric
     if entry is not None and entry.manifest is not None:
         manifest = entry.manifest
     else:
-        from ..catalog import find_manifest
-
         manifest, _ = find_manifest(locations, step)
     reader = CheckpointReader(locations, step_dirname(step), manifest)
     same_world = manifest.world_size == comm.world_size

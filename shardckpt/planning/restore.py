@@ -4,8 +4,8 @@ The save side is :mod:`.statedict`."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
