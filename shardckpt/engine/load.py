@@ -173,7 +173,7 @@ def agree(comm: Comm, error: BaseException | None, phase: str, step: int) -> Non
     Bad or missing data on every failing rank: every rank raises :class:`CorruptLoadError`
     (or :class:`IncompleteLoadError`), the same on every rank and in one process. Any other
     failure: one process, or the only failing rank, raises its own error; every other rank a
-    :class:`LoadError`. Messages say whether the state was changed.
+    ``CollectiveError``. Messages say whether the state was changed.
     """
     if comm.world_size == 1:
         if error is None:
@@ -202,7 +202,7 @@ def agree(comm: Comm, error: BaseException | None, phase: str, step: int) -> Non
         raise_failures(message, failures, error, 1)  # the error itself (OSError: StorageError)
     if error is not None and len(failures) == 1:
         raise error  # this rank alone failed: its own error says it best
-    raise LoadError(message, failures, phase) from error
+    raise CollectiveError(message, failures) from error
 
 
 def load_step(comm: Comm, reader: CheckpointReader, state: dict[str, Any],
@@ -222,7 +222,8 @@ def load_step(comm: Comm, reader: CheckpointReader, state: dict[str, Any],
     planner = LoadPlanner(reader, rank, strict)
     error: BaseException | None = None
     profile: dict[str, float] = {}
-    ctx = LoadContext(planner.request, rank, manifest.world_size, strict, caller_rank=comm.rank)
+    ctx = LoadContext(planner.request, rank, manifest.world_size, strict, caller_rank=comm.rank,
+                      defer=True)
     try:
         start, cpu = time.perf_counter(), time.thread_time()
         restore(state, manifest.tree, ctx)

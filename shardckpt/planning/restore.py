@@ -35,14 +35,17 @@ class LoadContext:
     modules: dict[int, torch.nn.Module] = field(default_factory=dict)
     caller_rank: int = 0  # the loading rank, for messages
     in_module: int = 0  # depth of nn.Module states around the node being filled
+    # True (a load): values are put into the caller's containers by the appliers, after every
+    # rank's plan was checked; False: at once
+    defer: bool = False
 
 
 def fill(dest: Any, node: Any, path: str, ctx: LoadContext) -> Any:
     """Return the value of ``node``, reusing ``dest`` (tensors loaded in place, containers mutated).
 
-    Tensor data is only *requested* here; objects are re-loaded, and values other than tensors
-    filled in place are put into the caller's containers, by ``ctx.appliers`` once every
-    requested tensor has arrived: planning changes nothing of the caller's state.
+    Tensor data is only *requested* here; objects are re-loaded by ``ctx.appliers`` once every
+    requested tensor has arrived, and with ``ctx.defer`` values other than tensors filled in
+    place are put into the caller's containers by them too: planning then changes nothing.
 
     Rank-local entries (``P`` nodes) go to the ranks that saved them, and to any rank that asks
     for them (``dest`` holds the key) when that is unambiguous: one value, whoever saved it.
@@ -111,10 +114,14 @@ def fill(dest: Any, node: Any, path: str, ctx: LoadContext) -> Any:
 
 
 def _put(ctx: LoadContext, dest: Any, key: Any, old: Any, value: Any) -> None:
-    """``dest[key] = value``, deferred to the appliers: nothing of the caller's state changes
-    before every rank has planned its load (a tensor filled in place is already there)."""
-    if value is not old:
+    """``dest[key] = value``; with ``ctx.defer``, by the appliers: nothing of the caller's state
+    changes before every rank has planned its load (a tensor filled in place is there already)."""
+    if value is old:
+        return
+    if ctx.defer:
         ctx.appliers.append(partial(operator.setitem, dest, key, value))
+    else:
+        dest[key] = value
 
 
 def _skip(dest: Any, node: list[Any], where: str, ctx: LoadContext) -> Any:
