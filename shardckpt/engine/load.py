@@ -1,4 +1,6 @@
-"""The collective load protocol: every rank reads the boxes it needs, then all agree on success.
+"""The collective load protocol: every rank plans, reads the boxes it needs and applies them,
+and all ranks agree on the outcome of each phase before the next begins (see :func:`load_step`):
+nothing of the caller's state changes unless every rank's plan fits.
 
 Tensors are loaded in place: the local shard of a DTensor gets exactly its box of the global
 tensor (whatever the saving world size was), a plain tensor gets the whole tensor. Reads run in
