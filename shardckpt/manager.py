@@ -17,20 +17,19 @@ from dataclasses import replace
 from typing import Any
 
 from . import catalog, exit_wait, knobs
-from .catalog import find_manifest
 from .engine.background import background_options
 from .engine.comm import make_comm
 from .engine.failpolicy import FailurePolicy, check_on_error
 from .engine.failures import describe
 from .engine.index import full_manifest
 from .engine.lazy import LazySnapshot
-from .engine.load import load_step
 from .engine.reader import CheckpointReader
+from .engine.resume import load_state
 from .engine.save import SaveOptions, SaveRequest, agree_on_state, save_step
 from .engine.saveargs import check_save_args
 from .engine.snapshot import Snapshot, StagingPool
-from .errors import IncompleteCheckpointError, ShardckptError
-from .extras import RNG_KEY, has_key, with_extras
+from .errors import ShardckptError
+from .extras import with_extras
 from .format import manifest as M
 from .format.shard import Codec
 from .handles import CheckpointInfo, SaveHandle
@@ -39,7 +38,7 @@ from .planning.plancache import PlanCache
 from .planning.statedict import collect
 from .policy import RetentionPolicy
 from .prune import DEFAULT_LOCK_WAIT_S, BackgroundPrune, PruneReport, prune_location
-from .repro import collect_provenance, host_record, restore_rng_state
+from .repro import collect_provenance, host_record
 from .storage import open_location, step_dirname
 from .storage.location import options_for
 from .storage.probe import reachable_all
@@ -285,36 +284,15 @@ class CheckpointManager:
         """Collective. Restore ``state`` in place from ``step`` (default: the latest committed).
 
         Each rank's RNG states (Python, NumPy, torch, CUDA) are restored too when the checkpoint
-        was saved at this world size (``restore_rng=False`` leaves them alone).
+        was saved at this world size (``restore_rng=False`` leaves them alone). Nothing of
+        ``state`` changes unless every rank's keys, shapes, dtypes and destinations fit. Without
+        ``step``, a newest step whose data is bad is skipped on every rank, with a warning, and
+        moved aside by rank 0 once an older step has loaded (see :mod:`.engine.resume`).
         """
         self._check_open()
         self.wait()
-        found = self._finder.survey()
-        locations = found.reachable
-        if step is None:
-            step = self._finder.newest_valid(found, warn=self.rank == 0)
-            if self._comm.world_size > 1:
-                step = self._comm.broadcast_json(step, "load: agree on step")
-            if step is None:
-                raise IncompleteCheckpointError(
-                    f"{self.location.display}: no committed checkpoint to load")
-        manifest, _ = find_manifest(locations, step)
-        reader = CheckpointReader(locations, step_dirname(step), manifest)
-        same_world = manifest.world_size == self.world_size
-        wants_rng = restore_rng and has_key(manifest, RNG_KEY)
-        target = {**state, RNG_KEY: {}} if wants_rng and same_world else dict(state)
-        self.last_load_profile = load_step(self._comm, reader, target, strict,
-                                           knobs.IO_THREADS.get())
-        rng = target.pop(RNG_KEY, None)
-        state.update(target)
-        if rng is not None:
-            missing = restore_rng_state(rng)
-            if missing:
-                warnings.warn(f"step {step}: RNG state not restored for {missing}", stacklevel=2)
-        elif wants_rng:
-            warnings.warn(f"step {step} was saved at world size {manifest.world_size}, this job "
-                          f"has {self.world_size}: per-rank RNG states are not restored",
-                          stacklevel=2)
+        step, self.last_load_profile = load_state(self._comm, self._finder, state, step, strict,
+                                                  restore_rng, knobs.IO_THREADS.get())
         return step
 
     # -------------------------------------------------------------------------------- prune
@@ -384,6 +362,12 @@ class CheckpointManager:
         self._closed = True
         self._pool.shutdown(wait=False)
         self._staging.release()
+
+    def _before_teardown(self, group: Any) -> None:
+        """``destroy_process_group(group)`` was called (see :func:`exit_wait.guard_teardown`):
+        saves in flight finish first, on the group the protocol runs on; raises their error."""
+        if not self._closed and (group is None or group is getattr(self._comm, "group", None)):
+            self.wait()
 
     def __enter__(self) -> CheckpointManager:
         return self
