@@ -1,6 +1,7 @@
 """Rank 0's side of a save at each location: prepare the step directory, build the manifest,
-commit it (written last), or undo. The writer lease of each location is a
-:class:`~shardckpt.storage.lease.StepLease` the caller holds for the whole save."""
+commit it (written last, by an exclusive create), or undo. The writer lease of each location is
+a :class:`~shardckpt.storage.lease.StepLease` the caller holds for the whole save. Two writers
+on one step: see :mod:`shardckpt.storage.writers` (at most one of them commits)."""
 
 from __future__ import annotations
 
@@ -13,14 +14,20 @@ from datetime import datetime, timezone
 from typing import Any
 
 from ..catalog import aside_dirname, read_manifest
-from ..errors import CorruptCheckpointError, ShardckptError
+from ..errors import ConcurrentWriterError, CorruptCheckpointError, ShardckptError
 from ..format import manifest as M
-from ..format.shard import FileRecord, Piece
+from ..format.shard import TRAILER, TRAILER_SIZE, FileRecord, Piece
 from ..planning import tree as T
 from ..planning.assign import LeafSpec, WritePlan
 from ..storage import Location
 from ..storage.lease import StepLease
 from ..storage.probe import Unreachable, reachable_all
+from ..storage.writers import (
+    check_no_rival,
+    committed_by,
+    warn_other_jobs,
+    writer_identity,
+)
 from .failures import describe
 from .messages import WriteReport
 
@@ -48,7 +55,7 @@ def prepare_step_dir(location: Location, step_dir: str) -> None:
         else:
             raise ValueError(f"step directory {location.display}/{step_dir} is already "
                              f"committed; a committed checkpoint is never overwritten")
-    if location.listdir(step_dir):
+    if location.listdir(step_dir):  # a dead writer's leftovers (no live lease: checked)
         location.remove_tree(step_dir)
     location.makedirs(step_dir)
 
@@ -58,7 +65,9 @@ def prepare_all(locations: Sequence[Location], step_dir: str,
                 ) -> tuple[list[int], dict[int, str]]:
     """Rank 0: probe every location (a dead replica costs seconds, not minutes), refuse a step
     committed anywhere (before any directory is touched), then lease and prepare the step
-    directory at each. Returns the prepared locations and why the others failed."""
+    directory at each. Returns the prepared locations and why the others failed. Another
+    writer's live lease on the step at any location fails the whole save
+    (:class:`ConcurrentWriterError`), touching nothing there."""
     ok: list[int] = []
     failed: dict[int, str] = {}
     for i, loc in enumerate(reachable_all(locations)):
@@ -72,8 +81,23 @@ def prepare_all(locations: Sequence[Location], step_dir: str,
             raise ValueError(f"step directory {locations[i].display}/{step_dir} is already "
                              f"committed; a committed checkpoint is never overwritten")
     for i in live:
+        warn_other_jobs(locations[i])
         try:
             leases[i] = stack.enter_context(StepLease(locations[i], step_dir))
+        except ShardckptError as exc:
+            failed[i] = describe(exc)
+    for i in list(leases):  # every lease written before any is looked for: nothing touched
+        try:
+            check_no_rival(locations[i], step_dir, leases[i].token,
+                           "found before anything was written")
+        except ConcurrentWriterError:
+            raise
+        except ShardckptError as exc:
+            failed[i] = describe(exc)
+    for i in leases:
+        if i in failed:
+            continue
+        try:
             prepare_step_dir(locations[i], step_dir)
             ok.append(i)
         except ShardckptError as exc:
@@ -127,12 +151,48 @@ def build_manifest(req: SaveRequest, save_id: str, world: int, trees: list[Any],
         tree=T.merge_ranks(trees), metrics=dict(req.metrics), tags=req.tags, extra=req.extra)
 
 
-def commit(location: Location, step_dir: str, data: bytes, lease: StepLease | None) -> None:
-    """Make the step durable at one location: data entries first, then the manifest, last."""
+def files_intact(location: Location, step_dir: str, files: Mapping[str, FileRecord]) -> None:
+    """Under the lease, before the commit: every file this save wrote is still there, with its
+    size and the header trailer it was written with (another writer's file would differ:
+    its header holds another save id). ``ConcurrentWriterError`` otherwise."""
+    present = set(location.listdir(step_dir))
+    for name, rec in files.items():
+        rel = f"{step_dir}/{name}"
+        why = None
+        if name not in present:
+            why = "is gone"
+        else:
+            tail = location.read_range(rel, rec.nbytes - TRAILER_SIZE, TRAILER_SIZE)
+            if len(tail) != TRAILER_SIZE:
+                why = "is shorter than written"
+            else:
+                offset, _, digest, _ = TRAILER.unpack(tail)
+                if (offset, f"{digest:016x}") != (rec.header_offset, rec.header_xxh3):
+                    why = "was replaced"
+        if why:
+            raise ConcurrentWriterError(
+                f"{location.display}/{rel}: written by this save, {why} before the commit: "
+                f"another writer (or a prune) changed this step directory; not committed")
+
+
+def commit(location: Location, step_dir: str, data: bytes, lease: StepLease | None,
+           files: Mapping[str, FileRecord] | None = None) -> None:
+    """Make the step durable at one location: data entries first, then the manifest, last,
+    by an exclusive create (see :mod:`shardckpt.storage.writers`)."""
     location.fsync_dir(step_dir)
     if lease is not None:  # stalled renewals: a prune may have judged this save dead
         lease.check()
-    location.write_atomic(f"{step_dir}/{M.MANIFEST_NAME}", data)
+        check_no_rival(location, step_dir, lease.token, "found just before the commit")
+    if files is not None:
+        files_intact(location, step_dir, files)
+    rel = f"{step_dir}/{M.MANIFEST_NAME}"
+    try:
+        location.write_exclusive(rel, data)
+    except FileExistsError:
+        with contextlib.suppress(FileNotFoundError, ShardckptError):
+            if location.read_file(rel, len(data)) == data:
+                return  # ours after all: a retried PUT whose first try had gone through
+        raise committed_by(location, step_dir, M.MANIFEST_NAME) from None
     location.fsync_dir("")
 
 
@@ -144,20 +204,27 @@ def commit_all(locations: Sequence[Location], good: list[int], step_dir: str,
     extra = dict(manifest.extra)
     extra["locations"] = [locations[i].display for i in good]
     extra["degraded"] = len(good) < len(locations)
+    extra["writer"] = writer_identity()  # who committed: a writer losing the race names it
     manifest = replace(manifest, extra=extra)
     data = M.serialize(manifest)
     M.parse(data, "new manifest")  # never commit what we could not read back
     committed, failed = [], {}
+    rival: ConcurrentWriterError | None = None
     for i in good:
         try:
-            commit(locations[i], step_dir, data, leases.get(i))
+            commit(locations[i], step_dir, data, leases.get(i), manifest.files)
             committed.append(i)
+        except ConcurrentWriterError as exc:  # the whole save fails: never both writers
+            rival = exc
+            break
         except ShardckptError as exc:
             failed[i] = describe(exc)
-    if len(committed) < min_replicas:
+    if rival is not None or len(committed) < min_replicas:
         for i in committed:  # no location may be left showing a save that failed
             with contextlib.suppress(ShardckptError):
                 locations[i].remove(f"{step_dir}/{M.MANIFEST_NAME}")
                 locations[i].fsync_dir(step_dir)
         committed = []
+    if rival is not None:
+        raise rival
     return committed, failed, manifest, len(data)

@@ -75,6 +75,11 @@ class Location(abc.ABC):
         """Make ``relpath`` hold ``data`` all at once, durably: readers see the old or the new."""
 
     @abc.abstractmethod
+    def write_exclusive(self, relpath: str, data: bytes) -> None:
+        """Create ``relpath`` holding ``data``, all at once and durably, only if nothing is
+        there: ``FileExistsError`` if something is (a commit two writers race for)."""
+
+    @abc.abstractmethod
     def put_record(self, relpath: str, data: bytes) -> None:
         """Write a small record whole (readers see the old or the new), without the durability
         of :meth:`write_atomic`: leases and locks, which a crash of their host ends anyway."""

@@ -27,6 +27,7 @@ from .base import Location, Sink, check_relpath
 from .direct import DIRECT_MIN, DirectWriter
 
 WRITE_BUFFER = 1 << 20
+CLAIM_SUFFIX = ".claim"  # write_exclusive's claim file, next to the file it commits
 
 
 def check_file_mode(file_mode: int | None) -> int | None:
@@ -224,6 +225,31 @@ class LocalLocation(Location):
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise self._wrap("atomic write", relpath, exc) from exc
+
+    def write_exclusive(self, relpath: str, data: bytes) -> None:
+        """Claim, then write: an ``O_EXCL`` create of ``<relpath>.claim`` (exactly one writer
+        creates it; the others get ``FileExistsError``), then :meth:`write_atomic` (temp file,
+        fsync, ``rename``: atomic for readers, durable). A claim whose write failed is taken
+        back, so that the commit can be tried again."""
+        claim = f"{relpath}{CLAIM_SUFFIX}"
+        try:
+            fd = os.open(self._path(claim), os.O_WRONLY | os.O_CREAT | os.O_EXCL,
+                         0o666 if self.file_mode is None else self.file_mode)
+        except FileExistsError:
+            raise FileExistsError(errno.EEXIST, "claimed by another writer",
+                                  f"{self.display}/{relpath}") from None
+        except OSError as exc:
+            raise self._wrap("exclusive create", claim, exc) from exc
+        os.close(fd)
+        try:
+            if self.size(relpath) is not None:  # committed without a claim (an older version)
+                raise FileExistsError(errno.EEXIST, "exists", f"{self.display}/{relpath}")
+            self.write_atomic(relpath, data)
+        except BaseException:
+            if self.size(relpath) is None:
+                with contextlib.suppress(OSError, StorageError):
+                    self.remove(claim)
+            raise
 
     def fsync_dir(self, reldir: str) -> None:
         if not _fsync_enabled():

@@ -158,6 +158,35 @@ class FsspecLocation(Location):
     def put_record(self, relpath: str, data: bytes) -> None:
         self.write_atomic(relpath, data)  # one small PUT: visible whole, or not at all
 
+    def _is_s3(self) -> bool:
+        protocols = self.fs.protocol if isinstance(self.fs.protocol, (tuple, list)) \
+            else (self.fs.protocol,)
+        return bool(set(protocols) & set(_S3_PROTOCOLS))
+
+    def write_exclusive(self, relpath: str, data: bytes) -> None:
+        """S3: s3fs's ``pipe_file(mode="create")``, a ``PUT`` (or the completion of a multipart
+        upload) with ``If-None-Match: *``: the store refuses it (412) if the key exists, and
+        this raises ``FileExistsError``. Elsewhere: a check, then the write (exclusive only
+        against writers that check first; fsspec offers no conditional write in general)."""
+        path = self._path(relpath)
+        if not self._is_s3():
+            if self.size(relpath) is not None:
+                raise FileExistsError(errno.EEXIST, "exists", f"{self.display}/{relpath}")
+            self.write_atomic(relpath, data)
+            return
+        try:
+            call_with_retries(self.fs.pipe_file, path, data, mode="create")
+        except FileExistsError:
+            raise FileExistsError(errno.EEXIST, "exists", f"{self.display}/{relpath}") from None
+        except Exception as exc:
+            status, code = http_answer(exc)
+            if status == 412 or code in ("PreconditionFailed", "ConditionalRequestConflict"):
+                raise FileExistsError(errno.EEXIST, "exists", f"{self.display}/{relpath}") \
+                    from None
+            raise self._map("exclusive write", relpath, exc) from exc
+        finally:
+            self._forget(path)
+
     def modified_time(self, relpath: str) -> float | None:
         path = self._path(relpath)
         try:
