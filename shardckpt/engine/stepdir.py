@@ -46,18 +46,29 @@ def prepare_step_dir(location: Location, step_dir: str) -> None:
     if location.size(f"{step_dir}/{M.MANIFEST_NAME}") is not None:
         step = int(step_dir.removeprefix("step-"))
         try:
-            read_manifest(location, step)
+            found = read_manifest(location, step)
         except CorruptCheckpointError as exc:  # not committed, but kept: moved out of the way
             aside = aside_dirname(step, time.time())
             location.move_tree(step_dir, aside)
             warnings.warn(f"{location.display}/{step_dir}: manifest corrupt ({exc}); moved "
                           f"aside to {aside} and saving step {step} afresh", stacklevel=2)
         else:
-            raise ValueError(f"step directory {location.display}/{step_dir} is already "
-                             f"committed; a committed checkpoint is never overwritten")
+            refuse_committed(location, step_dir, found)
     if location.listdir(step_dir):  # a dead writer's leftovers (no live lease: checked)
         location.remove_tree(step_dir)
     location.makedirs(step_dir)
+
+
+def refuse_committed(location: Location, step_dir: str, found: M.Manifest) -> None:
+    """A save of a step committed there: ``ConcurrentWriterError`` naming its writer if another
+    process committed it (``writer`` in its manifest), else ``ValueError``."""
+    text = (f"step directory {location.display}/{step_dir} is already committed; a committed "
+            f"checkpoint is never overwritten")
+    who, me = found.extra.get("writer"), writer_identity()
+    if isinstance(who, dict) and (who.get("host"), who.get("pid")) != (me["host"], me["pid"]):
+        holder = f"host {who.get('host')}, pid {who.get('pid')}, job {who.get('job') or '?'}"
+        raise ConcurrentWriterError(f"{text}: another writer committed it ({holder})", holder)
+    raise ValueError(text)
 
 
 def prepare_all(locations: Sequence[Location], step_dir: str,
@@ -76,10 +87,11 @@ def prepare_all(locations: Sequence[Location], step_dir: str,
     live = [i for i in range(len(locations)) if i not in failed]
     step = int(step_dir.removeprefix("step-"))
     for i in live:
-        with contextlib.suppress(ShardckptError):
-            read_manifest(locations[i], step)
-            raise ValueError(f"step directory {locations[i].display}/{step_dir} is already "
-                             f"committed; a committed checkpoint is never overwritten")
+        try:
+            found = read_manifest(locations[i], step)
+        except ShardckptError:
+            continue
+        refuse_committed(locations[i], step_dir, found)
     for i in live:
         warn_other_jobs(locations[i])
         try:

@@ -110,7 +110,8 @@ class Unreachable(Location):
     def open_sink(self, relpath: str) -> Sink:
         return self._fail()
 
-    makedirs = write_atomic = write_exclusive = put_record = fsync_dir = remove = remove_tree = move_tree = _fail
+    makedirs = write_atomic = write_exclusive = put_record = fsync_dir = _fail
+    remove = remove_tree = move_tree = _fail
     read_range = read_file = size = listdir = root_exists = modified_time = _fail
 
 
