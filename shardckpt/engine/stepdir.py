@@ -24,6 +24,7 @@ from ..storage.lease import StepLease
 from ..storage.probe import Unreachable, reachable_all
 from ..storage.writers import (
     check_no_rival,
+    clear_claim,
     committed_by,
     warn_other_jobs,
     writer_identity,
@@ -54,6 +55,7 @@ def prepare_step_dir(location: Location, step_dir: str) -> None:
                           f"aside to {aside} and saving step {step} afresh", stacklevel=2)
         else:
             refuse_committed(location, step_dir, found)
+    clear_claim(location, f"{step_dir}/{M.MANIFEST_NAME}")  # a dead writer's commit claim
     if location.listdir(step_dir):  # a dead writer's leftovers (no live lease: checked)
         location.remove_tree(step_dir)
     location.makedirs(step_dir)
@@ -200,12 +202,23 @@ def commit(location: Location, step_dir: str, data: bytes, lease: StepLease | No
     rel = f"{step_dir}/{M.MANIFEST_NAME}"
     try:
         location.write_exclusive(rel, data)
+        location.fsync_dir("")
     except FileExistsError:
-        with contextlib.suppress(FileNotFoundError, ShardckptError):
-            if location.read_file(rel, len(data)) == data:
-                return  # ours after all: a retried PUT whose first try had gone through
+        if _is_ours(location, rel, data):
+            return  # ours after all: a retried PUT whose first try had gone through
         raise committed_by(location, step_dir, M.MANIFEST_NAME) from None
-    location.fsync_dir("")
+    except BaseException:
+        if _is_ours(location, rel, data):  # in place but not durable: taken back (only ours)
+            with contextlib.suppress(ShardckptError, OSError):
+                location.remove(rel)
+        raise
+
+
+def _is_ours(location: Location, rel: str, data: bytes) -> bool:
+    try:
+        return location.read_file(rel, len(data)) == data
+    except (FileNotFoundError, ShardckptError, OSError):
+        return False
 
 
 def commit_all(locations: Sequence[Location], good: list[int], step_dir: str,

@@ -23,10 +23,17 @@ from .base import Location
 CONTROL_DIR = ".shardckpt"
 LEASE_DIR = f"{CONTROL_DIR}/leases"
 LOCK_PATH = f"{CONTROL_DIR}/prune.lock"
+CLAIMS_DIR = f"{CONTROL_DIR}/claims"  # exclusive creates in progress (local disks)
 RECORD_FORMAT = "shardckpt-lease"
 MAX_RECORD_BYTES = 64 << 10
 WRITER, REAPER, PRUNER = "writer", "reaper", "prune-lock"
 REAPER_PREFIX = "_reaper."
+
+
+def claim_path(relpath: str) -> str:
+    """The claim file of an exclusive create of ``relpath`` (``step-N/manifest.json`` ->
+    ``.shardckpt/claims/step-N.manifest.json.claim``)."""
+    return f"{CLAIMS_DIR}/{relpath.replace('/', '.')}.claim"
 
 
 # ------------------------------------------------------------------------------ holder identity

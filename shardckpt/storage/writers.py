@@ -37,7 +37,7 @@ from collections.abc import Iterable
 from ..errors import ConcurrentWriterError, StorageError
 from .base import Location
 from .lease import read_leases
-from .records import WRITER, Record
+from .records import WRITER, Record, claim_path
 
 MAX_READ = 256 << 20  # of a rival's manifest, read only to name its writer
 _warned: weakref.WeakSet[Location] = weakref.WeakSet()  # locations already warned about
@@ -93,6 +93,12 @@ def committed_by(location: Location, step_dir: str, manifest: str) -> Concurrent
         f"({who or 'writer unknown'}); this save is not committed and leaves that checkpoint "
         f"alone. Two jobs are writing to one root (a double submission or an overlapping "
         f"requeue?)", who)
+
+
+def clear_claim(location: Location, relpath: str) -> None:
+    """Remove the claim of an exclusive create of ``relpath`` that a writer left when it died
+    (the caller holds the step's lease and found no other writer's)."""
+    location.remove(claim_path(relpath))
 
 
 def may_remove(location: Location, step_dir: str, token: str | None, manifest: str) -> bool:
