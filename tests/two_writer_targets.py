@@ -43,19 +43,21 @@ def expected(seed: int, step: int, world: int) -> dict[str, torch.Tensor]:
 
 def save_every_step(rank: int, world: int, root: str, seed: int, steps: int,
                     storage_options: dict[str, Any] | None = None,
-                    arm: str | None = None) -> dict[str, Any]:
-    """Save steps ``0 .. steps-1`` (blocking saves) to ``root``; report the steps whose save
-    was acknowledged (returned without error) and the errors of the others. ``arm``: a phase
-    of :func:`crash_targets.arm_kill` at which the whole job is SIGKILLed during the save of
-    the last step (the crash-suite variant)."""
-    mgr = shardckpt.CheckpointManager(root, async_save=False, storage_options=storage_options)
+                    arm: str | None = None, log_path: str | None = None) -> dict[str, Any]:
+    """Save steps ``0 .. steps-1`` to ``root`` (async saves, each waited for at once); report
+    the steps whose save was acknowledged (its handle returned without error) and the errors
+    of the others. Rank 0 also appends each acknowledged step to ``log_path`` (a job that is
+    killed reports nothing else). ``arm``: a phase of :func:`crash_targets.arm_kill` at which
+    the whole job is SIGKILLed during the save of the last step (the crash-suite variant)."""
+    mgr = shardckpt.CheckpointManager(root, storage_options=storage_options)
+    log = open(log_path, "a", buffering=1) if log_path and rank == 0 else None
     acked: list[int] = []
     errors: dict[int, str] = {}
     for step in range(steps):
         if arm is not None and step == steps - 1:
             import crash_targets
 
-            arm_kill(arm, world, step, crash_targets)
+            crash_targets.arm_kill(arm, crash_targets._job_pids(world), step)
         try:
             info = mgr.save(step, job_state(seed, step, rank, world)).wait()
         except ShardckptError as exc:
@@ -63,15 +65,10 @@ def save_every_step(rank: int, world: int, root: str, seed: int, steps: int,
             continue
         assert info is None or info.step == step
         acked.append(step)
+        if log is not None:
+            log.write(f"{step}\n")
     mgr.close()
     return {"acked": acked, "errors": errors, "job": os.environ.get("SHARDCKPT_JOB_ID")}
-
-
-def arm_kill(phase: str, world: int, step: int, crash_targets: Any) -> None:
-    """Kill every rank of this job at ``phase`` of the save of ``step`` (see crash_targets);
-    the exclusive commit of a local manifest goes through ``write_atomic``, which the
-    ``commit`` / ``committed`` phases hook."""
-    crash_targets.arm_kill(phase, crash_targets._job_pids(world), step)
 
 
 def load_full(root: str, step: int, world: int,
