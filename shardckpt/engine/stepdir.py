@@ -21,6 +21,7 @@ from ..planning import tree as T
 from ..planning.assign import LeafSpec, WritePlan
 from ..storage import Location
 from ..storage.lease import StepLease
+from ..storage.marker import check_marker
 from ..storage.probe import Unreachable, reachable_all
 from ..storage.writers import (
     check_no_rival,
@@ -95,8 +96,9 @@ def prepare_all(locations: Sequence[Location], step_dir: str,
             continue
         refuse_committed(locations[i], step_dir, found)
     for i in live:
-        warn_other_jobs(locations[i])
         try:
+            check_marker(locations[i])  # a vanished root is a failed location, never recreated
+            warn_other_jobs(locations[i])
             leases[i] = stack.enter_context(StepLease(locations[i], step_dir))
         except ShardckptError as exc:
             failed[i] = describe(exc)

@@ -52,6 +52,7 @@ class Location(abc.ABC):
 
     url: str
     is_local: bool = False
+    marker_id: str | None = None  # the root marker's id, once a save adopted it (.marker)
 
     @property
     def display(self) -> str:
