@@ -33,6 +33,7 @@ from fsspec.spec import AbstractBufferedFile
 
 from .. import knobs
 from ..errors import StorageError
+from ..redact import redact_url as redact
 from ..redact import scrub_urls, secret_values
 from .base import Location, Sink, check_relpath
 from .retry import call_with_retries, http_answer
@@ -97,6 +98,7 @@ class FsspecLocation(Location):
         protocols = self.fs.protocol if isinstance(self.fs.protocol, (tuple, list)) \
             else (self.fs.protocol,)
         self._open_kwargs: dict[str, Any] = {}
+        self._bucket_seen = False  # S3: the bucket answered a HEAD once (makedirs)
         if set(protocols) & set(_S3_PROTOCOLS) and "default_block_size" not in storage_options:
             self._open_kwargs["block_size"] = knobs.S3_BLOCK_SIZE.get()
 
@@ -125,7 +127,9 @@ class FsspecLocation(Location):
 
     def _err(self, op: str, relpath: str, exc: BaseException) -> StorageError:
         text = self._scrub(f"{type(exc).__name__}: {exc}")
-        return StorageError(f"{self.display}/{relpath}: {op} failed: {text}")
+        endpoint = self.endpoint()
+        at = f" (endpoint {self._scrub(redact(endpoint))})" if endpoint else ""
+        return StorageError(f"{self.display}/{relpath}: {op} failed{at}: {text}")
 
     def _map(self, op: str, relpath: str, exc: BaseException) -> Exception:
         if isinstance(exc, FileNotFoundError):
@@ -147,7 +151,34 @@ class FsspecLocation(Location):
             self.fs.invalidate_cache(path)
 
     def makedirs(self, reldir: str) -> None:
+        """Object stores have no directories; on S3 this only checks, once, that the bucket
+        exists (s3fs ``makedirs`` would *create* a missing bucket: a misspelt name, or an
+        endpoint that restarted empty, must fail instead)."""
+        if self._is_s3():
+            self._check_bucket(reldir)
+            return
         self._call("mkdir", reldir, self.fs.makedirs, self._path(reldir), exist_ok=True)
+
+    def _check_bucket(self, reldir: str) -> None:
+        if self._bucket_seen:
+            return
+        bucket = self.fs.split_path(self.root)[0]
+        try:
+            call_with_retries(self.fs.call_s3, "head_bucket", Bucket=bucket)
+            self._bucket_seen = True
+        except FileNotFoundError:
+            raise StorageError(f"{self.display}: bucket {bucket!r} does not exist at "
+                               f"{self.endpoint()}; shardckpt never creates buckets: create it, "
+                               f"or fix the URL") from None
+        except Exception as exc:
+            status, code = http_answer(exc)
+            if status == 404 or code in ("NoSuchBucket", "404"):
+                raise StorageError(f"{self.display}: bucket {bucket!r} does not exist at "
+                                   f"{self.endpoint()}; shardckpt never creates buckets: "
+                                   f"create it, or fix the URL") from None
+            if status == 403:
+                return  # no right to HEAD the bucket: the writes themselves will tell
+            raise self._map("check bucket", reldir or ".", exc) from exc
 
     def open_sink(self, relpath: str) -> Sink:
         return self._call("create", relpath, _FsspecSink, self, relpath, self._path(relpath))
@@ -222,10 +253,30 @@ class FsspecLocation(Location):
         self.remove_tree(src)
 
     def remove_tree(self, reldir: str) -> None:
+        """Every object under ``reldir``; on S3 also every multipart upload left unfinished
+        under it (a killed or failed save's), so that no orphan parts stay billed."""
         path = self._path(reldir)
         self._forget(path)
         with contextlib.suppress(FileNotFoundError):
             self._call("remove tree", reldir, self.fs.rm, path, recursive=True)
+        if self._is_s3():
+            self._abort_uploads(reldir, path)
+
+    def _abort_uploads(self, reldir: str, path: str) -> None:
+        bucket, prefix, _ = self.fs.split_path(path)
+        prefix = prefix.rstrip("/") + "/"
+        markers: dict[str, str] = {}
+        while True:
+            page = self._call("list uploads", reldir, self.fs.call_s3, "list_multipart_uploads",
+                              Bucket=bucket, Prefix=prefix, **markers)
+            for upload in page.get("Uploads") or ():
+                with contextlib.suppress(FileNotFoundError):
+                    self._call("abort upload", reldir, self.fs.call_s3, "abort_multipart_upload",
+                               Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+            if not page.get("IsTruncated"):
+                return
+            markers = {"KeyMarker": page.get("NextKeyMarker", ""),
+                       "UploadIdMarker": page.get("NextUploadIdMarker", "")}
 
     def read_range(self, relpath: str, offset: int, length: int) -> bytes:
         if length == 0:
