@@ -4,6 +4,7 @@ the endpoint, and a location that fails mid-save is given up for the rest of tha
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -71,3 +72,37 @@ def test_endpoint_errors_name_the_endpoint(s3: Any, monkeypatch: pytest.MonkeyPa
     with pytest.raises(shardckpt.StorageError) as err:
         loc.read_file("step-0000000001/manifest.json", 1 << 20)
     assert f"(endpoint {s3.endpoint_url})" in str(err.value)
+
+
+def test_a_replica_dying_mid_upload_never_stalls_training(tmp_path: Path, s3: Any,
+                                                          monkeypatch: pytest.MonkeyPatch
+                                                          ) -> None:
+    """min_replicas=1: the S3 replica dies during the shard uploads of step 2. That save
+    commits locally (degraded) within a few seconds (the location is given up for the rest of
+    the save), and the next save does not wait for it at all."""
+    from shardckpt.storage.remote import FsspecLocation
+
+    local, replica = tmp_path / "local", s3.new_root("dies")
+    mgr = shardckpt.CheckpointManager(str(local), replicas=[replica], min_replicas=1,
+                                      storage_options=s3.storage_options)
+    mgr.save(1, {"w": torch.randn(1 << 16), "b": torch.randn(1 << 16), "step": 1}).wait()
+    real = FsspecLocation.open_sink
+
+    def open_sink(self: Any, relpath: str) -> Any:
+        if relpath.endswith(".shard") and s3.alive():
+            s3.kill()
+        return real(self, relpath)
+
+    monkeypatch.setattr(FsspecLocation, "open_sink", open_sink)
+    t0 = time.monotonic()
+    with pytest.warns(UserWarning, match="degraded"):
+        info = mgr.save(2, {"w": torch.randn(1 << 16), "b": torch.randn(1 << 16),
+                            "step": 2}).wait()
+    took = time.monotonic() - t0
+    assert info.replicas == (str(local),)
+    t1 = time.monotonic()
+    with pytest.warns(UserWarning):
+        mgr.save(3, {"w": torch.randn(1 << 16), "b": torch.randn(1 << 16), "step": 3}).wait()
+    took3 = time.monotonic() - t1
+    mgr.close()
+    assert took < 12 and took3 < 3, (took, took3)

@@ -125,6 +125,23 @@ def _key(location: Location) -> str:
 _down_lock = threading.Lock()
 
 
+def mark_down(location: Location, why: str) -> None:
+    """Record ``location`` as unreachable now (a call to it found it dead mid-operation): it is
+    skipped, without a probe, for ``SHARDCKPT_UNREACHABLE_TTL`` seconds."""
+    with _down_lock:
+        _down[_key(location)] = (time.monotonic(), why)
+
+
+def down_reason(location: Location) -> str | None:
+    """Why ``location`` was found unreachable within the last ``SHARDCKPT_UNREACHABLE_TTL``
+    seconds; None if it was not."""
+    with _down_lock:
+        since, why = _down.get(_key(location), (None, ""))
+    if since is None or time.monotonic() - since >= knobs.UNREACHABLE_TTL_S.get():
+        return None
+    return why
+
+
 def reachable(location: Location) -> Location:
     """``location`` itself if it answers its probe, else an :class:`Unreachable` in its place.
 

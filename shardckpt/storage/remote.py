@@ -36,6 +36,7 @@ from ..errors import StorageError
 from ..redact import redact_url as redact
 from ..redact import scrub_urls, secret_values
 from .base import Location, Sink, check_relpath
+from .deadline import bounded
 from .retry import call_with_retries, http_answer
 
 _S3_PROTOCOLS = ("s3", "s3a")
@@ -53,17 +54,22 @@ class _FsspecSink(Sink):
         self._committing = False
         self._f = loc.fs.open(path, "wb", **loc._open_kwargs)
 
+    def _bounded(self, fn: Any, *args: Any) -> Any:
+        if self._loc._endpoint is None:
+            return fn(*args)
+        return bounded(self._loc, fn, *args)
+
     def write(self, data: Any) -> int:
         try:
-            return self._f.write(data)
+            return self._bounded(self._f.write, data)
         except Exception as exc:
             raise self._loc._map("upload", self._relpath, exc) from exc
 
     def commit(self) -> None:
         self._committing = True
         try:
-            self._f.flush()
-            self._f.close()
+            self._bounded(self._f.flush)
+            self._bounded(self._f.close)
         except Exception as exc:
             self.abort()
             raise self._loc._map("upload", self._relpath, exc) from exc
@@ -71,17 +77,17 @@ class _FsspecSink(Sink):
     def abort(self) -> None:
         discard = getattr(self._f, "discard", None)
         with contextlib.suppress(Exception):
-            if discard is not None:
-                discard()  # aborts an s3 multipart upload, so no orphan parts are billed
+            if discard is not None:  # aborts an s3 multipart upload: no orphan parts billed
+                self._bounded(discard)
             else:
-                self._f.close()
+                self._bounded(self._f.close)
         if isinstance(self._f, AbstractBufferedFile):
             self._f.closed = True  # else, if discard failed, __del__ would upload the rest
         # A buffered object-store file shows nothing until its commit; other files (memory://)
         # are visible while written, and a failed commit may have completed on the server.
         if self._committing or not isinstance(self._f, AbstractBufferedFile):
             with contextlib.suppress(Exception):
-                self._loc.fs.rm_file(self._path)
+                self._bounded(self._loc.fs.rm_file, self._path)
 
 
 class FsspecLocation(Location):
@@ -99,6 +105,7 @@ class FsspecLocation(Location):
             else (self.fs.protocol,)
         self._open_kwargs: dict[str, Any] = {}
         self._bucket_seen = False  # S3: the bucket answered a HEAD once (makedirs)
+        self._endpoint = self.endpoint()  # None: no probe, no deadline (memory://, ...)
         if set(protocols) & set(_S3_PROTOCOLS) and "default_block_size" not in storage_options:
             self._open_kwargs["block_size"] = knobs.S3_BLOCK_SIZE.get()
 
@@ -138,9 +145,16 @@ class FsspecLocation(Location):
             return exc
         return self._err(op, relpath, exc)
 
+    def _retried(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """``fn`` with retries of transient failures, bounded by :mod:`.deadline` where the
+        endpoint is known (a dead one is given up within seconds). Errors unchanged."""
+        if self._endpoint is None:
+            return call_with_retries(fn, *args, **kwargs)
+        return bounded(self, call_with_retries, fn, *args, **kwargs)
+
     def _call(self, op: str, relpath: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
         try:
-            return call_with_retries(fn, *args, **kwargs)
+            return self._retried(fn, *args, **kwargs)
         except Exception as exc:
             raise self._map(op, relpath, exc) from exc
 
@@ -164,7 +178,7 @@ class FsspecLocation(Location):
             return
         bucket = self.fs.split_path(self.root)[0]
         try:
-            call_with_retries(self.fs.call_s3, "head_bucket", Bucket=bucket)
+            self._retried(self.fs.call_s3, "head_bucket", Bucket=bucket)
             self._bucket_seen = True
         except FileNotFoundError:
             raise StorageError(f"{self.display}: bucket {bucket!r} does not exist at "
@@ -206,7 +220,7 @@ class FsspecLocation(Location):
             self.write_atomic(relpath, data)
             return
         try:
-            call_with_retries(self.fs.pipe_file, path, data, mode="create")
+            self._retried(self.fs.pipe_file, path, data, mode="create")
         except FileExistsError:
             raise FileExistsError(errno.EEXIST, "exists", f"{self.display}/{relpath}") from None
         except Exception as exc:
@@ -222,9 +236,9 @@ class FsspecLocation(Location):
         path = self._path(relpath)
         try:
             try:
-                stamp = self.fs.modified(path)
+                stamp = self._retried(self.fs.modified, path)
             except (NotImplementedError, AttributeError, IsADirectoryError, KeyError):
-                info = self.fs.info(path)
+                info = self._retried(self.fs.info, path)
                 stamp = next((info[k] for k in ("mtime", "LastModified", "last_modified",
                                                 "updated", "created") if info.get(k)), None)
             if isinstance(stamp, datetime):
