@@ -9,6 +9,7 @@ import contextlib
 import time
 import warnings
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Any
@@ -56,7 +57,8 @@ def prepare_step_dir(location: Location, step_dir: str) -> None:
                           f"aside to {aside} and saving step {step} afresh", stacklevel=2)
         else:
             refuse_committed(location, step_dir, found)
-    clear_claim(location, f"{step_dir}/{M.MANIFEST_NAME}")  # a dead writer's commit claim
+    if location.is_local:  # a dead writer's commit claim (claims are local disks' only)
+        clear_claim(location, f"{step_dir}/{M.MANIFEST_NAME}")
     if location.listdir(step_dir):  # a dead writer's leftovers (no live lease: checked)
         location.remove_tree(step_dir)
     location.makedirs(step_dir)
@@ -170,25 +172,36 @@ def build_manifest(req: SaveRequest, save_id: str, world: int, trees: list[Any],
 def files_intact(location: Location, step_dir: str, files: Mapping[str, FileRecord]) -> None:
     """Under the lease, before the commit: every file this save wrote is still there, with its
     size and the header trailer it was written with (another writer's file would differ:
-    its header holds another save id). ``ConcurrentWriterError`` otherwise."""
+    its header holds another save id). ``ConcurrentWriterError`` otherwise. One listing and
+    one 32-byte read per file (16 at a time on an object store)."""
     present = set(location.listdir(step_dir))
-    for name, rec in files.items():
-        rel = f"{step_dir}/{name}"
-        why = None
+
+    def problem(item: tuple[str, FileRecord]) -> str | None:
+        name, rec = item
         if name not in present:
-            why = "is gone"
-        else:
-            tail = location.read_range(rel, rec.nbytes - TRAILER_SIZE, TRAILER_SIZE)
-            if len(tail) != TRAILER_SIZE:
-                why = "is shorter than written"
-            else:
-                offset, _, digest, _ = TRAILER.unpack(tail)
-                if (offset, f"{digest:016x}") != (rec.header_offset, rec.header_xxh3):
-                    why = "was replaced"
-        if why:
-            raise ConcurrentWriterError(
-                f"{location.display}/{rel}: written by this save, {why} before the commit: "
-                f"another writer (or a prune) changed this step directory; not committed")
+            return f"{name} is gone"
+        tail = location.read_range(f"{step_dir}/{name}", rec.nbytes - TRAILER_SIZE,
+                                   TRAILER_SIZE)
+        if len(tail) != TRAILER_SIZE:
+            return f"{name} is shorter than written"
+        offset, _, digest, _ = TRAILER.unpack(tail)
+        if (offset, f"{digest:016x}") != (rec.header_offset, rec.header_xxh3):
+            return f"{name} was replaced"
+        return None
+
+    items = list(files.items())
+    if location.is_local or len(items) < 2:
+        found = [problem(item) for item in items]
+    else:
+        with ThreadPoolExecutor(max_workers=min(16, len(items)),
+                                thread_name_prefix="shardckpt-commit-check") as pool:
+            found = list(pool.map(problem, items))
+    bad = [p for p in found if p]
+    if bad:
+        raise ConcurrentWriterError(
+            f"{location.display}/{step_dir}: written by this save, {bad[0]} before the commit "
+            f"({len(bad)} file(s) in all): another writer (or a prune) changed this step "
+            f"directory; not committed")
 
 
 def commit(location: Location, step_dir: str, data: bytes, lease: StepLease | None,

@@ -34,7 +34,7 @@ from urllib.parse import urlsplit
 
 from .. import knobs
 from ..errors import StorageError
-from .base import Location, Sink
+from .base import Location, Sink, redact
 from .retry import backoff, is_transient
 
 
@@ -86,13 +86,14 @@ def probe(location: Location, timeout: float | None = None,
     attempts = knobs.CONNECT_ATTEMPTS.get() if attempts is None else max(1, attempts)
     endpoint = getattr(location, "endpoint", lambda: None)()
     why: str | None = None
+    at = f" (endpoint {redact(endpoint)})" if endpoint else ""
     for i in range(attempts):
         why = _http_once(endpoint, timeout) if endpoint else _probe_once(location, timeout)
         if why is None or why.startswith("no answer"):
-            return why  # answered, or silent for a whole timeout: no point asking again
+            return why and why + at  # answered, or silent for a whole timeout: ask no more
         if i + 1 < attempts:
             time.sleep(min(backoff(i), timeout))
-    return why
+    return why and why + at
 
 
 class Unreachable(Location):
