@@ -168,10 +168,11 @@ class FsspecLocation(Location):
         """Object stores have no directories; on S3 this only checks, once, that the bucket
         exists (s3fs ``makedirs`` would *create* a missing bucket: a misspelt name, or an
         endpoint that restarted empty, must fail instead)."""
+        path = self._path(reldir)  # a path that could leave the root: ValueError
         if self._is_s3():
             self._check_bucket(reldir)
             return
-        self._call("mkdir", reldir, self.fs.makedirs, self._path(reldir), exist_ok=True)
+        self._call("mkdir", reldir, self.fs.makedirs, path, exist_ok=True)
 
     def _check_bucket(self, reldir: str) -> None:
         if self._bucket_seen:
