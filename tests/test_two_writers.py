@@ -232,3 +232,16 @@ def test_two_jobs_race_on_s3(s3: Any) -> None:
     root = s3.new_root("race")
     results = race((root, root), s3.storage_options)
     check_race(root, results, s3.storage_options)
+
+
+def test_a_lease_this_process_left_behind_is_no_rival(tmp_path: Path) -> None:
+    """A failed save abandons its lease at a failing location (it expires later): saving the
+    same step again from the same process is not a second writer."""
+    root = str(tmp_path / "run")
+    loc = open_location(root)
+    loc.makedirs(LEASE_DIR)
+    rec = Record.new(WRITER, [step_dirname(2)], 300, time.time())  # this process's
+    put_record(loc, f"{LEASE_DIR}/{step_dirname(2)}.{WRITER}.{rec.token}.json", rec)
+    with shardckpt.CheckpointManager(root, async_save=False) as mgr:
+        mgr.save(2, state(2))
+        assert mgr.steps() == [2]

@@ -50,11 +50,13 @@ def _ours(record: Record) -> bool:
 
 def rival_writers(location: Location, step_dir: str, token: str,
                   now: float | None = None) -> list[Record]:
-    """The live writer leases on ``step_dir`` other than ours (``token``)."""
+    """The live writer leases on ``step_dir`` of other processes. Ours (``token``), and any
+    other of this process (one an earlier, failed save abandoned at a failing location: saves
+    of one manager never overlap), do not count."""
     now = time.time() if now is None else now
     return [r for r in read_leases(location, step_dir, WRITER).values()
             if r is not None and r.kind == WRITER and step_dir in r.dirs
-            and r.token != token and r.live(now)]
+            and r.token != token and not _ours(r) and r.live(now)]
 
 
 def refuse(location: Location, step_dir: str, rivals: Iterable[Record], when: str
