@@ -6,7 +6,13 @@ import sys
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import settings
 from s3_server import TEST_ENV, UNSET_ENV, MotoServer, ThrottlingProxy
+
+# Hypothesis's default 200 ms deadline per example is a wall-clock threshold that a loaded
+# 2-core machine trips: none, for every property test of the suite.
+settings.register_profile("shardckpt", deadline=None)
+settings.load_profile("shardckpt")
 
 _servers: list[MotoServer] = []
 

@@ -55,6 +55,7 @@ TESTS_DIR = Path(__file__).resolve().parent
 #: After the first rank fails, the other ranks get this many seconds to finish (typically they
 #: fail too, e.g. when a peer of a collective disappears) before they are killed.
 FAILURE_GRACE_S = 5.0
+START_WAIT_S = 300.0  # the most a start-up may take where a timeout counts from it
 
 
 class RankFailures(AssertionError):
@@ -203,6 +204,7 @@ def run_ranks(
     backend: str = "gloo",
     env: Mapping[str, str] | None = None,
     init_pg: bool = True,
+    timeout_from: Callable[[], bool] | None = None,
     **kwargs: Any,
 ) -> list[Any]:
     """Run ``fn(rank, world_size, *args, **kwargs)`` in ``world_size`` fresh processes.
@@ -218,6 +220,10 @@ def run_ranks(
     if any rank raised or died without a report (ranks still running ``FAILURE_GRACE_S`` seconds
     after the first failure are killed and listed too), else ``RankTimeout`` if some rank had
     not finished ``timeout`` seconds after the start. No process started here outlives the call.
+
+    ``timeout_from``: the ``timeout`` counts from the first moment this returns true (checked
+    every 50 ms; the ranks have up to ``START_WAIT_S`` to get there), not from the start: a test
+    of what a timeout does need not race the ranks' start-up on a loaded machine.
     """
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
@@ -231,7 +237,8 @@ def run_ranks(
     exitcodes: dict[int, int | None] = {}
     first_failure: tuple[float, int] | None = None
     start = time.monotonic()
-    deadline = start + timeout
+    deadline = start + (timeout if timeout_from is None else max(timeout, START_WAIT_S))
+    waiting_for_start = timeout_from is not None
 
     def take_report(reader: Connection, rank: int) -> None:
         """Read rank's report if there is one (EOF: there is none); stop watching its pipe."""
@@ -267,7 +274,7 @@ def run_ranks(
                     rank_env,
                     init_pg,
                     backend,
-                    2 * timeout,
+                    2 * timeout + (START_WAIT_S if timeout_from is not None else 0),
                 ),
                 name=f"rank{rank}",
             )
@@ -278,6 +285,9 @@ def run_ranks(
             sentinels[proc.sentinel] = rank
 
         while len(exited) < world_size:
+            if waiting_for_start and timeout_from is not None and timeout_from():
+                waiting_for_start = False
+                deadline = time.monotonic() + timeout
             limit = (
                 deadline
                 if first_failure is None
@@ -286,6 +296,8 @@ def run_ranks(
             remaining = limit - time.monotonic()
             if remaining <= 0:
                 break
+            if waiting_for_start:
+                remaining = min(remaining, 0.05)
             for obj in wait([*readers, *sentinels], timeout=remaining):
                 if isinstance(obj, Connection):
                     if obj in readers:
@@ -373,12 +385,24 @@ def _kill_and_drain(proc: subprocess.Popen[str]) -> tuple[str, str]:
         return "", ""
 
 
+def _wait_until_started(proc: subprocess.Popen[str], started: Callable[[], bool]) -> None:
+    """Return once ``started()`` is true, the job has ended, or ``START_WAIT_S`` went by."""
+    give_up = time.monotonic() + START_WAIT_S
+    while not started() and time.monotonic() < give_up:
+        try:  # a child's exit ends the wait at once; retried communicate() loses no output
+            proc.wait(timeout=0.05)
+            return
+        except subprocess.TimeoutExpired:
+            pass
+
+
 def run_torchrun(
     script_path: str | os.PathLike[str],
     nproc: int,
     args: Sequence[str] = (),
     timeout: float = 120.0,
     env: Mapping[str, str] | None = None,
+    timeout_from: Callable[[], bool] | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Run ``python -m torch.distributed.run ... --nproc-per-node nproc script_path *args``.
 
@@ -387,7 +411,7 @@ def run_torchrun(
     dir in front). Returns the CompletedProcess with text stdout/stderr whatever the exit code
     (check ``returncode`` yourself). If the job has not finished after ``timeout`` seconds, or
     the caller is interrupted, its whole process group is SIGKILLed; on timeout ``RankTimeout``
-    is raised carrying the output so far.
+    is raised carrying the output so far. ``timeout_from`` as for :func:`run_ranks`.
     """
     full_env = {**os.environ, **{str(k): str(v) for k, v in (env or {}).items()}}
     full_env["PYTHONPATH"] = _pythonpath(full_env.get("PYTHONPATH"))
@@ -423,6 +447,8 @@ def run_torchrun(
     finished = False
     try:
         try:
+            if timeout_from is not None:
+                _wait_until_started(proc, timeout_from)
             stdout, stderr = proc.communicate(timeout=timeout)
             finished = True
         except subprocess.TimeoutExpired:

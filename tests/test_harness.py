@@ -72,7 +72,8 @@ def test_exception_on_rank_1_is_reported() -> None:
 def test_hanging_rank_times_out_and_nothing_survives(tmp_path: Path) -> None:
     before = _live_descendants()
     with pytest.raises(RankTimeout) as info:
-        run_ranks(targets.hang_on_rank_1, 2, str(tmp_path), timeout=10)
+        run_ranks(targets.hang_on_rank_1, 2, str(tmp_path), timeout=10,
+                  timeout_from=(tmp_path / "pids").exists)  # rank 1 is hanging: 10 s from then
     assert info.value.unfinished == [0, 1]
     assert info.value.finished == []
     assert "ranks [0, 1] did not finish within 10 s" in str(info.value)
@@ -118,12 +119,14 @@ def test_run_torchrun_prints_each_rank(tmp_path: Path) -> None:
 
 def test_run_torchrun_timeout_kills_the_job(tmp_path: Path) -> None:
     script = tmp_path / "hang.py"
+    started = tmp_path / "started"
     script.write_text(
-        "import os, threading\nprint(os.getpid(), flush=True)\nthreading.Event().wait()\n"
+        "import os, sys, threading\nprint(os.getpid(), flush=True)\n"
+        "open(sys.argv[1], 'w').close()\nthreading.Event().wait()\n"
     )
     before = _live_descendants()
-    with pytest.raises(RankTimeout) as info:
-        run_torchrun(script, 1, timeout=6)
+    with pytest.raises(RankTimeout) as info:  # 6 s from the moment the worker runs
+        run_torchrun(script, 1, args=[str(started)], timeout=6, timeout_from=started.exists)
     assert info.value.unfinished == [0]
     assert _live_descendants() <= before
     pids = [int(w) for w in info.value.stdout.split() if w.isdigit()]
