@@ -1,7 +1,9 @@
 """Run test code in several real processes: one per rank, or a whole ``torchrun`` job.
 
-``run_ranks(fn, world_size, ...)`` starts ``world_size`` fresh interpreters (multiprocessing
-"spawn"), gives each the usual torchrun environment, optionally joins them into a default process
+``run_ranks(fn, world_size, ...)`` starts ``world_size`` fresh processes (multiprocessing
+"spawn"; within :func:`start_method` ``"forkserver"``, each rank a fork of a fresh interpreter
+that has torch and shardckpt imported already, in a fraction of the time: what the suite uses,
+see ``tests/conftest.py``), gives each the usual torchrun environment, optionally joins them into a default process
 group, and calls ``fn(rank, world_size, *args, **kwargs)`` in each. It returns the per-rank return
 values in rank order, or raises:
 
@@ -22,6 +24,7 @@ test helpers).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
 import os
@@ -32,7 +35,7 @@ import sys
 import time
 import traceback
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import timedelta
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
@@ -48,6 +51,7 @@ __all__ = [
     "free_port",
     "run_ranks",
     "run_torchrun",
+    "start_method",
 ]
 
 TESTS_DIR = Path(__file__).resolve().parent
@@ -56,6 +60,29 @@ TESTS_DIR = Path(__file__).resolve().parent
 #: fail too, e.g. when a peer of a collective disappears) before they are killed.
 FAILURE_GRACE_S = 5.0
 START_WAIT_S = 300.0  # the most a start-up may take where a timeout counts from it
+
+#: What the fork server imports once, before it forks any rank.
+PRELOAD = ("torch", "torch.distributed", "torch.distributed.tensor", "shardckpt",
+           "shardckpt.manager")
+_method = ["spawn"]
+
+
+@contextlib.contextmanager
+def start_method(method: str, preload: Sequence[str] = PRELOAD) -> Iterator[None]:
+    """Within this context ``run_ranks`` starts ranks with ``method`` ("spawn" or
+    "forkserver"). Each rank is a new process either way, with the environment of this process
+    at the call (plus the rank's), its own session, process group and reaping; "forkserver"
+    forks it from one server per test process, a fresh interpreter (not a fork of pytest) that
+    imported ``preload`` when it started, so that a rank starts in a tenth of the time."""
+    if method not in ("spawn", "forkserver"):
+        raise ValueError(f"start method must be 'spawn' or 'forkserver', got {method!r}")
+    if method == "forkserver":
+        multiprocessing.get_context("forkserver").set_forkserver_preload(list(preload))
+    real, _method[0] = _method[0], method
+    try:
+        yield
+    finally:
+        _method[0] = real
 
 
 class RankFailures(AssertionError):
@@ -128,13 +155,14 @@ def _rank_main(
     # Own session and process group: the parent can then kill this rank and everything it starts
     # with one killpg, and a Ctrl-C at the terminal reaches only the parent.
     os.setsid()
+    os.environ.clear()  # a forked rank starts with its server's environment: replace it all
     os.environ.update(env)
     try:
         import torch
         import torch.distributed as dist
 
-        if "OMP_NUM_THREADS" not in os.environ:
-            torch.set_num_threads(1)  # as torchrun does: ranks share a few cores
+        threads = os.environ.get("OMP_NUM_THREADS", "1")  # as torchrun: ranks share a few cores
+        torch.set_num_threads(int(threads) if threads.isdigit() and int(threads) > 0 else 1)
         if init_pg:
             dist.init_process_group(
                 backend,
@@ -227,7 +255,7 @@ def run_ranks(
     """
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
-    ctx = multiprocessing.get_context("spawn")
+    ctx = multiprocessing.get_context(_method[0])
     port = free_port()
     procs: list[Any] = []
     readers: dict[Connection, int] = {}
@@ -252,6 +280,7 @@ def run_ranks(
     try:
         for rank in range(world_size):
             rank_env = {
+                **os.environ,
                 "MASTER_ADDR": "127.0.0.1",
                 "MASTER_PORT": str(port),
                 "RANK": str(rank),

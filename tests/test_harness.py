@@ -12,14 +12,18 @@ import pytest
 from harness import RankFailures, RankTimeout, free_port, run_ranks, run_torchrun
 
 
+HELPERS = ("multiprocessing.resource_tracker", "multiprocessing.forkserver")
+
+
 def _live_descendants() -> set[int]:
-    """Pids of live (non-zombie) descendants of this process, minus multiprocessing helpers."""
+    """Pids of live (non-zombie) descendants of this process, minus multiprocessing helpers
+    (the resource tracker, the fork server ``run_ranks`` starts ranks from; not its ranks)."""
     live = set()
     for proc in psutil.Process().children(recursive=True):
         try:
             if proc.status() == psutil.STATUS_ZOMBIE:
                 continue
-            if any("resource_tracker" in part for part in proc.cmdline()):
+            if any(h in part for part in proc.cmdline() for h in HELPERS):
                 continue
         except psutil.NoSuchProcess:
             continue
@@ -57,6 +61,19 @@ def test_all_reduce_results_in_rank_order(world_size: int) -> None:
         }
         for r in range(world_size)
     ]
+
+
+@pytest.mark.parametrize("method", ["forkserver",
+                                    pytest.param("spawn", marks=pytest.mark.spawn_ranks)])
+def test_ranks_get_this_processes_environment_at_the_call(
+        method: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Also a forked rank, whose fork server started long before with another environment."""
+    if method == "forkserver":
+        run_ranks(targets.all_reduce_sum, 2, 0, timeout=120)  # the fork server is up by now
+    monkeypatch.setenv("HARNESS_EXTRA", f"set later, {method}")
+    results = run_ranks(targets.all_reduce_sum, 2, 10, timeout=120)
+    assert [r["extra"] for r in results] == [f"set later, {method}"] * 2
+    assert [r["sum"] for r in results] == [21.0, 21.0]
 
 
 def test_exception_on_rank_1_is_reported() -> None:
