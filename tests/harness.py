@@ -3,9 +3,9 @@
 ``run_ranks(fn, world_size, ...)`` starts ``world_size`` fresh processes (multiprocessing
 "spawn"; within :func:`start_method` ``"forkserver"``, each rank a fork of a fresh interpreter
 that has torch and shardckpt imported already, in a fraction of the time: what the suite uses,
-see ``tests/conftest.py``), gives each the usual torchrun environment, optionally joins them into a default process
-group, and calls ``fn(rank, world_size, *args, **kwargs)`` in each. It returns the per-rank return
-values in rank order, or raises:
+see ``tests/conftest.py``), gives each the usual torchrun environment, optionally joins them
+into a default process group, and calls ``fn(rank, world_size, *args, **kwargs)`` in each. It
+returns the per-rank return values in rank order, or raises:
 
 * ``RankFailures`` when a rank raised or its process died without reporting a result;
 * ``RankTimeout`` when some ranks were still running at the deadline (and none failed).

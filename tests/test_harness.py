@@ -11,7 +11,6 @@ import psutil
 import pytest
 from harness import RankFailures, RankTimeout, free_port, run_ranks, run_torchrun
 
-
 HELPERS = ("multiprocessing.resource_tracker", "multiprocessing.forkserver")
 
 
