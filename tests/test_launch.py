@@ -221,12 +221,12 @@ def test_sbatch_saves_and_requeues_on_usr1(bindir: Path, tmp_path: Path, restart
     proc = subprocess.Popen(["bash", str(LAUNCH / "slurm" / "train.sbatch"), "train.py"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 60  # a bound for a loaded machine: bash is up in ms
         while "srun " not in (log.read_text() if log.exists() else ""):
             assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
             time.sleep(0.02)
         proc.send_signal(signal.SIGUSR1)
-        out, err = proc.communicate(timeout=10)
+        out, err = proc.communicate(timeout=60)
     finally:
         proc.kill()
     lines = log.read_text().splitlines()
