@@ -639,7 +639,8 @@ def test_prune_killed_mid_deletion_leaves_every_listed_checkpoint_loadable(
     assert victim.name in report.reaped
     assert committed(root) == expected_kept(list(range(1, 21)))
     assert sorted(p.name for p in Path(root).iterdir()) == \
-        [".shardckpt", *(step_dirname(s) for s in expected_kept(list(range(1, 21))))]
+        [".shardckpt", ".shardckpt-root",
+         *(step_dirname(s) for s in expected_kept(list(range(1, 21))))]
     assert_loads(root, committed(root))
 
 
