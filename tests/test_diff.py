@@ -14,7 +14,7 @@ import torch
 import shardckpt
 from shardckpt.cli.diff_cmd import max_abs_diff
 from shardckpt.cli.main import main
-from shardckpt.manager import RNG_KEY
+from shardckpt.extras import RNG_KEY
 
 
 def _states() -> tuple[dict, dict]:
