@@ -1,0 +1,99 @@
+"""Rank functions for the node-local tier's multi-process tests (tests/test_tier_*.py), run by
+``harness.run_ranks`` in fresh processes on real gloo groups."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+
+from shardckpt.engine import peer
+from shardckpt.storage import open_location
+from shardckpt.tier.placement import NodeMap
+
+
+@contextlib.contextmanager
+def forked_ranks() -> Iterator[None]:
+    """``harness.run_ranks`` starts ranks from a fork server with torch and this module loaded."""
+    import multiprocessing
+    from types import SimpleNamespace
+
+    import harness
+
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload([__name__, "shardckpt.manager"])
+    real = harness.multiprocessing
+    harness.multiprocessing = SimpleNamespace(get_context=lambda method="spawn": ctx)
+    try:
+        yield
+    finally:
+        harness.multiprocessing = real
+
+
+STEP_DIR = "step-0000000007"
+
+
+def file_bytes(rank: int, index: int) -> bytes:
+    """Rank ``rank``'s file ``index``: odd sizes (a zero-length one too), a function of both."""
+    size = [5000 + 37 * rank, 0, 12345][index % 3]
+    return hashlib.shake_256(f"{rank}/{index}".encode()).digest(size) if size else b""
+
+
+def names_of(rank: int, count: int = 3) -> list[str]:
+    return [f"rank{rank:05d}-{i:03d}.shard" for i in range(count)]
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def push_to_peers(rank: int, world: int, root: str, nodes: list[str], copies: int,
+                  chunk: int, corrupt: str | None = None, missing: str | None = None
+                  ) -> dict[str, Any]:
+    """Each rank writes its files under its node's path, then pushes them to the ranks of its
+    peer nodes (``NodeMap.pushes``). ``corrupt``: a file whose first chunk the sender flips a
+    byte of after hashing it (a fault on the wire); ``missing``: a file the sender lacks."""
+    node_map = NodeMap(tuple(nodes))
+    here = open_location(os.path.join(root, f"node{nodes[rank]}"))
+    here.makedirs(STEP_DIR)
+    names = names_of(rank)
+    for i, name in enumerate(names):
+        if name != missing:
+            here.write_atomic(f"{STEP_DIR}/{name}", file_bytes(rank, i))
+    if corrupt is not None:
+        real = peer._digest
+        flipped: list[bool] = []
+
+        def flip_after_hashing(view: memoryview) -> int:
+            d = real(view)
+            if not flipped and len(view) and bytes(view) == file_bytes(rank, 0)[:len(view)] \
+                    and names[0] == corrupt:
+                view[0] ^= 0xFF
+                flipped.append(True)
+            return d
+
+        peer._digest = flip_after_hashing
+    group = dist.new_group(backend="gloo")
+    transfers = [peer.Transfer(s, d, tuple(names_of(s))) for s, d in node_map.pushes(copies)]
+    dist.barrier(group)  # every sender's files are in place
+    report = peer.run_transfers(group, rank, transfers, STEP_DIR, here, here, chunk)
+    return {"sent": report.bytes_sent, "received": report.bytes_received,
+            "files": report.received, "errors": report.errors}
+
+
+def cycle(rank: int, world: int, root: str, chunk: int) -> dict[str, Any]:
+    """Transfers that form a cycle (0->1, 1->2, 2->0) and a rank that sends twice: every rank
+    both sends and receives, each into its own directory."""
+    here = open_location(os.path.join(root, f"r{rank}"))
+    here.makedirs(STEP_DIR)
+    for i, name in enumerate(names_of(rank)):
+        here.write_atomic(f"{STEP_DIR}/{name}", file_bytes(rank, i))
+    transfers = [peer.Transfer(0, 1, tuple(names_of(0))), peer.Transfer(1, 2, tuple(names_of(1))),
+                 peer.Transfer(2, 0, tuple(names_of(2))), peer.Transfer(0, 2, tuple(names_of(0)))]
+    report = peer.run_transfers(None, rank, transfers, STEP_DIR, here, here, chunk)
+    return {"received": report.received, "errors": report.errors}
