@@ -97,3 +97,47 @@ def cycle(rank: int, world: int, root: str, chunk: int) -> dict[str, Any]:
                  peer.Transfer(2, 0, tuple(names_of(2))), peer.Transfer(0, 2, tuple(names_of(0)))]
     report = peer.run_transfers(None, rank, transfers, STEP_DIR, here, here, chunk)
     return {"received": report.received, "errors": report.errors}
+
+
+# ------------------------------------------------------------------------------ local tier saves
+def tier_state(step: int, rank: int) -> dict[str, Any]:
+    """A rank's state at ``step``: a tensor of its own and one every rank holds alike."""
+    import torch
+
+    g = torch.Generator().manual_seed(1000 * step + rank)
+    shared = torch.Generator().manual_seed(step)
+    return {f"own{rank}": torch.randn(3000 + rank, generator=g),
+            "shared": torch.randn(2000, generator=shared)}
+
+
+def local_saves(rank: int, world: int, root: str, nodes: list[str], steps: list[int],
+                copies: int, keep: int, kill_at: int | None = None) -> dict[str, Any]:
+    """Save ``steps`` to a local tier at ``root/{node}``. ``kill_at``: rank ``world - 1``
+    SIGKILLs itself in the middle of that step's peer copy (after its own files are durable)."""
+    import signal
+    import warnings
+
+    import shardckpt
+    from shardckpt.tier.local import LocalTierStore
+
+    if kill_at is not None and rank == world - 1:
+        real = peer.run_transfers
+
+        def die_in_transfer(group: Any, r: int, transfers: Any, step_dir: str,
+                            *args: Any) -> Any:
+            if step_dir == f"step-{kill_at:010d}":
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real(group, r, transfers, step_dir, *args)
+
+        import shardckpt.tier.local as local_mod
+        local_mod.run_transfers = die_in_transfer
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        store = LocalTierStore(shardckpt.LocalTier(os.path.join(root, "{node}"), every=1,
+                                                   copies=copies, keep=keep,
+                                                   node=nodes[rank]))
+        for step in steps:
+            store.save(step, tier_state(step, rank))
+    return {"steps": store.steps(), "report": store.report().to_json(),
+            "leader": store.is_leader, "profile": store.last_save_profile,
+            "warnings": [str(w.message) for w in caught]}
