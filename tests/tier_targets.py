@@ -141,3 +141,80 @@ def local_saves(rank: int, world: int, root: str, nodes: list[str], steps: list[
     return {"steps": store.steps(), "report": store.report().to_json(),
             "leader": store.is_leader, "profile": store.last_save_profile,
             "warnings": [str(w.message) for w in caught]}
+
+
+# ------------------------------------------------------------------------------ recovery
+def save_both(rank: int, world: int, root: str, nodes: list[str], steps: list[int],
+              persistent_every: int, keep: int = 3) -> None:
+    """A training loop's saves: every step to the local tier, every ``persistent_every`` to
+    the persistent one (``root/persistent``)."""
+    import shardckpt
+    from shardckpt.tier.local import LocalTierStore
+
+    store = LocalTierStore(shardckpt.LocalTier(os.path.join(root, "{node}"), every=1, copies=2,
+                                               keep=keep, node=nodes[rank]))
+    with shardckpt.CheckpointManager(os.path.join(root, "persistent"), async_save=False,
+                                     capture_rng=False) as mgr:
+        for step in steps:
+            store.save(step, tier_state(step, rank))
+            if step % persistent_every == 0:
+                mgr.save(step, tier_state(step, rank))
+
+
+def forbid_other_nodes(root: str, mine: str, nodes: list[str]) -> None:
+    """A test-only audit hook: any open() under another node's path fails this worker."""
+    import sys
+
+    others = [os.path.join(root, n) + os.sep for n in set(nodes) if n != mine]
+
+    def hook(event: str, args: tuple[Any, ...]) -> None:
+        if event == "open" and isinstance(args[0], (str, bytes, os.PathLike)):
+            path = os.fsdecode(os.fspath(args[0]))
+            if any(path.startswith(o) for o in others):
+                raise PermissionError(f"audit: worker on node {mine} opened {path}")
+
+    sys.addaudithook(hook)
+
+
+def recover_job(rank: int, world: int, root: str, nodes: list[str]) -> dict[str, Any]:
+    """A restarted job: restore from the best candidate across tiers; report what it got."""
+    import warnings
+
+    import torch
+
+    import shardckpt
+    from shardckpt.tier.local import LocalTierStore
+    from shardckpt.tier.recover import recover
+
+    forbid_other_nodes(root, nodes[rank], nodes)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        store = LocalTierStore(shardckpt.LocalTier(os.path.join(root, "{node}"), every=1,
+                                                   copies=min(2, len(set(nodes))), keep=3,
+                                                   node=nodes[rank]))
+        state = {k: torch.zeros_like(v) for k, v in tier_state(0, rank).items()}
+        with shardckpt.CheckpointManager(os.path.join(root, "persistent"), async_save=False,
+                                         capture_rng=False) as mgr:
+            steps = store.comm.broadcast_json(mgr.steps(), "test: persistent steps")
+
+            def load_persistent(step: int) -> dict[str, float]:
+                mgr.load(state, step=step, restore_rng=False)
+                return dict(mgr.last_load_profile)
+
+            cand, profile = recover(store, state, True, persistent_steps=steps,
+                                    load_persistent=load_persistent)
+    want = tier_state(cand.step, rank)
+    return {"tier": cand.tier, "step": cand.step, "sources": list(cand.sources),
+            "bytes_received": profile["bytes_received"],
+            "bytes_read": profile.get("bytes_read", -1),
+            "exact": all(torch.equal(state[k], v) for k, v in want.items()),
+            "warnings": [str(w.message) for w in caught]}
+
+
+def open_other_node(rank: int, world: int, root: str) -> str:
+    forbid_other_nodes(root, "0", ["0", "1"])
+    try:
+        with open(os.path.join(root, "1", "x"), "rb"):
+            return "opened"
+    except PermissionError as exc:
+        return f"PermissionError: {exc}"
