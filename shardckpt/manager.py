@@ -42,6 +42,7 @@ from .repro import collect_provenance, host_record, restore_rng_state
 from .storage import open_location, step_dirname
 from .storage.location import options_for
 from .storage.probe import reachable_all
+from .tier.runner import LocalTier, local_tier, save_tiers, tier_steps
 from .version import __version__
 
 
@@ -57,7 +58,7 @@ class CheckpointManager:
                  data: Mapping[str, Any] | None = None, capture_rng: bool = True,
                  metrics_path: str | os.PathLike[str] | None = None,
                  callbacks: Iterable[Callable[[SaveEvent], Any]] | None = (),
-                 file_mode: int | None = None) -> None:
+                 file_mode: int | None = None, local: LocalTier | None = None) -> None:
         urls = [str(root), *(str(r) for r in replicas)]
         if len(set(urls)) != len(urls):
             raise ValueError(f"the same location is given twice: {urls}")
@@ -89,6 +90,7 @@ class CheckpointManager:
         self.async_save = async_save
         self._codec = Codec(compression)
         self._comm = make_comm(process_group, knobs.COLLECTIVE_TIMEOUT_S.get())
+        self._local = local_tier(local, process_group, compression, file_mode, async_save)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shardckpt-save")
         self._pending: list[SaveHandle] = []
         self._lock = threading.Lock()
@@ -118,11 +120,12 @@ class CheckpointManager:
 
     # -------------------------------------------------------------------------------- save
     def should_save(self, step: int) -> bool:
-        return self.save_every is not None and step % self.save_every == 0
+        return (self.save_every is not None and step % self.save_every == 0) or \
+            self._local.due(step)
 
     def save(self, step: int, state: dict[str, Any], metrics: Mapping[str, float] | None = None,
              tags: Iterable[str] = (), golden: Any = None,
-             blocking: bool | None = None) -> SaveHandle:
+             blocking: bool | None = None, tier: str | None = None) -> SaveHandle | None:
         """Collective. Snapshot ``state`` and write it as checkpoint ``step``.
 
         Returns once the state is snapshotted (``async_save``) or committed (``blocking=True``).
@@ -148,6 +151,10 @@ class CheckpointManager:
         tags = tuple(tags)
         if not all(isinstance(t, str) for t in tags):
             raise TypeError("tags must be strings")
+        local, persistent = save_tiers(self._local, step, state, tier, self.save_every, metrics,
+                                       tags, golden, self.capture_rng, blocking)  # issue 28
+        if not persistent:
+            return local
         self.wait()
         extra: dict[str, Any] = {"shardckpt_version": __version__,
                                  "provenance": self._provenance_record()}
@@ -248,18 +255,21 @@ class CheckpointManager:
             except BaseException as exc:
                 if not already:  # an error reaches the user once, wherever it surfaces first
                     first = first or exc
+        self._local.wait()
         if first is not None:
             raise first
 
     # -------------------------------------------------------------------------------- query
-    def steps(self) -> list[int]:
+    def steps(self, tier: str | None = None) -> list[int]:
         """Committed steps, ascending (a step counts once its manifest is present and valid).
 
         Works from the locations that answer: an unreachable replica is skipped, with one
         warning (again only once it has come back and gone away again). A step whose manifest
         is present but corrupt or unreadable everywhere is left out, with a warning.
+        ``tier="local"``: this node's complete steps of the local tier.
         """
-        return self._finder.committed()
+        local = tier_steps(self._local, tier)
+        return self._finder.committed() if local is None else local
 
     def latest_step(self) -> int | None:
         steps = self.steps()
@@ -362,6 +372,7 @@ class CheckpointManager:
             self._pool.shutdown(wait=True)
             self._staging.release()
             self._retention_runner.close()  # the last commit's retention finishes first
+            self._local.close()
 
     def _finish_at_exit(self, timeout: float) -> None:
         """The interpreter is exiting and ``close()`` was not called: let the saves in flight

@@ -218,3 +218,49 @@ def open_other_node(rank: int, world: int, root: str) -> str:
             return "opened"
     except PermissionError as exc:
         return f"PermissionError: {exc}"
+
+
+# ------------------------------------------------------------------------------ the manager
+def manager_loop(rank: int, world: int, root: str, nodes: list[str]) -> dict[str, Any]:
+    """A loop over steps 1-7 with ``save_every=5`` and a local tier every step; then a local
+    save due while the previous one is held up (on every rank) is skipped, not queued."""
+    import threading
+    import warnings
+
+    import torch
+
+    import shardckpt
+    from shardckpt.tier import local as local_mod
+
+    mgr = shardckpt.CheckpointManager(
+        os.path.join(root, "persistent"), save_every=5, capture_rng=False,
+        local=shardckpt.LocalTier(os.path.join(root, "{node}"), every=1, copies=2, keep=2,
+                                  node=nodes[rank]))
+    due = []
+    for step in range(1, 8):
+        if mgr.should_save(step):
+            due.append(step)
+            mgr.save(step, tier_state(step, rank), blocking=True)  # none skipped here
+    result: dict[str, Any] = {"due": due, "persistent": mgr.steps(),
+                              "local": mgr.steps(tier="local")}
+    release = threading.Event()
+    real = local_mod.LocalTierStore.save
+
+    def held_up(self: Any, *args: Any, **kwargs: Any) -> Any:
+        release.wait(60)
+        return real(self, *args, **kwargs)
+
+    local_mod.LocalTierStore.save = held_up  # type: ignore[method-assign]
+    first = mgr.save(8, tier_state(8, rank), tier="local")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        second = mgr.save(9, tier_state(9, rank), tier="local")
+    release.set()
+    first.wait()
+    mgr.wait()
+    mgr.save(10, {"w": torch.ones(3)}, tier="both")
+    mgr.close()
+    result.update(skipped=mgr._local.skipped, second=second is None,
+                  warnings=[str(w.message) for w in caught], after=mgr.steps(),
+                  local_after=mgr.steps(tier="local"))
+    return result
