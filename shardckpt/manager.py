@@ -120,8 +120,7 @@ class CheckpointManager:
 
     # -------------------------------------------------------------------------------- save
     def should_save(self, step: int) -> bool:
-        return (self.save_every is not None and step % self.save_every == 0) or \
-            self._local.due(step)
+        return self._local.due(step) or bool(self.save_every and step % self.save_every == 0)
 
     def save(self, step: int, state: dict[str, Any], metrics: Mapping[str, float] | None = None,
              tags: Iterable[str] = (), golden: Any = None,
@@ -155,7 +154,7 @@ class CheckpointManager:
                                        tags, golden, self.capture_rng, blocking)  # issue 28
         if not persistent:
             return local
-        self.wait()
+        self._wait_persistent()  # a persistent save never waits for a local one
         extra: dict[str, Any] = {"shardckpt_version": __version__,
                                  "provenance": self._provenance_record()}
         blocking = (not self.async_save) if blocking is None else blocking
@@ -191,7 +190,7 @@ class CheckpointManager:
             with self._lock:
                 self._pending.append(handle)
             if blocking:
-                self.wait()
+                self._wait_persistent()
         finally:
             tracker.returned()  # the event goes out once this and the outcome are both known
         return handle
@@ -244,7 +243,11 @@ class CheckpointManager:
         return CheckpointInfo.from_manifest(manifest)
 
     def wait(self) -> None:
-        """Wait for every in-flight save; raise the first error among them."""
+        """Wait for every in-flight save (both tiers); raise the first error among them."""
+        self._wait_persistent()
+        self._local.wait()
+
+    def _wait_persistent(self) -> None:
         with self._lock:
             pending, self._pending = self._pending, []
         first: BaseException | None = None
@@ -255,7 +258,6 @@ class CheckpointManager:
             except BaseException as exc:
                 if not already:  # an error reaches the user once, wherever it surfaces first
                     first = first or exc
-        self._local.wait()
         if first is not None:
             raise first
 
@@ -266,9 +268,8 @@ class CheckpointManager:
         Works from the locations that answer: an unreachable replica is skipped, with one
         warning (again only once it has come back and gone away again). A step whose manifest
         is present but corrupt or unreadable everywhere is left out, with a warning.
-        ``tier="local"``: this node's complete steps of the local tier.
         """
-        local = tier_steps(self._local, tier)
+        local = tier_steps(self._local, tier)  # tier="local": this node's local steps
         return self._finder.committed() if local is None else local
 
     def latest_step(self) -> int | None:

@@ -34,7 +34,8 @@ def test_a_job_saves_both_tiers_as_they_fall_due(tmp_path: Path) -> None:
         assert rep["second"] and rep["skipped"] == [9]
         (msg,) = rep["warnings"]
         assert "local save of step 9 skipped" in msg and "1 skipped so far" in msg
-        assert rep["after"] == [5, 10]
+        assert rep["persistent_waited"] is False
+        assert rep["after"] == [5, 10, 11]
         assert rep["local_after"] == [8, 10]
     for node in ("0", "1"):
         assert shardckpt.consolidated_state_dict(str(tmp_path / node), step=10)["w"].tolist() \

@@ -255,6 +255,8 @@ def manager_loop(rank: int, world: int, root: str, nodes: list[str]) -> dict[str
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         second = mgr.save(9, tier_state(9, rank), tier="local")
+    mgr.save(11, tier_state(11, rank), tier="persistent", blocking=True)
+    result["persistent_waited"] = first.done()  # a persistent save never waits for a local one
     release.set()
     first.wait()
     mgr.wait()

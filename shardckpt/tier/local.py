@@ -16,7 +16,8 @@ A local save of step ``s`` (:meth:`LocalTierStore.save`), every rank of the tier
    (:mod:`shardckpt.engine.peer`, checked on arrival), and every rank reports what it received;
 4. each node's local rank 0 writes the manifest, then ``holdings.json`` (the ranks whose files
    the node holds whole), both after the files are durable: the node's copy is then complete;
-5. local retention: each node's local rank 0 keeps its newest ``keep`` complete steps.
+5. local retention: each node's local rank 0 keeps its newest ``keep`` complete steps; then
+   every rank learns the outcome (after retention: what ``steps()`` lists is settled).
 
 Any rank's failure in steps 1-4 fails the save on every rank (the previous local steps are
 untouched). A peer copy that fails is left out of that node's holdings, with a warning: the step
@@ -116,9 +117,9 @@ class LocalTierStore:
                 self._commit_node(manifest, text.encode(), names, received)
             except Exception as exc:
                 error = exc
+            else:  # before the agreement: once save() returns, every rank sees the result
+                self._retain(step)
         self._agree(step, "committing the node copies", error)
-        if self.is_leader:
-            self._retain(step)
         self.last_save_profile = {"save": t1 - t0, "peer_copy": t2 - t1,
                                   "commit_nodes": time.perf_counter() - t2,
                                   "bytes_sent": float(report.bytes_sent),
