@@ -73,3 +73,27 @@ def test_tier_arguments_need_a_local_tier(tmp_path: Path) -> None:
         assert mgr.steps(tier="persistent") == [1]
     with pytest.raises(TypeError, match="LocalTier"):
         shardckpt.CheckpointManager(str(tmp_path), local="/dev/shm/x")  # type: ignore[arg-type]
+
+
+def test_a_job_resumes_from_the_local_tier_after_losing_a_node(tmp_path: Path) -> None:
+    """Local every step, persistent every 5: after step 7, node 1's path is deleted; the
+    resumed job starts at step 7 (not 5), node 1's ranks receiving their files from node 0,
+    with every rank's RNG streams as they were at the save."""
+    import shutil
+
+    nodes = ["0", "0", "1", "1"]
+    run_ranks(T.manager_train, 4, str(tmp_path), nodes, list(range(1, 8)), env=ENV, timeout=150)
+    shutil.rmtree(tmp_path / "1")
+    out = run_ranks(T.manager_resume, 4, str(tmp_path), nodes, env=ENV, timeout=150)
+    for rank, rep in enumerate(out):
+        assert (rep["step"], rep["tier"], rep["exact"], rep["rng"]) == (7, "local", True, True), \
+            rep["warnings"]
+        assert (rep["bytes_received"] > 0) == (rank >= 2)
+    shutil.rmtree(tmp_path / "0")
+    shutil.rmtree(tmp_path / "1")
+    out = run_ranks(T.manager_resume, 4, str(tmp_path), nodes, env=ENV, timeout=150)
+    assert [(r["step"], r["tier"], r["exact"], r["rng"]) for r in out] == \
+        [(5, "persistent", True, True)] * 4
+    assert [w for w in out[0]["warnings"] if w.startswith("restored")] == [
+        "restored persistent step 5; newer candidates were skipped: the local tier holds no "
+        "recoverable step"]

@@ -96,6 +96,8 @@ def test_both_copies_lost_falls_back_to_the_persistent_tier(saved: Path,
     shutil.rmtree(root / "1")
     out = run_ranks(T.recover_job, 4, str(root), NODES, env=ENV, timeout=120)
     assert [(r["tier"], r["step"], r["exact"]) for r in out] == [("persistent", 2, True)] * 4
+    (warning,) = [w for w in out[0]["warnings"] if w.startswith("restored")]
+    assert warning.endswith("the local tier holds no recoverable step")
 
 
 def test_another_world_size_skips_the_local_tier_naming_the_reason(saved: Path,

@@ -266,3 +266,46 @@ def manager_loop(rank: int, world: int, root: str, nodes: list[str]) -> dict[str
                   warnings=[str(w.message) for w in caught], after=mgr.steps(),
                   local_after=mgr.steps(tier="local"))
     return result
+
+
+def manager_train(rank: int, world: int, root: str, nodes: list[str], steps: list[int]) -> None:
+    """Saves through the manager: local every step, persistent every 5; each step's RNG is
+    seeded from (rank, step) right before its save, so a resume can tell which it restored."""
+    import torch
+
+    import shardckpt
+
+    with shardckpt.CheckpointManager(
+            os.path.join(root, "persistent"), save_every=5,
+            local=shardckpt.LocalTier(os.path.join(root, "{node}"), every=1, copies=2, keep=2,
+                                      node=nodes[rank])) as mgr:
+        for step in steps:
+            torch.manual_seed(100 * rank + step)
+            if mgr.should_save(step):
+                mgr.save(step, tier_state(step, rank), blocking=True)
+
+
+def manager_resume(rank: int, world: int, root: str, nodes: list[str]) -> dict[str, Any]:
+    """A restarted job resumes through the manager's local tier (``load_for``)."""
+    import warnings
+
+    import torch
+
+    import shardckpt
+
+    forbid_other_nodes(root, nodes[rank], nodes)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with shardckpt.CheckpointManager(
+                os.path.join(root, "persistent"), save_every=5,
+                local=shardckpt.LocalTier(os.path.join(root, "{node}"), every=1, copies=2,
+                                          keep=2, node=nodes[rank])) as mgr:
+            state = {k: torch.zeros_like(v) for k, v in tier_state(0, rank).items()}
+            step = mgr._local.load_for(mgr, state)
+            profile = mgr.last_load_profile
+    drawn = torch.rand(1).item()
+    torch.manual_seed(100 * rank + step)
+    return {"step": step, "tier": profile["tier"], "bytes_received": profile["bytes_received"],
+            "exact": all(torch.equal(state[k], v) for k, v in tier_state(step, rank).items()),
+            "rng": drawn == torch.rand(1).item(),
+            "warnings": [str(w.message) for w in caught]}

@@ -28,8 +28,10 @@ from ..engine.load import load_step
 from ..engine.peer import Transfer, run_transfers
 from ..engine.reader import CheckpointReader
 from ..errors import IncompleteCheckpointError, ShardckptError
+from ..extras import RNG_KEY, has_key
 from ..format import manifest as M
 from ..planning.statedict import collect
+from ..repro import restore_rng_state
 from ..storage import Location, step_dirname
 from .choice import LOCAL, Candidate, NodeReport, plan_recovery
 from .local import PEER_CHUNK, LocalTierStore
@@ -58,13 +60,14 @@ class _CountingLocation:
 
 def recover(store: LocalTierStore, state: dict[str, Any], strict: bool, *,
             persistent_steps: Sequence[int] = (),
-            load_persistent: Callable[[int], Mapping[str, float]] | None = None
-            ) -> tuple[Candidate, dict[str, Any]]:
+            load_persistent: Callable[[int], Mapping[str, float]] | None = None,
+            restore_rng: bool = False) -> tuple[Candidate, dict[str, Any]]:
     """Collective (see the module): fill ``state`` from the best candidate that restores on
     every rank. ``persistent_steps`` (the same on every rank) are the persistent tier's valid
     steps; ``load_persistent(step)`` loads one of them (collectively) and returns its profile.
     Returns the candidate used and this rank's profile (``tier``, ``step``, ``bytes_read``,
-    ``bytes_received`` and each phase's seconds)."""
+    ``bytes_received`` and each phase's seconds). ``restore_rng``: a local step saved at this
+    world size restores each rank's RNG streams too."""
     comm = store.comm
     t0 = time.perf_counter()
     reports = [NodeReport.from_json(r) for r in comm.all_gather_json(
@@ -78,7 +81,7 @@ def recover(store: LocalTierStore, state: dict[str, Any], strict: bool, *,
         profile: dict[str, Any] = {}
         try:
             if cand.tier == LOCAL:
-                profile = _restore_local(store, cand, reports, state, strict)
+                profile = _restore_local(store, cand, reports, state, strict, restore_rng)
             else:
                 assert load_persistent is not None
                 profile = {**load_persistent(cand.step), "bytes_received": 0}
@@ -91,6 +94,8 @@ def recover(store: LocalTierStore, state: dict[str, Any], strict: bool, *,
                 f"rank {r}: {m}" for r, m in sorted(failures.items())))
             continue
         why = plan.why_not_newer(cand) + failed
+        if not why and cand.tier != LOCAL:
+            why = ["the local tier holds no recoverable step"]
         if why and comm.rank == 0:
             warnings.warn(f"restored {cand.tier} step {cand.step}; newer candidates were "
                           f"skipped: " + " | ".join(why), stacklevel=3)
@@ -102,7 +107,7 @@ def recover(store: LocalTierStore, state: dict[str, Any], strict: bool, *,
 
 
 def _restore_local(store: LocalTierStore, cand: Candidate, reports: Sequence[NodeReport],
-                   state: dict[str, Any], strict: bool) -> dict[str, Any]:
+                   state: dict[str, Any], strict: bool, restore_rng: bool) -> dict[str, Any]:
     comm, node_map = store.comm, store.node_map
     step_dir = step_dirname(cand.step)
     t0 = time.perf_counter()
@@ -120,8 +125,14 @@ def _restore_local(store: LocalTierStore, cand: Candidate, reports: Sequence[Nod
         raise ShardckptError(f"rank {src} could not read the manifest: {shared['error']}")
     manifest = M.parse(shared["text"].encode(),
                        f"local step {cand.step} manifest from rank {src}")
+    with_rng = restore_rng and manifest.world_size == comm.world_size and \
+        has_key(manifest, RNG_KEY)
+    target = {**state, RNG_KEY: {}} if with_rng else dict(state)  # a failed try leaves state
     try:
-        keys = [leaf.key for leaf in collect(state).leaves]
+        keys = [leaf.key for leaf in collect(target).leaves]
+        # an empty dict asks for whatever the checkpoint holds under its key (the RNG streams)
+        keys += [k for k in manifest.tensors if k.split("/")[0] in
+                 {str(t) for t, v in target.items() if isinstance(v, dict) and not v}]
         mine = sorted(needed_ranks(manifest, keys, comm.rank, comm.world_size))
     except Exception:  # the load below reports it; fetch everything meanwhile
         mine = list(range(manifest.world_size))
@@ -153,7 +164,14 @@ def _restore_local(store: LocalTierStore, cand: Candidate, reports: Sequence[Nod
             f"rank {r}: {m}" for r, m in sorted(failures.items())))
     counting = _CountingLocation(store.location)
     reader = CheckpointReader([counting], step_dir, manifest)  # type: ignore[list-item]
-    profile = load_step(comm, reader, state, strict, knobs.IO_THREADS.get())
+    profile = load_step(comm, reader, target, strict, knobs.IO_THREADS.get())
+    rng = target.pop(RNG_KEY, None)
+    state.update(target)
+    if rng is not None:
+        missing = restore_rng_state(rng)
+        if missing:
+            warnings.warn(f"local step {cand.step}: RNG state not restored for {missing}",
+                          stacklevel=4)
     return {**profile, "manifest_s": t1 - t0, "receive_s": t2 - t1,
             "read_s": time.perf_counter() - t2, "bytes_read": counting.bytes_read,
             "bytes_received": report.bytes_received, "world_size": manifest.world_size,

@@ -120,13 +120,34 @@ class LocalTierRunner:
         return self.store.steps()
 
     def load(self, state: dict[str, Any], strict: bool, persistent_steps: Sequence[int],
-             load_persistent: Callable[[int], Mapping[str, float]]
+             load_persistent: Callable[[int], Mapping[str, float]], restore_rng: bool = True
              ) -> tuple[Candidate, dict[str, Any]]:
         """Collective: restore from the newest step recoverable from either tier
         (:func:`shardckpt.tier.recover.recover`)."""
         self.wait()
         return recover(self.store, state, strict, persistent_steps=persistent_steps,
-                       load_persistent=load_persistent)
+                       load_persistent=load_persistent, restore_rng=restore_rng)
+
+    def load_for(self, manager: Any, state: dict[str, Any], strict: bool = True,
+                 restore_rng: bool = True) -> int:
+        """Collective: ``manager.load(state)`` across tiers (issue 28). The persistent tier's
+        steps and loads are the manager's own (``steps()``, ``load(step=...)``); sets
+        ``manager.last_load_profile`` and returns the step restored. For the manager's
+        ``load`` when no step is given::
+
+            if step is None and isinstance(self._local, LocalTierRunner):
+                return self._local.load_for(self, state, strict, restore_rng)
+        """
+        manager.wait()
+        steps = self.store.comm.broadcast_json(manager.steps(), "load: persistent steps")
+
+        def load_persistent(step: int) -> Mapping[str, float]:
+            manager.load(state, step=step, strict=strict, restore_rng=restore_rng)
+            return dict(manager.last_load_profile)
+
+        cand, profile = self.load(state, strict, steps, load_persistent, restore_rng)
+        manager.last_load_profile = profile
+        return cand.step
 
     def close(self) -> None:
         try:
