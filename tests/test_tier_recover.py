@@ -87,6 +87,9 @@ def test_a_corrupt_surviving_copy_falls_back_to_an_older_step(saved: Path,
     assert [(r["tier"], r["step"], r["exact"]) for r in out] == [("local", 2, True)] * 4
     (warning,) = [w for w in out[0]["warnings"] if w.startswith("restored")]
     assert "restored local step 2" in warning and name in warning
+    # step 3 belongs to the timeline the job abandoned: gone from every node
+    assert sorted(p.name for p in (root / "0").glob("step-*")) == ["step-0000000001",
+                                                                   "step-0000000002"]
 
 
 def test_both_copies_lost_falls_back_to_the_persistent_tier(saved: Path,

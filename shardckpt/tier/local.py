@@ -167,6 +167,18 @@ class LocalTierStore:
             warnings.warn(f"local tier {self.location.display}: retention failed: "
                           f"{describe(exc)}", stacklevel=3)
 
+    def drop_newer(self, step: int) -> None:
+        """This node's leader, after a restore of ``step``: delete the local steps after it
+        (``holdings.json`` first). A failure warns: the next saves replace them anyway."""
+        try:
+            for newer, step_dir in sorted(self.location.list_step_dirs().items()):
+                if newer > step:
+                    self.location.remove(f"{step_dir}/{HOLDINGS_NAME}")
+                    self.location.remove_tree(step_dir)
+        except ShardckptError as exc:
+            warnings.warn(f"local tier {self.location.display}: could not delete the steps "
+                          f"after {step}: {describe(exc)}", stacklevel=3)
+
     # --------------------------------------------------------------------------------- query
     def steps(self) -> list[int]:
         """This node's complete local steps, ascending (holdings and manifest both valid)."""

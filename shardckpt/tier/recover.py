@@ -11,7 +11,9 @@
    :mod:`shardckpt.engine.peer`), into its own path; then every rank loads from its own node's
    path only. For a persistent step: the caller's loader;
 3. any failure on any rank makes every rank move on to the next candidate together (every key
-   is filled again by the next one; steps are never mixed);
+   is filled again by the next one; steps are never mixed). Once a step is restored, the local
+   steps newer than it are deleted on every node: they belong to a timeline the job abandons,
+   and must never be restored after the steps it saves next;
 4. one warning (rank 0) says which tier and step were chosen and why the newer ones were not.
 """
 
@@ -70,8 +72,14 @@ def recover(store: LocalTierStore, state: dict[str, Any], strict: bool, *,
     world size restores each rank's RNG streams too."""
     comm = store.comm
     t0 = time.perf_counter()
+    try:
+        mine = store.report()
+    except Exception as exc:  # this node then holds nothing usable; the others still answer
+        warnings.warn(f"local tier {store.location.display}: cannot list its steps: "
+                      f"{describe(exc)}", stacklevel=2)
+        mine = NodeReport(store.node)
     reports = [NodeReport.from_json(r) for r in comm.all_gather_json(
-        store.report().to_json(), "load: gather the nodes' holdings")]
+        mine.to_json(), "load: gather the nodes' holdings")]
     plan = plan_recovery(reports, store.node_map,
                          persistent_steps if load_persistent is not None else ())
     survey_s = time.perf_counter() - t0
@@ -87,6 +95,8 @@ def recover(store: LocalTierStore, state: dict[str, Any], strict: bool, *,
                 profile = {**load_persistent(cand.step), "bytes_received": 0}
         except Exception as exc:
             error = exc
+        if error is None and store.is_leader:
+            store.drop_newer(cand.step)
         failures = gather_failures(comm, error, f"load: outcome of {cand.tier} step "
                                                 f"{cand.step}")
         if failures:
