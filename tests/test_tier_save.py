@@ -121,3 +121,25 @@ def test_local_tier_config_is_checked() -> None:
             shardckpt.LocalTier("/x/{node}", **bad)
     with pytest.raises(ValueError, match="the only field"):
         shardckpt.LocalTier("/x/{rank}", every=1)
+
+
+def test_a_node_s_listing_shows_own_and_peer_copies_and_their_health(tmp_path: Path) -> None:
+    from shardckpt.tier.listing import node_steps
+
+    run_ranks(T.local_saves, 4, str(tmp_path), ["0", "0", "1", "1"], [1, 2], 2, 2, env=ENV,
+              timeout=120)
+    loc = open_location(str(tmp_path / "1"))
+    (one, two) = node_steps(loc)
+    assert (two["step"], two["node"], two["health"]) == (2, "1", "ok")
+    assert [(r["rank"], r["copy"], r["health"]) for r in two["ranks"]] == [
+        (0, "peer", "ok"), (1, "peer", "ok"), (2, "own", "ok"), (3, "own", "ok")]
+    assert two["nbytes"] == sum(r["nbytes"] for r in two["ranks"]) > 0
+    holdings = read_holdings(loc, "step-0000000002")
+    victim = sorted(holdings.ranks[0])[0]
+    (tmp_path / "1" / "step-0000000002" / victim).unlink()
+    (tmp_path / "1" / "step-0000000001" / "holdings.json").unlink()
+    (one, two) = node_steps(loc)
+    assert one["health"] == "incomplete"
+    assert two["health"] == "damaged" and victim in two["detail"]
+    assert two["ranks"][0]["health"].endswith(f"{victim}: missing")
+    assert [r["health"] for r in two["ranks"][1:]] == ["ok"] * 3

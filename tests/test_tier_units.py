@@ -219,7 +219,8 @@ def test_reports_round_trip_as_json() -> None:
 
 
 def test_the_tier_package_never_imports_torch() -> None:
-    code = ("import sys, shardckpt.tier; "
+    code = ("import sys, shardckpt.tier, shardckpt.tier.listing, shardckpt.tier.config, "
+            "shardckpt.tier.retention, shardckpt.tier.needs; "
             "print(','.join(m for m in ('torch', 'numpy') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=120, check=True).stdout.strip()
