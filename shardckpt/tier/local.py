@@ -26,7 +26,6 @@ then has fewer copies of that rank's files.
 
 from __future__ import annotations
 
-import contextlib
 import time
 import warnings
 from collections.abc import Mapping
@@ -212,7 +211,3 @@ class LocalTierStore:
             valid = frozenset(holdings.ranks) - set(problems)
             steps.append(StepReport(step, holdings.node_map, valid, problems))
         return NodeReport(self.node, tuple(steps), unusable)
-
-    def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self._plan_cache.specs.clear()
