@@ -26,6 +26,21 @@ class StorageError(ShardckptError):
     """A storage backend failed (unreachable, full, permission denied) after retries."""
 
 
+class ConcurrentWriterError(StorageError):
+    """Another writer (another job on the same root) holds or has committed the step this save
+    wanted: the save fails and leaves that writer's files alone. ``holder`` names the other
+    writer (host, pid, job id) where it is known."""
+
+    def __init__(self, message: str, holder: str | None = None) -> None:
+        super().__init__(message)
+        self.holder = holder
+
+
+class RootMarkerError(StorageError):
+    """A location's root marker (``ROOT/.shardckpt-root``) is missing or not the one this job
+    found or wrote there: the volume was unmounted, or the folder deleted or replaced."""
+
+
 class VerificationError(ShardckptError):
     """Replayed outputs differ from the golden outputs recorded at save time."""
 
@@ -61,10 +76,12 @@ class PruneLockedError(ShardckptError):
 
 __all__ = [
     "CollectiveError",
+    "ConcurrentWriterError",
     "CorruptCheckpointError",
     "IncompleteCheckpointError",
     "LeaseError",
     "PruneLockedError",
+    "RootMarkerError",
     "ShardckptError",
     "StorageError",
     "TornSnapshotError",

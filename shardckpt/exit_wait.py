@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import atexit
 import concurrent.futures.thread  # noqa: F401  (registers its exit hook before ours, see above)
+import functools
 import logging
+import sys
 import threading
 import time
 import weakref
@@ -26,12 +28,15 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 from . import knobs
+from .errors import ShardckptError
 
 logger = logging.getLogger("shardckpt")
 
 
 class FinishesAtExit(Protocol):
     def _finish_at_exit(self, timeout: float) -> None: ...
+
+    def _before_teardown(self, group: Any) -> None: ...
 
 
 _tracked: weakref.WeakSet[FinishesAtExit] = weakref.WeakSet()
@@ -42,6 +47,11 @@ _registered = False
 def track(obj: FinishesAtExit) -> None:
     """Have ``obj._finish_at_exit`` called at interpreter exit, unless it is untracked first."""
     global _registered
+    if "torch.distributed" in sys.modules:
+        from torch.distributed import is_available, is_initialized
+
+        if is_available() and is_initialized():
+            guard_teardown()
     with _lock:
         _tracked.add(obj)
         if _registered:
@@ -56,6 +66,46 @@ def track(obj: FinishesAtExit) -> None:
         logger.warning("shardckpt: %s; saves in flight at exit are waited for by an atexit "
                        "function instead, which may be too late for them", exc)
         atexit.register(_at_exit)
+
+
+def guard_teardown() -> None:
+    """Wrap ``torch.distributed.destroy_process_group`` (once per process): before a teardown
+    that destroys every group (no argument) or a manager's own group, each tracked object's
+    ``_before_teardown(group)`` finishes the saves in flight, while the private group they run
+    on still exists. A save that cannot commit then is logged with its cause, the groups are
+    destroyed all the same, and the teardown raises: the process exits non-zero, never quietly
+    losing the last checkpoint. Code that bound the function before shardckpt was imported
+    (``from torch.distributed import destroy_process_group``) bypasses the wrapper: call
+    ``mgr.close()`` first there."""
+    import torch.distributed as dist
+
+    if getattr(dist.destroy_process_group, "_shardckpt_guard", False):
+        return
+    original = dist.destroy_process_group
+
+    @functools.wraps(original)
+    def destroy_process_group(group: Any = None) -> None:
+        with _lock:
+            objs = list(_tracked)
+        failed: list[BaseException] = []
+        for obj in objs:
+            try:
+                obj._before_teardown(group)
+            except Exception as exc:
+                logger.error("shardckpt: a save in flight when destroy_process_group() was "
+                             "called could not be committed: %s: %s", type(exc).__name__, exc)
+                failed.append(exc)
+        original(group)
+        if failed:
+            raise ShardckptError(f"destroy_process_group(): a save in flight could not be "
+                                 f"committed: {type(failed[0]).__name__}: {failed[0]}") \
+                from failed[0]
+
+    destroy_process_group._shardckpt_guard = True  # type: ignore[attr-defined]
+    dist.destroy_process_group = destroy_process_group
+    c10d = getattr(dist, "distributed_c10d", None)
+    if c10d is not None and c10d.destroy_process_group is original:
+        c10d.destroy_process_group = destroy_process_group
 
 
 def untrack(obj: FinishesAtExit) -> None:
@@ -114,4 +164,4 @@ def _at_exit() -> None:
             logger.exception("shardckpt: finishing %r at exit failed", obj)
 
 
-__all__ = ["track", "untrack", "wait_for_saves"]
+__all__ = ["guard_teardown", "track", "untrack", "wait_for_saves"]

@@ -83,8 +83,12 @@ SAVE_NICE = Knob("SHARDCKPT_SAVE_NICE", 10, 0,
                  "nice value (0-19) of a background save's copy, hashing and writing threads: "
                  "higher leaves training more of the CPU (Linux); 0: the caller's priority")
 
+MAX_FAILED_SAVES = Knob("SHARDCKPT_MAX_FAILED_SAVES", 3, 1,
+                        "background saves that may fail in a row under on_error='warn' before the "
+                        "next save() raises on every rank")
+
 ALL_KNOBS = (CHUNK_SIZE, IO_THREADS, FILES_PER_RANK, MEMORY_BUDGET, ENCODE_THREADS,
              COLLECTIVE_TIMEOUT_S, FSYNC, DIRECT_IO, CONNECT_TIMEOUT_S, CONNECT_ATTEMPTS,
              UNREACHABLE_TTL_S, STORAGE_ATTEMPTS, STORAGE_RETRY_SECONDS, S3_BLOCK_SIZE,
              LEASE_TTL_S, PRUNE_LOCK_TTL_S, LOCK_SETTLE_MS, EXIT_WAIT_S,
-             SAVE_NICE)
+             SAVE_NICE, MAX_FAILED_SAVES)

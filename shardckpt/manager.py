@@ -17,32 +17,32 @@ from dataclasses import replace
 from typing import Any
 
 from . import catalog, exit_wait, knobs
-from .catalog import find_manifest
 from .engine.background import background_options
 from .engine.comm import make_comm
+from .engine.failpolicy import FailurePolicy, check_on_error
 from .engine.failures import describe
 from .engine.index import full_manifest
 from .engine.lazy import LazySnapshot
-from .engine.load import load_step
 from .engine.reader import CheckpointReader
+from .engine.resume import load_state
 from .engine.save import SaveOptions, SaveRequest, agree_on_state, save_step
+from .engine.saveargs import check_save_args
 from .engine.snapshot import Snapshot, StagingPool
-from .errors import IncompleteCheckpointError, ShardckptError
-from .extras import RNG_KEY, has_key, with_extras
+from .errors import ShardckptError
+from .extras import with_extras
 from .format import manifest as M
 from .format.shard import Codec
-from .golden import Golden
 from .handles import CheckpointInfo, SaveHandle
 from .observe import SaveEvent, SaveObserver, SaveTracker, check_callbacks, check_metrics_path
 from .planning.plancache import PlanCache
 from .planning.statedict import collect
 from .policy import RetentionPolicy
 from .prune import DEFAULT_LOCK_WAIT_S, BackgroundPrune, PruneReport, prune_location
-from .repro import collect_provenance, host_record, restore_rng_state
+from .repro import collect_provenance, host_record
 from .storage import open_location, step_dirname
 from .storage.location import options_for
 from .storage.probe import reachable_all
-from .tier.runner import LocalTier, local_tier, save_tiers, tier_steps
+from .tier.runner import LocalTier, LocalTierRunner, local_tier, save_tiers, tier_steps
 from .version import __version__
 
 
@@ -53,7 +53,7 @@ class CheckpointManager:
                  retention: RetentionPolicy | None = None, save_every: int | None = None,
                  async_save: bool = True, compression: str | None = None,
                  storage_options: Mapping[str, Mapping[str, Any]] | None = None,
-                 process_group: Any = None, *, snapshot: str = "lazy",
+                 process_group: Any = None, *, snapshot: str = "eager", on_error: str = "raise",
                  config: Mapping[str, Any] | None = None,
                  data: Mapping[str, Any] | None = None, capture_rng: bool = True,
                  metrics_path: str | os.PathLike[str] | None = None,
@@ -74,6 +74,7 @@ class CheckpointManager:
             raise TypeError("retention must be a shardckpt.RetentionPolicy")
         if snapshot not in ("lazy", "eager"):
             raise ValueError(f"snapshot must be 'lazy' or 'eager', got {snapshot!r}")
+        check_on_error(on_error)
         metrics_path = check_metrics_path(metrics_path)
         save_callbacks = check_callbacks(callbacks)
         # file_mode: the exact mode of new local files (dirs: + x where r, rwx for the owner);
@@ -94,9 +95,10 @@ class CheckpointManager:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shardckpt-save")
         self._pending: list[SaveHandle] = []
         self._lock = threading.Lock()
-        # lazy: parameters and optimizer state are copied while training goes on, and optimizer
-        # steps wait for the copy (engine/lazy.py); eager: everything is copied inside save()
+        # eager: everything is copied inside save(); lazy (opt-in, with a contract: see
+        # engine/lazy.py): parameters and optimizer state are copied while training goes on
         self._staging = StagingPool(lazy=snapshot == "lazy")
+        self._failures = FailurePolicy(on_error, self.world_size)  # on_error, failed_saves
         self._plan_cache = PlanCache()
         self.capture_rng = capture_rng
         self._config, self._data = config, data
@@ -109,6 +111,10 @@ class CheckpointManager:
                                       callbacks=save_callbacks, urls=urls)
         self._observer.publish_initial()
         exit_wait.track(self)  # a save still in flight when the script ends is finished first
+
+    @property
+    def failed_saves(self) -> list[tuple[int, BaseException]]:  # (step, error), oldest first
+        return self._failures.failed_saves
 
     @property
     def rank(self) -> int:
@@ -128,33 +134,29 @@ class CheckpointManager:
         """Collective. Snapshot ``state`` and write it as checkpoint ``step``.
 
         Returns once the state is snapshotted (``async_save``) or committed (``blocking=True``).
-        A save issued while another is in flight first waits for that one; an error of an earlier
-        background save is raised here. A state that cannot be checkpointed (a value of an
-        unsupported type, a reserved key) raises here in one process and, in a job, on every
-        rank: here for a blocking save; for an async one, which never waits here for the other
-        ranks, from every rank's handle (or the next ``save``, ``wait``, ``close``), with a
-        warning here on the rank at fault. Nothing is written. On rank 0, once the save is
-        committed or has failed,
-        it is logged (logger ``shardckpt``), the ``metrics_path`` file is rewritten and the
-        ``callbacks`` are called with a :class:`~shardckpt.SaveEvent`.
+        A save issued while another is in flight first waits for that one. An earlier background
+        save's failure is raised here once this save has started (``on_error="raise"``), or is
+        warned about and kept in ``failed_saves`` (``"warn"``). A state that cannot be
+        checkpointed (an unsupported type, a reserved key) raises here in one process and, in a
+        job, on every rank: here for a blocking save; for an async one, which never waits here
+        for the other ranks, from every rank's handle (or the next ``save``, ``wait``,
+        ``close``), with a warning here on the rank at fault. Nothing is written. On rank 0, once
+        the save is committed or has failed, it is logged (logger ``shardckpt``), the
+        ``metrics_path`` file is rewritten and the ``callbacks`` get a ``SaveEvent``.
         """
         t0 = time.monotonic()  # the caller's stall is measured from here to the return
         self._check_open()
-        if type(step) is not int or not 0 <= step <= M.MAX_STEP:
-            raise ValueError(f"step must be an int in [0, {M.MAX_STEP}], got {step!r}")
-        if not isinstance(state, dict):
-            raise TypeError(f"state must be a dict, got {type(state).__name__}")
-        if golden is not None and not isinstance(golden, Golden):
-            raise TypeError("golden must be a shardckpt.Golden")
-        metrics = {str(k): float(v) for k, v in (metrics or {}).items()}
-        tags = tuple(tags)
-        if not all(isinstance(t, str) for t in tags):
-            raise TypeError("tags must be strings")
+        metrics, tags = check_save_args(step, state, metrics, tags, golden)
         local, persistent = save_tiers(self._local, step, state, tier, self.save_every, metrics,
                                        tags, golden, self.capture_rng, blocking)  # issue 28
         if not persistent:
             return local
-        self._wait_persistent()  # a persistent save never waits for a local one
+        with self._lock:  # a persistent save never waits for a local one
+            pending, self._pending = self._pending, []
+        previous, agreed = self._failures.settle(pending)
+        if previous is not None and not agreed:  # an outcome the ranks may not share
+            raise previous
+        self._failures.check_limit(step)  # raises on every rank alike
         extra: dict[str, Any] = {"shardckpt_version": __version__,
                                  "provenance": self._provenance_record()}
         blocking = (not self.async_save) if blocking is None else blocking
@@ -164,7 +166,7 @@ class CheckpointManager:
             state = with_extras(state, self.capture_rng, golden, extra)
             # Flattening checks every value (type, key path): a blocking save writes straight
             # from the live tensors, an async one from a snapshot of them.
-            staged = self._staging.stage(collect(state), blocking)
+            staged = self._staging.stage(collect(state), blocking, state)
         except Exception as exc:
             error = exc
         req = SaveRequest(step, metrics, tags, extra)
@@ -190,9 +192,11 @@ class CheckpointManager:
             with self._lock:
                 self._pending.append(handle)
             if blocking:
-                self._wait_persistent()
+                self._wait(strict=True)  # a blocking save always raises
         finally:
             tracker.returned()  # the event goes out once this and the outcome are both known
+        if previous is not None:
+            raise previous
         return handle
 
     def _provenance_record(self) -> dict[str, Any]:
@@ -243,21 +247,15 @@ class CheckpointManager:
         return CheckpointInfo.from_manifest(manifest)
 
     def wait(self) -> None:
-        """Wait for every in-flight save (both tiers); raise the first error among them."""
-        self._wait_persistent()
+        """Wait for every in-flight save (both tiers); raise the first error among them (under
+        ``on_error="warn"`` only one the ranks may not share: see ``failed_saves``)."""
+        self._wait()
         self._local.wait()
 
-    def _wait_persistent(self) -> None:
+    def _wait(self, strict: bool = False) -> None:
         with self._lock:
             pending, self._pending = self._pending, []
-        first: BaseException | None = None
-        for handle in pending:
-            already = handle.error_reported
-            try:
-                handle.wait()
-            except BaseException as exc:
-                if not already:  # an error reaches the user once, wherever it surfaces first
-                    first = first or exc
+        first, _ = self._failures.settle(pending, strict)  # an error surfaces once, first place
         if first is not None:
             raise first
 
@@ -294,36 +292,17 @@ class CheckpointManager:
         """Collective. Restore ``state`` in place from ``step`` (default: the latest committed).
 
         Each rank's RNG states (Python, NumPy, torch, CUDA) are restored too when the checkpoint
-        was saved at this world size (``restore_rng=False`` leaves them alone).
+        was saved at this world size (``restore_rng=False`` leaves them alone). Nothing of
+        ``state`` changes unless every rank's keys, shapes, dtypes and destinations fit. Without
+        ``step``, a newest step whose data is bad is skipped on every rank, with a warning, and
+        moved aside by rank 0 once an older step has loaded (see :mod:`.engine.resume`).
         """
         self._check_open()
+        if step is None and isinstance(self._local, LocalTierRunner):  # newest of both tiers
+            return self._local.load_for(self, state, strict, restore_rng)
         self.wait()
-        found = self._finder.survey()
-        locations = found.reachable
-        if step is None:
-            step = self._finder.newest_valid(found, warn=self.rank == 0)
-            if self._comm.world_size > 1:
-                step = self._comm.broadcast_json(step, "load: agree on step")
-            if step is None:
-                raise IncompleteCheckpointError(
-                    f"{self.location.display}: no committed checkpoint to load")
-        manifest, _ = find_manifest(locations, step)
-        reader = CheckpointReader(locations, step_dirname(step), manifest)
-        same_world = manifest.world_size == self.world_size
-        wants_rng = restore_rng and has_key(manifest, RNG_KEY)
-        target = {**state, RNG_KEY: {}} if wants_rng and same_world else dict(state)
-        self.last_load_profile = load_step(self._comm, reader, target, strict,
-                                           knobs.IO_THREADS.get())
-        rng = target.pop(RNG_KEY, None)
-        state.update(target)
-        if rng is not None:
-            missing = restore_rng_state(rng)
-            if missing:
-                warnings.warn(f"step {step}: RNG state not restored for {missing}", stacklevel=2)
-        elif wants_rng:
-            warnings.warn(f"step {step} was saved at world size {manifest.world_size}, this job "
-                          f"has {self.world_size}: per-rank RNG states are not restored",
-                          stacklevel=2)
+        step, self.last_load_profile = load_state(self._comm, self._finder, state, step, strict,
+                                                  restore_rng, knobs.IO_THREADS.get())
         return step
 
     # -------------------------------------------------------------------------------- prune
@@ -334,14 +313,16 @@ class CheckpointManager:
         directories left untouched for an hour with no live writer. Not collective: only rank 0
         changes anything (other ranks get a dry-run report). Returns the root's report, with
         the replicas' in ``replicas``. Waits up to a minute for another prune of a location to
-        finish, then raises ``PruneLockedError``.
+        finish, then raises ``PruneLockedError``. ``ValueError`` (naming the metrics that
+        exist) if ``keep_best`` ranks by a metric no checkpoint has, before anything is deleted.
         """
-        report = self._prune(dry_run or self.rank != 0, DEFAULT_LOCK_WAIT_S)
+        report = self._prune(dry_run or self.rank != 0, DEFAULT_LOCK_WAIT_S, "raise")
         for step in report.deleted:
             self._finder.manifests.pop(step, None)
         return report
 
-    def _prune(self, dry_run: bool, lock_wait: float) -> PruneReport:
+    def _prune(self, dry_run: bool, lock_wait: float, unknown_metric: str = "warn"
+               ) -> PruneReport:
         policy = self.retention or RetentionPolicy()
         cache = dict(self._finder.manifests)  # a copy: the save thread may add to it meanwhile
         reports: list[PruneReport] = []
@@ -349,7 +330,7 @@ class CheckpointManager:
         for loc in reachable_all(self.locations):  # a dead replica fails in seconds
             try:
                 reports.append(prune_location(loc, policy, dry_run=dry_run, lock_wait=lock_wait,
-                                              manifests=cache))
+                                              manifests=cache, unknown_metric=unknown_metric))
             except ShardckptError as exc:
                 first = first or exc
         if first is not None:
@@ -392,6 +373,12 @@ class CheckpointManager:
         self._closed = True
         self._pool.shutdown(wait=False)
         self._staging.release()
+
+    def _before_teardown(self, group: Any) -> None:
+        """``destroy_process_group(group)`` was called (see :func:`exit_wait.guard_teardown`):
+        saves in flight finish first, on the group the protocol runs on; raises their error."""
+        if not self._closed and (group is None or group is getattr(self._comm, "group", None)):
+            self.wait()
 
     def __enter__(self) -> CheckpointManager:
         return self

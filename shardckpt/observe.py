@@ -103,16 +103,12 @@ class SaveEvent:
                 "error_type": self.error_type}
 
 
-def scrub(text: str, urls: Iterable[str] = ()) -> str:
-    """``text`` with every URL in it redacted (see :func:`shardckpt.redact.scrub_urls`)."""
-    return scrub_urls(text, urls)
-
-
 # ---------------------------------------------------------------------------- the observer
 @dataclass
 class _Totals:
     saves: int = 0
     failures: int = 0
+    failures_in_a_row: int = 0  # since the last commit (on_error="warn" goes on through them)
     committed: int = 0
     degraded: int = 0
     bytes: int = 0
@@ -163,10 +159,12 @@ class SaveObserver:
             if event.ok:
                 t.committed += 1
                 t.degraded += int(event.degraded)
+                t.failures_in_a_row = 0
                 t.bytes += event.nbytes
                 t.last_ok = event
             else:
                 t.failures += 1
+                t.failures_in_a_row += 1
                 t.last_failed = event
             t.stall_s += event.stall_s
             t.write_s += event.write_s
@@ -184,7 +182,7 @@ class SaveObserver:
                 where = f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
                 logger.warning("shardckpt: save callback %s raised %s: %s%s (ignored; the save "
                                "of step %d is unaffected)", _name(cb), type(exc).__name__,
-                               scrub(str(exc), self.urls)[:1000], where, event.step)
+                               scrub_urls(str(exc), self.urls)[:1000], where, event.step)
 
     def _log(self, e: SaveEvent) -> None:
         extra = {LOGGER_NAME: e.to_record()}
@@ -227,6 +225,8 @@ class SaveObserver:
              "by this process.", one(t.saves)),
             ("shardckpt_save_failures_total", "counter", "Save attempts that failed.",
              one(t.failures)),
+            ("shardckpt_save_failures_in_a_row", "gauge", "Save attempts that failed since the "
+             "last commit (0 after a commit).", one(t.failures_in_a_row)),
             ("shardckpt_checkpoints_committed_total", "counter", "Checkpoints committed.",
              one(t.committed)),
             ("shardckpt_degraded_saves_total", "counter", "Checkpoints committed while some "
@@ -323,7 +323,7 @@ class SaveTracker:
                       "degraded": degraded, "world_size": world_size})
 
     def failed(self, exc: BaseException) -> None:
-        text = scrub(f"{type(exc).__name__}: {exc}", self.observer.urls)
+        text = scrub_urls(f"{type(exc).__name__}: {exc}", self.observer.urls)
         self._finish({"ok": False, "nbytes": 0, "error": text[:2000],
                       "error_type": type(exc).__name__})
 

@@ -34,9 +34,16 @@ from datetime import datetime, timezone
 from typing import Any
 
 from . import catalog
+from .controldir import make_control_dirs
 from .errors import StorageError
 from .format import manifest as M
-from .policy import CheckpointRecord, RetentionPolicy, missing_metric, plan_retention
+from .policy import (
+    CheckpointRecord,
+    RetentionPlan,
+    RetentionPolicy,
+    missing_metric,
+    plan_retention,
+)
 from .storage import Location, step_dirname
 from .storage.lease import (
     CONTROL_DIR,
@@ -64,18 +71,20 @@ _warned_lock = threading.Lock()
 
 
 def _check_metric(location: Location, policy: RetentionPolicy, records: list[CheckpointRecord],
-                  unknown_metric: str) -> None:
+                  unknown_metric: str) -> bool:
+    """True when no checkpoint has ``policy.metric`` (then nothing may be deleted)."""
     problem = missing_metric(policy, records)
     if problem is None:
-        return
-    text = f"{location.display}: {problem}"
+        return False
+    text = f"{location.display}: {problem}; deleting nothing until one has it"
     if unknown_metric == "raise":
         raise UnknownMetricError(text)
     with _warned_lock:
         if policy in _warned_metric:
-            return
+            return True
         _warned_metric.add(policy)
     warnings.warn(f"retention: {text}", UserWarning, stacklevel=4)
+    return True
 
 
 @dataclass(frozen=True)
@@ -170,15 +179,23 @@ def prune_location(location: Location, policy: RetentionPolicy, *, dry_run: bool
     (nothing unsafe was done), and ``StorageError`` if the store fails. ``manifests`` may hold
     already-validated manifests by step, to save reading them again.
 
-    When ``policy.keep_best`` ranks by a metric that none of the location's checkpoints has,
-    ``unknown_metric="warn"`` warns (once per policy) and prunes by the other rules;
-    ``"raise"`` raises :class:`UnknownMetricError` (naming the metrics that exist) before
-    anything is changed.
+    When ``policy.keep_best`` ranks by a metric that none of the location's checkpoints has
+    (a misspelt name, or no evaluation yet), no checkpoint is deleted: ``unknown_metric="warn"``
+    warns (once per policy) and still reaps leftovers; ``"raise"`` raises
+    :class:`UnknownMetricError` (a ``ValueError`` naming the metrics that exist) before anything
+    is changed. Once one checkpoint has the metric, the rules apply as documented.
+
+    A root that does not exist is left alone (an empty report, nothing created); the control
+    folder ``.shardckpt/`` of a local root is created with the root's owner and mode.
     """
     if not grace >= 0:
         raise ValueError(f"grace must be >= 0 seconds, got {grace!r}")
     if unknown_metric not in ("warn", "raise"):
         raise ValueError(f"unknown_metric must be 'warn' or 'raise', got {unknown_metric!r}")
+    if not dry_run and not location.root_exists():  # before the first save: nothing to create
+        return PruneReport(location.display, False, {}, ())
+    if not dry_run:
+        make_control_dirs(location)
     lock = None if dry_run else PruneLock.acquire(location, wait=lock_wait)
     try:
         report = _prune(location, policy, dry_run, grace, lock, manifests or {}, unknown_metric)
@@ -209,9 +226,11 @@ def _prune(location: Location, policy: RetentionPolicy, dry_run: bool, grace: fl
 
     records = [CheckpointRecord(s, m.unix_time, dict(m.metrics), m.tags)
                for s, m in committed.items()]
-    _check_metric(location, policy, records, unknown_metric)
     plan = plan_retention(policy, records, now,
                           in_progress=[s for s in committed if step_dirname(s) in writing])
+    if _check_metric(location, policy, records, unknown_metric):  # a misspelt metric, say
+        why = f"no checkpoint has metric {policy.metric!r}"
+        plan = RetentionPlan({s: plan.kept.get(s, (why,)) for s in sorted(committed)}, ())
     skipped: dict[str, str] = {}
     stale: list[str] = []
     for step in uncommitted:

@@ -1,12 +1,20 @@
-"""Shared fixtures: a loopback S3 (moto) server and a throttling proxy in front of it."""
+"""Shared fixtures: a loopback S3 (moto) server and a throttling proxy in front of it; how
+``harness.run_ranks`` starts its ranks; Hypothesis's settings."""
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Iterator
 
+import harness
 import pytest
+from hypothesis import settings
 from s3_server import TEST_ENV, UNSET_ENV, MotoServer, ThrottlingProxy
+
+# Hypothesis's default 200 ms deadline per example is a wall-clock threshold that a loaded
+# 2-core machine trips: none, for every property test of the suite.
+settings.register_profile("shardckpt", deadline=None)
+settings.load_profile("shardckpt")
 
 _servers: list[MotoServer] = []
 
@@ -60,3 +68,26 @@ def throttling_proxy(s3: MotoServer) -> Iterator[ThrottlingProxy]:
     ``configure(every=N)`` / ``configure(fraction=p)`` is called."""
     with ThrottlingProxy(s3.endpoint_url) as proxy:
         yield proxy
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "spawn_ranks: run_ranks starts each rank as a fresh interpreter (spawn)")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _forked_ranks() -> Iterator[None]:
+    """``run_ranks`` forks its ranks from a fork server with torch and shardckpt imported (see
+    ``harness.start_method``): a fresh process per rank, started in a fraction of the time."""
+    with harness.start_method("forkserver"):
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _spawned_ranks(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Tests marked ``spawn_ranks`` get fresh interpreters: where that is what is tested."""
+    if request.node.get_closest_marker("spawn_ranks") is None:
+        yield
+        return
+    with harness.start_method("spawn"):
+        yield

@@ -184,7 +184,7 @@ def failing_save(rank: int, world: int, root: str, async_save: bool) -> dict[str
     model, optim, _sched = build(sharded=True)
     obj = Exploding(rank, bad_rank=1)
     state = {"model": model, "optim": optim, "obj": obj}
-    mgr = shardckpt.CheckpointManager(root, async_save=async_save)
+    mgr = shardckpt.CheckpointManager(root, async_save=async_save, snapshot="lazy")
     mgr.save(1, state).wait()
     obj.armed = True
     error = ""

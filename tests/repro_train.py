@@ -6,6 +6,9 @@ scheduler, checkpointing with shardckpt. Runs under torchrun (FSDP2) or as one p
 ``--mode blocking`` saves with ``blocking=True``; ``eager`` and ``lazy`` save asynchronously with
 that snapshot mode, and training goes on for one more step (forward, backward, optimizer step)
 while the save runs before ``--die-after-save`` waits for its commit and kills the process.
+Without ``--save-at`` nothing is saved (an uninterrupted reference run). Each rank writes its
+losses to ``OUT_PREFIX.rankR.json`` (a killed run: those of the steps run before the kill); rank 0
+the final full model and optimizer state to ``OUT_PREFIX.safetensors``.
 """
 
 from __future__ import annotations
@@ -38,6 +41,11 @@ class Net(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.drop(torch.relu(self.inp(x)))
         return self.out(self.drop(torch.relu(self.hidden(h))))
+
+
+def _write_losses(out: str, rank: int, losses: dict[int, str]) -> None:
+    with open(f"{out}.rank{rank}.json", "w") as f:
+        json.dump(losses, f)
 
 
 def main() -> None:
@@ -95,11 +103,13 @@ def main() -> None:
                 losses[progress["step"]] = loss.item().hex()
                 if pending is not None and args.die_after_save:
                     pending.wait()  # committed, while this step ran alongside the save
+                    _write_losses(args.out, rank, losses)  # what ran until the kill
                     os.kill(os.getpid(), signal.SIGKILL)
                 if progress["step"] == args.save_at:
                     blocking = args.mode == "blocking"
                     pending = mgr.save(progress["step"], state, blocking=blocking)
                     if blocking and args.die_after_save:
+                        _write_losses(args.out, rank, losses)
                         os.kill(os.getpid(), signal.SIGKILL)
                 if progress["step"] >= args.steps:
                     break
@@ -117,8 +127,7 @@ def main() -> None:
             tensors[f"optim/{fqn}/{name}"] = torch.as_tensor(v)
     if rank == 0:
         save_file({k: v.contiguous() for k, v in tensors.items()}, f"{args.out}.safetensors")
-    with open(f"{args.out}.rank{rank}.json", "w") as f:
-        json.dump(losses, f)
+    _write_losses(args.out, rank, losses)
     if distributed:
         dist.destroy_process_group()
 

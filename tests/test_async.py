@@ -55,6 +55,7 @@ def test_training_may_mutate_right_after_save_returns(tmp_path) -> None:
 
 def test_staging_buffers_are_reused_across_saves(tmp_path) -> None:
     state = make_state()
+    expected1 = clone(state)
     with shardckpt.CheckpointManager(str(tmp_path)) as mgr:
         mgr.save(1, state).wait()
         first = {k: v.data_ptr() for k, v in mgr._staging._buffers.items()}
@@ -62,9 +63,12 @@ def test_staging_buffers_are_reused_across_saves(tmp_path) -> None:
         mgr.save(2, state).wait()
         second = {k: v.data_ptr() for k, v in mgr._staging._buffers.items()}
         assert first == second and {"a", "b", "nested/c"} <= set(first)
-        got = zeros_like(state)
-        mgr.load(got, step=2)
-    assert torch.equal(got["a"], state["a"])
+        # what a user sees: each step holds its own values, not the buffer's latest contents
+        got1, got2 = zeros_like(state), zeros_like(state)
+        mgr.load(got1, step=1)
+        mgr.load(got2, step=2)
+    assert_same(got1, expected1)
+    assert torch.equal(got2["a"], state["a"]) and not torch.equal(got1["a"], got2["a"])
 
 
 @pytest.mark.parametrize("budget", ["1000", "64K"])
@@ -125,7 +129,9 @@ def test_background_failure_surfaces_on_wait_and_next_save(tmp_path, monkeypatch
     # ...and a failure not yet seen by anyone surfaces from the next save()
     mgr.save(3, state)
     with pytest.raises(shardckpt.ShardckptError, match="No space left"):
-        mgr.save(4, state)
+        mgr.save(4, state)  # raised once save 4 has started (issue 26)...
+    with pytest.raises(shardckpt.ShardckptError, match="No space left"):
+        mgr.wait()  # ...which fails too, on the same full disk
     monkeypatch.undo()
     mgr.save(5, state).wait()  # the next save works again
     assert mgr.steps() == [1, 5]
@@ -137,14 +143,27 @@ def test_background_failure_surfaces_on_wait_and_next_save(tmp_path, monkeypatch
     mgr.close()
 
 
+def set_step(state: dict, step: int) -> None:
+    """Write step ``step``'s values into ``state`` in place, as training does between saves."""
+    want = make_state(step)
+    for k in ("a", "b"):
+        state[k].copy_(want[k])
+    state["nested"]["c"].copy_(want["nested"]["c"])
+    state["nested"]["n"] = step
+
+
 def test_consecutive_saves_commit_in_order(tmp_path) -> None:
-    state = make_state()
+    """Back-to-back async saves of a state changed in place between them: every tensor of every
+    step is read back. A staging buffer shared by two saves in flight (save N+1 copying into
+    what save N is still writing) gives step N some of step N+1's bytes."""
+    state = make_state(1)
     order = []
     with shardckpt.CheckpointManager(str(tmp_path)) as mgr:
         handles = []
         for step in range(1, 6):
-            state["nested"]["n"] = step
+            set_step(state, step)
             handles.append(mgr.save(step, state))
+        set_step(state, 99)  # training goes on while the last save is in flight
         for h in handles:
             info = h.wait()
             order.append((info.step, info.time))
@@ -153,16 +172,23 @@ def test_consecutive_saves_commit_in_order(tmp_path) -> None:
         assert times == sorted(times)
         for step in range(1, 6):
             got = zeros_like(state)
-            mgr.load(got, step=step)
-            assert got["nested"]["n"] == step
+            assert mgr.load(got, step=step) == step
+            want = make_state(step)
+            want["nested"]["n"] = step
+            assert_same(got, want)
 
 
 def test_close_waits_and_releases(tmp_path) -> None:
     state = make_state()
     mgr = shardckpt.CheckpointManager(str(tmp_path))
     handle = mgr.save(1, state)
+    state["a"].add_(1.0)  # training goes on: the save must not see this
     mgr.close()
     assert handle.done() and mgr._staging.nbytes == 0
-    assert shardckpt.CheckpointManager(str(tmp_path)).steps() == [1]
+    with shardckpt.CheckpointManager(str(tmp_path)) as again:
+        assert again.steps() == [1]
+        got = zeros_like(state)
+        assert again.load(got) == 1
+    assert_same(got, make_state())
     with pytest.raises(shardckpt.ShardckptError, match="closed"):
         mgr.save(2, state)

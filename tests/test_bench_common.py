@@ -107,7 +107,8 @@ def test_page_cache_falls_back_to_fadvise_when_drop_caches_is_denied(
     assert "drop_caches denied" in cache.note and "Permission denied" in cache.note
     f = tmp_path / "x.bin"
     f.write_bytes(b"x" * 10)
-    assert cache.evict([str(f)]) >= 0
+    # the eviction itself is faked here: the file just written is still resident (its page)
+    assert cache.evict([str(f)]) == os.sysconf("SC_PAGE_SIZE")
     assert advised == [[str(f)]]
 
 

@@ -63,7 +63,7 @@ def test_human_output(root: str) -> None:
 
 
 @pytest.mark.parametrize("args, code", [
-    (("ls", "/definitely/not/here"), 64),
+    (("show", "/definitely/not/here"), 2),  # no checkpoints yet (issue 25 item 6)
     (("frobnicate",), 64),
     (("ls",), 64),
     (("show", "{root}", "--step", "notanint"), 64),

@@ -77,7 +77,7 @@ def test_top_level_help_lists_every_command(capsys: pytest.CaptureFixture[str]) 
 
 
 USAGE_ERRORS = [
-    ("ls",), ("ls", "{missing}"), ("ls", "nosuchproto://x/y"), ("ls", "{root}", "--bogus"),
+    ("ls",), ("ls", "nosuchproto://x/y"), ("ls", "{root}", "--bogus"),
     ("show",), ("show", "{root}", "--step", "-1"), ("show", "{root}", "--step", "abc"),
     ("verify",), ("verify", "{root}", "--nproc", "0"), ("verify", "{root}", "--atol", "-1"),
     ("verify", "{root}", "--model", "no_colon_here"), ("verify", "{missing}"),

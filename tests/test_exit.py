@@ -109,3 +109,26 @@ def test_a_closed_manager_is_not_waited_for_at_exit(tmp_path: Path) -> None:
     assert mgr in set(exit_wait._tracked)
     mgr.close()
     assert mgr not in set(exit_wait._tracked)
+
+
+CLOSED_SCRIPT = """
+import sys
+import shardckpt
+from exit_script import state_for
+mgr = shardckpt.CheckpointManager(sys.argv[1])
+mgr.save(1, state_for(1))
+mgr.close()
+print("closed", flush=True)
+"""
+
+
+def test_a_script_that_closes_its_manager_exits_quietly(tmp_path: Path) -> None:
+    """What the user sees of the above: nothing is waited for or logged at exit, and the save
+    is there."""
+    done = subprocess.run([sys.executable, "-c", CLOSED_SCRIPT, str(tmp_path / "ck")],
+                          capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                              filter(None, [str(SCRIPT.parent), os.environ.get("PYTHONPATH")]))})
+    assert done.returncode == 0 and done.stdout == "closed\n", done.stderr
+    assert "at exit" not in done.stderr and "not closed" not in done.stderr, done.stderr
+    assert_loads(tmp_path / "ck", [1])

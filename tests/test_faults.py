@@ -289,16 +289,25 @@ SMALL = 8 << 20
 
 
 @pytest.fixture
-def small_fs(tmp_path: Path, injector: Injector) -> Iterator[tuple[Path, str]]:
-    """An 8 MiB filesystem: a real tmpfs where ``mount`` works, else an injected quota."""
+def small_fs(tmp_path: Path, injector: Injector,
+             record_property: Callable[[str, object], None]) -> Iterator[tuple[Path, str]]:
+    """An 8 MiB filesystem: a real tmpfs where ``mount`` works, else an injected quota.
+
+    Which one ran is said: a warning in pytest's summary when it is the quota (with the reason
+    the mount was not possible), and the ``full_disk`` property of the test in any case."""
     mnt = tmp_path / "small"
     mnt.mkdir()
     mounted = False
+    why = "not root" if os.geteuid() != 0 else "no mount command"
     if os.geteuid() == 0 and shutil.which("mount"):
         res = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={SMALL}", "tmpfs", str(mnt)],
                              capture_output=True, text=True, timeout=30)
         mounted = res.returncode == 0
+        why = f"mount failed: {res.stderr.strip() or res.returncode}"
+    record_property("full_disk", "tmpfs" if mounted else "quota")
     if not mounted:
+        warnings.warn(f"full disk: no tmpfs ({why}); an injected {SMALL >> 20} MiB quota ran "
+                      "instead", UserWarning, stacklevel=1)
         injector.quota = SMALL  # same contract, enforced by ENOSPC from the injected writes
     try:
         yield mnt, "tmpfs" if mounted else "quota"

@@ -11,15 +11,18 @@ import psutil
 import pytest
 from harness import RankFailures, RankTimeout, free_port, run_ranks, run_torchrun
 
+HELPERS = ("multiprocessing.resource_tracker", "multiprocessing.forkserver")
+
 
 def _live_descendants() -> set[int]:
-    """Pids of live (non-zombie) descendants of this process, minus multiprocessing helpers."""
+    """Pids of live (non-zombie) descendants of this process, minus multiprocessing helpers
+    (the resource tracker, the fork server ``run_ranks`` starts ranks from; not its ranks)."""
     live = set()
     for proc in psutil.Process().children(recursive=True):
         try:
             if proc.status() == psutil.STATUS_ZOMBIE:
                 continue
-            if any("resource_tracker" in part for part in proc.cmdline()):
+            if any(h in part for part in proc.cmdline() for h in HELPERS):
                 continue
         except psutil.NoSuchProcess:
             continue
@@ -59,6 +62,19 @@ def test_all_reduce_results_in_rank_order(world_size: int) -> None:
     ]
 
 
+@pytest.mark.parametrize("method", ["forkserver",
+                                    pytest.param("spawn", marks=pytest.mark.spawn_ranks)])
+def test_ranks_get_this_processes_environment_at_the_call(
+        method: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Also a forked rank, whose fork server started long before with another environment."""
+    if method == "forkserver":
+        run_ranks(targets.all_reduce_sum, 2, 0, timeout=120)  # the fork server is up by now
+    monkeypatch.setenv("HARNESS_EXTRA", f"set later, {method}")
+    results = run_ranks(targets.all_reduce_sum, 2, 10, timeout=120)
+    assert [r["extra"] for r in results] == [f"set later, {method}"] * 2
+    assert [r["sum"] for r in results] == [21.0, 21.0]
+
+
 def test_exception_on_rank_1_is_reported() -> None:
     with pytest.raises(RankFailures) as info:
         run_ranks(targets.raise_on_rank_1, 2, timeout=60)
@@ -72,7 +88,8 @@ def test_exception_on_rank_1_is_reported() -> None:
 def test_hanging_rank_times_out_and_nothing_survives(tmp_path: Path) -> None:
     before = _live_descendants()
     with pytest.raises(RankTimeout) as info:
-        run_ranks(targets.hang_on_rank_1, 2, str(tmp_path), timeout=10)
+        run_ranks(targets.hang_on_rank_1, 2, str(tmp_path), timeout=10,
+                  timeout_from=(tmp_path / "pids").exists)  # rank 1 is hanging: 10 s from then
     assert info.value.unfinished == [0, 1]
     assert info.value.finished == []
     assert "ranks [0, 1] did not finish within 10 s" in str(info.value)
@@ -118,12 +135,14 @@ def test_run_torchrun_prints_each_rank(tmp_path: Path) -> None:
 
 def test_run_torchrun_timeout_kills_the_job(tmp_path: Path) -> None:
     script = tmp_path / "hang.py"
+    started = tmp_path / "started"
     script.write_text(
-        "import os, threading\nprint(os.getpid(), flush=True)\nthreading.Event().wait()\n"
+        "import os, sys, threading\nprint(os.getpid(), flush=True)\n"
+        "open(sys.argv[1], 'w').close()\nthreading.Event().wait()\n"
     )
     before = _live_descendants()
-    with pytest.raises(RankTimeout) as info:
-        run_torchrun(script, 1, timeout=6)
+    with pytest.raises(RankTimeout) as info:  # 6 s from the moment the worker runs
+        run_torchrun(script, 1, args=[str(started)], timeout=6, timeout_from=started.exists)
     assert info.value.unfinished == [0]
     assert _live_descendants() <= before
     pids = [int(w) for w in info.value.stdout.split() if w.isdigit()]

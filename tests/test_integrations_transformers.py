@@ -12,7 +12,6 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -150,11 +149,18 @@ def test_training_into_a_used_root_without_resuming_is_refused(tmp_path: Path) -
     assert "trainer_state.json" in os.listdir(elsewhere)
 
 
-def test_deepspeed_and_fsdp_trainers_are_refused() -> None:
-    for flags in ({"is_deepspeed_enabled": True, "is_fsdp_enabled": False},
-                  {"is_deepspeed_enabled": False, "is_fsdp_enabled": True}):
+def test_deepspeed_and_fsdp_trainers_are_refused(tmp_path: Path) -> None:
+    """A real tiny Trainer: the flags read are the ones the Trainer has (plain here), and set as
+    accelerate sets them under DeepSpeed or FSDP (neither runs on a CPU-only box)."""
+    root = str(tmp_path / "ckpt")
+    trainer = make_trainer(tmp_path / "out", [])
+    assert trainer.is_deepspeed_enabled is False and trainer.is_fsdp_enabled is False
+    assert ShardckptCallback(root).prepare_resume(trainer) is None
+    for flag in ("is_deepspeed_enabled", "is_fsdp_enabled"):
+        trainer = make_trainer(tmp_path / "out", [])
+        setattr(trainer, flag, True)
         with pytest.raises(NotImplementedError, match="DeepSpeed and FSDP"):
-            ShardckptCallback("unused").prepare_resume(SimpleNamespace(**flags))
+            ShardckptCallback(root).prepare_resume(trainer)
 
 
 def test_arguments_are_checked() -> None:

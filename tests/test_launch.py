@@ -25,7 +25,6 @@ REPO = Path(__file__).resolve().parent.parent
 LAUNCH = REPO / "launch"
 SCRIPTS = sorted({*LAUNCH.rglob("*.sh"), *LAUNCH.rglob("*.sbatch")})
 DRY_RUN_SCRIPTS = ("torchrun.sh", "slurm/train.sbatch", "bench/gpu-benchmark.sh")
-PENDING_DOCS = {"docs/reliability.md", "docs/scaling.md"}  # being written elsewhere
 
 
 def rel(path: Path) -> str:
@@ -222,12 +221,12 @@ def test_sbatch_saves_and_requeues_on_usr1(bindir: Path, tmp_path: Path, restart
     proc = subprocess.Popen(["bash", str(LAUNCH / "slurm" / "train.sbatch"), "train.py"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 60  # a bound for a loaded machine: bash is up in ms
         while "srun " not in (log.read_text() if log.exists() else ""):
             assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
             time.sleep(0.02)
         proc.send_signal(signal.SIGUSR1)
-        out, err = proc.communicate(timeout=10)
+        out, err = proc.communicate(timeout=60)
     finally:
         proc.kill()
     lines = log.read_text().splitlines()
@@ -423,8 +422,7 @@ def test_relative_links_resolve() -> None:
             file, _, anchor = target.partition("#")
             path = (page.parent / file).resolve() if file else page
             if not path.exists():
-                if rel(path) not in PENDING_DOCS:
-                    broken.append(f"{rel(page)} -> {target}")
+                broken.append(f"{rel(page)} -> {target}")
             elif anchor and path.suffix == ".md" and anchor not in _anchors(path):
                 broken.append(f"{rel(page)} -> {target} (no such heading)")
     assert not broken, broken

@@ -281,10 +281,13 @@ def test_eager_mode_copies_everything_inside_save(tmp_path: Path, monkeypatch) -
     assert gate.log == []
 
 
-def test_lazy_is_the_default(tmp_path: Path, monkeypatch) -> None:
+def test_eager_is_the_default_and_lazy_is_opt_in(tmp_path: Path, monkeypatch) -> None:
     gate = Gate(monkeypatch)
     model, optim = build()
-    with shardckpt.CheckpointManager(str(tmp_path)) as mgr:
+    with shardckpt.CheckpointManager(str(tmp_path / "a")) as mgr:  # issue 24: eager
+        mgr.save(1, {"model": model, "optim": optim}).wait()
+        assert gate.log == [] and lazy.inflight() == []  # copied inside save
+    with shardckpt.CheckpointManager(str(tmp_path / "b"), snapshot="lazy") as mgr:
         handle = mgr.save(1, {"model": model, "optim": optim})
         assert gate.log == [] and len(lazy.inflight()) == 1  # returned before the copy
         gate.open()
@@ -321,7 +324,7 @@ def test_a_save_refused_elsewhere_cancels_this_ranks_copy(tmp_path: Path, monkey
         gate.open()
         raise shardckpt.CollectiveError("rank 1: boom", {1: "boom"})
 
-    with shardckpt.CheckpointManager(str(tmp_path)) as mgr:
+    with shardckpt.CheckpointManager(str(tmp_path), snapshot="lazy") as mgr:
         monkeypatch.setattr(shardckpt.manager, "agree_on_state", refused)
         with pytest.raises(shardckpt.CollectiveError, match="boom"):
             mgr.save(1, {"model": model, "optim": optim})
@@ -556,7 +559,7 @@ def test_background_saves_hash_and_write_at_low_priority(tmp_path: Path, monkeyp
     monkeypatch.setattr(lazy, "copy_cpu", copy)
     model, optim = build()
     state = {"model": model, "optim": optim, "a": torch.randn(4096)}
-    with shardckpt.CheckpointManager(str(tmp_path)) as mgr:
+    with shardckpt.CheckpointManager(str(tmp_path), snapshot="lazy") as mgr:
         mgr.save(1, state).wait()
         background = list(seen)
         seen.clear()
@@ -597,7 +600,7 @@ def test_first_save_before_any_optimizer_step(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
     optim = torch.optim.AdamW(model.parameters(), lr=0.1)
-    with shardckpt.CheckpointManager(str(tmp_path)) as mgr:
+    with shardckpt.CheckpointManager(str(tmp_path), snapshot="lazy") as mgr:
         mgr.save(1, {"model": model, "optim": optim}).wait()
         expected = values(model, optim)
         assert_equal(loaded(mgr, 1), expected)

@@ -41,12 +41,17 @@ def venv(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]
                     ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env["HOME"] = str(base)
-    subprocess.run([sys.executable, "-m", "venv", str(base / "venv")], check=True, timeout=60)
+    # No pip of its own (ensurepip costs seconds): this interpreter's pip installs into it
+    # (``pip --python``), the ordinary way otherwise. ``--no-compile``: the first imports
+    # compile what they use, instead of pip compiling all of torch up front.
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(base / "venv")],
+                   check=True, timeout=60)
     py = str(base / "venv" / "bin" / "python")
-    run([py, "-m", "pip", "install", "-q", TORCH, str(src)], env, timeout=240)
-    listed = run([py, "-m", "pip", "list", "--format=freeze"], env)
+    pip = [sys.executable, "-m", "pip", "--python", py]
+    run([*pip, "install", "-q", "--no-compile", TORCH, str(src)], env, timeout=240)
+    listed = run([*pip, "list", "--format=freeze"], env)
     if any(line.lower().startswith("numpy==") for line in listed.splitlines()):
-        run([py, "-m", "pip", "uninstall", "-y", "-q", "numpy"], env)  # torch may pull it in
+        run([*pip, "uninstall", "-y", "-q", "numpy"], env)  # torch may pull it in
     probe = subprocess.run([py, "-c", "import numpy"], capture_output=True, env=env)
     assert probe.returncode != 0, "numpy is still importable in the fresh venv"
     assert "shardckpt==" in listed and "torch==" in listed, listed

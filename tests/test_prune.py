@@ -351,15 +351,30 @@ def test_live_lock_elsewhere_is_exit_70(tmp_path: Path, capsys: pytest.CaptureFi
         PruneLock.acquire(open_location(root), wait=0.3)
 
 
-def test_lease_renews_and_lapses(tmp_path: Path) -> None:
+def test_lease_renews_and_lapses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     loc = open_location(str(tmp_path))
-    lease = Lease.acquire(loc, step_dirname(3), ttl=0.5)
+    # The renewal thread runs every TTL/5 of real time; the lease's own clock moves 1 ms per
+    # reading, so no stall of a loaded machine can make the 0.5 s TTL lapse under the test.
+    ticks = [time.time()]
+
+    def clock() -> float:
+        ticks[0] += 0.001
+        return ticks[0]
+
+    renewed = threading.Event()
+    real_renew = Lease.renew
+
+    def renew(self: Lease) -> None:
+        real_renew(self)
+        renewed.set()
+
+    monkeypatch.setattr(Lease, "renew", renew)
+    lease = Lease.acquire(loc, step_dirname(3), ttl=0.5, clock=clock)
     first = lease.record.expires
-    deadline = time.monotonic() + 10
-    while lease.record.expires == first and time.monotonic() < deadline:
-        time.sleep(0.02)  # polling for the renewal thread's first write
-    assert lease.record.expires > first
-    assert live_leases(loc, step_dirname(3), WRITER)[0].token == lease.record.token
+    assert renewed.wait(60), "the renewal thread never renewed"
+    assert lease.record.expires > first and not lease.lost
+    assert live_leases(loc, step_dirname(3), WRITER, clock=clock)[0].token == \
+        lease.record.token
     lease.check(margin=0.1)
     lease.release()
     assert read_leases(loc) == {}
@@ -624,26 +639,38 @@ def test_prune_killed_mid_deletion_leaves_every_listed_checkpoint_loadable(
     assert victim.name in report.reaped
     assert committed(root) == expected_kept(list(range(1, 21)))
     assert sorted(p.name for p in Path(root).iterdir()) == \
-        [".shardckpt", *(step_dirname(s) for s in expected_kept(list(range(1, 21))))]
+        [".shardckpt", ".shardckpt-root",
+         *(step_dirname(s) for s in expected_kept(list(range(1, 21))))]
     assert_loads(root, committed(root))
 
 
 @pytest.mark.timeout(120)
-def test_prune_sigkilled_at_a_random_moment(tmp_path: Path) -> None:
-    """No hooks: kill as soon as the first deletion shows, wherever the prune is by then."""
+@pytest.mark.parametrize("after", [1, 10, 25])
+def test_prune_sigkilled_at_a_random_moment(tmp_path: Path, after: int) -> None:
+    """No hooks: SIGKILL once ``after`` of the 39 doomed manifests are gone, wherever the prune
+    is by then. The kill must land during the prune: checked, not assumed."""
     root = make_root(tmp_path / "run", range(1, 41))
-    first = Path(root) / step_dirname(1) / M.MANIFEST_NAME
+    doomed = [Path(root) / step_dirname(s) for s in range(1, 40)]
     with _child("from shardckpt.cli.main import main; main()", "prune", root,
                 "--keep-last", "1") as proc:
         deadline = time.monotonic() + 60
-        while first.exists() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.001)  # polling for the first deletion
+        while (sum(not (d / M.MANIFEST_NAME).exists() for d in doomed) < after
+               and proc.poll() is None and time.monotonic() < deadline):
+            time.sleep(0.001)  # polling for the deletions
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
+        code = proc.wait(timeout=30)
+    assert code == -signal.SIGKILL, f"the prune ended ({code}) before the kill: nothing was tested"
+    left = [d.name for d in doomed if d.exists()]
+    assert left, "every doomed directory was gone at the kill: nothing was tested"
+    assert sum(not (d / M.MANIFEST_NAME).exists() for d in doomed) >= after
     listed = committed(root)
     assert listed and listed[-1] == 40
     assert_loads(root, listed)
+    # the next prune finishes the job
+    prune_location(open_location(root), shardckpt.RetentionPolicy(keep_last=1), grace=0)
+    assert committed(root) == [40]
+    assert sorted(p.name for p in Path(root).iterdir()) == [".shardckpt", step_dirname(40)]
 
 
 def test_launch_examples_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -3,7 +3,8 @@
 Before, ``shardckpt prune --keep-best N --metric NAME`` with a misspelt NAME was accepted, and
 the best-N rule then kept nothing. Now the CLI exits 64 naming the metric and the metrics that
 exist, before anything is deleted; a :class:`RetentionPolicy` used from Python (the manager's
-retention, ``mgr.prune()``, ``prune_location``) warns, once per policy.
+retention, ``prune_location``) warns, once per policy, and deletes nothing (issue 25 item 1);
+``mgr.prune()`` raises ``ValueError``.
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ def test_prune_location_raises_or_warns(tmp_path: Path) -> None:
     assert shardckpt.CheckpointManager(str(root)).steps() == [1, 2, 3]
     with pytest.warns(UserWarning, match="metric 'accuracy': no checkpoint has it"):
         report = prune_location(loc, policy, dry_run=True)
-    assert report.deleted == (1, 2)
+    assert report.deleted == ()  # issue 25 item 1: a misspelt metric deletes nothing
 
 
 def test_manager_retention_warns_once(tmp_path: Path) -> None:
@@ -91,17 +92,19 @@ def test_manager_retention_warns_once(tmp_path: Path) -> None:
         with shardckpt.CheckpointManager(str(tmp_path / "ck"), retention=policy) as mgr:
             for step in range(1, 5):
                 mgr.save(step, {"w": torch.zeros(3)}, metrics={"loss": float(step)}).wait()
-            mgr.prune()
-            assert mgr.steps() == [3, 4]
+            with pytest.raises(ValueError, match="metric 'val_loss'"):
+                mgr.prune()
+            assert mgr.steps() == [1, 2, 3, 4]  # issue 25 item 1: nothing deleted
     ours = [str(w.message) for w in caught if "val_loss" in str(w.message)]
     assert len(ours) == 1, ours
     assert "retention: " in ours[0] and "metric 'val_loss': no checkpoint has it" in ours[0]
     assert "the metrics that exist: loss" in ours[0]
 
 
-def test_mgr_prune_warns(tmp_path: Path) -> None:
+def test_mgr_prune_raises(tmp_path: Path) -> None:
     make_run(tmp_path / "ck", range(1, 4))
     policy = RetentionPolicy(keep_best=1, metric="top1", keep_last=1)  # unique to this test
     with shardckpt.CheckpointManager(str(tmp_path / "ck"), retention=policy) as mgr, \
-            pytest.warns(UserWarning, match="metric 'top1': no checkpoint has it"):
-        assert mgr.prune().deleted == (1, 2)
+            pytest.raises(ValueError, match="metric 'top1': no checkpoint has it"):
+        mgr.prune()  # issue 25 item 1: a ValueError naming the metrics, nothing deleted
+    assert shardckpt.CheckpointManager(str(tmp_path / "ck")).steps() == [1, 2, 3]

@@ -1,6 +1,10 @@
 """Resumed training is bit-identical to uninterrupted training (issue 7), with blocking saves and
 with asynchronous saves in both snapshot modes (issue 17), and no secret from the environment
-reaches a checkpoint file."""
+reaches a checkpoint file.
+
+One uninterrupted run per rank count (no save) is the reference for every mode: the steps run
+before the kill (with an asynchronous save in flight during the last one) and those run after
+the resume must all match it, bit for bit."""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -37,14 +42,36 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().reshape(-1).view(torch.uint8)
 
 
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> Callable[[int], Path]:
+    """The uninterrupted run without any save, once per rank count: every mode's killed and
+    resumed run is compared with it, so the modes are also checked to agree with each other."""
+    done: dict[int, Path] = {}
+
+    def get(nproc: int) -> Path:
+        if nproc not in done:
+            tmp = tmp_path_factory.mktemp(f"reference{nproc}")
+            run = _run(nproc, "--root", str(tmp / "root"), "--steps", str(STEPS), "--out",
+                       str(tmp / "out"))
+            assert run.returncode == 0, run.stderr[-3000:]
+            assert not (tmp / "root").exists() or not any((tmp / "root").iterdir())
+            done[nproc] = tmp / "out"
+        return done[nproc]
+
+    return get
+
+
+def _losses(prefix: Path, rank: int) -> dict[str, str]:
+    return json.loads(Path(f"{prefix}.rank{rank}.json").read_text())
+
+
 @pytest.mark.parametrize("mode", ["blocking", "eager", "lazy"])
 @pytest.mark.parametrize("nproc", [1, 2])
-def test_killed_and_resumed_run_is_bit_identical(tmp_path: Path, nproc: int, mode: str) -> None:
-    # the uninterrupted run saves too: an asynchronous save must not change training either
-    straight = _run(nproc, "--root", str(tmp_path / "a"), "--steps", str(STEPS), "--save-at",
-                    str(SAVE_AT), "--mode", mode, "--out", str(tmp_path / "a_out"))
-    assert straight.returncode == 0, straight.stderr[-3000:]
-    # async modes: one more training step runs alongside the save before the kill
+def test_killed_and_resumed_run_is_bit_identical(tmp_path: Path, nproc: int, mode: str,
+                                                  reference: Callable[[int], Path]) -> None:
+    ref = reference(nproc)
+    # async modes: one more training step runs alongside the save before the kill, and its loss
+    # must be the reference's: an asynchronous save must not change training either
     killed = _run(nproc, "--root", str(tmp_path / "b"), "--steps", str(STEPS), "--save-at",
                   str(SAVE_AT), "--die-after-save", "--mode", mode, "--out",
                   str(tmp_path / "b_killed"))
@@ -53,13 +80,17 @@ def test_killed_and_resumed_run_is_bit_identical(tmp_path: Path, nproc: int, mod
     resumed = _run(nproc, "--root", str(tmp_path / "b"), "--steps", str(STEPS), "--mode", mode,
                    "--out", str(tmp_path / "b_out"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    ran_alongside = SAVE_AT if mode == "blocking" else SAVE_AT + 1
     for rank in range(nproc):
-        a = json.loads((tmp_path / f"a_out.rank{rank}.json").read_text())
-        b = json.loads((tmp_path / f"b_out.rank{rank}.json").read_text())
+        a = _losses(ref, rank)
+        assert sorted(map(int, a)) == list(range(1, STEPS + 1))
+        before = _losses(tmp_path / "b_killed", rank)
+        assert sorted(map(int, before)) == list(range(1, ran_alongside + 1))
+        assert {k: a[k] for k in before} == before
+        b = _losses(tmp_path / "b_out", rank)
         assert sorted(map(int, b)) == list(range(SAVE_AT + 1, STEPS + 1))
         assert {k: a[k] for k in b} == b  # every later step's loss, to the last bit
-    fa, fb = load_file(str(tmp_path / "a_out.safetensors")), load_file(
-        str(tmp_path / "b_out.safetensors"))
+    fa, fb = load_file(f"{ref}.safetensors"), load_file(str(tmp_path / "b_out.safetensors"))
     assert set(fa) == set(fb) and any(k.startswith("optim/") for k in fa)
     for k in fa:
         assert torch.equal(_bits(fa[k]), _bits(fb[k])), k

@@ -12,6 +12,7 @@ import dist_targets as T
 import pytest
 import torch
 from harness import run_ranks
+from test_storage_contract import NO_BOTO_RETRY
 
 import shardckpt
 from shardckpt.storage.remote import FsspecLocation
@@ -117,8 +118,10 @@ def _kill_server_on_first_upload(monkeypatch, s3) -> None:
 def test_s3_killed_mid_save(tmp_path: Path, s3, monkeypatch, min_replicas: int) -> None:
     monkeypatch.setenv("SHARDCKPT_STORAGE_ATTEMPTS", "1")
     local, replica = tmp_path / "local", s3.new_root("run")
+    # one botocore attempt: the dead server is found at once, not after a minute of retries
+    opts = {"s3://": {**s3.options, **NO_BOTO_RETRY}}
     mgr = shardckpt.CheckpointManager(str(local), replicas=[replica], min_replicas=min_replicas,
-                                      storage_options=s3.storage_options)
+                                      storage_options=opts)
     mgr.save(1, state(1)).wait()
     _kill_server_on_first_upload(monkeypatch, s3)
     if min_replicas == 1:

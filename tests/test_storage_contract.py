@@ -425,7 +425,7 @@ def test_throttled_forever_gives_up_as_storage_error(
         loc.write_atomic("manifest.json", b"{}")
     assert throttling_proxy.requests == 2 * 2  # shardckpt's 2 tries, of s3fs's 2 each
     assert throttling_proxy.forwarded == 0
-    assert time.monotonic() - start < 20
+    assert time.monotonic() - start < 60  # gave up: not retried on and on (a bound, not a speed)
 
 
 @pytest.mark.parametrize(("status", "code"), [(403, "AccessDenied"), (400, "InvalidRequest")])

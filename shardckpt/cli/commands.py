@@ -9,7 +9,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ..textfile import human_bytes
-from . import diff_cmd, interop_cmd, report_cmd, verify_cmd
+from . import diff_cmd, interop_cmd, prune_cmd, report_cmd, verify_cmd
 from .argtypes import step_arg
 from .common import ROOT_HELP, latest_step, locations
 from .progress import bar, wanted
@@ -24,27 +24,66 @@ def _metrics_json(m: M.Manifest) -> dict[str, Any]:
     return {k: M.encode_float(v) for k, v in m.metrics.items()}
 
 
+def _no_checkpoints(args: argparse.Namespace, kinds: list[Any]) -> bool:
+    """True (after saying so) when every location that answered is a root with no checkpoints:
+    it does not exist yet, or is an empty folder."""
+    known = [k for k in kinds if k is not None]
+    if not known or any(k.kind == "root" for k in known):
+        return False
+    if not args.json:
+        print(known[0].describe())
+    return True
+
+
+def _degraded_note(m: M.Manifest) -> str | None:
+    """Why a committed step is short of copies, from its own manifest (``"degraded": true``):
+    visible without ``--replica``."""
+    if m.extra.get("degraded") is not True:
+        return None
+    where = m.extra.get("locations")
+    names = [str(x) for x in where] if isinstance(where, list) else []
+    at = f": only at {', '.join(names)}" if names else ""
+    return f"degraded save: some locations missed it{at} (see 'shardckpt repair')"
+
+
 def cmd_ls(args: argparse.Namespace) -> int:
     """Committed steps, steps whose manifest is corrupt everywhere (``health: corrupt``), and
     corrupt step directories moved aside by a save (``health: aside``). Exit 2 on any problem:
-    a corrupt manifest, a damaged or missing copy, an unreachable location."""
+    a corrupt manifest, a damaged or missing copy, an unreachable location. A root that does
+    not exist yet, or an empty folder, lists nothing (exit 0); a path that is not a checkpoint
+    root exits 2."""
     from ..verify.record import verified
     from . import health
+    from .common import checked_roots
 
-    locs = locations(args)
+    locs, kinds = checked_roots(args)
+    if _no_checkpoints(args, kinds):
+        if args.json:
+            from .common import emit
+
+            emit([])
+        return 0
     report = health.survey(locs, progress=wanted(args))
     rows = []
+    damage: list[str] = []
     for step, entry in bar(sorted(report.steps.items()), desc="verification records",
                            total=len(report.steps), enabled=wanted(args), unit="step"):
         m = entry.manifest
         states = set(entry.health)
+        note = _degraded_note(m)
+        bad = [(loc.display, entry.health[i]) for i, loc in enumerate(locs)
+               if entry.health[i] not in health.NOT_DAMAGE]
+        damage += [f"step {step}: {where}: {state}" for where, state in bad]
         rows.append({"step": step, "time": m.time, "nbytes": m.nbytes,
                      "metrics": _metrics_json(m), "tags": list(m.tags),
                      "world_size": m.world_size, "verified": verified(locs[0], m),
-                     "health": "ok" if states == {"ok"} else
-                     "degraded" if "ok" in states else "damaged",
+                     "health": "damaged" if "ok" not in states else
+                     "degraded" if states != {"ok"} or note else "ok",
+                     "degraded_save": note is not None,
                      "locations": [{"url": loc.display, "health": entry.health[i]}
-                                   for i, loc in enumerate(locs)]})
+                                   for i, loc in enumerate(locs)],
+                     "problems": [f"{where}: {state}" for where, state in bad]
+                     + ([note] if note else [])})
     for step, error in report.corrupt.items():
         rows.append({"step": step, "time": None, "nbytes": None, "metrics": {}, "tags": [],
                      "world_size": None, "verified": None, "health": "corrupt",
@@ -59,30 +98,41 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
         emit(rows)
     else:
-        print(f"{'STEP':>10}  {'TIME':<29} {'SIZE':>10} {'WORLD':>5}  {'HEALTH':<10} "
-              f"{'VERIFIED':<9}METRICS / TAGS")
-        for r in rows:
-            if r["health"] in ("corrupt", "aside"):
-                what = r.get("error") or f"moved aside: {r['dir']}"
-                print(f"{r['step']:>10}  {'-':<29} {'-':>10} {'-':>5}  "
-                      f"{r['health'].upper():<10} {'-':<8} {what}")
-                continue
-            states = {loc["health"] for loc in r["locations"]}
-            status = "ok" if states == {"ok"} else ",".join(sorted(states))
-            metrics = " ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}"
-                               for k, v in r["metrics"].items())
-            print(f"{r['step']:>10}  {r['time']:<29} {human_bytes(r['nbytes']):>10} "
-                  f"{r['world_size']:>5}  {status:<10} {r['verified'] or '-':<8} {metrics} "
-                  f"{' '.join(r['tags'])}".rstrip())
-    for problem in report.problems:
+        _print_ls(rows)
+    for problem in [*report.problems, *damage]:
         print(f"shardckpt ls: {problem}", file=sys.stderr)
-    return 2 if report.problems else 0
+    return 2 if report.problems or damage else 0
+
+
+def _print_ls(rows: list[dict[str, Any]]) -> None:
+    """The table; under each step that is not ok, one line per location or reason."""
+    print(f"{'STEP':>10}  {'TIME':<29} {'SIZE':>10} {'WORLD':>5}  {'HEALTH':<10} "
+          f"{'VERIFIED':<9}METRICS / TAGS")
+    for r in rows:
+        if r["health"] in ("corrupt", "aside"):
+            what = r.get("error") or f"moved aside: {r['dir']}"
+            print(f"{r['step']:>10}  {'-':<29} {'-':>10} {'-':>5}  "
+                  f"{r['health'].upper():<10} {'-':<8} {what}")
+            continue
+        metrics = " ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}"
+                           for k, v in r["metrics"].items())
+        print(f"{r['step']:>10}  {r['time']:<29} {human_bytes(r['nbytes']):>10} "
+              f"{r['world_size']:>5}  {r['health']:<10} {r['verified'] or '-':<8} {metrics} "
+              f"{' '.join(r['tags'])}".rstrip())
+        absent = [loc["url"] for loc in r["locations"] if loc["health"] == "absent"]
+        for line in [*r["problems"], *(f"{u}: not there" for u in absent)]:
+            print(f"{'':>12}{line}")
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from .common import emit
+    from .common import checked_roots, emit
 
-    locs = locations(args)
+    locs, kinds = checked_roots(args)
+    known = [k for k in kinds if k is not None]
+    if known and all(k.kind != "root" for k in known):  # nothing to show: exit 2, as for a
+        from ..errors import IncompleteCheckpointError  # root whose steps were all pruned
+
+        raise IncompleteCheckpointError(known[0].describe())
     step = latest_step(locs) if args.step is None else args.step
     from ..catalog import find_manifest
     from ..format import manifest as M
@@ -104,6 +154,8 @@ def cmd_show(args: argparse.Namespace) -> int:
         return ",".join(f"{a}" if b == a + 1 else f"{a}-{b - 1}" for a, b in runs)
     print(f"step {m.step}  saved {m.time}  world size {m.world_size}  "
           f"{human_bytes(m.nbytes)} in {len(m.files)} files  save id {m.save_id}")
+    if (note := _degraded_note(m)) is not None:
+        print(f"DEGRADED: {note}")
     if m.metrics:
         print("metrics: " + ", ".join(f"{k}={v:.6g}" for k, v in m.metrics.items()))
     if m.tags:
@@ -228,134 +280,6 @@ def _add_show(p: argparse.ArgumentParser) -> None:
                    help="also list shardckpt's internal tensors (RNG states, golden batches)")
 
 
-_PRUNE_RULES = ("keep_last", "keep_every", "keep_best", "metric", "mode", "keep_hourly",
-                "keep_daily", "keep_weekly", "keep_within")
-
-
-def _prune_policy(args: argparse.Namespace) -> Any:
-    """The policy of ``--config`` (if any) with the command-line rules laid over it."""
-    from dataclasses import fields
-
-    from ..policy import RetentionPolicy
-    from .common import UsageError
-
-    try:
-        base = RetentionPolicy.from_toml(args.config) if args.config else RetentionPolicy()
-        values = {f.name: getattr(base, f.name) for f in fields(base)}
-        values.update({k: getattr(args, k) for k in _PRUNE_RULES if getattr(args, k) is not None})
-        policy = RetentionPolicy(**values)
-    except OSError as exc:
-        raise UsageError(f"--config {args.config}: {exc.strerror or exc}") from None
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-    if policy.is_empty():
-        raise UsageError("no retention rule given (--keep-last, --keep-every, ... or --config "
-                         "FILE); refusing to prune with a policy that keeps everything")
-    return policy
-
-
-def _duration_arg(text: str, flag: str) -> float:
-    from ..policy import parse_duration
-    from .common import UsageError
-
-    try:
-        return parse_duration(text)
-    except ValueError as exc:
-        raise UsageError(f"{flag}: {exc}") from None
-
-
-def cmd_prune(args: argparse.Namespace) -> int:
-    from ..errors import ShardckptError
-    from ..prune import UnknownMetricError, prune_location
-    from .common import UsageError, emit
-
-    policy = _prune_policy(args)
-    grace = _duration_arg(args.grace, "--grace")
-    lock_wait = _duration_arg(args.lock_wait, "--lock-wait")
-    locs = locations(args)
-    docs: list[dict[str, Any]] = []
-    failed = corrupt = False
-    for loc in bar(locs, desc="prune", total=len(locs), enabled=wanted(args) and len(locs) > 1,
-                   unit="location"):  # every location from its own listing, under its own lock
-        try:
-            report = prune_location(loc, policy, dry_run=args.dry_run, grace=grace,
-                                    lock_wait=lock_wait, unknown_metric="raise")
-        except UnknownMetricError as exc:  # before anything changed at this location
-            raise UsageError(f"--metric: {exc}") from None
-        except ShardckptError as exc:
-            failed = True
-            docs.append({"url": loc.display, "error": f"{type(exc).__name__}: {exc}"})
-            print(f"shardckpt prune: {loc.display}: {type(exc).__name__}: {exc}",
-                  file=sys.stderr)
-            continue
-        docs.append({"url": loc.display, **report.to_json()})
-        for step, error in sorted(report.corrupt.items()):
-            corrupt = True
-            print(f"shardckpt prune: step {step} left alone: {error}", file=sys.stderr)
-        if not args.json:
-            _print_prune(report)
-    if args.json:
-        first = {k: v for k, v in docs[0].items() if k not in ("url", "error")}
-        emit({"dry_run": args.dry_run, "kept": [], "deleted": [], **first, "locations": docs})
-    return 70 if failed else 2 if corrupt else 0
-
-
-def _print_prune(report: Any) -> None:
-    verb = "would delete" if report.dry_run else "deleted"
-    print(f"{report.location}{' (dry run)' if report.dry_run else ''}: kept {len(report.kept)}, "
-          f"{verb} {len(report.deleted)}, "
-          f"{'would reap' if report.dry_run else 'reaped'} {len(report.reaped)}")
-    rows = [(s, "keep", ", ".join(r)) for s, r in report.kept.items()]
-    rows += [(s, "delete", "") for s in report.deleted]
-    for step, action, why in sorted(rows):
-        print(f"{step:>12}  {action:<8} {why}".rstrip())
-    for d in report.reaped:
-        print(f"{d:>12}  {'reap':<8} uncommitted, older than the grace period")
-    for d, why in sorted(report.skipped.items()):
-        print(f"{d:>12}  {'skip':<8} {why}")
-
-
-_PRUNE_EPILOG = """\
-Rules combine: a checkpoint is kept if any rule keeps it. The newest committed checkpoint and
-steps being written are never deleted, nor are steps tagged 'pinned' (unless keep_tags in the
-config says otherwise). Flags override --config, a TOML file of the same keys (keep_last = 3,
-...) at top level or in a [retention] table. A prune without any rule is refused (exit 64).
-
-Deletion removes manifest.json first, then the data, so an interrupted prune never leaves a
-listed checkpoint with missing files. Uncommitted step directories are reaped once nothing
-has touched them for --grace and no live save holds a lease on them. Each location (ROOT and
-every --replica) is pruned from its own listing, under its own lock.
-
-exit codes: 0 done; 2 a corrupt manifest was found (reported, left alone, the rest pruned);
-64 usage error, also a --metric that no checkpoint has (nothing is pruned then); 70 another
-prune still held the lock after --lock-wait, or storage failed.
-"""
-
-
-def _add_prune(p: argparse.ArgumentParser) -> None:
-    p.formatter_class = argparse.RawDescriptionHelpFormatter
-    p.epilog = _PRUNE_EPILOG
-    p.add_argument("root", metavar="ROOT", help=ROOT_HELP)
-    p.add_argument("--keep-last", type=int, metavar="N", help="keep the newest N")
-    p.add_argument("--keep-every", type=int, metavar="K", help="keep every step divisible by K")
-    p.add_argument("--keep-best", type=int, metavar="M", help="keep the best M by --metric")
-    p.add_argument("--metric", metavar="NAME", help="metric that --keep-best ranks by")
-    p.add_argument("--mode", choices=("min", "max"), help="--keep-best: lower or higher is "
-                   "better (default min)")
-    for span in ("hourly", "daily", "weekly"):
-        p.add_argument(f"--keep-{span}", type=int, metavar="N",
-                       help=f"keep the newest checkpoint of each of the last N {span} buckets "
-                       "(UTC)")
-    p.add_argument("--keep-within", metavar="DUR", help="keep everything newer than DUR "
-                   "('36h', '7d')")
-    p.add_argument("--config", metavar="FILE", help="TOML file with the retention rules")
-    p.add_argument("--dry-run", action="store_true", help="report what would go; change nothing")
-    p.add_argument("--grace", default="1h", metavar="DUR", help="reap uncommitted step "
-                   "directories untouched for this long (default 1h)")
-    p.add_argument("--lock-wait", default="60s", metavar="DUR", help="wait this long for "
-                   "another prune of a location to finish (default 60s; 0: give up at once)")
-
-
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str,
                           Callable[[argparse.ArgumentParser], None]]] = {
     "ls": (cmd_ls, "list committed checkpoints with size, metrics, tags and location health",
@@ -367,8 +291,8 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str,
                "Hugging Face folder or a DCP checkpoint", _add_export),
     "import-dcp": (interop_cmd.cmd_import_dcp, "convert a DCP checkpoint into a step of ROOT "
                    "(needs --trust-pickle: DCP metadata is a pickle)", interop_cmd.add_import_args),
-    "prune": (cmd_prune, "apply a retention policy; safe to run from cron while training writes",
-              _add_prune),
+    "prune": (prune_cmd.cmd_prune, "apply a retention policy; safe to run from cron while "
+              "training writes", prune_cmd.add_args),
     "verify": (verify_cmd.cmd_verify, "integrity, completeness, then golden replay",
                verify_cmd.add_args),
     "diff": (diff_cmd.cmd_diff, "compare two checkpoints (ROOT@STEP) tensor by tensor",

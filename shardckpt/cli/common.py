@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import StorageError
 
 if TYPE_CHECKING:  # the storage layer is imported by the commands that use it, not by --help
+    from ..rootkind import RootKind
     from ..storage import Location
 
 
@@ -23,16 +24,21 @@ def one_line(text: object) -> str:
     return " ".join(str(text).split()) or "(no message)"
 
 
-def emit(document: Any) -> None:
-    sys.stdout.write(json.dumps(document, indent=2, allow_nan=False) + "\n")
+def emit(document: Any, compact: bool = False) -> None:
+    """One JSON document on stdout; ``compact``: on one line (JSON Lines, for logs)."""
+    text = json.dumps(document, allow_nan=False, separators=(",", ":")) if compact else \
+        json.dumps(document, indent=2, allow_nan=False)
+    sys.stdout.write(text + "\n")
 
 
 ROOT_HELP = "checkpoint root: a path or fsspec URL"
 
 
-def open_locations(urls: list[str], warn: str | None = None) -> list[Location]:
+def open_locations(urls: list[str], warn: str | None = None,
+                   missing_ok: bool = False) -> list[Location]:
     """The locations of ``urls``; a URL that cannot be opened or a root that does not exist is
-    a usage error (exit 64), named in one line with credentials redacted.
+    a usage error (exit 64), named in one line with credentials redacted (with ``missing_ok``,
+    a root that does not exist yet is accepted: a root with no checkpoints).
 
     Remote locations are probed, all at once: one that does not answer within seconds stands
     in as :class:`~shardckpt.storage.probe.Unreachable` (its every operation fails at once), so
@@ -62,7 +68,7 @@ def open_locations(urls: list[str], warn: str | None = None) -> list[Location]:
             if index == 0:
                 raise
             continue  # a replica failing now: the command reports it where it matters
-        if not exists:
+        if not exists and not missing_ok:
             raise UsageError(f"{loc.display}: no such checkpoint root")
     for loc in down if warn else ():
         print(f"shardckpt {warn}: warning: {loc.display} is unreachable ({loc.why}); using "
@@ -73,6 +79,28 @@ def open_locations(urls: list[str], warn: str | None = None) -> list[Location]:
 def locations(args: argparse.Namespace) -> list[Location]:
     quiet = args.command in ("ls", "report")  # these report unreachable locations themselves
     return open_locations([args.root, *args.replica], warn=None if quiet else args.command)
+
+
+def checked_roots(args: argparse.Namespace) -> tuple[list[Location], list[RootKind | None]]:
+    """``ls``, ``show`` and ``prune``: the locations, and what each one is (None: unreachable
+    now). A root that does not exist yet or an empty folder is a root with no checkpoints;
+    a path that is not a checkpoint root raises :class:`~shardckpt.rootkind.NotARootError`
+    (exit 2) naming it, before anything is read or written there."""
+    from ..rootkind import classify_root
+    from ..storage.probe import Unreachable
+
+    quiet = args.command in ("ls", "report")
+    locs = open_locations([args.root, *args.replica], warn=None if quiet else args.command,
+                          missing_ok=True)
+    kinds: list[RootKind | None] = []
+    for index, loc in enumerate(locs):
+        try:
+            kinds.append(None if isinstance(loc, Unreachable) else classify_root(loc))
+        except StorageError:
+            if index == 0:
+                raise
+            kinds.append(None)  # a replica failing now: the command reports it
+    return locs, kinds
 
 
 def latest_step(locs: list[Location]) -> int:

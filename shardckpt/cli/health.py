@@ -7,10 +7,14 @@ from dataclasses import dataclass, field
 from .. import catalog
 from ..errors import StorageError
 from ..format import manifest as M
+from ..format.shard import TRAILER, TRAILER_SIZE
 from ..storage import Location, step_dirname
 
 # how a location's state of a step shows in ``ls`` (the catalog's word where not listed here)
 _SHOWN = {"corrupt": "corrupt manifest"}
+# states of a location that are no damage to report: whole, never saved there (a degraded
+# save, or a replica added later), or unreachable (reported once per location)
+NOT_DAMAGE = frozenset({"ok", "absent", "unreachable"})
 
 
 @dataclass
@@ -31,7 +35,9 @@ class Survey:
 
 
 def file_health(loc: Location, step: int, m: M.Manifest) -> str:
-    """``ok`` if every shard file is present with its recorded size (a cheap check: no reads)."""
+    """``ok`` if every shard file is present with its recorded size and the header its
+    trailer points to is the one the manifest recorded (one 32-byte read per file: a file
+    replaced by another writer's, of the same size, shows as ``header mismatch``)."""
     d = step_dirname(step)
     for name, rec in m.files.items():
         size = loc.size(f"{d}/{name}")
@@ -39,6 +45,10 @@ def file_health(loc: Location, step: int, m: M.Manifest) -> str:
             return "missing files"
         if size != rec.nbytes:
             return "wrong sizes"
+        tail = loc.read_range(f"{d}/{name}", size - TRAILER_SIZE, TRAILER_SIZE)
+        if len(tail) != TRAILER_SIZE or (TRAILER.unpack(tail)[0], f"{TRAILER.unpack(tail)[2]:016x}"
+                                         ) != (rec.header_offset, rec.header_xxh3):
+            return "header mismatch"
     return "ok"
 
 

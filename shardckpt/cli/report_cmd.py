@@ -35,9 +35,13 @@ The report has four panels, one point per committed step (x axis: step):
              report does not guess one from the gaps between commit times (those include
              training). Exact live figures, including the commit, are in the log records and
              the metrics textfile of CheckpointManager(metrics_path=...).
-  metrics    the metrics passed to save() (all of them, or those named by --metric)
-  status     health at every location (ok / damaged), pinned and other tags, and the verdict of
-             the last 'shardckpt verify' of the step (ok / failed / not verified)
+  metrics    the metrics passed to save() (all of them, or those named by --metric); a NaN
+             or infinite value breaks the line and is marked at the panel's edge (NaN, +inf at
+             the top, -inf at the bottom)
+  status     health (whole / degraded: a copy missing somewhere, or a degraded save / damaged:
+             missing or wrong-size files, or a corrupt manifest), pinned and other tags, and
+             the verdict of the last 'shardckpt verify' of the step (ok / failed / not verified)
+Legends sit beside their panel, never over the data.
 --out FILE.png writes the PNG; --out FILE.html an HTML page with the PNG embedded (base64) and
 a table of the steps. --json prints a summary of what was plotted, per step.
 Needs matplotlib (pip install 'shardckpt[report]').
@@ -86,8 +90,10 @@ def timing_of(m: M.Manifest) -> dict[str, float | None]:
     return out
 
 
-def collect(locs: Sequence[Location], progress: bool) -> tuple[list[dict[str, Any]], list[str]]:
-    """One row per committed step, and the problems met (corrupt manifests)."""
+def collect(locs: Sequence[Location], progress: bool
+            ) -> tuple[list[dict[str, Any]], list[str], dict[int, str]]:
+    """One row per committed step, the problems met, and the steps whose manifest is corrupt
+    everywhere (step -> error: shown as damaged)."""
     from ..format import manifest as M
     from ..verify.record import verified
     from . import health
@@ -114,7 +120,7 @@ def collect(locs: Sequence[Location], progress: bool) -> tuple[list[dict[str, An
             "since_previous_s": None if previous is None else m.unix_time - previous,
         })
         previous = m.unix_time
-    return rows, list(survey.problems)
+    return rows, list(survey.problems), dict(survey.corrupt)
 
 
 def _float(v: Any) -> float | None:
@@ -131,10 +137,74 @@ def _scale(values: Sequence[float]) -> tuple[float, str]:
     return 1.0, "B"
 
 
-def render_png(rows: list[dict[str, Any]], metric_names: Sequence[str], title: str
-               ) -> tuple[bytes, tuple[int, int], list[str]]:
+def _legend(ax: Any) -> None:
+    """The legend beside the panel, never over its data (constrained layout makes room)."""
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7, frameon=False,
+              borderaxespad=0.0)
+
+
+def _state(row: dict[str, Any]) -> str:
+    """``whole`` / ``degraded`` (a location lacks it, another has it whole, or its manifest
+    says the save was degraded) / ``damaged`` (missing or wrong-size files somewhere)."""
+    states = set(row["health"].values())
+    if states - {"ok", "absent", "unreachable"}:
+        return "damaged"
+    return "whole" if states == {"ok"} and not row.get("degraded") else "degraded"
+
+
+def nonfinite(v: Any) -> float | None:
+    """A metric value from a row that is NaN or infinite (stored as "nan", "inf", "-inf")."""
+    if isinstance(v, str) and v in ("nan", "inf", "-inf"):
+        return float(v)
+    if isinstance(v, float) and not math.isfinite(v):
+        return v
+    return None
+
+
+def _plot_metrics(ax: Any, rows: list[dict[str, Any]], names: Sequence[str]) -> list[str]:
+    """One line per metric, broken where a value is NaN or infinite; those values are marked
+    at the panel's top (NaN, +inf) or bottom (-inf) edge, never joined by a line. Returns the
+    metrics drawn (those with at least one finite value)."""
+    from matplotlib.transforms import blended_transform_factory
+
+    edge = blended_transform_factory(ax.transData, ax.transAxes)
+    plotted: list[str] = []
+    marked = False
+    for name in names:
+        pts = [(r["step"], r["metrics"][name]) for r in rows if name in r["metrics"]]
+        ys = [_float(v) for _, v in pts]
+        marks: dict[str, list[int]] = {"nan": [], "inf": [], "-inf": []}
+        for (step, v), y in zip(pts, ys):
+            bad = nonfinite(v)
+            if y is None and bad is not None:
+                marks["nan" if math.isnan(bad) else "inf" if bad > 0 else "-inf"].append(step)
+        color = None
+        if any(y is not None for y in ys):
+            plotted.append(name)
+            (line,) = ax.plot([s for s, _ in pts], [math.nan if y is None else y for y in ys],
+                              marker=".", ms=4, lw=1.0, label=name)
+            color = line.get_color()
+        for key, y, marker, label in (("nan", 0.96, "X", "NaN (top edge)"),
+                                      ("inf", 0.96, "^", "+inf (top edge)"),
+                                      ("-inf", 0.04, "v", "-inf (bottom edge)")):
+            if marks[key]:
+                marked = True
+                ax.scatter(marks[key], [y] * len(marks[key]), marker=marker, s=60,
+                           color=color or "tab:red", edgecolors="black", linewidths=0.5,
+                           transform=edge, clip_on=False, zorder=5, label=f"{name}: {label}")
+    if plotted or marked:
+        _legend(ax)
+    else:
+        ax.text(0.5, 0.5, "no metrics", ha="center", va="center", transform=ax.transAxes,
+                color="gray")
+    return plotted
+
+
+def render_png(rows: list[dict[str, Any]], metric_names: Sequence[str], title: str,
+               corrupt: Sequence[int] = ()) -> tuple[bytes, tuple[int, int], list[str]]:
     """The figure as PNG bytes, its (width, height) in pixels, and the metrics drawn (those
-    with at least one finite value)."""
+    with at least one finite value). ``corrupt``: steps whose manifest is corrupt, marked
+    damaged in the status panel."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -151,7 +221,7 @@ def render_png(rows: list[dict[str, Any]], metric_names: Sequence[str], title: s
     ax_size.set_ylabel(f"size ({unit})")
     ax_size.set_ylim(bottom=0)
     ax_size.grid(alpha=0.3)
-    ax_size.legend(loc="upper left", fontsize=8)
+    _legend(ax_size)
 
     have_timing = False
     for key, label, color in (("save_s", "total (save() call to commit)", "tab:purple"),
@@ -162,7 +232,7 @@ def render_png(rows: list[dict[str, Any]], metric_names: Sequence[str], title: s
             have_timing = True
             ax_time.plot(*zip(*pts), marker=".", ms=4, lw=1.0, label=label, color=color)
     if have_timing:
-        ax_time.legend(loc="upper left", fontsize=8)
+        _legend(ax_time)
         ax_time.set_ylim(bottom=0)
     else:
         ax_time.text(0.5, 0.5, "no save timing recorded in these manifests", ha="center",
@@ -170,17 +240,7 @@ def render_png(rows: list[dict[str, Any]], metric_names: Sequence[str], title: s
     ax_time.set_ylabel("save time (s)")
     ax_time.grid(alpha=0.3)
 
-    plotted: list[str] = []
-    for name in metric_names:
-        pts = [(r["step"], v) for r in rows if (v := _float(r["metrics"].get(name))) is not None]
-        if pts:
-            plotted.append(name)
-            ax_metrics.plot(*zip(*pts), marker=".", ms=4, lw=1.0, label=name)
-    if plotted:
-        ax_metrics.legend(loc="upper left", fontsize=8, ncol=min(len(plotted), 4))
-    else:
-        ax_metrics.text(0.5, 0.5, "no metrics", ha="center", va="center",
-                        transform=ax_metrics.transAxes, color="gray")
+    plotted = _plot_metrics(ax_metrics, rows, metric_names)
     ax_metrics.set_ylabel("metrics")
     ax_metrics.grid(alpha=0.3)
 
@@ -191,10 +251,13 @@ def render_png(rows: list[dict[str, Any]], metric_names: Sequence[str], title: s
         if pts:
             ax_status.scatter(pts, [y[name]] * len(pts), **kw)
 
-    lane("health", [r["step"] for r in rows if r["healthy"]], marker="s", s=18,
+    lane("health", [r["step"] for r in rows if _state(r) == "whole"], marker="s", s=18,
          color="tab:green", label="whole at every location")
-    lane("health", [r["step"] for r in rows if not r["healthy"]], marker="X", s=40,
-         color="tab:red", label="missing or damaged somewhere")
+    lane("health", [r["step"] for r in rows if _state(r) == "degraded"], marker="s", s=24,
+         color="tab:orange", label="degraded: a copy missing, whole elsewhere")
+    lane("health", [r["step"] for r in rows if _state(r) == "damaged"] + list(corrupt),
+         marker="X", s=50,
+         color="tab:red", label="damaged: missing, wrong-size or corrupt files")
     lane("pinned", [r["step"] for r in rows if r["pinned"]], marker="*", s=90,
          color="goldenrod", label="pinned")
     others = [r for r in rows if any(t != "pinned" for t in r["tags"])]
@@ -213,7 +276,7 @@ def render_png(rows: list[dict[str, Any]], metric_names: Sequence[str], title: s
     ax_status.set_ylim(-0.7, len(lanes) - 0.3)
     ax_status.set_xlabel("step")
     ax_status.grid(axis="x", alpha=0.3)
-    ax_status.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=7, frameon=False)
+    _legend(ax_status)
     if len(steps) == 1:
         ax_status.set_xlim(steps[0] - 1, steps[0] + 1)
 
@@ -271,7 +334,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     except ImportError:
         raise UsageError("report needs matplotlib (pip install 'shardckpt[report]')") from None
     locs = open_locations([args.root, *args.replica])
-    rows, problems = collect(locs, wanted(args))
+    rows, problems, corrupt = collect(locs, wanted(args))
     for problem in problems:
         print(f"shardckpt report: {problem}", file=sys.stderr)
     if not rows:
@@ -287,7 +350,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         names = available
     title = (f"{locs[0].display}: {len(rows)} checkpoint{'s' * (len(rows) != 1)}, steps "
              f"{rows[0]['step']}-{rows[-1]['step']}")
-    png, (width, height), plotted = render_png(rows, names, title)
+    png, (width, height), plotted = render_png(rows, names, title, sorted(corrupt))
     data = png if fmt == "png" else render_html(png, rows, title, names).encode("utf-8")
     write_textfile(args.out, data)
     timed = [r["step"] for r in rows if r["save_s"] is not None]
@@ -299,6 +362,8 @@ def cmd_report(args: argparse.Namespace) -> int:
               "timing_source": "manifest extra.timing", "steps_with_timing": timed,
               "pinned": [r["step"] for r in rows if r["pinned"]],
               "verified": {str(r["step"]): r["verified"] for r in rows},
+              "health": {str(r["step"]): _state(r) for r in rows} |
+              {str(s): "damaged" for s in corrupt},
               "problems": problems, "steps": rows})
     else:
         print(f"wrote {args.out} ({fmt}, {width}x{height} px): {len(rows)} checkpoints, "

@@ -30,8 +30,12 @@ loads it strictly), replay (golden batches, bitwise unless tolerances are given;
 agree), environment (provenance against this run; fails only with --strict-env).
 The verdict is also written to ROOT/step-NNNNNNNNNN/verification.json (see 'shardckpt ls').
 
-exit codes: 0 all checks passed; 1 replay mismatch, model does not match, or --strict-env drift;
-2 corrupt, missing or incomplete checkpoint (or unknown step); 64 usage error; 70 internal error.
+Only a verification that ran records a verdict: one whose --model does not fit the checkpoint
+(missing or unexpected keys, other shapes) exits 64 and records nothing.
+
+exit codes: 0 all checks passed; 1 replay mismatch or --strict-env drift; 2 corrupt, missing
+or incomplete checkpoint (or unknown step); 64 usage error, also a --model that does not fit
+the checkpoint (no verdict recorded); 70 internal error.
 """
 
 

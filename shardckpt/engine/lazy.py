@@ -1,5 +1,14 @@
 """Lazy snapshots: ``save`` returns before the state is copied; the copy overlaps training.
 
+An explicit opt-in (``snapshot="lazy"``; the default is eager), with a contract: **nothing but an
+optimizer step may write parameters or optimizer state between ``save()`` and the next step**,
+and writes through ``.data``, ``.numpy()`` or DLPack are not seen. A process that uses it is
+warned once (:func:`warn_contract_once`). A tensor found changed outside an optimizer step fails
+that save (:class:`TornSnapshotError`); from then on that key is copied inside ``save()``, with a
+warning naming it. A module known to write its own weights in forward (``nn.Embedding`` /
+``nn.EmbeddingBag`` with ``max_norm``: :func:`written_in_forward`) has them copied inside
+``save()`` from the start.
+
 A lazy snapshot copies a parameter or an optimizer state tensor (a *guarded* leaf: only an
 optimizer step changes it in place) after ``save`` has returned: on a copy thread for CPU
 tensors (at the background saves' lower priority: engine/background.py), on a side stream for
@@ -32,7 +41,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -98,9 +108,11 @@ class LazySnapshot:
     """A staged state whose guarded tensors are copied after ``save`` has returned."""
 
     def __init__(self, collected: Collected, jobs: Sequence[CopyJob], step: int | None = None,
-                 fence: CudaFence | None = None) -> None:
+                 fence: CudaFence | None = None,
+                 on_torn: Callable[[list[str]], None] | None = None) -> None:
         self.collected = collected
         self.step = step
+        self._on_torn = on_torn  # told the torn keys (the pool then copies them inside save)
         self._jobs = list(jobs)
         self._fence = fence
         self._lock = threading.Lock()
@@ -240,6 +252,8 @@ class LazySnapshot:
             raise error
         if self._torn:
             keys = sorted(self._torn)
+            if self._on_torn is not None:
+                self._on_torn(keys)
             at = f"step {self.step}: " if self.step is not None else ""
             raise TornSnapshotError(
                 f"{at}{len(keys)} tensor(s) changed in place after save() and before they were "
@@ -270,6 +284,49 @@ class LazySnapshot:
                 pass
         self._close()
         self._done.set()
+
+
+_contract_warned = False
+
+CONTRACT = ("snapshot='lazy': nothing but an optimizer step may write parameters or optimizer "
+            "state between save() and the next optimizer step; writes through .data, .numpy() "
+            "or DLPack are not detected and can commit a checkpoint that differs from the "
+            "state at save(). snapshot='eager' (the default) has no such condition")
+
+
+def warn_contract_once() -> None:
+    """The lazy mode's contract, warned once per process, the first time it is used."""
+    global _contract_warned
+    if not _contract_warned:
+        _contract_warned = True
+        warnings.warn(CONTRACT, stacklevel=3)
+
+
+def written_in_forward(state: object) -> set[int]:
+    """Storage addresses of the weights that a module of ``state`` rewrites in place during its
+    forward (``nn.Embedding`` / ``nn.EmbeddingBag`` with ``max_norm`` renormalise the rows they
+    look up): those are copied inside ``save``, never lazily."""
+    found: set[int] = set()
+    seen: set[int] = set()
+
+    def walk(v: object) -> None:
+        if id(v) in seen:
+            return
+        seen.add(id(v))
+        if isinstance(v, torch.nn.Module):
+            for m in v.modules():
+                if isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag)) and \
+                        m.max_norm is not None:
+                    found.add(storage_ptr(m.weight))
+        elif isinstance(v, dict):
+            for x in v.values():
+                walk(x)
+        elif isinstance(v, (list, tuple)):
+            for x in v:
+                walk(x)
+
+    walk(state)
+    return found
 
 
 last_stats: dict[str, float] = {}

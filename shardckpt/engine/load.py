@@ -1,4 +1,6 @@
-"""The collective load protocol: every rank reads the boxes it needs, then all agree on success.
+"""The collective load protocol: every rank plans, reads the boxes it needs and applies them,
+and all ranks agree on the outcome of each phase before the next begins (see :func:`load_step`):
+nothing of the caller's state changes unless every rank's plan fits.
 
 Tensors are loaded in place: the local shard of a DTensor gets exactly its box of the global
 tensor (whatever the saving world size was), a plain tensor gets the whole tensor. Reads run in
@@ -21,13 +23,13 @@ from typing import Any
 
 import torch
 
-from ..errors import CorruptCheckpointError
+from ..errors import CollectiveError, CorruptCheckpointError, IncompleteCheckpointError
 from ..format.dtypes import torch_dtype
 from ..format.manifest import TensorMeta
 from ..planning.restore import LoadContext, restore
 from ..planning.statedict import local_box
 from .comm import Comm
-from .failures import gather_failures, raise_failures
+from .failures import describe, raise_failures
 from .index import PieceIndex
 from .reader import CheckpointReader
 
@@ -86,6 +88,10 @@ class LoadPlanner:
         if dest is None:
             return self._allocate(key, target, meta, dtype)
         local, shape, offsets, _ = local_box(dest)
+        if overlaps(local):
+            raise ValueError(f"{where}: the given tensor's elements overlap in memory (an "
+                             f"expand()ed or other stride-0 view, strides {list(local.stride())})"
+                             f": a load cannot fill it; pass a tensor of its own (.clone())")
         if tuple(shape) != meta.shape:
             raise ValueError(f"{where}: checkpoint shape {list(meta.shape)} differs from the "
                              f"given tensor's {list(shape)}")
@@ -104,6 +110,25 @@ class LoadPlanner:
         return next((m, r) for r, m in enumerate(entry.per_rank) if m is not None)
 
 
+def overlaps(t: torch.Tensor) -> bool:
+    """Whether two elements of ``t`` share memory (writing one would change another)."""
+    if any(n > 1 and st == 0 for n, st in zip(t.shape, t.stride())):
+        return True
+    if t.numel() <= 1 or t.is_contiguous():
+        return False
+    span = 1  # the strides, smallest first, each past every element the smaller ones reach
+    for st, n in sorted((abs(st), n) for n, st in zip(t.shape, t.stride()) if n > 1):
+        if st < span:
+            break
+        span += st * (n - 1)
+    else:
+        return False
+    offsets = torch.zeros((), dtype=torch.int64)  # an unusual layout: count distinct offsets
+    for n, st in zip(t.shape, t.stride()):
+        offsets = offsets.unsqueeze(-1) + torch.arange(n, dtype=torch.int64) * st
+    return int(torch.unique(offsets).numel()) != t.numel()
+
+
 def _execute(reader: CheckpointReader, req: ReadRequest) -> None:
     out = req.out
     if out.device.type != "cpu":
@@ -114,13 +139,84 @@ def _execute(reader: CheckpointReader, req: ReadRequest) -> None:
         reader.read_box(req.meta, req.offsets, req.lengths, out)
 
 
+class LoadError(CollectiveError):
+    """A load failed on one or more ranks; every rank raises the same account. ``phase`` is
+    ``"plan"`` (nothing of the caller's state was changed), ``"read"`` (tensors may hold bytes
+    of this step: the state is partly loaded) or ``"apply"``."""
+
+    def __init__(self, message: str, failures: dict[int, str], phase: str) -> None:
+        super().__init__(message, failures)
+        self.phase = phase
+
+
+class CorruptLoadError(LoadError, CorruptCheckpointError):
+    """Every failing rank found bad checkpoint data (a bad chunk, a truncated shard): a load
+    without an explicit step tries the next older step."""
+
+
+class IncompleteLoadError(LoadError, IncompleteCheckpointError):
+    """Every failing rank found checkpoint data missing (a shard file gone)."""
+
+
+def _kind(exc: BaseException) -> str:
+    if isinstance(exc, (CollectiveError, TypeError, ValueError, KeyError)):
+        return "other"
+    if isinstance(exc, CorruptCheckpointError):
+        return "corrupt"
+    if isinstance(exc, IncompleteCheckpointError):
+        return "incomplete"
+    return "other"
+
+
+def agree(comm: Comm, error: BaseException | None, phase: str, step: int) -> None:
+    """Collective: if any rank failed in ``phase``, every rank raises. One all-reduce when all
+    is well.
+
+    Bad or missing data on every failing rank: every rank raises :class:`CorruptLoadError`
+    (or :class:`IncompleteLoadError`), the same on every rank and in one process. Any other
+    failure: one process, or the only failing rank, raises its own error; every other rank a
+    ``CollectiveError``. Messages say whether the state was changed.
+    """
+    if comm.world_size == 1:
+        if error is None:
+            return
+        outcomes: list[Any] = [[describe(error), _kind(error)]]
+    else:
+        if not comm.any_true(error is not None, f"load: {phase}"):
+            return
+        outcomes = comm.all_gather_json(
+            [describe(error), _kind(error)] if error is not None else None, f"load: {phase}")
+    failures = {r: o[0] for r, o in enumerate(outcomes) if o}
+    kinds = {o[1] for o in outcomes if o}
+    if phase == "plan":
+        after = "nothing was loaded, the state is unchanged"
+    else:
+        after = ("the state is partly loaded: some tensors may hold this step's values, others "
+                 "their earlier ones; load a valid step before training on")
+    lines = "; ".join(f"rank {r}: {m}" for r, m in sorted(failures.items()))
+    message = f"load of step {step} failed on rank(s) {sorted(failures)} ({after}): {lines}"
+    if kinds <= {"corrupt", "incomplete"}:
+        cls = IncompleteLoadError if kinds == {"incomplete"} else CorruptLoadError
+        raise cls(message, failures, phase) from error
+    if error is not None and phase != "plan":
+        error.add_note(f"shardckpt: {after}")
+    if error is not None and comm.world_size == 1:
+        raise_failures(message, failures, error, 1)  # the error itself (OSError: StorageError)
+    if error is not None and len(failures) == 1:
+        raise error  # this rank alone failed: its own error says it best
+    raise CollectiveError(message, failures) from error
+
+
 def load_step(comm: Comm, reader: CheckpointReader, state: dict[str, Any],
               strict: bool, threads: int) -> dict[str, float]:
     """Fill ``state`` from the checkpoint on this rank; every rank calls it. Returns this rank's
     profile: seconds planning (tree walk and header reads, wall and CPU), headers read, reads.
 
-    If any rank fails, every rank raises :class:`CollectiveError` naming the failing ranks, so no
-    rank goes on training with state its peers did not load.
+    Three phases, each ending in an agreement of all ranks: *plan* (keys, shapes, dtypes and
+    destinations checked, headers read; nothing of ``state`` changes), *read* (bytes into the
+    tensors, every chunk checked), *apply* (values put into containers, ``load_state_dict`` of
+    modules and optimizers). If any rank fails, every rank raises :class:`LoadError` naming the
+    failing ranks, so no rank goes on training with state its peers did not load.
     """
     manifest = reader.manifest
     same_world = manifest.world_size == comm.world_size
@@ -128,29 +224,32 @@ def load_step(comm: Comm, reader: CheckpointReader, state: dict[str, Any],
     planner = LoadPlanner(reader, rank, strict)
     error: BaseException | None = None
     profile: dict[str, float] = {}
-    skipped: list[str] = []
+    ctx = LoadContext(planner.request, rank, manifest.world_size, strict, caller_rank=comm.rank,
+                      defer=True)
     try:
-        ctx = LoadContext(planner.request, rank, manifest.world_size, strict,
-                          caller_rank=comm.rank)
         start, cpu = time.perf_counter(), time.thread_time()
         restore(state, manifest.tree, ctx)
         profile.update(plan_s=time.perf_counter() - start,
                        plan_cpu_s=time.thread_time() - cpu,
                        headers_read=planner.index.headers_read,
                        requests=len(planner.requests))
+    except Exception as exc:
+        error = exc
+    agree(comm, error, "plan", manifest.step)
+    try:
         with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
             for f in [pool.submit(_execute, reader, r) for r in planner.requests]:
                 f.result()
-        for apply in ctx.appliers:
-            apply()
-        skipped = sorted(set(ctx.skipped + planner.skipped))
     except Exception as exc:
         error = exc
-    failures = gather_failures(comm, error, "load: outcome")
-    if failures:
-        if error is not None and len(failures) == 1:
-            raise error  # this rank alone failed: its own error says it best
-        raise_failures("load failed", failures, error, comm.world_size)
+    agree(comm, error, "read", manifest.step)
+    try:
+        for apply in ctx.appliers:
+            apply()
+    except Exception as exc:
+        error = exc
+    agree(comm, error, "apply", manifest.step)
+    skipped = sorted(set(ctx.skipped + planner.skipped))
     if planner.borrowed:
         warnings.warn(
             f"checkpoint step {manifest.step} (saved at world size {manifest.world_size}, loaded "

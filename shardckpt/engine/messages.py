@@ -7,8 +7,8 @@ One save exchanges four messages, in this order:
 - :class:`Assignment`, rank 0 to every rank: the failures so far, the save id, the locations
   prepared for writing, and each rank's writes as runs of indexes into its own leaf list;
 - :class:`WriteReport`, every rank to rank 0: the files it wrote and where each is stored;
-- :class:`Outcome`, rank 0 to every rank: committed, or the failures (and whether the storage
-  was to blame).
+- :class:`Outcome`, rank 0 to every rank: committed, or the failures (and whether the storage,
+  or another writer of the same step, was to blame).
 """
 
 from __future__ import annotations
@@ -51,16 +51,19 @@ class Assignment:
     prepared: tuple[int, ...] = ()
     writes: tuple[M.Ranges, ...] = ()
     known: list[str | None] | None = None  # the structure hash rank 0 holds for each rank
+    cause: str = ""  # of a refusal: "" (a rank's state), STORAGE or RIVAL (see Outcome)
 
     def to_json(self) -> dict[str, Any]:
         return {"failures": _wire(self.failures), "save_id": self.save_id,
                 "prepared": list(self.prepared),
-                "writes": [[list(run) for run in w] for w in self.writes], "known": self.known}
+                "writes": [[list(run) for run in w] for w in self.writes], "known": self.known,
+                "cause": self.cause}
 
     @classmethod
     def from_json(cls, doc: Mapping[str, Any]) -> Assignment:
         return cls(_ranks(doc["failures"]), doc["save_id"], tuple(doc["prepared"]),
-                   tuple(tuple((a, b) for a, b in w) for w in doc["writes"]), doc["known"])
+                   tuple(tuple((a, b) for a, b in w) for w in doc["writes"]), doc["known"],
+                   str(doc.get("cause", "")))
 
 
 @dataclass(frozen=True)
@@ -97,10 +100,16 @@ class Outcome:
     ok: bool
     failures: Mapping[int, str] = field(default_factory=dict)
     storage: bool = False  # the failure is the storage's (fewer than min_replicas locations)
+    rival: bool = False  # another writer holds or committed the step (ConcurrentWriterError)
 
     def to_json(self) -> dict[str, Any]:
-        return {"ok": self.ok, "failures": _wire(self.failures), "storage": self.storage}
+        return {"ok": self.ok, "failures": _wire(self.failures), "storage": self.storage,
+                "rival": self.rival}
 
     @classmethod
     def from_json(cls, doc: Mapping[str, Any]) -> Outcome:
-        return cls(bool(doc["ok"]), _ranks(doc["failures"]), bool(doc["storage"]))
+        return cls(bool(doc["ok"]), _ranks(doc["failures"]), bool(doc["storage"]),
+                   bool(doc.get("rival", False)))
+
+
+STORAGE, RIVAL = "storage", "rival"  # causes of a refused save (Assignment.cause)

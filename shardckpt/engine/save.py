@@ -29,7 +29,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from .. import knobs
-from ..errors import ShardckptError, StorageError
+from ..errors import ConcurrentWriterError, ShardckptError, StorageError
 from ..format import manifest as M
 from ..format.shard import Codec, checksum
 from ..planning.assign import LeafSpec, assign
@@ -37,9 +37,11 @@ from ..planning.plancache import PlanCache
 from ..planning.statedict import Collected, TensorLeaf, collect
 from ..storage import Location, step_dirname
 from ..storage.lease import StepLease
+from ..storage.writers import may_remove
 from .comm import Comm
+from .failpolicy import mark_agreed
 from .failures import agree_on_state, describe, raise_failures
-from .messages import Assignment, FileEntry, Outcome, RankPlan, WriteReport
+from .messages import RIVAL, STORAGE, Assignment, FileEntry, Outcome, RankPlan, WriteReport
 from .pipeline import PipelineConfig
 from .stepdir import SaveRequest, build_manifest, commit_all, directory, prepare_all
 from .writer import PieceData, tensor_bytes, write_rank
@@ -107,10 +109,15 @@ def save_step(comm: Comm, locations: Sequence[Location], state: dict[str, Any],
     with contextlib.ExitStack() as stack:
         run = _SaveRun(comm, list(locations), req, opts, min_replicas,
                        plan_cache if plan_cache is not None else PlanCache(), stack)
-        assignment, collected = run.plan(state, collected)
-        report = run.write(assignment, collected)
-        outcome = run.commit(assignment, report)
-        return run.decide(outcome)
+        try:
+            assignment, collected = run.plan(state, collected)
+            report = run.write(assignment, collected)
+            outcome = run.commit(assignment, report)
+            return run.decide(outcome)
+        except BaseException as exc:
+            if run.agreed:  # raised on every rank alike (engine/failpolicy.py)
+                mark_agreed(exc)
+            raise
 
 
 class _SaveRun:
@@ -130,6 +137,8 @@ class _SaveRun:
         self.tensors: dict[str, M.TensorEntry] = {}  # rank 0: the manifest's tensor entries
         self.manifest: M.Manifest | None = None
         self.counts: dict[str, float] = {}
+        self.agreed = False  # a failure broadcast to every rank is being raised
+        self.cause = ""  # rank 0: why the save was refused before writing (STORAGE, RIVAL)
 
     def plan(self, state: dict[str, Any], collected: Collected | BaseException | None
              ) -> tuple[Assignment, Collected]:
@@ -168,26 +177,53 @@ class _SaveRun:
         assignment = Assignment.from_json(self.comm.broadcast_json(msg, "save: write plan"))
         self.cache.ack(assignment.known, rank)
         if assignment.failures:
-            raise_failures(f"save of step {self.req.step} refused, nothing was written: state "
-                           f"collection failed", assignment.failures, self.error, world)
+            self.agreed = True
+            refused = f"save of step {self.req.step} refused, nothing was written"
+            if assignment.cause:  # a location's failure, or another writer: not the state's
+                self._raise_cause(assignment.cause == RIVAL, refused, assignment.failures)
+            raise_failures(f"{refused}: state collection failed", assignment.failures,
+                           self.error, world)
         assert isinstance(collected, Collected)
         return assignment, collected
 
+    def _raise_cause(self, rival: bool, what: str, failures: dict[int, str]) -> None:
+        """Every rank raises the same: ``ConcurrentWriterError`` (another writer) or
+        ``StorageError`` (a location), naming the cause; one process raises its own error."""
+        if self.comm.world_size == 1 and isinstance(self.error, StorageError):
+            raise self.error
+        text = f"{what}: " + "; ".join(failures.values())
+        raise (ConcurrentWriterError(text) if rival else StorageError(text)) from self.error
+
     def _prepare(self) -> list[int]:
         """Rank 0: lease and prepare the step directory at each location; a failure is rank
-        0's, reported to every rank with the plan."""
+        0's, reported to every rank with the plan (its cause: the storage, another writer).
+        A refused save leaves no step directory it made behind."""
+        prepared: list[int] = []
         try:
             prepared, self.loc_failures = prepare_all(self.locations, self.step_dir,
                                                       self.leases, self.stack)
             if len(prepared) < self.min_replicas:
                 raise StorageError(f"step {self.req.step}: only {len(prepared)} of "
-                                   f"{len(self.locations)} locations are writable: "
-                                   f"{self.loc_failures}")
+                                   f"{len(self.locations)} locations are writable (min_replicas"
+                                   f"={self.min_replicas}): " + "; ".join(
+                                       self.loc_failures.values()))
             return prepared
         except Exception as exc:
             self.error = exc
+            self.cause = RIVAL if isinstance(exc, ConcurrentWriterError) else \
+                STORAGE if isinstance(exc, StorageError) else ""
             self.plans[0] = replace(self.plans[0], error=describe(exc))
+            for i in prepared:  # directories made for nothing: gone again (never a rival's)
+                self._remove_step_dir(i)
             return []
+
+    def _remove_step_dir(self, i: int) -> None:
+        """Remove this save's step directory at location ``i``, unless another writer holds or
+        committed it there."""
+        loc, lease = self.locations[i], self.leases.get(i)
+        if may_remove(loc, self.step_dir, lease.token if lease else None, M.MANIFEST_NAME):
+            with contextlib.suppress(ShardckptError):
+                loc.remove_tree(self.step_dir)
 
     def _assign(self, prepared: list[int]) -> Assignment:
         """Rank 0: the write plan (reused while every rank's structure and digests are)."""
@@ -214,7 +250,8 @@ class _SaveRun:
                 self.cache.specs.clear()
                 self.cache.key = self.cache.plan = None
         return Assignment(failures, uuid.uuid4().hex, tuple(prepared), tuple(writes),
-                          None if failures else self.cache.known(self.comm.world_size))
+                          None if failures else self.cache.known(self.comm.world_size),
+                          self.cause if failures else "")
 
     def write(self, assignment: Assignment, collected: Collected) -> WriteReport:
         """Phase 2: write this rank's pieces to every prepared location; report to rank 0."""
@@ -257,7 +294,7 @@ class _SaveRun:
                 if all(i in f.stored_at for rep in reports for f in rep.files)]
         for rep in reports:
             self.loc_failures.update(rep.loc_failures)
-        storage = False
+        storage = rival = False
         if not failures and len(good) < self.min_replicas:
             failures = {0: f"only {len(good)} of {len(self.locations)} locations stored every "
                            f"file (min_replicas={self.min_replicas}): " + "; ".join(
@@ -281,9 +318,10 @@ class _SaveRun:
                                    "locations: " + "; ".join(commit_failures.values())}
             except Exception as exc:
                 self.error = exc
+                rival = isinstance(exc, ConcurrentWriterError)
                 failures = {0: "commit: " + describe(exc)}
         self._clean_up(bool(failures))
-        return Outcome(not failures, failures, storage)
+        return Outcome(not failures, failures, storage, rival)
 
     def _clean_up(self, failed: bool) -> None:
         """Rank 0: remove the directories of a failed save, and the copies that missed it."""
@@ -295,8 +333,7 @@ class _SaveRun:
                     self.leases[i].abandon()
                 continue
             if failed or i in self.loc_failures:
-                with contextlib.suppress(ShardckptError):
-                    loc.remove_tree(self.step_dir)
+                self._remove_step_dir(i)
         for i, m in self.loc_failures.items():
             if not failed:
                 warnings.warn(f"step {self.req.step}: location {self.locations[i].display} "
@@ -309,6 +346,9 @@ class _SaveRun:
                                                              "save: commit decision"))
         self.clock.lap("decision")
         if not outcome.ok:
+            self.agreed = True
+            if outcome.rival:
+                self._raise_cause(True, "save failed", dict(outcome.failures))
             if outcome.storage:
                 raise StorageError("save failed: " + "; ".join(outcome.failures.values())) \
                     from self.error

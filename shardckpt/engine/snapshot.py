@@ -8,19 +8,22 @@ is ordered after the current stream's work. Large CPU buffers are page-aligned (
 ``mmap``) so that the writer can hand them to the disk without the page cache
 (storage/direct.py); pinned buffers already are.
 
-* **Eager** (``snapshot="eager"``): every tensor is copied inside ``save``; for CUDA tensors the
-  training stream is then made to wait for the copy, so the host never blocks on it and
-  training never overwrites a tensor before it was copied.
-* **Lazy** (the default): parameters and optimizer state are copied after ``save`` returns,
-  on a copy thread, while the next forward and backward run, and optimizer steps wait for the
-  copy (:mod:`.lazy`). The rest is copied inside ``save``: on CUDA as a device-side clone queued on
-  training's stream, which costs the host nothing.
+* **Eager** (``snapshot="eager"``, the default): every tensor is copied inside ``save``, so the
+  checkpoint is the state at ``save()`` whatever writes it later; for CUDA tensors the training
+  stream is then made to wait for the copy, so the host never blocks on it and training never
+  overwrites a tensor before it was copied.
+* **Lazy** (opt-in, with a contract: :mod:`.lazy`): parameters and optimizer state are copied
+  after ``save`` returns, on a copy thread, while the next forward and backward run, and
+  optimizer steps wait for the copy. The rest is copied inside ``save``: on CUDA as a
+  device-side clone queued on training's stream, which costs the host nothing. So are keys found
+  torn by an earlier save, and the weights of modules that rewrite them in forward.
 """
 
 from __future__ import annotations
 
 import mmap
 import threading
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
@@ -29,7 +32,14 @@ import torch
 
 from .. import knobs
 from ..planning.statedict import Collected, TensorLeaf
-from .lazy import CopyJob, CudaFence, LazySnapshot
+from .lazy import (
+    CopyJob,
+    CudaFence,
+    LazySnapshot,
+    storage_ptr,
+    warn_contract_once,
+    written_in_forward,
+)
 from .priority import lower_thread_priority
 
 ALIGNED_MIN = 1 << 20  # smaller buffers are written through the page cache anyway
@@ -50,6 +60,9 @@ class StagingPool:
 
     def __init__(self, lazy: bool = False) -> None:
         self.lazy = lazy
+        if lazy:
+            warn_contract_once()
+        self.eager_keys: set[str] = set()  # lazy: keys once found torn, copied inside save()
         self._buffers: dict[str, torch.Tensor] = {}
         self._lock = threading.Lock()
         self._streams: dict[torch.device, Any] = {}
@@ -69,22 +82,23 @@ class StagingPool:
             self._buffers[key] = buf
         return buf
 
-    def stage(self, collected: Collected, blocking: bool) -> Collected | Snapshot | LazySnapshot:
+    def stage(self, collected: Collected, blocking: bool, state: object = None
+              ) -> Collected | Snapshot | LazySnapshot:
         """What a save writes from: a snapshot for an async save; for a blocking one the live
         tensors, unless some are on a GPU: those go through the pinned buffers and the side
         stream too (one D2H pass at full speed instead of a pageable copy per piece)."""
         if blocking and all(leaf.data.device.type != "cuda" for leaf in collected.leaves):
             return collected
-        return self.snapshot(collected)
+        return self.snapshot(collected, state)
 
-    def snapshot(self, collected: Collected) -> Snapshot | LazySnapshot:
+    def snapshot(self, collected: Collected, state: object = None) -> Snapshot | LazySnapshot:
         """Stage every leaf into its buffer; aliases share their target's copy."""
         with self._lock:
             live = {leaf.key for leaf in collected.leaves if leaf.alias_of is None}
             for stale in set(self._buffers) - live:  # keys gone from the state: free them
                 del self._buffers[stale]
             if self.lazy:
-                return self._lazy(collected)
+                return self._lazy(collected, written_in_forward(state))
             copies: dict[str, torch.Tensor] = {}
             leaves: list[TensorLeaf] = []
             events = []
@@ -102,9 +116,10 @@ class StagingPool:
                 leaves.append(replace(leaf, data=buf, source=None))
             return Snapshot(Collected(collected.tree, leaves), [e for e in events if e])
 
-    def _lazy(self, collected: Collected) -> LazySnapshot:
+    def _lazy(self, collected: Collected, in_forward: set[int]) -> LazySnapshot:
         """Copy the unguarded leaves now; queue the guarded ones (parameters, optimizer state)
-        as jobs for the background copy."""
+        as jobs for the background copy, unless they were found torn before or their module
+        writes them in forward (``in_forward``: storage addresses)."""
         copies: dict[str, torch.Tensor] = {}
         leaves: list[TensorLeaf] = []
         jobs: list[CopyJob] = []
@@ -116,7 +131,9 @@ class StagingPool:
             src = leaf.data
             buf = self._buffer(leaf.key, src)
             kind = src.device.type
-            later = leaf.guarded and leaf.version is not None
+            later = leaf.guarded and leaf.version is not None and \
+                leaf.key not in self.eager_keys and \
+                not (in_forward and storage_ptr(leaf.source) in in_forward)
             if kind == "cuda":
                 streams.setdefault(src.device, self._stream(src.device))
                 if later:
@@ -130,13 +147,25 @@ class StagingPool:
             copies[leaf.key] = buf
             leaves.append(replace(leaf, data=buf, source=None))
         fence = CudaFence(streams) if streams else None
-        snap = LazySnapshot(Collected(collected.tree, leaves), jobs, fence=fence)
+        snap = LazySnapshot(Collected(collected.tree, leaves), jobs, fence=fence,
+                            on_torn=self._torn)
         if self._copier is None:  # at the background saves' priority: training goes first
             self._copier = ThreadPoolExecutor(1, thread_name_prefix="shardckpt-copy",
                                               initializer=lower_thread_priority,
                                               initargs=(knobs.SAVE_NICE.get(),))
         snap.start(self._copier)
         return snap
+
+    def _torn(self, keys: list[str]) -> None:
+        """A lazy save found ``keys`` changed outside an optimizer step: copy them inside
+        ``save()`` from now on."""
+        new = sorted(set(keys) - self.eager_keys)
+        if new:
+            self.eager_keys.update(new)
+            warnings.warn(f"snapshot='lazy': {len(new)} tensor(s) changed outside an optimizer "
+                          f"step after save(); from now on they are copied inside save(): "
+                          f"{', '.join(repr(k) for k in new[:10])}{' ...' * (len(new) > 10)}",
+                          stacklevel=2)
 
     def _stream(self, device: torch.device) -> Any:
         stream = self._streams.get(device)

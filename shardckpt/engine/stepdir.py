@@ -1,6 +1,7 @@
 """Rank 0's side of a save at each location: prepare the step directory, build the manifest,
-commit it (written last), or undo. The writer lease of each location is a
-:class:`~shardckpt.storage.lease.StepLease` the caller holds for the whole save."""
+commit it (written last, by an exclusive create), or undo. The writer lease of each location is
+a :class:`~shardckpt.storage.lease.StepLease` the caller holds for the whole save. Two writers
+on one step: see :mod:`shardckpt.storage.writers` (at most one of them commits)."""
 
 from __future__ import annotations
 
@@ -8,19 +9,28 @@ import contextlib
 import time
 import warnings
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Any
 
 from ..catalog import aside_dirname, read_manifest
-from ..errors import CorruptCheckpointError, ShardckptError
+from ..errors import ConcurrentWriterError, CorruptCheckpointError, ShardckptError
 from ..format import manifest as M
-from ..format.shard import FileRecord, Piece
+from ..format.shard import TRAILER, TRAILER_SIZE, FileRecord, Piece
 from ..planning import tree as T
 from ..planning.assign import LeafSpec, WritePlan
 from ..storage import Location
 from ..storage.lease import StepLease
+from ..storage.marker import check_marker
 from ..storage.probe import Unreachable, reachable_all
+from ..storage.writers import (
+    check_no_rival,
+    clear_claim,
+    committed_by,
+    warn_other_jobs,
+    writer_identity,
+)
 from .failures import describe
 from .messages import WriteReport
 
@@ -39,18 +49,31 @@ def prepare_step_dir(location: Location, step_dir: str) -> None:
     if location.size(f"{step_dir}/{M.MANIFEST_NAME}") is not None:
         step = int(step_dir.removeprefix("step-"))
         try:
-            read_manifest(location, step)
+            found = read_manifest(location, step)
         except CorruptCheckpointError as exc:  # not committed, but kept: moved out of the way
             aside = aside_dirname(step, time.time())
             location.move_tree(step_dir, aside)
             warnings.warn(f"{location.display}/{step_dir}: manifest corrupt ({exc}); moved "
                           f"aside to {aside} and saving step {step} afresh", stacklevel=2)
         else:
-            raise ValueError(f"step directory {location.display}/{step_dir} is already "
-                             f"committed; a committed checkpoint is never overwritten")
-    if location.listdir(step_dir):
+            refuse_committed(location, step_dir, found)
+    if location.is_local:  # a dead writer's commit claim (claims are local disks' only)
+        clear_claim(location, f"{step_dir}/{M.MANIFEST_NAME}")
+    if location.listdir(step_dir):  # a dead writer's leftovers (no live lease: checked)
         location.remove_tree(step_dir)
     location.makedirs(step_dir)
+
+
+def refuse_committed(location: Location, step_dir: str, found: M.Manifest) -> None:
+    """A save of a step committed there: ``ConcurrentWriterError`` naming its writer if another
+    process committed it (``writer`` in its manifest), else ``ValueError``."""
+    text = (f"step directory {location.display}/{step_dir} is already committed; a committed "
+            f"checkpoint is never overwritten")
+    who, me = found.extra.get("writer"), writer_identity()
+    if isinstance(who, dict) and (who.get("host"), who.get("pid")) != (me["host"], me["pid"]):
+        holder = f"host {who.get('host')}, pid {who.get('pid')}, job {who.get('job') or '?'}"
+        raise ConcurrentWriterError(f"{text}: another writer committed it ({holder})", holder)
+    raise ValueError(text)
 
 
 def prepare_all(locations: Sequence[Location], step_dir: str,
@@ -58,7 +81,9 @@ def prepare_all(locations: Sequence[Location], step_dir: str,
                 ) -> tuple[list[int], dict[int, str]]:
     """Rank 0: probe every location (a dead replica costs seconds, not minutes), refuse a step
     committed anywhere (before any directory is touched), then lease and prepare the step
-    directory at each. Returns the prepared locations and why the others failed."""
+    directory at each. Returns the prepared locations and why the others failed. Another
+    writer's live lease on the step at any location fails the whole save
+    (:class:`ConcurrentWriterError`), touching nothing there."""
     ok: list[int] = []
     failed: dict[int, str] = {}
     for i, loc in enumerate(reachable_all(locations)):
@@ -67,13 +92,30 @@ def prepare_all(locations: Sequence[Location], step_dir: str,
     live = [i for i in range(len(locations)) if i not in failed]
     step = int(step_dir.removeprefix("step-"))
     for i in live:
-        with contextlib.suppress(ShardckptError):
-            read_manifest(locations[i], step)
-            raise ValueError(f"step directory {locations[i].display}/{step_dir} is already "
-                             f"committed; a committed checkpoint is never overwritten")
+        try:
+            found = read_manifest(locations[i], step)
+        except ShardckptError:
+            continue
+        refuse_committed(locations[i], step_dir, found)
     for i in live:
         try:
+            check_marker(locations[i])  # a vanished root is a failed location, never recreated
+            warn_other_jobs(locations[i])
             leases[i] = stack.enter_context(StepLease(locations[i], step_dir))
+        except ShardckptError as exc:
+            failed[i] = describe(exc)
+    for i in list(leases):  # every lease written before any is looked for: nothing touched
+        try:
+            check_no_rival(locations[i], step_dir, leases[i].token,
+                           "found before anything was written")
+        except ConcurrentWriterError:
+            raise
+        except ShardckptError as exc:
+            failed[i] = describe(exc)
+    for i in leases:
+        if i in failed:
+            continue
+        try:
             prepare_step_dir(locations[i], step_dir)
             ok.append(i)
         except ShardckptError as exc:
@@ -127,13 +169,71 @@ def build_manifest(req: SaveRequest, save_id: str, world: int, trees: list[Any],
         tree=T.merge_ranks(trees), metrics=dict(req.metrics), tags=req.tags, extra=req.extra)
 
 
-def commit(location: Location, step_dir: str, data: bytes, lease: StepLease | None) -> None:
-    """Make the step durable at one location: data entries first, then the manifest, last."""
+def files_intact(location: Location, step_dir: str, files: Mapping[str, FileRecord]) -> None:
+    """Under the lease, before the commit: every file this save wrote is still there, with its
+    size and the header trailer it was written with (another writer's file would differ:
+    its header holds another save id). ``ConcurrentWriterError`` otherwise. One listing and
+    one 32-byte read per file (16 at a time on an object store)."""
+    present = set(location.listdir(step_dir))
+
+    def problem(item: tuple[str, FileRecord]) -> str | None:
+        name, rec = item
+        if name not in present:
+            return f"{name} is gone"
+        tail = location.read_range(f"{step_dir}/{name}", rec.nbytes - TRAILER_SIZE,
+                                   TRAILER_SIZE)
+        if len(tail) != TRAILER_SIZE:
+            return f"{name} is shorter than written"
+        offset, _, digest, _ = TRAILER.unpack(tail)
+        if (offset, f"{digest:016x}") != (rec.header_offset, rec.header_xxh3):
+            return f"{name} was replaced"
+        return None
+
+    items = list(files.items())
+    if location.is_local or len(items) < 2:
+        found = [problem(item) for item in items]
+    else:
+        with ThreadPoolExecutor(max_workers=min(16, len(items)),
+                                thread_name_prefix="shardckpt-commit-check") as pool:
+            found = list(pool.map(problem, items))
+    bad = [p for p in found if p]
+    if bad:
+        raise ConcurrentWriterError(
+            f"{location.display}/{step_dir}: written by this save, {bad[0]} before the commit "
+            f"({len(bad)} file(s) in all): another writer (or a prune) changed this step "
+            f"directory; not committed")
+
+
+def commit(location: Location, step_dir: str, data: bytes, lease: StepLease | None,
+           files: Mapping[str, FileRecord] | None = None) -> None:
+    """Make the step durable at one location: data entries first, then the manifest, last,
+    by an exclusive create (see :mod:`shardckpt.storage.writers`)."""
     location.fsync_dir(step_dir)
     if lease is not None:  # stalled renewals: a prune may have judged this save dead
         lease.check()
-    location.write_atomic(f"{step_dir}/{M.MANIFEST_NAME}", data)
-    location.fsync_dir("")
+        check_no_rival(location, step_dir, lease.token, "found just before the commit")
+    if files is not None:
+        files_intact(location, step_dir, files)
+    rel = f"{step_dir}/{M.MANIFEST_NAME}"
+    try:
+        location.write_exclusive(rel, data)
+        location.fsync_dir("")
+    except FileExistsError:
+        if _is_ours(location, rel, data):
+            return  # ours after all: a retried PUT whose first try had gone through
+        raise committed_by(location, step_dir, M.MANIFEST_NAME) from None
+    except BaseException:
+        if _is_ours(location, rel, data):  # in place but not durable: taken back (only ours)
+            with contextlib.suppress(ShardckptError, OSError):
+                location.remove(rel)
+        raise
+
+
+def _is_ours(location: Location, rel: str, data: bytes) -> bool:
+    try:
+        return location.read_file(rel, len(data)) == data
+    except (FileNotFoundError, ShardckptError, OSError):
+        return False
 
 
 def commit_all(locations: Sequence[Location], good: list[int], step_dir: str,
@@ -144,20 +244,27 @@ def commit_all(locations: Sequence[Location], good: list[int], step_dir: str,
     extra = dict(manifest.extra)
     extra["locations"] = [locations[i].display for i in good]
     extra["degraded"] = len(good) < len(locations)
+    extra["writer"] = writer_identity()  # who committed: a writer losing the race names it
     manifest = replace(manifest, extra=extra)
     data = M.serialize(manifest)
     M.parse(data, "new manifest")  # never commit what we could not read back
     committed, failed = [], {}
+    rival: ConcurrentWriterError | None = None
     for i in good:
         try:
-            commit(locations[i], step_dir, data, leases.get(i))
+            commit(locations[i], step_dir, data, leases.get(i), manifest.files)
             committed.append(i)
+        except ConcurrentWriterError as exc:  # the whole save fails: never both writers
+            rival = exc
+            break
         except ShardckptError as exc:
             failed[i] = describe(exc)
-    if len(committed) < min_replicas:
+    if rival is not None or len(committed) < min_replicas:
         for i in committed:  # no location may be left showing a save that failed
             with contextlib.suppress(ShardckptError):
                 locations[i].remove(f"{step_dir}/{M.MANIFEST_NAME}")
                 locations[i].fsync_dir(step_dir)
         committed = []
+    if rival is not None:
+        raise rival
     return committed, failed, manifest, len(data)

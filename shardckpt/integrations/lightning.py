@@ -35,6 +35,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("shardckpt.integrations.lightning needs the `lightning` package: "
                       "pip install 'shardckpt[lightning]'") from exc
 
+from ..engine.failpolicy import check_on_error
 from ..manager import CheckpointManager
 from ..repro import capture_rng_state, restore_rng_state
 
@@ -50,7 +51,9 @@ class ShardckptCallback(Checkpoint):
     :class:`~shardckpt.CheckpointManager` (``retention``, ``replicas``, ``min_replicas``,
     ``compression``, ``async_save``, ``storage_options``, ``config``, ...). ``metrics`` names
     entries of ``trainer.callback_metrics`` to record in each manifest (for best-N retention).
-    A checkpoint's step is ``trainer.global_step``.
+    A checkpoint's step is ``trainer.global_step``. ``snapshot`` (default ``"eager"``: every
+    checkpoint is the state at the save) and ``on_error`` (default ``"raise"``; ``"warn"``: a
+    failed background save is warned about and training goes on) are the manager's.
 
     Resuming restores the module, optimizers, LR schedulers, the fit loop's progress (and
     stateful data loaders through it), the states of the other callbacks and of the datamodule,
@@ -61,7 +64,8 @@ class ShardckptCallback(Checkpoint):
 
     def __init__(self, root: str, *, every_n_train_steps: int | None = None,
                  save_last: bool = True, resume: bool = True,
-                 metrics: Iterable[str] = (), **manager_kwargs: Any) -> None:
+                 metrics: Iterable[str] = (), snapshot: str = "eager", on_error: str = "raise",
+                 **manager_kwargs: Any) -> None:
         if every_n_train_steps is not None and (type(every_n_train_steps) is not int
                                                 or every_n_train_steps < 1):
             raise ValueError(f"every_n_train_steps must be a positive int, "
@@ -73,7 +77,10 @@ class ShardckptCallback(Checkpoint):
         self.save_last = save_last
         self.resume = resume
         self.metrics = tuple(metrics)
-        self._manager_kwargs = manager_kwargs
+        if snapshot not in ("lazy", "eager"):
+            raise ValueError(f"snapshot must be 'lazy' or 'eager', got {snapshot!r}")
+        self._manager_kwargs = {**manager_kwargs, "snapshot": snapshot,
+                                "on_error": check_on_error(on_error)}
         self.manager: CheckpointManager | None = None
         self.resumed_step: int | None = None  # the step the last fit resumed from
         self._last_saved: int | None = None

@@ -37,6 +37,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 import torch
 
+from ..engine.failpolicy import check_on_error
 from ..manager import CheckpointManager
 from ..repro import capture_rng_state, restore_rng_state
 
@@ -55,10 +56,13 @@ class ShardckptCallback(TrainerCallback):
     ``keep_trainer_checkpoints=True`` lets the Trainer also write its own ``checkpoint-N``
     directories. ``resume_dir`` is where :meth:`prepare_resume` writes (default:
     ``OUTPUT_DIR/shardckpt-resume``). A checkpoint's step is ``state.global_step``.
+    ``snapshot`` (default ``"eager"``) and ``on_error`` (default ``"raise"``; ``"warn"``: a failed
+    background save is warned about and training goes on) are the manager's.
     """
 
     def __init__(self, root: str, *, metrics: Iterable[str] = (),
                  keep_trainer_checkpoints: bool = False, resume_dir: str | None = None,
+                 snapshot: str = "eager", on_error: str = "raise",
                  **manager_kwargs: Any) -> None:
         if "save_every" in manager_kwargs:
             raise TypeError("the Trainer's save_steps decide when to save, not save_every=")
@@ -66,7 +70,10 @@ class ShardckptCallback(TrainerCallback):
         self.metrics = tuple(metrics)
         self.keep_trainer_checkpoints = keep_trainer_checkpoints
         self.resume_dir = resume_dir
-        self._manager_kwargs = manager_kwargs
+        if snapshot not in ("lazy", "eager"):
+            raise ValueError(f"snapshot must be 'lazy' or 'eager', got {snapshot!r}")
+        self._manager_kwargs = {**manager_kwargs, "snapshot": snapshot,
+                                "on_error": check_on_error(on_error)}
         self.manager: CheckpointManager | None = None
         self.resumed_step: int | None = None
         self._trainer: Any = None

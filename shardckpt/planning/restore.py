@@ -4,8 +4,10 @@ The save side is :mod:`.statedict`."""
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -33,13 +35,17 @@ class LoadContext:
     modules: dict[int, torch.nn.Module] = field(default_factory=dict)
     caller_rank: int = 0  # the loading rank, for messages
     in_module: int = 0  # depth of nn.Module states around the node being filled
+    # True (a load): values are put into the caller's containers by the appliers, after every
+    # rank's plan was checked; False: at once
+    defer: bool = False
 
 
 def fill(dest: Any, node: Any, path: str, ctx: LoadContext) -> Any:
     """Return the value of ``node``, reusing ``dest`` (tensors loaded in place, containers mutated).
 
     Tensor data is only *requested* here; objects are re-loaded by ``ctx.appliers`` once every
-    requested tensor has arrived.
+    requested tensor has arrived, and with ``ctx.defer`` values other than tensors filled in
+    place are put into the caller's containers by them too: planning then changes nothing.
 
     Rank-local entries (``P`` nodes) go to the ranks that saved them, and to any rank that asks
     for them (``dest`` holds the key) when that is unambiguous: one value, whoever saved it.
@@ -82,14 +88,15 @@ def fill(dest: Any, node: Any, path: str, ctx: LoadContext) -> Any:
                 raise KeyError(f"{where}: rank {ctx.caller_rank} asks for keys that no rank "
                                f"saved (not in the checkpoint): {_listed(missing)}")
         for k, child in stored.items():
-            value = fill(dest.get(k, MISSING), child, T.join(path, k), ctx)
+            old = dest.get(k, MISSING)
+            value = fill(old, child, T.join(path, k), ctx)
             if value is not MISSING:  # MISSING: per-rank state skipped, nothing to put here
-                dest[k] = value
+                _put(ctx, dest, k, old, value)
         return dest
     if tag == "l" and isinstance(dest, list) and len(node) == 2 and isinstance(node[1], list) \
             and len(dest) == len(node[1]):
         for i, child in enumerate(node[1]):
-            dest[i] = fill(dest[i], child, T.join(path, i), ctx)
+            _put(ctx, dest, i, dest[i], fill(dest[i], child, T.join(path, i), ctx))
         return dest
     if tag in ("l", "t") and len(node) == 2 and isinstance(node[1], list):
         olds = dest if isinstance(dest, (list, tuple)) and len(dest) == len(node[1]) else None
@@ -104,6 +111,17 @@ def fill(dest: Any, node: Any, path: str, ctx: LoadContext) -> Any:
     if tag in ("M", "O", "S"):
         return fill(MISSING, node[1] if len(node) == 2 else None, path, ctx)
     return T.decode_scalar(node, where)
+
+
+def _put(ctx: LoadContext, dest: Any, key: Any, old: Any, value: Any) -> None:
+    """``dest[key] = value``; with ``ctx.defer``, by the appliers: nothing of the caller's state
+    changes before every rank has planned its load (a tensor filled in place is there already)."""
+    if value is old:
+        return
+    if ctx.defer:
+        ctx.appliers.append(partial(operator.setitem, dest, key, value))
+    else:
+        dest[key] = value
 
 
 def _skip(dest: Any, node: list[Any], where: str, ctx: LoadContext) -> Any:

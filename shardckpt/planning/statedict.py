@@ -179,8 +179,11 @@ def collect(state: dict[str, Any]) -> Collected:
             raise TypeError(f"{path}: {exc}") from None
         if local.is_sparse or local.layout != torch.strided:
             raise TypeError(f"{path}: only strided (dense) tensors can be checkpointed")
+        if local.device.type == "meta":
+            raise TypeError(f"{path}: a meta tensor holds no data to checkpoint (materialize it "
+                            f"first, e.g. module.to_empty(device=...) and its initialization)")
         alias, guarded = None, False
-        if local.numel() > 0 and local.device.type != "meta":
+        if local.numel() > 0:
             ptr = local.untyped_storage().data_ptr()
             ident = (local.device, ptr, local.storage_offset(), tuple(local.shape),
                      local.stride(), local.dtype, shape, offsets)

@@ -52,6 +52,7 @@ class Location(abc.ABC):
 
     url: str
     is_local: bool = False
+    marker_id: str | None = None  # the root marker's id, once a save adopted it (.marker)
 
     @property
     def display(self) -> str:
@@ -73,6 +74,11 @@ class Location(abc.ABC):
     @abc.abstractmethod
     def write_atomic(self, relpath: str, data: bytes) -> None:
         """Make ``relpath`` hold ``data`` all at once, durably: readers see the old or the new."""
+
+    @abc.abstractmethod
+    def write_exclusive(self, relpath: str, data: bytes) -> None:
+        """Create ``relpath`` holding ``data``, all at once and durably, only if nothing is
+        there: ``FileExistsError`` if something is (a commit two writers race for)."""
 
     @abc.abstractmethod
     def put_record(self, relpath: str, data: bytes) -> None:

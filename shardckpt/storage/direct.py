@@ -9,9 +9,13 @@ same 128 MB took 7 ms of system CPU, and nothing is left in the cache to evict.
 
 ``O_DIRECT`` needs the memory address, the file offset and the length to be multiples of the
 block size. Large chunks of a shard file start on 4 KiB boundaries (format/shard.py) and the
-staging buffers of a snapshot are page-aligned (engine/snapshot.py), so their bytes go direct;
-everything else (preambles, padding, headers, the unaligned end of a chunk, compressed chunks,
-the live tensors of a blocking save) goes through the buffered file as before. The two never
+staging buffers of a snapshot are page-aligned (engine/snapshot.py), so their bytes go direct.
+A large chunk at an unaligned address (the live tensors that a blocking save writes from) is
+staged through an aligned *bounce buffer* of the writer (at most ``BOUNCE_MAX`` bytes, and a
+64th of ``SHARDCKPT_MEMORY_BUDGET``), so a blocking save writes as an async one does, never
+through the page cache and without a second full copy of the state. Everything else
+(preambles, padding, headers, the unaligned end of a chunk, compressed chunks, read-only
+buffers) goes through the buffered file as before. The two never
 share a page, and ``fsync`` on the file covers both. Filesystems without ``O_DIRECT`` (tmpfs)
 refuse it when the file is opened: then every write is buffered. ``SHARDCKPT_DIRECT_IO=0`` turns
 it off.
@@ -21,12 +25,20 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import mmap
 import os
 
 from .. import knobs
 
 BLOCK = 4096
 DIRECT_MIN = 64 * 1024  # smaller writes are cheaper through the page cache
+BOUNCE_MAX = 8 << 20  # bytes of one writer's bounce buffer
+
+
+def bounce_size() -> int:
+    """Bytes of one bounce buffer: within the memory budget, in whole blocks."""
+    size = min(BOUNCE_MAX, knobs.MEMORY_BUDGET.get() // 64)
+    return max(DIRECT_MIN, size - size % BLOCK)
 
 
 def enabled() -> bool:
@@ -48,6 +60,8 @@ class DirectWriter:
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
+        self._bounce: mmap.mmap | None = None  # page-aligned, made at the first unaligned write
+        self._bounce_addr = 0
 
     @classmethod
     def open(cls, path: str) -> DirectWriter | None:
@@ -60,21 +74,44 @@ class DirectWriter:
             return None
 
     def write(self, view: memoryview, offset: int) -> int:
-        """Write the largest whole-block prefix of ``view`` at ``offset`` directly; 0 if it is
-        too small or not aligned (the caller then writes it buffered)."""
+        """Write the largest whole-block prefix of ``view`` at ``offset`` directly (through the
+        bounce buffer if ``view`` is not aligned); 0 if it is too small, at an unaligned offset
+        or read-only (the caller then writes it buffered)."""
         if offset % BLOCK:
             return 0
         n = len(view) - len(view) % BLOCK
         if n < DIRECT_MIN or not view.c_contiguous or view.format not in ("B", "b", "c"):
             return 0
         addr = address(view)
-        if addr is None or addr % BLOCK:
+        if addr is None:
             return 0
+        if addr % BLOCK:
+            return self._write_bounced(addr, n, offset)
         done = 0
         while done < n:
             done += os.pwrite(self.fd, view[done:n], offset + done)
         return n
 
+    def _write_bounced(self, addr: int, n: int, offset: int) -> int:
+        if self._bounce is None:
+            self._bounce = mmap.mmap(-1, bounce_size())
+            self._bounce_addr = ctypes.addressof(ctypes.c_char.from_buffer(self._bounce))
+        size = len(self._bounce)
+        with memoryview(self._bounce) as bounce:
+            done = 0
+            while done < n:
+                k = min(size, n - done)
+                ctypes.memmove(self._bounce_addr, addr + done, k)  # without the GIL
+                written = 0
+                while written < k:
+                    written += os.pwrite(self.fd, bounce[written:k], offset + done + written)
+                done += k
+        return n
+
     def close(self) -> None:
         with contextlib.suppress(OSError):
             os.close(self.fd)
+        if self._bounce is not None:
+            with contextlib.suppress(BufferError):
+                self._bounce.close()
+            self._bounce = None

@@ -314,6 +314,10 @@ class StepLease:
             self.release()
             raise
 
+    @property
+    def token(self) -> str:
+        return self.lease.record.token
+
     def check(self) -> None:
         """``LeaseError`` if renewals stalled for half a TTL: a prune may think us dead."""
         self.lease.check(margin=self.lease.ttl / 2)

@@ -25,6 +25,7 @@ from .. import knobs
 from ..errors import StorageError
 from .base import Location, Sink, check_relpath
 from .direct import DIRECT_MIN, DirectWriter
+from .records import claim_path
 
 WRITE_BUFFER = 1 << 20
 
@@ -224,6 +225,32 @@ class LocalLocation(Location):
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise self._wrap("atomic write", relpath, exc) from exc
+
+    def write_exclusive(self, relpath: str, data: bytes) -> None:
+        """Claim, write, let go: an ``O_EXCL`` create of the claim file of ``relpath`` under
+        ``.shardckpt/claims/`` (exactly one writer creates it; the others get
+        ``FileExistsError``), then, if ``relpath`` is still absent, :meth:`write_atomic` (temp
+        file, fsync, ``rename``: atomic for readers, durable), then the claim is removed. A
+        claim left by a writer that died holding it is cleared by the next save of the step
+        (``storage.writers.clear_claim``, under that save's lease)."""
+        claim = claim_path(relpath)
+        self.makedirs(posixpath.dirname(claim))
+        try:
+            fd = os.open(self._path(claim), os.O_WRONLY | os.O_CREAT | os.O_EXCL,
+                         0o666 if self.file_mode is None else self.file_mode)
+        except FileExistsError:
+            raise FileExistsError(errno.EEXIST, "claimed by another writer",
+                                  f"{self.display}/{relpath}") from None
+        except OSError as exc:
+            raise self._wrap("exclusive create", claim, exc) from exc
+        os.close(fd)
+        try:
+            if self.size(relpath) is not None:  # committed already (the claim came after)
+                raise FileExistsError(errno.EEXIST, "exists", f"{self.display}/{relpath}")
+            self.write_atomic(relpath, data)
+        finally:
+            with contextlib.suppress(OSError, StorageError):
+                self.remove(claim)
 
     def fsync_dir(self, reldir: str) -> None:
         if not _fsync_enabled():

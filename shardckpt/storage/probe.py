@@ -34,7 +34,7 @@ from urllib.parse import urlsplit
 
 from .. import knobs
 from ..errors import StorageError
-from .base import Location, Sink
+from .base import Location, Sink, redact
 from .retry import backoff, is_transient
 
 
@@ -86,13 +86,14 @@ def probe(location: Location, timeout: float | None = None,
     attempts = knobs.CONNECT_ATTEMPTS.get() if attempts is None else max(1, attempts)
     endpoint = getattr(location, "endpoint", lambda: None)()
     why: str | None = None
+    at = f" (endpoint {redact(endpoint)})" if endpoint else ""
     for i in range(attempts):
         why = _http_once(endpoint, timeout) if endpoint else _probe_once(location, timeout)
         if why is None or why.startswith("no answer"):
-            return why  # answered, or silent for a whole timeout: no point asking again
+            return why and why + at  # answered, or silent for a whole timeout: ask no more
         if i + 1 < attempts:
             time.sleep(min(backoff(i), timeout))
-    return why
+    return why and why + at
 
 
 class Unreachable(Location):
@@ -110,7 +111,8 @@ class Unreachable(Location):
     def open_sink(self, relpath: str) -> Sink:
         return self._fail()
 
-    makedirs = write_atomic = put_record = fsync_dir = remove = remove_tree = move_tree = _fail
+    makedirs = write_atomic = write_exclusive = put_record = fsync_dir = _fail
+    remove = remove_tree = move_tree = _fail
     read_range = read_file = size = listdir = root_exists = modified_time = _fail
 
 
@@ -122,6 +124,23 @@ def _key(location: Location) -> str:
     fs = getattr(location, "fs", None)
     return f"{location.url} {getattr(fs, '_fs_token', '')}"
 _down_lock = threading.Lock()
+
+
+def mark_down(location: Location, why: str) -> None:
+    """Record ``location`` as unreachable now (a call to it found it dead mid-operation): it is
+    skipped, without a probe, for ``SHARDCKPT_UNREACHABLE_TTL`` seconds."""
+    with _down_lock:
+        _down[_key(location)] = (time.monotonic(), why)
+
+
+def down_reason(location: Location) -> str | None:
+    """Why ``location`` was found unreachable within the last ``SHARDCKPT_UNREACHABLE_TTL``
+    seconds; None if it was not."""
+    with _down_lock:
+        since, why = _down.get(_key(location), (None, ""))
+    if since is None or time.monotonic() - since >= knobs.UNREACHABLE_TTL_S.get():
+        return None
+    return why
 
 
 def reachable(location: Location) -> Location:

@@ -23,13 +23,34 @@ from .base import Location
 CONTROL_DIR = ".shardckpt"
 LEASE_DIR = f"{CONTROL_DIR}/leases"
 LOCK_PATH = f"{CONTROL_DIR}/prune.lock"
+CLAIMS_DIR = f"{CONTROL_DIR}/claims"  # exclusive creates in progress (local disks)
 RECORD_FORMAT = "shardckpt-lease"
 MAX_RECORD_BYTES = 64 << 10
 WRITER, REAPER, PRUNER = "writer", "reaper", "prune-lock"
 REAPER_PREFIX = "_reaper."
 
 
+def claim_path(relpath: str) -> str:
+    """The claim file of an exclusive create of ``relpath`` (``step-N/manifest.json`` ->
+    ``.shardckpt/claims/step-N.manifest.json.claim``)."""
+    return f"{CLAIMS_DIR}/{relpath.replace('/', '.')}.claim"
+
+
 # ------------------------------------------------------------------------------ holder identity
+# Where a scheduler or launcher says which job a process belongs to, first match wins.
+JOB_ENV = ("SHARDCKPT_JOB_ID", "SLURM_JOB_ID", "TORCHELASTIC_RUN_ID", "PBS_JOBID", "LSB_JOBID",
+           "JOB_ID")
+
+
+def job_id() -> str | None:
+    """This process's job id (``SHARDCKPT_JOB_ID``, else the scheduler's), or None."""
+    for name in JOB_ENV:
+        value = os.environ.get(name)
+        if value:
+            return value[:200]
+    return None
+
+
 def _read_text(path: str) -> str | None:
     try:
         with open(path) as fh:
@@ -71,6 +92,7 @@ class Record:
     acquired: float
     renewed: float
     expires: float
+    job: str | None = None  # the scheduler's job id of the holder (see job_id), if any
 
     def __post_init__(self) -> None:
         dirs = self.dirs
@@ -83,7 +105,7 @@ class Record:
         pid = os.getpid()
         return cls(kind, uuid.uuid4().hex, tuple(dirs), socket.gethostname(), pid,
                    _read_text("/proc/sys/kernel/random/boot_id"), _pid_namespace(),
-                   _start_ticks(pid), now, now, now + ttl)
+                   _start_ticks(pid), now, now, now + ttl, job_id())
 
     def to_bytes(self) -> bytes:
         return json.dumps({"format": RECORD_FORMAT, **asdict(self)}, sort_keys=True).encode()
@@ -102,6 +124,8 @@ class Record:
                 raise ValueError(f"{name} is not a time")
         if not isinstance(rec.token, str) or not isinstance(rec.pid, int):
             raise ValueError("bad token or pid")
+        if rec.job is not None and not isinstance(rec.job, str):
+            raise ValueError("bad job id")
         return rec
 
     def holder_dead(self) -> bool:
@@ -121,7 +145,12 @@ class Record:
 
     def describe(self) -> str:
         until = datetime.fromtimestamp(self.expires, timezone.utc).isoformat(timespec="seconds")
-        return f"{self.kind} {self.host}:{self.pid} (until {until})"
+        job = f" job {self.job}" if self.job else ""
+        return f"{self.kind} {self.host}:{self.pid}{job} (until {until})"
+
+    def holder(self) -> str:
+        """Who holds it: host, pid and job id (``job ?`` when the holder had none)."""
+        return f"host {self.host}, pid {self.pid}, job {self.job or '?'}"
 
 
 def put_record(location: Location, relpath: str, record: Record) -> None:

@@ -33,8 +33,10 @@ from fsspec.spec import AbstractBufferedFile
 
 from .. import knobs
 from ..errors import StorageError
+from ..redact import redact_url as redact
 from ..redact import scrub_urls, secret_values
 from .base import Location, Sink, check_relpath
+from .deadline import bounded
 from .retry import call_with_retries, http_answer
 
 _S3_PROTOCOLS = ("s3", "s3a")
@@ -52,17 +54,22 @@ class _FsspecSink(Sink):
         self._committing = False
         self._f = loc.fs.open(path, "wb", **loc._open_kwargs)
 
+    def _bounded(self, fn: Any, *args: Any) -> Any:
+        if self._loc._endpoint is None:
+            return fn(*args)
+        return bounded(self._loc, fn, *args)
+
     def write(self, data: Any) -> int:
         try:
-            return self._f.write(data)
+            return self._bounded(self._f.write, data)
         except Exception as exc:
             raise self._loc._map("upload", self._relpath, exc) from exc
 
     def commit(self) -> None:
         self._committing = True
         try:
-            self._f.flush()
-            self._f.close()
+            self._bounded(self._f.flush)
+            self._bounded(self._f.close)
         except Exception as exc:
             self.abort()
             raise self._loc._map("upload", self._relpath, exc) from exc
@@ -70,17 +77,17 @@ class _FsspecSink(Sink):
     def abort(self) -> None:
         discard = getattr(self._f, "discard", None)
         with contextlib.suppress(Exception):
-            if discard is not None:
-                discard()  # aborts an s3 multipart upload, so no orphan parts are billed
+            if discard is not None:  # aborts an s3 multipart upload: no orphan parts billed
+                self._bounded(discard)
             else:
-                self._f.close()
+                self._bounded(self._f.close)
         if isinstance(self._f, AbstractBufferedFile):
             self._f.closed = True  # else, if discard failed, __del__ would upload the rest
         # A buffered object-store file shows nothing until its commit; other files (memory://)
         # are visible while written, and a failed commit may have completed on the server.
         if self._committing or not isinstance(self._f, AbstractBufferedFile):
             with contextlib.suppress(Exception):
-                self._loc.fs.rm_file(self._path)
+                self._bounded(self._loc.fs.rm_file, self._path)
 
 
 class FsspecLocation(Location):
@@ -97,6 +104,8 @@ class FsspecLocation(Location):
         protocols = self.fs.protocol if isinstance(self.fs.protocol, (tuple, list)) \
             else (self.fs.protocol,)
         self._open_kwargs: dict[str, Any] = {}
+        self._bucket_seen = False  # S3: the bucket answered a HEAD once (makedirs)
+        self._endpoint = self.endpoint()  # None: no probe, no deadline (memory://, ...)
         if set(protocols) & set(_S3_PROTOCOLS) and "default_block_size" not in storage_options:
             self._open_kwargs["block_size"] = knobs.S3_BLOCK_SIZE.get()
 
@@ -125,7 +134,9 @@ class FsspecLocation(Location):
 
     def _err(self, op: str, relpath: str, exc: BaseException) -> StorageError:
         text = self._scrub(f"{type(exc).__name__}: {exc}")
-        return StorageError(f"{self.display}/{relpath}: {op} failed: {text}")
+        endpoint = self.endpoint()
+        at = f" (endpoint {self._scrub(redact(endpoint))})" if endpoint else ""
+        return StorageError(f"{self.display}/{relpath}: {op} failed{at}: {text}")
 
     def _map(self, op: str, relpath: str, exc: BaseException) -> Exception:
         if isinstance(exc, FileNotFoundError):
@@ -134,9 +145,16 @@ class FsspecLocation(Location):
             return exc
         return self._err(op, relpath, exc)
 
+    def _retried(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """``fn`` with retries of transient failures, bounded by :mod:`.deadline` where the
+        endpoint is known (a dead one is given up within seconds). Errors unchanged."""
+        if self._endpoint is None:
+            return call_with_retries(fn, *args, **kwargs)
+        return bounded(self, call_with_retries, fn, *args, **kwargs)
+
     def _call(self, op: str, relpath: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
         try:
-            return call_with_retries(fn, *args, **kwargs)
+            return self._retried(fn, *args, **kwargs)
         except Exception as exc:
             raise self._map(op, relpath, exc) from exc
 
@@ -147,7 +165,35 @@ class FsspecLocation(Location):
             self.fs.invalidate_cache(path)
 
     def makedirs(self, reldir: str) -> None:
-        self._call("mkdir", reldir, self.fs.makedirs, self._path(reldir), exist_ok=True)
+        """Object stores have no directories; on S3 this only checks, once, that the bucket
+        exists (s3fs ``makedirs`` would *create* a missing bucket: a misspelt name, or an
+        endpoint that restarted empty, must fail instead)."""
+        path = self._path(reldir)  # a path that could leave the root: ValueError
+        if self._is_s3():
+            self._check_bucket(reldir)
+            return
+        self._call("mkdir", reldir, self.fs.makedirs, path, exist_ok=True)
+
+    def _check_bucket(self, reldir: str) -> None:
+        if self._bucket_seen:
+            return
+        bucket = self.fs.split_path(self.root)[0]
+        try:
+            self._retried(self.fs.call_s3, "head_bucket", Bucket=bucket)
+            self._bucket_seen = True
+        except FileNotFoundError:
+            raise StorageError(f"{self.display}: bucket {bucket!r} does not exist at "
+                               f"{self.endpoint()}; shardckpt never creates buckets: create it, "
+                               f"or fix the URL") from None
+        except Exception as exc:
+            status, code = http_answer(exc)
+            if status == 404 or code in ("NoSuchBucket", "404"):
+                raise StorageError(f"{self.display}: bucket {bucket!r} does not exist at "
+                                   f"{self.endpoint()}; shardckpt never creates buckets: "
+                                   f"create it, or fix the URL") from None
+            if status == 403:
+                return  # no right to HEAD the bucket: the writes themselves will tell
+            raise self._map("check bucket", reldir or ".", exc) from exc
 
     def open_sink(self, relpath: str) -> Sink:
         return self._call("create", relpath, _FsspecSink, self, relpath, self._path(relpath))
@@ -158,13 +204,42 @@ class FsspecLocation(Location):
     def put_record(self, relpath: str, data: bytes) -> None:
         self.write_atomic(relpath, data)  # one small PUT: visible whole, or not at all
 
+    def _is_s3(self) -> bool:
+        protocols = self.fs.protocol if isinstance(self.fs.protocol, (tuple, list)) \
+            else (self.fs.protocol,)
+        return bool(set(protocols) & set(_S3_PROTOCOLS))
+
+    def write_exclusive(self, relpath: str, data: bytes) -> None:
+        """S3: s3fs's ``pipe_file(mode="create")``, a ``PUT`` (or the completion of a multipart
+        upload) with ``If-None-Match: *``: the store refuses it (412) if the key exists, and
+        this raises ``FileExistsError``. Elsewhere: a check, then the write (exclusive only
+        against writers that check first; fsspec offers no conditional write in general)."""
+        path = self._path(relpath)
+        if not self._is_s3():
+            if self.size(relpath) is not None:
+                raise FileExistsError(errno.EEXIST, "exists", f"{self.display}/{relpath}")
+            self.write_atomic(relpath, data)
+            return
+        try:
+            self._retried(self.fs.pipe_file, path, data, mode="create")
+        except FileExistsError:
+            raise FileExistsError(errno.EEXIST, "exists", f"{self.display}/{relpath}") from None
+        except Exception as exc:
+            status, code = http_answer(exc)
+            if status == 412 or code in ("PreconditionFailed", "ConditionalRequestConflict"):
+                raise FileExistsError(errno.EEXIST, "exists", f"{self.display}/{relpath}") \
+                    from None
+            raise self._map("exclusive write", relpath, exc) from exc
+        finally:
+            self._forget(path)
+
     def modified_time(self, relpath: str) -> float | None:
         path = self._path(relpath)
         try:
             try:
-                stamp = self.fs.modified(path)
+                stamp = self._retried(self.fs.modified, path)
             except (NotImplementedError, AttributeError, IsADirectoryError, KeyError):
-                info = self.fs.info(path)
+                info = self._retried(self.fs.info, path)
                 stamp = next((info[k] for k in ("mtime", "LastModified", "last_modified",
                                                 "updated", "created") if info.get(k)), None)
             if isinstance(stamp, datetime):
@@ -193,10 +268,30 @@ class FsspecLocation(Location):
         self.remove_tree(src)
 
     def remove_tree(self, reldir: str) -> None:
+        """Every object under ``reldir``; on S3 also every multipart upload left unfinished
+        under it (a killed or failed save's), so that no orphan parts stay billed."""
         path = self._path(reldir)
         self._forget(path)
         with contextlib.suppress(FileNotFoundError):
             self._call("remove tree", reldir, self.fs.rm, path, recursive=True)
+        if self._is_s3():
+            self._abort_uploads(reldir, path)
+
+    def _abort_uploads(self, reldir: str, path: str) -> None:
+        bucket, prefix, _ = self.fs.split_path(path)
+        prefix = prefix.rstrip("/") + "/"
+        markers: dict[str, str] = {}
+        while True:
+            page = self._call("list uploads", reldir, self.fs.call_s3, "list_multipart_uploads",
+                              Bucket=bucket, Prefix=prefix, **markers)
+            for upload in page.get("Uploads") or ():
+                with contextlib.suppress(FileNotFoundError):
+                    self._call("abort upload", reldir, self.fs.call_s3, "abort_multipart_upload",
+                               Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+            if not page.get("IsTruncated"):
+                return
+            markers = {"KeyMarker": page.get("NextKeyMarker", ""),
+                       "UploadIdMarker": page.get("NextUploadIdMarker", "")}
 
     def read_range(self, relpath: str, offset: int, length: int) -> bytes:
         if length == 0:

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from ..errors import CorruptCheckpointError, IncompleteCheckpointError
+from ..errors import EXIT_USAGE, CorruptCheckpointError, IncompleteCheckpointError
 from .phases import EXIT_INTEGRITY, Check
 
 
@@ -153,8 +153,10 @@ def reassemble(factory: Callable[[], Any], spec: str, module_name: str, root: st
         return Check("reassembly", False, f"loading {module_name!r} failed: {exc}",
                      code=EXIT_INTEGRITY), None
     except Exception as exc:
+        # the replay cannot start: a usage error (exit 64), not a verdict on the checkpoint
         return Check("reassembly", False, f"{spec} does not match {module_name!r} of the "
-                     f"checkpoint (strict load): {type(exc).__name__}: {exc}"[:1000]), None
+                     f"checkpoint (strict load): {type(exc).__name__}: {exc}"[:1000],
+                     code=EXIT_USAGE), None
     notes = [str(w.message) for w in caught if "per-rank state" in str(w.message)]
     nparams = sum(p.numel() for p in model.parameters())
     return Check("reassembly", True, f"{spec} built ({how}, {nparams:,} parameters) and "

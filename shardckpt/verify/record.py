@@ -3,6 +3,10 @@
 Written next to the committed files (root location only) and not listed in the manifest, so it
 never affects integrity. It names the ``save_id`` it verified: a record left over from an
 earlier save of the same step number is ignored.
+
+Only real verdicts are recorded: a verification that could not run (the model given does not
+fit the checkpoint: missing or unexpected keys, other shapes; exit 64) writes nothing, so that
+``ls`` never shows ``failed`` for a checkpoint that was never replayed.
 """
 
 from __future__ import annotations
@@ -22,9 +26,20 @@ FORMAT = "shardckpt-verification"
 MAX_RECORD_BYTES = 4 << 20
 
 
+NO_VERDICT = 64  # the exit code of a verification that could not run (a usage error)
+
+
+def is_verdict(result: dict[str, Any]) -> bool:
+    """True when ``result`` judged the checkpoint (passed, or ran and failed)."""
+    return result.get("exit_code") != NO_VERDICT
+
+
 def write_record(location: Location, manifest: M.Manifest, result: dict[str, Any],
-                 model: str | None) -> str:
-    """Write the record atomically; returns its path relative to the root."""
+                 model: str | None) -> str | None:
+    """Write the record atomically; returns its path relative to the root, or None when
+    ``result`` is no verdict (nothing is written then)."""
+    if not is_verdict(result):
+        return None
     now = time.time()
     doc = {"format": FORMAT, "version": 1, "step": manifest.step, "save_id": manifest.save_id,
            "ok": bool(result.get("ok")), "exit_code": result.get("exit_code"),

@@ -1,0 +1,26 @@
+"""The arguments of ``CheckpointManager.save``, checked before anything else happens (usage
+errors: always raised, on the caller's thread)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from ..format import manifest as M
+from ..golden import Golden
+
+
+def check_save_args(step: Any, state: Any, metrics: Mapping[str, float] | None,
+                    tags: Iterable[str], golden: Any) -> tuple[dict[str, float], tuple[str, ...]]:
+    """``ValueError`` / ``TypeError`` for a bad argument; the metrics and tags normalised."""
+    if type(step) is not int or not 0 <= step <= M.MAX_STEP:
+        raise ValueError(f"step must be an int in [0, {M.MAX_STEP}], got {step!r}")
+    if not isinstance(state, dict):
+        raise TypeError(f"state must be a dict, got {type(state).__name__}")
+    if golden is not None and not isinstance(golden, Golden):
+        raise TypeError("golden must be a shardckpt.Golden")
+    clean = {str(k): float(v) for k, v in (metrics or {}).items()}
+    tags = tuple(tags)
+    if not all(isinstance(t, str) for t in tags):
+        raise TypeError("tags must be strings")
+    return clean, tags
