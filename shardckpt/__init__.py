@@ -34,6 +34,7 @@ _LAZY = {
     "consolidated_state_dict": "exporter",
     "export": "exporter",
     "Golden": "golden",
+    "LocalTier": "tier.config",
     "SaveEvent": "observe",
     "RetentionPolicy": "policy",
     "SamplerPosition": "repro",
@@ -50,6 +51,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; never run
     from .policy import RetentionPolicy
     from .prune import PruneReport
     from .repro import SamplerPosition, set_determinism
+    from .tier.config import LocalTier
 
 
 def __getattr__(name: str) -> Any:
@@ -74,6 +76,7 @@ __all__ = [
     "Golden",
     "IncompleteCheckpointError",
     "LeaseError",
+    "LocalTier",
     "PruneLockedError",
     "PruneReport",
     "RetentionPolicy",

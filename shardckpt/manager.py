@@ -42,6 +42,7 @@ from .repro import collect_provenance, host_record
 from .storage import open_location, step_dirname
 from .storage.location import options_for
 from .storage.probe import reachable_all
+from .tier.runner import LocalTier, LocalTierRunner, local_tier, save_tiers, tier_steps
 from .version import __version__
 
 
@@ -57,7 +58,7 @@ class CheckpointManager:
                  data: Mapping[str, Any] | None = None, capture_rng: bool = True,
                  metrics_path: str | os.PathLike[str] | None = None,
                  callbacks: Iterable[Callable[[SaveEvent], Any]] | None = (),
-                 file_mode: int | None = None) -> None:
+                 file_mode: int | None = None, local: LocalTier | None = None) -> None:
         urls = [str(root), *(str(r) for r in replicas)]
         if len(set(urls)) != len(urls):
             raise ValueError(f"the same location is given twice: {urls}")
@@ -90,6 +91,7 @@ class CheckpointManager:
         self.async_save = async_save
         self._codec = Codec(compression)
         self._comm = make_comm(process_group, knobs.COLLECTIVE_TIMEOUT_S.get())
+        self._local = local_tier(local, process_group, compression, file_mode, async_save)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shardckpt-save")
         self._pending: list[SaveHandle] = []
         self._lock = threading.Lock()
@@ -124,11 +126,11 @@ class CheckpointManager:
 
     # -------------------------------------------------------------------------------- save
     def should_save(self, step: int) -> bool:
-        return self.save_every is not None and step % self.save_every == 0
+        return self._local.due(step) or bool(self.save_every and step % self.save_every == 0)
 
     def save(self, step: int, state: dict[str, Any], metrics: Mapping[str, float] | None = None,
              tags: Iterable[str] = (), golden: Any = None,
-             blocking: bool | None = None) -> SaveHandle:
+             blocking: bool | None = None, tier: str | None = None) -> SaveHandle | None:
         """Collective. Snapshot ``state`` and write it as checkpoint ``step``.
 
         Returns once the state is snapshotted (``async_save``) or committed (``blocking=True``).
@@ -145,7 +147,11 @@ class CheckpointManager:
         t0 = time.monotonic()  # the caller's stall is measured from here to the return
         self._check_open()
         metrics, tags = check_save_args(step, state, metrics, tags, golden)
-        with self._lock:
+        local, persistent = save_tiers(self._local, step, state, tier, self.save_every, metrics,
+                                       tags, golden, self.capture_rng, blocking)  # issue 28
+        if not persistent:
+            return local
+        with self._lock:  # a persistent save never waits for a local one
             pending, self._pending = self._pending, []
         previous, agreed = self._failures.settle(pending)
         if previous is not None and not agreed:  # an outcome the ranks may not share
@@ -241,9 +247,10 @@ class CheckpointManager:
         return CheckpointInfo.from_manifest(manifest)
 
     def wait(self) -> None:
-        """Wait for every in-flight save; raise the first error among them (under
+        """Wait for every in-flight save (both tiers); raise the first error among them (under
         ``on_error="warn"`` only one the ranks may not share: see ``failed_saves``)."""
         self._wait()
+        self._local.wait()
 
     def _wait(self, strict: bool = False) -> None:
         with self._lock:
@@ -253,14 +260,15 @@ class CheckpointManager:
             raise first
 
     # -------------------------------------------------------------------------------- query
-    def steps(self) -> list[int]:
+    def steps(self, tier: str | None = None) -> list[int]:
         """Committed steps, ascending (a step counts once its manifest is present and valid).
 
         Works from the locations that answer: an unreachable replica is skipped, with one
         warning (again only once it has come back and gone away again). A step whose manifest
         is present but corrupt or unreadable everywhere is left out, with a warning.
         """
-        return self._finder.committed()
+        local = tier_steps(self._local, tier)  # tier="local": this node's local steps
+        return self._finder.committed() if local is None else local
 
     def latest_step(self) -> int | None:
         steps = self.steps()
@@ -290,6 +298,8 @@ class CheckpointManager:
         moved aside by rank 0 once an older step has loaded (see :mod:`.engine.resume`).
         """
         self._check_open()
+        if step is None and isinstance(self._local, LocalTierRunner):  # newest of both tiers
+            return self._local.load_for(self, state, strict, restore_rng)
         self.wait()
         step, self.last_load_profile = load_state(self._comm, self._finder, state, step, strict,
                                                   restore_rng, knobs.IO_THREADS.get())
@@ -344,6 +354,7 @@ class CheckpointManager:
             self._pool.shutdown(wait=True)
             self._staging.release()
             self._retention_runner.close()  # the last commit's retention finishes first
+            self._local.close()
 
     def _finish_at_exit(self, timeout: float) -> None:
         """The interpreter is exiting and ``close()`` was not called: let the saves in flight

@@ -1,0 +1,209 @@
+"""The node-local tier inside a :class:`~shardckpt.CheckpointManager`: which tiers a ``save``
+writes, and the local tier's own pipeline (a one-thread pool, staging buffers, and two private
+gloo groups: the store's for the save protocol, a gate for deciding on the caller's thread).
+
+* ``save(step, ..., tier=None)`` writes the tiers that are due: the local one every
+  ``LocalTier.every`` steps, the persistent one every ``save_every`` (a call where neither is
+  due writes the persistent tier, as without a local tier). ``tier="local" | "persistent" |
+  "both"`` overrides.
+* A local save never waits for a persistent one (separate pipelines and groups). A local save
+  due while the previous local save is still running on any rank is skipped on every rank,
+  warned about and counted (``skipped``), never queued.
+
+Construction is collective (the manager's ranks, in the same order on every rank).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from .. import knobs
+from ..engine.comm import make_comm
+from ..engine.lazy import LazySnapshot
+from ..engine.snapshot import Snapshot, StagingPool
+from ..extras import with_extras
+from ..handles import CheckpointInfo, SaveHandle
+from ..planning.statedict import collect
+from .choice import Candidate
+from .config import LocalTier
+from .local import LocalTierStore
+from .recover import recover
+
+TIERS = ("local", "persistent", "both")
+
+
+def tiers_to_write(step: int, tier: str | None, local_due: bool,
+                   save_every: int | None) -> tuple[bool, bool]:
+    """(local, persistent): what ``save(step, tier=tier)`` writes."""
+    if tier is None:
+        persistent = save_every is not None and step % save_every == 0
+        return local_due, persistent or not local_due
+    if tier not in TIERS:
+        raise ValueError(f"tier must be one of {TIERS} or None, got {tier!r}")
+    return tier in ("local", "both"), tier in ("persistent", "both")
+
+
+class LocalTierRunner:
+    """One rank's local tier within a manager (see the module)."""
+
+    def __init__(self, config: LocalTier, process_group: Any = None, *,
+                 compression: str | None = None, file_mode: int | None = None,
+                 async_save: bool = True) -> None:
+        self.store = LocalTierStore(config, process_group, compression=compression,
+                                    file_mode=file_mode)
+        self._gate = make_comm(process_group, knobs.COLLECTIVE_TIMEOUT_S.get())
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shardckpt-local")
+        self._staging = StagingPool(lazy=False)
+        self._inflight: SaveHandle | None = None
+        self.async_save = async_save
+        self.skipped: list[int] = []  # steps whose local save was skipped (previous one busy)
+
+    @property
+    def config(self) -> LocalTier:
+        return self.store.config
+
+    def due(self, step: int) -> bool:
+        return self.config.due(step)
+
+    def save(self, step: int, state: dict[str, Any], *, metrics: Mapping[str, float],
+             tags: Iterable[str], golden: Any, capture_rng: bool, blocking: bool | None
+             ) -> SaveHandle | None:
+        """Collective: snapshot ``state`` and save it to the local tier (in the background
+        unless ``blocking``). None if skipped because the previous local save is running."""
+        busy = self._inflight is not None and not self._inflight.done()
+        if self._gate.world_size > 1:
+            busy = self._gate.any_true(busy, "local save: is the previous one still running")
+        if busy:
+            self.skipped.append(step)
+            warnings.warn(f"local save of step {step} skipped: the previous local save is "
+                          f"still running ({len(self.skipped)} skipped so far)", stacklevel=3)
+            return None
+        self.wait()  # the previous one is done: raise its error here, once
+        blocking = (not self.async_save) if blocking is None else blocking
+        extra: dict[str, Any] = {}
+        staged: Any
+        try:
+            full = with_extras(state, capture_rng, golden, extra)
+            staged = self._staging.stage(collect(full), blocking)
+        except Exception as exc:  # the protocol tells every rank, nothing is written
+            full, staged = dict(state), exc
+        future = self._pool.submit(self._run, step, full, staged, dict(metrics), tuple(tags),
+                                   extra)
+        handle = SaveHandle(step, future)
+        self._inflight = handle
+        if blocking:
+            self.wait()
+        return handle
+
+    def _run(self, step: int, state: dict[str, Any], staged: Any, metrics: dict[str, float],
+             tags: tuple[str, ...], extra: dict[str, Any]) -> CheckpointInfo:
+        if isinstance(staged, (Snapshot, LazySnapshot)):
+            try:
+                staged = staged.ready()
+            except Exception as exc:
+                staged = exc
+        manifest = self.store.save(step, state, metrics=metrics, tags=tags, extra=extra,
+                                   collected=staged)
+        return CheckpointInfo.from_manifest(manifest)
+
+    def wait(self) -> None:
+        """Wait for the local save in flight; raise its error (once)."""
+        handle, self._inflight = self._inflight, None
+        if handle is not None and not handle.error_reported:
+            handle.wait()
+
+    def steps(self) -> list[int]:
+        """This node's complete local steps."""
+        return self.store.steps()
+
+    def load(self, state: dict[str, Any], strict: bool, persistent_steps: Sequence[int],
+             load_persistent: Callable[[int], Mapping[str, float]], restore_rng: bool = True
+             ) -> tuple[Candidate, dict[str, Any]]:
+        """Collective: restore from the newest step recoverable from either tier
+        (:func:`shardckpt.tier.recover.recover`)."""
+        self.wait()
+        return recover(self.store, state, strict, persistent_steps=persistent_steps,
+                       load_persistent=load_persistent, restore_rng=restore_rng)
+
+    def load_for(self, manager: Any, state: dict[str, Any], strict: bool = True,
+                 restore_rng: bool = True) -> int:
+        """Collective: ``manager.load(state)`` across tiers (issue 28). The persistent tier's
+        steps and loads are the manager's own (``steps()``, ``load(step=...)``); sets
+        ``manager.last_load_profile`` and returns the step restored. For the manager's
+        ``load`` when no step is given::
+
+            if step is None and isinstance(self._local, LocalTierRunner):
+                return self._local.load_for(self, state, strict, restore_rng)
+        """
+        manager.wait()
+        steps = self.store.comm.broadcast_json(manager.steps(), "load: persistent steps")
+
+        def load_persistent(step: int) -> Mapping[str, float]:
+            manager.load(state, step=step, strict=strict, restore_rng=restore_rng)
+            return dict(manager.last_load_profile)
+
+        cand, profile = self.load(state, strict, steps, load_persistent, restore_rng)
+        manager.last_load_profile = profile
+        return cand.step
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self._pool.shutdown(wait=True)
+            self._staging.release()
+
+
+# -------------------------------------------------------------- the manager's thin calls
+class NoLocalTier:
+    """A manager without a local tier: nothing is ever due, nothing to wait for."""
+
+    def due(self, step: int) -> bool:
+        return False
+
+    def wait(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def local_tier(config: LocalTier | None, process_group: Any, compression: str | None,
+               file_mode: int | None, async_save: bool) -> LocalTierRunner | NoLocalTier:
+    """The manager's local tier (collective when there is one)."""
+    if config is None:
+        return NoLocalTier()
+    if not isinstance(config, LocalTier):
+        raise TypeError("local must be a shardckpt.LocalTier or None")
+    return LocalTierRunner(config, process_group, compression=compression,
+                           file_mode=file_mode, async_save=async_save)
+
+
+def save_tiers(runner: LocalTierRunner | NoLocalTier, step: int, state: dict[str, Any],
+               tier: str | None, save_every: int | None, metrics: Mapping[str, float],
+               tags: Iterable[str], golden: Any, capture_rng: bool, blocking: bool | None
+               ) -> tuple[SaveHandle | None, bool]:
+    """Run the local part of ``save(step, tier=tier)``: (its handle, or None when skipped or
+    not due; whether the persistent tier is to be written too)."""
+    if not isinstance(runner, LocalTierRunner):
+        if tier not in (None, "persistent"):
+            raise ValueError(f"tier={tier!r} needs a local tier (CheckpointManager(local=...))")
+        return None, True
+    local, persistent = tiers_to_write(step, tier, runner.due(step), save_every)
+    handle = runner.save(step, state, metrics=metrics, tags=tags, golden=golden,
+                         capture_rng=capture_rng, blocking=blocking) if local else None
+    return handle, persistent
+
+
+def tier_steps(runner: LocalTierRunner | NoLocalTier, tier: str | None) -> list[int] | None:
+    """``steps(tier="local")``: this node's complete local steps; None: the persistent tier's."""
+    if tier in (None, "persistent"):
+        return None
+    if tier != "local":
+        raise ValueError(f"tier must be 'local', 'persistent' or None, got {tier!r}")
+    if not isinstance(runner, LocalTierRunner):
+        raise ValueError("steps(tier='local') needs a local tier (CheckpointManager(local=...))")
+    return runner.steps()

@@ -1,0 +1,112 @@
+"""Restoring across tiers (issue 28): the newest step recoverable from the node-local tier
+(own files, else received from a peer node over the process group) or the persistent one,
+agreed by every rank, with fallback when a restore fails. Real processes, real gloo; an audit
+hook in every worker fails any open() under another node's path."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import tier_targets as T
+from harness import run_ranks
+
+from shardckpt import catalog
+from shardckpt.storage import open_location
+from shardckpt.tier.holdings import read_holdings
+
+ENV = {"OMP_NUM_THREADS": "1", "SHARDCKPT_COLLECTIVE_TIMEOUT": "30"}
+NODES = ["0", "0", "1", "1"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _fast_ranks() -> Iterator[None]:
+    with T.forked_ranks():
+        yield
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Steps 1-3 saved locally (2 x 2 ranks, 2 copies), step 2 persistently too."""
+    root = tmp_path_factory.mktemp("saved")
+    run_ranks(T.save_both, 4, str(root), NODES, [1, 2, 3], 2, env=ENV, timeout=120)
+    return root
+
+
+def fresh_copy(saved: Path, tmp_path: Path) -> Path:
+    root = tmp_path / "run"
+    shutil.copytree(saved, root)
+    return root
+
+
+def files_of(root: Path, node: str, step: int, ranks: set[int]) -> int:
+    holdings = read_holdings(open_location(str(root / node)), f"step-{step:010d}")
+    return sum(f.nbytes for r in ranks for f in holdings.ranks[r].values())
+
+
+def test_a_replaced_node_receives_its_files_from_its_peer(saved: Path, tmp_path: Path) -> None:
+    root = fresh_copy(saved, tmp_path)
+    shutil.rmtree(root / "1")  # node 1 was replaced: its local path is gone
+    out = run_ranks(T.recover_job, 4, str(root), NODES, env=ENV, timeout=120)
+    for rep in out:
+        assert (rep["tier"], rep["step"], rep["exact"]) == ("local", 3, True)
+        assert rep["sources"] == ["0", "0", "0", "0"]
+        assert not any("audit" in w for w in rep["warnings"])
+    assert out[0]["bytes_received"] == out[1]["bytes_received"] == 0
+    # node 1 received exactly the files its ranks read (their own, and the writer's of the
+    # tensor every rank holds alike), from node 0, once per node
+    manifest = catalog.read_manifest(open_location(str(root / "0")), 3)
+    needed = {2, 3} | set(manifest.tensors["shared"].meta.writers)
+    assert out[2]["bytes_received"] > 0 and out[3]["bytes_received"] > 0
+    assert out[2]["bytes_received"] + out[3]["bytes_received"] == files_of(root, "0", 3, needed)
+    assert all(rep["bytes_read"] > 0 for rep in out)
+    assert not any(w.startswith("restored") for w in out[0]["warnings"])  # the newest: no word
+
+
+def test_the_audit_hook_catches_a_read_of_another_node_s_path(tmp_path: Path) -> None:
+    (tmp_path / "1").mkdir()
+    (tmp_path / "1" / "x").write_bytes(b"x")
+    (out,) = run_ranks(T.open_other_node, 1, str(tmp_path), env=ENV, timeout=60, init_pg=False)
+    assert out.startswith("PermissionError: audit: worker on node 0 opened")
+    assert out.endswith("/1/x")
+
+
+def test_a_corrupt_surviving_copy_falls_back_to_an_older_step(saved: Path,
+                                                               tmp_path: Path) -> None:
+    root = fresh_copy(saved, tmp_path)
+    shutil.rmtree(root / "1")
+    holdings = read_holdings(open_location(str(root / "0")), "step-0000000003")
+    name = max(holdings.ranks[2], key=lambda n: holdings.ranks[2][n].nbytes)
+    path = root / "0" / "step-0000000003" / name
+    data = bytearray(path.read_bytes())
+    data[200] ^= 0x01  # a chunk byte: the header still checks out
+    path.write_bytes(bytes(data))
+    out = run_ranks(T.recover_job, 4, str(root), NODES, env=ENV, timeout=120)
+    assert [(r["tier"], r["step"], r["exact"]) for r in out] == [("local", 2, True)] * 4
+    (warning,) = [w for w in out[0]["warnings"] if w.startswith("restored")]
+    assert "restored local step 2" in warning and name in warning
+    # step 3 belongs to the timeline the job abandoned: gone from every node
+    assert sorted(p.name for p in (root / "0").glob("step-*")) == ["step-0000000001",
+                                                                   "step-0000000002"]
+
+
+def test_both_copies_lost_falls_back_to_the_persistent_tier(saved: Path,
+                                                            tmp_path: Path) -> None:
+    root = fresh_copy(saved, tmp_path)
+    shutil.rmtree(root / "0")
+    shutil.rmtree(root / "1")
+    out = run_ranks(T.recover_job, 4, str(root), NODES, env=ENV, timeout=120)
+    assert [(r["tier"], r["step"], r["exact"]) for r in out] == [("persistent", 2, True)] * 4
+    (warning,) = [w for w in out[0]["warnings"] if w.startswith("restored")]
+    assert warning.endswith("the local tier holds no recoverable step")
+
+
+def test_another_world_size_skips_the_local_tier_naming_the_reason(saved: Path,
+                                                                   tmp_path: Path) -> None:
+    root = fresh_copy(saved, tmp_path)
+    out = run_ranks(T.recover_job, 2, str(root), ["0", "1"], env=ENV, timeout=120)
+    assert [(r["tier"], r["step"]) for r in out] == [("persistent", 2)] * 2
+    (warning,) = [w for w in out[0]["warnings"] if w.startswith("restored")]
+    assert "local step 3: saved at world size 4, this job has 2" in warning
