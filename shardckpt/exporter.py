@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .interop import ConversionError
+from .interop import ConversionError, refuse_special
 from .interop.source import (
     ExportResult,
     StepSource,
@@ -115,6 +115,7 @@ def check_out_file(path: str, overwrite: bool = False) -> None:
     """``ConversionError`` unless ``path``'s directory exists and ``path`` is not a directory,
     nor, unless ``overwrite``, an existing file (or link)."""
     parent = os.path.dirname(os.path.abspath(path))
+    refuse_special(path, directories=True)
     if os.path.isdir(path):
         raise ConversionError(f"{path}: is a directory")
     if not os.path.isdir(parent):

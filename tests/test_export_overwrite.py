@@ -95,7 +95,7 @@ def test_file_export_needs_force_to_replace(root: str, tmp_path: Path, fmt: str,
     assert out.read_text() == "precious"
     link = tmp_path / "link.out"
     link.symlink_to(tmp_path / "nowhere")  # a dangling link is in the way too
-    with pytest.raises(ConversionError, match="file exists"):
+    with pytest.raises(ConversionError, match="symbolic link"):
         shardckpt.export(root, format=fmt, out=str(link), only="model")
     assert export(root, "--format", fmt, "--out", str(out), "--force") == 0
     assert out.stat().st_size > len("precious")
@@ -113,3 +113,31 @@ def test_dcp_force_writes_beside_foreign_files(root: str, tmp_path: Path) -> Non
     assert os.listdir(out) == ["notes.txt"]
     assert export(root, "--format", "dcp", "--out", str(out), "--force") == 0
     assert (out / "notes.txt").read_text() == "keep" and (out / ".metadata").exists()
+
+
+@pytest.mark.parametrize("kind", ["symlink", "fifo"])
+def test_force_never_replaces_a_link_or_a_special_file(root: str, tmp_path: Path, kind: str,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """--force replaces regular files only: a rename over a symlink, a FIFO or a device node
+    (``--out /dev/null`` as root) would destroy it rather than write through it."""
+    target = tmp_path / "target.txt"
+    target.write_text("keep me")
+    out = tmp_path / "model.safetensors"
+    if kind == "symlink":
+        out.symlink_to(target)
+    else:
+        os.mkfifo(out)
+    before = os.lstat(out)
+    assert export(str(root), "--format", "safetensors", "--out", str(out), "--force") == 64
+    assert "regular file" in capsys.readouterr().err
+    after = os.lstat(out)
+    assert (after.st_mode, after.st_ino) == (before.st_mode, before.st_ino)
+    assert target.read_text() == "keep me"
+    with pytest.raises(ConversionError, match="regular file"):
+        shardckpt.export(root, format="safetensors", out=str(out), only="model", overwrite=True)
+    # an hf folder holding a link under a name the export writes is refused the same way
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    (folder / "model.safetensors").symlink_to(target)
+    assert export(str(root), "--format", "hf", "--out", str(folder), "--force") == 64
+    assert (folder / "model.safetensors").is_symlink() and target.read_text() == "keep me"

@@ -7,6 +7,7 @@ never needs ``safetensors`` or ``transformers`` to save or load.
 from __future__ import annotations
 
 import os
+import stat
 
 
 class ConversionError(ValueError):
@@ -24,4 +25,22 @@ def existing_names(out: str) -> list[str] | None:
         if not os.path.isdir(parent):
             raise ConversionError(f"{out}: folder {parent} does not exist")
         return None
-    return os.listdir(out)
+    names = os.listdir(out)
+    for name in names:
+        refuse_special(os.path.join(out, name), directories=True)
+    return names
+
+
+def refuse_special(path: str, directories: bool = False) -> None:
+    """``ConversionError`` if ``path`` exists and is not a regular file (nor, where allowed, a
+    folder): an export never replaces a link, a device, a pipe or a socket, even when forced
+    (a rename over ``/dev/null`` or a symlink would destroy it, not write through it)."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if stat.S_ISREG(mode) or (directories and stat.S_ISDIR(mode)):
+        return
+    kind = "a symbolic link" if stat.S_ISLNK(mode) else "not a regular file"
+    raise ConversionError(f"{path}: is {kind} (a link, device, pipe or socket); an export only "
+                          "ever replaces regular files, even with --force: give another path")
