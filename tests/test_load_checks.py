@@ -85,3 +85,22 @@ def test_scalar_values_wait_for_every_check(tmp_path: Path) -> None:
 def test_overlap_detection(shape: tuple[int, ...], stride: tuple[int, ...], want: bool) -> None:
     t = torch.zeros(64).as_strided(shape, stride)
     assert overlaps(t) is want
+
+
+def test_loading_into_meta_tensors_raises_naming_the_key(tmp_path: Path) -> None:
+    """A model built on the meta device and never materialized (to_empty forgotten) is refused
+    before anything is written, instead of a load that returns with nothing restored."""
+    with shardckpt.CheckpointManager(str(tmp_path / "ck"), async_save=False) as mgr:
+        model = torch.nn.Linear(4, 3)
+        mgr.save(1, {"model": model, "progress": {"step": 5}, "t": torch.ones(3, 4)})
+        with torch.device("meta"):
+            lazy_model = torch.nn.Linear(4, 3)
+        state = {"model": lazy_model, "progress": {"step": 0}}
+        with pytest.raises(ValueError, match=r"model.*meta device"):
+            mgr.load(state)
+        assert state["progress"] == {"step": 0}  # nothing changed
+        with pytest.raises(ValueError, match=r"t: .*meta device"):
+            mgr.load({"t": torch.empty(3, 4, device="meta")})
+        lazy_model.to_empty(device="cpu")
+        assert mgr.load(state) == 1
+        assert torch.equal(lazy_model.weight, model.weight) and state["progress"] == {"step": 5}

@@ -88,6 +88,10 @@ class LoadPlanner:
         if dest is None:
             return self._allocate(key, target, meta, dtype)
         local, shape, offsets, _ = local_box(dest)
+        if local.is_meta:
+            raise ValueError(f"{where}: the given tensor is on the meta device (it has no "
+                             f"storage to load into): materialize it first, e.g. "
+                             f"module.to_empty(device=...), then load")
         if overlaps(local):
             raise ValueError(f"{where}: the given tensor's elements overlap in memory (an "
                              f"expand()ed or other stride-0 view, strides {list(local.stride())})"
