@@ -84,6 +84,27 @@ def test_ls_exits_2_on_a_damaged_step_and_names_the_location(
         "damaged"
 
 
+@pytest.mark.parametrize("damage", ["missing files", "wrong sizes"])
+def test_show_exits_2_on_a_damaged_step_and_names_the_location(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], damage: str) -> None:
+    root = tmp_path / "ck"
+    make_run(root)
+    code, _, err = cli(capsys, "show", str(root), "--step", "2")
+    assert code == 0 and err == ""
+    victim = shard_of(root, 2)
+    if damage == "missing files":
+        victim.unlink()
+    else:
+        os.truncate(victim, victim.stat().st_size // 2)
+    code, out, err = cli(capsys, "show", str(root), "--step", "2")
+    assert code == 2, (out, err)
+    assert f"DAMAGED: {root}: {damage}" in out
+    assert f"shardckpt show: step 2: {root}: {damage}" in err
+    code, out, _ = cli(capsys, "show", str(root), "--step", "2", "--json")
+    assert code == 2 and json.loads(out)["damage"] == [f"{root}: {damage}"]
+    assert cli(capsys, "show", str(root), "--step", "3")[0] == 0  # other steps are whole
+
+
 def test_ls_of_a_healthy_root_exits_0(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     make_run(tmp_path / "ck")
     code, out, err = cli(capsys, "ls", str(tmp_path / "ck"))

@@ -16,6 +16,7 @@ from .progress import bar, wanted
 
 if TYPE_CHECKING:  # the checkpoint layers load when a command runs, not for --help
     from ..format import manifest as M
+    from ..storage import Location
 
 
 def _metrics_json(m: M.Manifest) -> dict[str, Any]:
@@ -33,6 +34,28 @@ def _no_checkpoints(args: argparse.Namespace, kinds: list[Any]) -> bool:
     if not args.json:
         print(known[0].describe())
     return True
+
+
+def _damage(locs: list[Location], m: M.Manifest) -> list[str]:
+    """``LOCATION: state`` for each location committing ``m``'s step whose files are not whole
+    (missing, wrong size, replaced header); a location without that step is not damage."""
+    from ..catalog import read_manifest
+    from ..errors import ShardckptError
+    from .health import file_health
+
+    out = []
+    for loc in locs:
+        try:
+            read_manifest(loc, m.step)
+        except ShardckptError:
+            continue
+        try:
+            state = file_health(loc, m.step, m)
+        except ShardckptError as exc:
+            state = f"unreadable: {exc}"
+        if state != "ok":
+            out.append(f"{loc.display}: {state}")
+    return out
 
 
 def _degraded_note(m: M.Manifest) -> str | None:
@@ -139,6 +162,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     from ..planning import tree as T
 
     m, _ = find_manifest(locs, step)
+    damage = _damage(locs, m)  # a copy with missing, cut or replaced files: exit 2, as ls
     doc = m.to_json()
     extras = sorted(set(doc) - M.CORE_FIELDS)
     # keys that not every rank saved (or saved alike): which ranks wrote each
@@ -147,8 +171,8 @@ def cmd_show(args: argparse.Namespace) -> int:
     if args.json:
         emit({**doc, "nbytes": m.nbytes,
               "rank_local": {p: {"ranks": [list(r) for r in runs], "differ": differ}
-                             for p, runs, differ in local}})
-        return 0
+                             for p, runs, differ in local}, "damage": damage})
+        return 2 if damage else 0
 
     def ranks_text(runs: M.Ranges) -> str:
         return ",".join(f"{a}" if b == a + 1 else f"{a}-{b - 1}" for a, b in runs)
@@ -156,6 +180,8 @@ def cmd_show(args: argparse.Namespace) -> int:
           f"{human_bytes(m.nbytes)} in {len(m.files)} files  save id {m.save_id}")
     if (note := _degraded_note(m)) is not None:
         print(f"DEGRADED: {note}")
+    for problem in damage:
+        print(f"DAMAGED: {problem}")
     if m.metrics:
         print("metrics: " + ", ".join(f"{k}={v:.6g}" for k, v in m.metrics.items()))
     if m.tags:
@@ -186,7 +212,9 @@ def cmd_show(args: argparse.Namespace) -> int:
     for key in extras:  # provenance, golden spec, timing, ...: indented JSON, not a repr
         text = json.dumps(doc[key], indent=2, sort_keys=True, ensure_ascii=False)
         print(f"\n{key}:\n" + "\n".join("  " + line for line in text.splitlines()))
-    return 0
+    for problem in damage:
+        print(f"shardckpt show: step {m.step}: {problem}", file=sys.stderr)
+    return 2 if damage else 0
 
 
 def _add_export(p: argparse.ArgumentParser) -> None:
