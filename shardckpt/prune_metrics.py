@@ -12,7 +12,8 @@ replaces that file after every run that is not a dry run (success or failure) wi
     shardckpt_prune_last_reaped{root="/nvme/run1",location="/nvme/run1"} 0
 
 ``last_success_timestamp_seconds`` is carried over from the file's previous content when a run
-fails, so that "no successful prune for a day" is one alert rule. Use one file per root (the
+fails (0 if no run has succeeded yet), so that "no successful prune for a day" is one alert
+rule, which also fires for a root whose pruning never worked. Use one file per root (the
 training job's own textfile is written by the job and must not be shared). No torch.
 """
 
@@ -66,7 +67,8 @@ def prune_metrics_text(root: str, ok: bool, exit_code: int, started: float, fini
          "(exit 0), 0 if it failed.", one(int(ok))),
         ("shardckpt_prune_last_run_timestamp_seconds", "gauge", "Unix time the last prune of "
          "this root ended.", one(finished)),
-        (_LAST_OK, "gauge", "Unix time the last successful prune of this root ended.",
+        (_LAST_OK, "gauge", "Unix time the last successful prune of this root ended (0: "
+         "none yet).",
          one(last_success)),
         ("shardckpt_prune_last_exit_code", "gauge", "Exit code of the last prune of this root.",
          one(exit_code)),
@@ -84,7 +86,8 @@ def write_prune_metrics(path: str, root: str, exit_code: int, started: float, fi
                         per_location: Sequence[tuple[str, int, int]]) -> None:
     """Replace ``path`` (atomically, mode 0644) with the outcome of one prune run."""
     ok = exit_code == 0
-    last = finished if ok else _previous_success(path, root)
+    # 0 when no prune of this root has succeeded yet: "time() - last success > N" then fires
+    last = finished if ok else (_previous_success(path, root) or 0.0)
     write_textfile(path, prune_metrics_text(root, ok, exit_code, started, finished,
                                             per_location, last))
 

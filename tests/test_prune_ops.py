@@ -185,6 +185,23 @@ def test_metrics_file_records_success_deletions_and_failures(
     assert _samples(prom) == failed
 
 
+def test_a_root_whose_prune_never_succeeded_has_a_zero_success_time(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The documented alert, time() - last success > N, must fire for a root whose pruning has
+    failed from the start: the success time is 0, never absent."""
+    root = make_run(tmp_path / "run")
+    prom = tmp_path / "prune.prom"
+    lock = PruneLock.acquire(open_location(str(root)))
+    try:
+        code, _, _ = cli(capsys, "prune", str(root), "--keep-last", "1", "--metrics-file",
+                         str(prom), "--lock-wait", "0", "--quiet")
+    finally:
+        lock.release()
+    assert code == 70
+    lab = f'{{root="{root}"}}'
+    assert _samples(prom)[f"shardckpt_prune_last_success_timestamp_seconds{lab}"] == 0
+
+
 def test_the_example_policy_works_without_val_loss(tmp_path: Path,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
     root = make_run(tmp_path / "run", metrics={"train_loss": 0.5})
