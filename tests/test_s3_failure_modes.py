@@ -106,3 +106,27 @@ def test_a_replica_dying_mid_upload_never_stalls_training(tmp_path: Path, s3: An
     took3 = time.monotonic() - t1
     mgr.close()
     assert took < 12 and took3 < 3, (took, took3)
+
+
+def test_a_failed_upload_never_deletes_the_object_another_writer_put_there(
+        s3: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A writer stalled past its lease resumes: its multipart upload was aborted by the writer
+    that took the step over, whose object is now at the key. The stalled writer's commit fails,
+    and it must not delete that key (it is the other writer's, and acknowledged to it)."""
+    monkeypatch.setenv("SHARDCKPT_S3_BLOCK_SIZE", str(5 << 20))
+    root = s3.new_root("stalled")
+    bucket, prefix = root[len("s3://"):].split("/", 1)
+    key = f"{prefix}/step-0000000001/rank00000-000.shard"
+    client = s3.client()
+    loc = open_location(root, s3.options)
+    loc.makedirs("step-0000000001")
+    sink = loc.open_sink("step-0000000001/rank00000-000.shard")
+    sink.write(b"a" * (6 << 20))  # one part uploaded: a multipart upload is under way
+    uploads = client.list_multipart_uploads(Bucket=bucket).get("Uploads", [])
+    assert [u["Key"] for u in uploads] == [key]
+    client.abort_multipart_upload(Bucket=bucket, Key=key, UploadId=uploads[0]["UploadId"])
+    client.put_object(Bucket=bucket, Key=key, Body=b"the other writer's shard")
+    with pytest.raises(shardckpt.StorageError):
+        sink.commit()
+    body = client.get_object(Bucket=bucket, Key=key)["Body"].read()
+    assert body == b"the other writer's shard"

@@ -51,7 +51,6 @@ def _with_connect_timeout(options: dict[str, Any]) -> dict[str, Any]:
 class _FsspecSink(Sink):
     def __init__(self, loc: FsspecLocation, relpath: str, path: str) -> None:
         self._loc, self._relpath, self._path = loc, relpath, path
-        self._committing = False
         self._f = loc.fs.open(path, "wb", **loc._open_kwargs)
 
     def _bounded(self, fn: Any, *args: Any) -> Any:
@@ -66,7 +65,6 @@ class _FsspecSink(Sink):
             raise self._loc._map("upload", self._relpath, exc) from exc
 
     def commit(self) -> None:
-        self._committing = True
         try:
             self._bounded(self._f.flush)
             self._bounded(self._f.close)
@@ -83,9 +81,12 @@ class _FsspecSink(Sink):
                 self._bounded(self._f.close)
         if isinstance(self._f, AbstractBufferedFile):
             self._f.closed = True  # else, if discard failed, __del__ would upload the rest
-        # A buffered object-store file shows nothing until its commit; other files (memory://)
-        # are visible while written, and a failed commit may have completed on the server.
-        if self._committing or not isinstance(self._f, AbstractBufferedFile):
+        # A buffered object-store file shows nothing until its commit, and a commit that failed
+        # is never followed by a delete of its key: by then the key may hold another writer's
+        # object (a writer stalled past its lease, whose upload the other aborted), and a stray
+        # object of ours in an uncommitted step is reaped later. Other files (memory://) are
+        # visible while written, by this process only: removed.
+        if not isinstance(self._f, AbstractBufferedFile):
             with contextlib.suppress(Exception):
                 self._bounded(self._loc.fs.rm_file, self._path)
 
