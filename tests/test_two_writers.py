@@ -245,3 +245,23 @@ def test_a_lease_this_process_left_behind_is_no_rival(tmp_path: Path) -> None:
     with shardckpt.CheckpointManager(root, async_save=False) as mgr:
         mgr.save(2, state(2))
         assert mgr.steps() == [2]
+
+
+def test_the_loser_always_gets_a_concurrent_writer_error(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another writer committing the step between our checks and our step directory: the save
+    fails with ConcurrentWriterError (what a script catches), not a StorageError wrapping it."""
+    root = str(tmp_path / "run")
+
+    def committed_meanwhile(loc: Any, step_dir: str) -> None:
+        raise ConcurrentWriterError(f"{step_dir}: already committed: another writer committed "
+                                    "it (host node-b, pid 7, job 9)", "host node-b, pid 7, job 9")
+
+    with shardckpt.CheckpointManager(root, async_save=False) as mgr:
+        mgr.save(1, state(1))
+        monkeypatch.setattr(stepdir, "prepare_step_dir", committed_meanwhile)
+        with pytest.raises(ConcurrentWriterError, match="host node-b, pid 7, job 9"):
+            mgr.save(2, state(2))
+        monkeypatch.undo()
+        mgr.save(3, state(3))
+        assert mgr.steps() == [1, 3]

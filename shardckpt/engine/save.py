@@ -203,6 +203,10 @@ class _SaveRun:
             prepared, self.loc_failures = prepare_all(self.locations, self.step_dir,
                                                       self.leases, self.stack)
             if len(prepared) < self.min_replicas:
+                rival = [why for why in self.loc_failures.values()
+                         if why.startswith(ConcurrentWriterError.__name__)]
+                if rival:  # another writer: one error type, whatever else failed
+                    raise ConcurrentWriterError(f"step {self.req.step}: " + "; ".join(rival))
                 raise StorageError(f"step {self.req.step}: only {len(prepared)} of "
                                    f"{len(self.locations)} locations are writable (min_replicas"
                                    f"={self.min_replicas}): " + "; ".join(
