@@ -195,6 +195,22 @@ def test_ls_and_show_mark_a_degraded_save_without_replica(
     assert "DEGRADED" not in out
 
 
+def test_a_repaired_degraded_save_is_no_longer_reported_degraded(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """After `repair` fills the replica, `ls` with both locations says the step is whole
+    (the manifest still records the degraded save: `degraded_save` stays true)."""
+    root = _degraded_run(tmp_path, monkeypatch)
+    replica = tmp_path / "b"
+    code, out, _ = cli(capsys, "ls", str(root), "--replica", str(replica), "--json")
+    assert {r["step"]: r["health"] for r in json.loads(out)}[2] == "degraded"
+    assert cli(capsys, "repair", str(root), "--replica", str(replica))[0] == 0
+    code, out, err = cli(capsys, "ls", str(root), "--replica", str(replica), "--json")
+    row = {r["step"]: r for r in json.loads(out)}[2]
+    assert code == 0, err
+    assert row["health"] == "ok" and row["problems"] == [] and row["degraded_save"] is True
+
+
 def test_a_closed_pipe_ends_quietly_with_the_commands_own_code(tmp_path: Path) -> None:
     root = tmp_path / "ck"
     with shardckpt.CheckpointManager(str(root), async_save=False) as mgr:

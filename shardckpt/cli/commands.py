@@ -93,7 +93,9 @@ def cmd_ls(args: argparse.Namespace) -> int:
                            total=len(report.steps), enabled=wanted(args), unit="step"):
         m = entry.manifest
         states = set(entry.health)
-        note = _degraded_note(m)
+        degraded_save = (note := _degraded_note(m)) is not None
+        if note and len(locs) > 1 and states == {"ok"}:  # repaired since: every copy is whole
+            note = None
         bad = [(loc.display, entry.health[i]) for i, loc in enumerate(locs)
                if entry.health[i] not in health.NOT_DAMAGE]
         damage += [f"step {step}: {where}: {state}" for where, state in bad]
@@ -102,7 +104,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
                      "world_size": m.world_size, "verified": verified(locs[0], m),
                      "health": "damaged" if "ok" not in states else
                      "degraded" if states != {"ok"} or note else "ok",
-                     "degraded_save": note is not None,
+                     "degraded_save": degraded_save,
                      "locations": [{"url": loc.display, "health": entry.health[i]}
                                    for i, loc in enumerate(locs)],
                      "problems": [f"{where}: {state}" for where, state in bad]
