@@ -167,9 +167,9 @@ def arm_kill(phase: str, pids: list[int], step: int) -> None:
     if phase == "snapshot":
         real_snapshot = snapshot_mod.StagingPool.snapshot
 
-        def snapshot(self: Any, collected: Any) -> Any:
+        def snapshot(self: Any, collected: Any, *args: Any) -> Any:
             _die(pids)
-            return real_snapshot(self, collected)
+            return real_snapshot(self, collected, *args)
 
         snapshot_mod.StagingPool.snapshot = snapshot  # type: ignore[method-assign]
     elif phase == "writing":

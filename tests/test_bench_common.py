@@ -214,7 +214,7 @@ def test_throughput_benchmark_runs_end_to_end_with_its_documented_keys(tmp_path:
     assert doc["medians"]["shardckpt_load"]["verified"] is True
     assert doc["medians"]["dcp_load"]["verified"] is True
     assert doc["cache"]["method"] == "none" and doc["machine"]["fsync"] is False
-    assert len(doc["targets"]) == 6 and doc["ratios"]["async_stall_over_memcpy"]["value"] > 0
+    assert len(doc["targets"]) == 7 and doc["ratios"]["async_stall_over_memcpy"]["value"] > 0
     assert doc["ratios"]["async_stall_over_dcp_async_process_stall"]["value"] is None  # not run
     assert all(r["rss"]["async_save_footprint_bytes_per_rank"]
                for r in doc["results"]["shardckpt_async"])

@@ -670,7 +670,8 @@ def test_prune_sigkilled_at_a_random_moment(tmp_path: Path, after: int) -> None:
     # the next prune finishes the job
     prune_location(open_location(root), shardckpt.RetentionPolicy(keep_last=1), grace=0)
     assert committed(root) == [40]
-    assert sorted(p.name for p in Path(root).iterdir()) == [".shardckpt", step_dirname(40)]
+    assert sorted(p.name for p in Path(root).iterdir()) == [".shardckpt", ".shardckpt-root",
+                                                         step_dirname(40)]
 
 
 def test_launch_examples_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -59,6 +59,9 @@ class SaveOptions:
     encode_threads: int
     memory_budget: int
     nice: int = 0  # of the encoder and writer threads (engine/background.py)
+    # every rank writes where rank 0 commits (False: the local tier, each node its own path):
+    # then rank 0 checks, under the lease, that every file is still there before the commit
+    shared_location: bool = True
 
     @classmethod
     def from_knobs(cls, codec: Codec) -> SaveOptions:
@@ -311,7 +314,7 @@ class _SaveRun:
                                           [p.tree for p in self.plans], self.tensors, reports)
                 committed, commit_failures, manifest, size = commit_all(
                     self.locations, good, self.step_dir, manifest, self.min_replicas,
-                    self.leases)
+                    self.leases, check_files=self.opts.shared_location)
                 self.counts["manifest_bytes"] = size
                 self.loc_failures.update(commit_failures)
                 if committed:

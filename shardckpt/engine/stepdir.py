@@ -237,8 +237,8 @@ def _is_ours(location: Location, rel: str, data: bytes) -> bool:
 
 
 def commit_all(locations: Sequence[Location], good: list[int], step_dir: str,
-               manifest: M.Manifest, min_replicas: int, leases: Mapping[int, StepLease]
-               ) -> tuple[list[int], dict[int, str], M.Manifest, int]:
+               manifest: M.Manifest, min_replicas: int, leases: Mapping[int, StepLease],
+               check_files: bool = True) -> tuple[list[int], dict[int, str], M.Manifest, int]:
     """Rank 0: commit at every good location; undo them all if fewer than ``min_replicas``.
     Returns the committed locations, the failed ones, the manifest and its size in bytes."""
     extra = dict(manifest.extra)
@@ -252,7 +252,8 @@ def commit_all(locations: Sequence[Location], good: list[int], step_dir: str,
     rival: ConcurrentWriterError | None = None
     for i in good:
         try:
-            commit(locations[i], step_dir, data, leases.get(i), manifest.files)
+            commit(locations[i], step_dir, data, leases.get(i),
+                   manifest.files if check_files else None)
             committed.append(i)
         except ConcurrentWriterError as exc:  # the whole save fails: never both writers
             rival = exc

@@ -29,6 +29,7 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 from .. import knobs
@@ -95,7 +96,8 @@ class LocalTierStore:
         req = SaveRequest(step, dict(metrics or {}), tuple(tags),
                           {**(extra or {}), "tier": "local"})
         result = save_step(self.comm, [self.location], state, req,
-                           SaveOptions.from_knobs(self._codec), collected, 1, self._plan_cache)
+                           replace(SaveOptions.from_knobs(self._codec), shared_location=False),
+                           collected, 1, self._plan_cache)
         t1 = time.perf_counter()
         text = result.manifest and M.serialize(result.manifest).decode()
         text = self.comm.broadcast_json(text, "local save: share the manifest")
