@@ -70,7 +70,7 @@ def test_prune_aborts_the_orphaned_upload_of_a_killed_saves_only_file(s3: Any) -
     live = Lease.acquire(loc, "step-0000000003", WRITER)  # a save writing step 3 right now
     try:
         killed_upload(s3, bucket, f"{prefix}/step-0000000003/00-rank00000-000.shard")
-        assert loc.listdir("") == [".shardckpt", "step-0000000001"]  # step 2 shows nothing
+        assert "step-0000000002" not in loc.listdir("")  # step 2 shows nothing
         proc = cli(s3, "prune", root, "--keep-last", "5", "--json")  # within the grace
         assert proc.returncode == 0, proc.stderr
         doc = json.loads(proc.stdout)
@@ -104,15 +104,18 @@ def test_a_missing_bucket_is_an_error_naming_it_never_no_checkpoints_yet(
     assert proc.returncode != 0
     assert "bucket 'nosuchbkt-y1' does not exist" in proc.stderr, proc.stderr
     assert 'shardckpt_prune_last_success{root="s3://nosuchbkt-y1/run"} 0' in metrics.read_text()
-    existing = s3.new_root("there")
-    for args in (("repair", root, "--replica", existing), ("verify", root),
-                 ("repair", existing, "--replica", root)):
+    saved = str(tmp_path / "run")
+    with shardckpt.CheckpointManager(saved, async_save=False) as mgr:
+        mgr.save(1, state(1))
+    for args in (("repair", root, "--replica", saved), ("verify", root),
+                 ("repair", saved, "--replica", root)):
         proc = cli(s3, *args)
         assert proc.returncode != 0, args
         assert "bucket 'nosuchbkt-y1' does not exist" in proc.stderr, (args, proc.stderr)
         assert "no such checkpoint root" not in proc.stderr
     assert "nosuchbkt-y1" not in {b["Name"] for b in s3.client().list_buckets()["Buckets"]}
     # a prefix that does not exist in an existing bucket: a root before its first save
+    existing = s3.new_root("there")
     for args in (("ls", existing), ("prune", existing, "--keep-last", "5")):
         proc = cli(s3, *args)
         assert proc.returncode == 0, (args, proc.stderr)
