@@ -4,8 +4,9 @@ A *checkpoint root* is a folder holding step directories (``step-NNNNNNNNNN``), 
 moved aside as corrupt, or shardckpt's control folder (``.shardckpt/``) or root marker. A root
 that does not exist yet, or an empty folder, is a root with no checkpoints: what a cron prune
 finds before the job's first save; but a root whose S3 bucket does not exist is an error naming
-the bucket and the endpoint (:class:`NoSuchBucketError`, exit 2), never "no checkpoints yet". Anything else (a step directory given by mistake, a folder
-holding other files, a file) is not a root: the commands refuse it with :class:`NotARootError`
+the bucket and the endpoint (:class:`NoSuchBucketError`, exit 2), never "no checkpoints yet".
+Anything else (a step directory given by mistake, a folder holding other files, a file) is not
+a root: the commands refuse it with :class:`NotARootError`
 (exit 2) and write nothing there. Reads only; never imports torch.
 """
 
