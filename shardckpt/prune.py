@@ -13,7 +13,9 @@ The steps of :func:`prune_location`, each safe to interrupt at any point (SIGKIL
    data. A crash after the manifest is gone leaves an uncommitted directory, never a listed
    checkpoint with missing files; a later prune reaps what is left;
 6. reap uncommitted directories that no live writer holds and that nothing has touched for
-   ``grace`` seconds (default one hour): an interrupted save's leftovers; and directories that
+   ``grace`` seconds (default one hour): an interrupted save's leftovers, also a step that
+   holds no visible object but an unfinished S3 multipart upload (its upload is aborted,
+   see :mod:`.orphans`); and directories that
    a save moved aside because their manifest was corrupt (``step-N.corrupt-<utc>``), once
    ``grace`` has passed since they were moved;
 7. remove lease files whose holders are long gone, and release the lock.
@@ -37,6 +39,7 @@ from . import catalog
 from .controldir import make_control_dirs
 from .errors import StorageError
 from .format import manifest as M
+from .orphans import pending_uploads
 from .policy import (
     CheckpointRecord,
     RetentionPlan,
@@ -213,6 +216,7 @@ def _prune(location: Location, policy: RetentionPolicy, dry_run: bool, grace: fl
            lock: PruneLock | None, cache: Mapping[int, M.Manifest],
            unknown_metric: str = "warn") -> PruneReport:
     committed, uncommitted, corrupt, aside = _survey(location, cache)
+    uploads = pending_uploads(location)  # S3: unfinished multipart uploads, by step directory
     # Leases are read after the listing: a writer writes its lease before its directory, so
     # every directory listed above that a live writer holds has its lease visible here.
     leases = read_leases(location)
@@ -233,9 +237,12 @@ def _prune(location: Location, policy: RetentionPolicy, dry_run: bool, grace: fl
         plan = RetentionPlan({s: plan.kept.get(s, (why,)) for s in sorted(committed)}, ())
     skipped: dict[str, str] = {}
     stale: list[str] = []
-    for step in uncommitted:
-        d = step_dirname(step)
-        last = _last_activity(location, d, [r for r in by_dir.get(d, []) if r.kind == WRITER])
+    known = {step_dirname(s) for s in (*committed, *uncommitted, *corrupt)}
+    hidden = [d for d in sorted(uploads) if d not in known]  # a killed save's only trace
+    for d in [*map(step_dirname, uncommitted), *hidden]:
+        stamps = [_last_activity(location, d, [r for r in by_dir.get(d, []) if r.kind == WRITER]),
+                  uploads.get(d)]
+        last = max((t for t in stamps if t is not None), default=None)
         if d in writing:
             skipped[d] = "being written (live writer lease)"
         elif last is not None and now - last < grace:

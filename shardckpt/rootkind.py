@@ -3,8 +3,10 @@
 A *checkpoint root* is a folder holding step directories (``step-NNNNNNNNNN``), step directories
 moved aside as corrupt, or shardckpt's control folder (``.shardckpt/``) or root marker. A root
 that does not exist yet, or an empty folder, is a root with no checkpoints: what a cron prune
-finds before the job's first save. Anything else (a step directory given by mistake, a folder
-holding other files, a file) is not a root: the commands refuse it with :class:`NotARootError`
+finds before the job's first save; but a root whose S3 bucket does not exist is an error naming
+the bucket and the endpoint (:class:`NoSuchBucketError`, exit 2), never "no checkpoints yet".
+Anything else (a step directory given by mistake, a folder holding other files, a file) is not
+a root: the commands refuse it with :class:`NotARootError`
 (exit 2) and write nothing there. Reads only; never imports torch.
 """
 
@@ -25,6 +27,18 @@ _ASIDE_PREFIX = "step-"
 
 class NotARootError(ShardckptError):
     """The path given as ROOT exists and is not a checkpoint root (exit 2)."""
+
+
+class NoSuchBucketError(NotARootError):
+    """The root's S3 bucket does not exist (a misspelt name, an endpoint that restarted
+    empty): never "no checkpoints yet", which would hide it from a cron prune (exit 2)."""
+
+
+def bucket_problem(location: Location) -> str | None:
+    """Why ``location``'s bucket makes it no root at all (it does not exist, naming it and the
+    endpoint), or None (it exists, or the location has no bucket). Asks the store only on S3."""
+    check = getattr(location, "bucket_problem", None)
+    return check() if callable(check) else None
 
 
 @dataclass(frozen=True)
@@ -57,6 +71,9 @@ def classify_root(location: Location) -> RootKind:
     if isinstance(local, str) and os.path.lexists(local) and not os.path.isdir(local):
         raise NotARootError(f"{location.display}: is a file, not a checkpoint root")
     if not location.root_exists():
+        problem = bucket_problem(location)  # a misspelt bucket is no "root not created yet"
+        if problem is not None:
+            raise NoSuchBucketError(problem)
         return RootKind(MISSING, location.display)
     names = [n.rstrip("/").rsplit("/", 1)[-1] for n in location.listdir("")]
     if not names:
@@ -73,4 +90,5 @@ def classify_root(location: Location) -> RootKind:
                         f"step-NNNNNNNNNN directory")
 
 
-__all__ = ["EMPTY", "MISSING", "ROOT", "NotARootError", "RootKind", "classify_root"]
+__all__ = ["EMPTY", "MISSING", "ROOT", "NoSuchBucketError", "NotARootError", "RootKind",
+           "bucket_problem", "classify_root"]

@@ -35,10 +35,13 @@ ROOT_HELP = "checkpoint root: a path or fsspec URL"
 
 
 def open_locations(urls: list[str], warn: str | None = None,
-                   missing_ok: bool = False) -> list[Location]:
+                   missing_ok: bool = False, new_replicas_ok: bool = False) -> list[Location]:
     """The locations of ``urls``; a URL that cannot be opened or a root that does not exist is
     a usage error (exit 64), named in one line with credentials redacted (with ``missing_ok``,
-    a root that does not exist yet is accepted: a root with no checkpoints).
+    a root that does not exist yet is accepted: a root with no checkpoints; with
+    ``new_replicas_ok``, a replica on an object store that does not exist yet is accepted:
+    ``repair``'s target, a prefix that no one can create beforehand). A root or replica whose
+    S3 bucket does not exist is named with its bucket and endpoint.
 
     Remote locations are probed, all at once: one that does not answer within seconds stands
     in as :class:`~shardckpt.storage.probe.Unreachable` (its every operation fails at once), so
@@ -46,6 +49,7 @@ def open_locations(urls: list[str], warn: str | None = None,
     says so. ``StorageError`` if no location answers.
     """
     from ..redact import redact_url as redact
+    from ..rootkind import NoSuchBucketError, bucket_problem
     from ..storage import open_location
     from ..storage.probe import Unreachable, reachable_all
 
@@ -64,11 +68,18 @@ def open_locations(urls: list[str], warn: str | None = None,
             continue
         try:
             exists = loc.root_exists()
+            problem = None if exists else bucket_problem(loc)
         except StorageError:
             if index == 0:
                 raise
             continue  # a replica failing now: the command reports it where it matters
-        if not exists and not missing_ok:
+        if exists:
+            continue
+        if problem is not None:
+            if missing_ok:
+                raise NoSuchBucketError(problem)
+            raise UsageError(problem)
+        if not missing_ok and not (new_replicas_ok and index > 0 and not loc.is_local):
             raise UsageError(f"{loc.display}: no such checkpoint root")
     for loc in down if warn else ():
         print(f"shardckpt {warn}: warning: {loc.display} is unreachable ({loc.why}); using "
@@ -78,7 +89,8 @@ def open_locations(urls: list[str], warn: str | None = None,
 
 def locations(args: argparse.Namespace) -> list[Location]:
     quiet = args.command in ("ls", "report")  # these report unreachable locations themselves
-    return open_locations([args.root, *args.replica], warn=None if quiet else args.command)
+    return open_locations([args.root, *args.replica], warn=None if quiet else args.command,
+                          new_replicas_ok=args.command == "repair")
 
 
 def checked_roots(args: argparse.Namespace) -> tuple[list[Location], list[RootKind | None]]:

@@ -296,6 +296,20 @@ class PruneLock(_Held):
         return lock
 
 
+def remove_dead_writers(location: Location, step_dir: str, clock: Callable[[], float] = time.time
+                       ) -> None:
+    """Remove the expired writer leases on ``step_dir`` if it holds a manifest (committed);
+    never one in force (each is read again just before it goes)."""
+    names = [n for n, r in read_leases(location, step_dir, WRITER).items()
+             if r is not None and step_dir in r.dirs and not r.live(clock())]
+    if not names or location.size(f"{step_dir}/manifest.json") is None:
+        return
+    for name in names:
+        current = read_record(location, f"{LEASE_DIR}/{name}")
+        if current is not None and not current.live(clock()):
+            location.remove(f"{LEASE_DIR}/{name}")
+
+
 # ------------------------------------------------------------------------------ a save's lease
 class StepLease:
     """A save's writer lease on its step directory at one location (rank 0 holds one per
@@ -326,9 +340,12 @@ class StepLease:
         self.lease.abandon()
 
     def release(self) -> None:
-        """Remove the record; a storage error is swallowed (a lease left behind expires)."""
+        """Remove the record; a storage error is swallowed (a lease left behind expires). Once
+        the step is committed, also the expired writer leases of dead writers of this step
+        (a killed save's, say): no prune removes those while the step's directory exists."""
         with contextlib.suppress(ShardckptError, OSError):
             self.lease.release()
+            remove_dead_writers(self.location, self.step_dir)
 
     def __enter__(self) -> StepLease:
         return self
@@ -354,5 +371,6 @@ __all__ = [
     "put_record",
     "read_leases",
     "read_record",
+    "remove_dead_writers",
     "wait_out_reapers",
 ]

@@ -176,25 +176,33 @@ class FsspecLocation(Location):
         self._call("mkdir", reldir, self.fs.makedirs, path, exist_ok=True)
 
     def _check_bucket(self, reldir: str) -> None:
-        if self._bucket_seen:
-            return
+        problem = self.bucket_problem(reldir)
+        if problem is not None:
+            raise StorageError(f"{problem}; shardckpt never creates buckets: create it, or fix "
+                               f"the URL")
+
+    def bucket_problem(self, reldir: str = "") -> str | None:
+        """S3: ``"<url>: bucket 'b' does not exist at <endpoint>"`` when the root's bucket is
+        missing, else None (also where the bucket cannot be told: not S3, or no right to HEAD
+        it). ``StorageError`` if the store fails otherwise."""
+        if self._bucket_seen or not self._is_s3():
+            return None
         bucket = self.fs.split_path(self.root)[0]
+        missing = (f"{self.display}: bucket {bucket!r} does not exist at "
+                   f"{self._scrub(redact(self.endpoint() or ''))}")
         try:
             self._retried(self.fs.call_s3, "head_bucket", Bucket=bucket)
             self._bucket_seen = True
         except FileNotFoundError:
-            raise StorageError(f"{self.display}: bucket {bucket!r} does not exist at "
-                               f"{self.endpoint()}; shardckpt never creates buckets: create it, "
-                               f"or fix the URL") from None
+            return missing
         except Exception as exc:
             status, code = http_answer(exc)
             if status == 404 or code in ("NoSuchBucket", "404"):
-                raise StorageError(f"{self.display}: bucket {bucket!r} does not exist at "
-                                   f"{self.endpoint()}; shardckpt never creates buckets: "
-                                   f"create it, or fix the URL") from None
+                return missing
             if status == 403:
-                return  # no right to HEAD the bucket: the writes themselves will tell
+                return None  # no right to HEAD the bucket: the writes themselves will tell
             raise self._map("check bucket", reldir or ".", exc) from exc
+        return None
 
     def open_sink(self, relpath: str) -> Sink:
         return self._call("create", relpath, _FsspecSink, self, relpath, self._path(relpath))
@@ -278,21 +286,44 @@ class FsspecLocation(Location):
         if self._is_s3():
             self._abort_uploads(reldir, path)
 
-    def _abort_uploads(self, reldir: str, path: str) -> None:
-        bucket, prefix, _ = self.fs.split_path(path)
-        prefix = prefix.rstrip("/") + "/"
+    def pending_uploads(self) -> dict[str, float]:
+        """S3: the top-level entries of the root (step directories) under which multipart
+        uploads are unfinished, each with the newest upload's start (UNIX time); an entry may
+        hold no visible object at all (a save killed mid-upload of its only file). Elsewhere
+        ``{}``."""
+        if not self._is_s3():
+            return {}
+        bucket, prefix, _ = self.fs.split_path(self.root)
+        prefix = prefix.rstrip("/") + "/" if prefix else ""
+        found: dict[str, float] = {}
+        for upload in self._uploads(".", bucket, prefix):
+            top, sep, _ = upload["Key"][len(prefix):].partition("/")
+            started = upload.get("Initiated")
+            if not sep or not top or not isinstance(started, datetime):
+                continue
+            stamp = (started if started.tzinfo else started.replace(tzinfo=timezone.utc)
+                     ).timestamp()
+            found[top] = max(found.get(top, stamp), stamp)
+        return found
+
+    def _uploads(self, reldir: str, bucket: str, prefix: str) -> list[dict[str, Any]]:
+        uploads: list[dict[str, Any]] = []
         markers: dict[str, str] = {}
         while True:
             page = self._call("list uploads", reldir, self.fs.call_s3, "list_multipart_uploads",
                               Bucket=bucket, Prefix=prefix, **markers)
-            for upload in page.get("Uploads") or ():
-                with contextlib.suppress(FileNotFoundError):
-                    self._call("abort upload", reldir, self.fs.call_s3, "abort_multipart_upload",
-                               Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+            uploads += page.get("Uploads") or ()
             if not page.get("IsTruncated"):
-                return
+                return uploads
             markers = {"KeyMarker": page.get("NextKeyMarker", ""),
                        "UploadIdMarker": page.get("NextUploadIdMarker", "")}
+
+    def _abort_uploads(self, reldir: str, path: str) -> None:
+        bucket, prefix, _ = self.fs.split_path(path)
+        for upload in self._uploads(reldir, bucket, prefix.rstrip("/") + "/"):
+            with contextlib.suppress(FileNotFoundError):
+                self._call("abort upload", reldir, self.fs.call_s3, "abort_multipart_upload",
+                           Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"])
 
     def read_range(self, relpath: str, offset: int, length: int) -> bytes:
         if length == 0:
