@@ -111,3 +111,30 @@ def test_a_replica_that_turns_read_only_is_that_locations_failure(tmp_path: Path
     out = run_ranks(T.replica_turns_read_only, 2, str(tmp_path / "r2"), str(tmp_path / "p2"),
                     1, timeout=120, env=ENV)
     assert all(r["type"] is None and r["steps"] == [1, 2] for r in out), out
+
+
+def test_a_marker_being_created_by_another_process_is_waited_for(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two jobs starting on a new root at once: the one whose exclusive create of the marker
+    loses waits for the other's to land and adopts its id (it failed the save before)."""
+    from shardckpt.storage import marker
+
+    loc = open_location(str(tmp_path / "run"))
+    loc.makedirs("")
+    real_read = marker.read_marker
+    reads: list[int] = []
+
+    def other_lands_late(location: Any) -> str | None:
+        reads.append(1)
+        if len(reads) == 3:  # the other process's rename lands while we wait
+            location.write_atomic(marker.MARKER, json.dumps(
+                {"format": marker.MARKER_FORMAT, "id": "theirs"}).encode())
+        return real_read(location)
+
+    def claimed(relpath: str, data: bytes) -> None:
+        raise FileExistsError(17, "claimed by another writer", relpath)
+
+    monkeypatch.setattr(marker, "read_marker", other_lands_late)
+    monkeypatch.setattr(loc, "write_exclusive", claimed)
+    marker.check_marker(loc)
+    assert loc.marker_id == "theirs"

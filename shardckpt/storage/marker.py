@@ -27,6 +27,7 @@ from .base import Location
 MARKER = ".shardckpt-root"
 MARKER_FORMAT = "shardckpt-root"
 MAX_MARKER_BYTES = 64 << 10
+_RIVAL_WAIT_S = 10.0  # for another process's exclusive create of the marker to land
 
 
 def read_marker(location: Location) -> str | None:
@@ -52,11 +53,14 @@ def _write_marker(location: Location) -> str:
     data = json.dumps({"format": MARKER_FORMAT, "id": marker_id, "created": now}).encode()
     try:
         location.write_exclusive(MARKER, data)
-    except FileExistsError:
-        found = read_marker(location)
+    except FileExistsError:  # the other process's create may still be landing: wait for it
+        deadline = time.monotonic() + _RIVAL_WAIT_S
+        while (found := read_marker(location)) in (None, "?") and time.monotonic() < deadline:
+            time.sleep(0.05)
         if found is None or found == "?":
             raise StorageError(f"{location.display}/{MARKER}: another process is writing the "
-                               f"root marker") from None
+                               f"root marker and has not finished in {_RIVAL_WAIT_S:.0f} s"
+                               ) from None
         return found
     return marker_id
 
