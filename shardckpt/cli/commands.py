@@ -243,7 +243,7 @@ def _add_export(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_repair(args: argparse.Namespace) -> int:
-    from ..repair import committed_nowhere, repair_step, steps_to_repair, summary
+    from ..repair import committed_nowhere, repair_step, restore_markers, steps_to_repair, summary
     from ..storage import step_dirname
     from .common import UsageError, emit
 
@@ -261,6 +261,8 @@ def cmd_repair(args: argparse.Namespace) -> int:
         if args.step is not None or not committed_nowhere(r):  # else a crashed save: no damage
             reports.append(r)
     ok = all(r.ok for r in reports)
+    if ok and not args.dry_run:  # healthy everywhere: a refilled replica gets its marker back
+        restore_markers(locs)
     if args.json:
         emit({"ok": ok, "dry_run": args.dry_run, "summary": summary(reports, args.dry_run),
               "steps": [r.to_json() for r in reports],
