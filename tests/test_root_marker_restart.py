@@ -211,3 +211,34 @@ def test_a_fresh_root_with_no_checkpoints_anywhere_is_created(tmp_path: Path) ->
         with manager(root, replica) as mgr:
             mgr.save(1, state(1))
     assert marker_id(root) and marker_id(replica)
+
+
+def test_an_s3_bucket_recreated_empty_is_failed_on_restart_until_repaired(tmp_path: Path,
+                                                                          s3: Any) -> None:
+    import os
+
+    root, replica = tmp_path / "run", s3.new_root("run")
+    opts = {"storage_options": s3.storage_options, "async_save": False}
+    with shardckpt.CheckpointManager(str(root), replicas=[replica], **opts) as mgr:
+        mgr.save(1, state(1))
+    bucket, client = replica[len("s3://"):].split("/", 1)[0], s3.client()
+    for obj in client.list_objects_v2(Bucket=bucket)["Contents"]:  # the endpoint restarted
+        client.delete_object(Bucket=bucket, Key=obj["Key"])
+    client.delete_bucket(Bucket=bucket)
+    client.create_bucket(Bucket=bucket)
+    with shardckpt.CheckpointManager(str(root), replicas=[replica], min_replicas=1,
+                                     **opts) as mgr:
+        with pytest.warns(UserWarning, match=rf"{replica}: the root marker .* is missing.*"
+                          r"up to step 1"):
+            mgr.save(2, state(2))
+        assert mgr.info(2).replicas == (str(root),)
+    assert "Contents" not in client.list_objects_v2(Bucket=bucket)  # nothing written there
+    proc = subprocess.run([sys.executable, "-m", "shardckpt", "repair", str(root), "--replica",
+                           replica], capture_output=True, text=True, timeout=180,
+                          env={**os.environ, "FSSPEC_S3_ENDPOINT_URL": s3.endpoint_url})
+    assert proc.returncode == 0, proc.stderr
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with shardckpt.CheckpointManager(str(root), replicas=[replica], **opts) as mgr:
+            mgr.save(3, state(3))
+            assert mgr.info(3).replicas == (str(root), replica)

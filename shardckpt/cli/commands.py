@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from ..textfile import human_bytes
 from . import diff_cmd, interop_cmd, prune_cmd, report_cmd, verify_cmd
 from .argtypes import step_arg
-from .common import ROOT_HELP, latest_step, locations
+from .common import ROOT_HELP, latest_step
 from .progress import bar, wanted
 
 if TYPE_CHECKING:  # the checkpoint layers load when a command runs, not for --help
@@ -245,9 +245,13 @@ def _add_export(p: argparse.ArgumentParser) -> None:
 def cmd_repair(args: argparse.Namespace) -> int:
     from ..repair import committed_nowhere, repair_step, restore_markers, steps_to_repair, summary
     from ..storage import step_dirname
-    from .common import UsageError, emit
+    from ..storage.probe import Unreachable
+    from .common import UsageError, emit, open_locations
 
-    locs = locations(args)
+    # a replica may be a new, empty location (a bucket recreated empty): repair fills it
+    locs = open_locations([args.root, *args.replica], warn=args.command, missing_ok=True)
+    if not isinstance(locs[0], Unreachable) and not locs[0].root_exists():
+        raise UsageError(f"{locs[0].display}: no such checkpoint root")
     if len(locs) < 2:
         raise UsageError("repair needs at least one --replica URL to copy from or to")
     left: dict[int, list[str]] = {}  # steps ROOT does not hold (pruned there): not brought back
