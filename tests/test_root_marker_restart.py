@@ -242,3 +242,15 @@ def test_an_s3_bucket_recreated_empty_is_failed_on_restart_until_repaired(tmp_pa
         with shardckpt.CheckpointManager(str(root), replicas=[replica], **opts) as mgr:
             mgr.save(3, state(3))
             assert mgr.info(3).replicas == (str(root), replica)
+
+
+def test_cli_repair_fills_a_new_location_but_refuses_a_missing_root(tmp_path: Path) -> None:
+    root, replica, _ = first_job(tmp_path)
+    new = tmp_path / "new" / "run"  # does not exist yet
+    proc = run_cli("repair", str(root), "--replica", str(new))
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in new.glob("step-*")) == ["step-0000000001", "step-0000000002"]
+    assert len(marker_id(new)) == 32
+    proc = run_cli("repair", str(tmp_path / "typo"), "--replica", str(replica))
+    assert proc.returncode == 64 and "no such checkpoint root" in proc.stderr
+    assert not (tmp_path / "typo").exists()
