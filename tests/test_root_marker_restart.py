@@ -244,13 +244,22 @@ def test_an_s3_bucket_recreated_empty_is_failed_on_restart_until_repaired(tmp_pa
             assert mgr.info(3).replicas == (str(root), replica)
 
 
-def test_cli_repair_fills_a_new_location_but_refuses_a_missing_root(tmp_path: Path) -> None:
-    root, replica, _ = first_job(tmp_path)
-    new = tmp_path / "new" / "run"  # does not exist yet
+def test_cli_repair_refills_a_deleted_replica_but_refuses_unknown_missing_roots(
+        tmp_path: Path) -> None:
+    root, replica, rid = first_job(tmp_path)
+    shutil.rmtree(replica)  # gone entirely; the manifests at ROOT record its marker
+    proc = run_cli("repair", str(root), "--replica", str(replica))
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in replica.glob("step-*")) == ["step-0000000001",
+                                                               "step-0000000002"]
+    assert marker_id(replica) == rid
+    new = tmp_path / "new"
+    new.mkdir()  # a new, empty location: filled, with a marker of its own
     proc = run_cli("repair", str(root), "--replica", str(new))
     assert proc.returncode == 0, proc.stderr
-    assert sorted(p.name for p in new.glob("step-*")) == ["step-0000000001", "step-0000000002"]
-    assert len(marker_id(new)) == 32
-    proc = run_cli("repair", str(tmp_path / "typo"), "--replica", str(replica))
-    assert proc.returncode == 64 and "no such checkpoint root" in proc.stderr
+    assert len(marker_id(new)) == 32 and marker_id(new) != rid
+    for argv in ([str(root), "--replica", str(tmp_path / "typo")],  # recorded nowhere
+                 [str(tmp_path / "typo"), "--replica", str(replica)]):  # ROOT itself
+        proc = run_cli("repair", *argv)
+        assert proc.returncode == 64 and "no such checkpoint root" in proc.stderr, argv
     assert not (tmp_path / "typo").exists()

@@ -242,16 +242,37 @@ def _add_export(p: argparse.ArgumentParser) -> None:
                    "write into a folder holding files no export wrote")
 
 
+def _repair_locations(args: argparse.Namespace) -> list[Location]:
+    """The locations; a root that does not exist is a usage error, except a replica the
+    manifests recorded a marker for (emptied: a bucket recreated empty), which repair refills."""
+    from ..engine.rootmarks import expected_markers
+    from ..errors import StorageError
+    from ..storage.probe import Unreachable
+    from .common import UsageError, open_locations
+
+    locs = open_locations([args.root, *args.replica], warn=args.command, missing_ok=True)
+    live = [i for i, loc in enumerate(locs) if not isinstance(loc, Unreachable)]
+    missing = []
+    for i in live:
+        try:
+            if not locs[i].root_exists():
+                missing.append(i)
+        except StorageError:
+            if i == 0:
+                raise
+    known = expected_markers(locs, live) if missing and 0 not in missing else {}
+    for i in missing:
+        if i not in known:
+            raise UsageError(f"{locs[i].display}: no such checkpoint root")
+    return locs
+
+
 def cmd_repair(args: argparse.Namespace) -> int:
     from ..repair import committed_nowhere, repair_step, restore_markers, steps_to_repair, summary
     from ..storage import step_dirname
-    from ..storage.probe import Unreachable
-    from .common import UsageError, emit, open_locations
+    from .common import UsageError, emit
 
-    # a replica may be a new, empty location (a bucket recreated empty): repair fills it
-    locs = open_locations([args.root, *args.replica], warn=args.command, missing_ok=True)
-    if not isinstance(locs[0], Unreachable) and not locs[0].root_exists():
-        raise UsageError(f"{locs[0].display}: no such checkpoint root")
+    locs = _repair_locations(args)
     if len(locs) < 2:
         raise UsageError("repair needs at least one --replica URL to copy from or to")
     left: dict[int, list[str]] = {}  # steps ROOT does not hold (pruned there): not brought back
