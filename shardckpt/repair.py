@@ -267,13 +267,16 @@ def restore_markers(locations: Sequence[Location]) -> list[str]:
 
     expected, out = expected_markers(locations, range(len(locations))), []
     for i, loc in enumerate(locations):
-        rec, found = expected.get(i), read_marker(loc)
-        if rec is not None and found != rec[0]:
-            restore_marker(loc, rec[0])
-            out.append(loc.display)
-        elif rec is None and found is None:
-            write_marker(loc)
-            out.append(loc.display)
+        try:  # an unreachable location keeps what it has: the next repair restores it
+            rec, found = expected.get(i), read_marker(loc)
+            if rec is not None and found != rec[0]:
+                restore_marker(loc, rec[0])
+                out.append(loc.display)
+            elif rec is None and found is None:
+                write_marker(loc)
+                out.append(loc.display)
+        except StorageError:
+            continue
     return out
 
 
