@@ -252,6 +252,31 @@ def repair(locations: Sequence[Location], step: int | None = None,
         r = repair_step(locations, s, dry_run)
         if not committed_nowhere(r):  # a crashed save, not damage
             out.append(r)
+    if not dry_run and all(r.ok for r in out):
+        restore_markers(locations)
+    return out
+
+
+def restore_markers(locations: Sequence[Location]) -> list[str]:
+    """After a repair that left every step healthy: give each location the root marker that
+    the other locations' newest manifests recorded for it (a refilled replica is accepted again
+    by a restarted job), or a new one where none is recorded and there is none. Returns the
+    locations whose marker was written."""
+    from .engine.rootmarks import expected_markers
+    from .storage.marker import read_marker, restore_marker, write_marker
+
+    expected, out = expected_markers(locations, range(len(locations))), []
+    for i, loc in enumerate(locations):
+        try:  # an unreachable location keeps what it has: the next repair restores it
+            rec, found = expected.get(i), read_marker(loc)
+            if rec is not None and found != rec[0]:
+                restore_marker(loc, rec[0])
+                out.append(loc.display)
+            elif rec is None and found is None:
+                write_marker(loc)
+                out.append(loc.display)
+        except StorageError:
+            continue
     return out
 
 
@@ -275,4 +300,4 @@ def summary(reports: Sequence[StepRepair], dry_run: bool) -> str:
 
 
 __all__ = ["Action", "StepRepair", "execute", "plan_step", "repair", "repair_step",
-           "steps_to_repair", "summary"]
+           "restore_markers", "steps_to_repair", "summary"]

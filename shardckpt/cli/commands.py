@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from ..textfile import human_bytes
 from . import diff_cmd, interop_cmd, prune_cmd, report_cmd, verify_cmd
 from .argtypes import step_arg
-from .common import ROOT_HELP, latest_step, locations
+from .common import ROOT_HELP, latest_step
 from .progress import bar, wanted
 
 if TYPE_CHECKING:  # the checkpoint layers load when a command runs, not for --help
@@ -244,12 +244,39 @@ def _add_export(p: argparse.ArgumentParser) -> None:
                    "write into a folder holding files no export wrote")
 
 
+def _repair_locations(args: argparse.Namespace) -> list[Location]:
+    """The locations; a root that does not exist is a usage error, except a replica the
+    manifests recorded a marker for (emptied: a bucket recreated empty), which repair refills,
+    and a replica on an object store (a new prefix of an existing bucket: a missing bucket was
+    named by ``open_locations``)."""
+    from ..engine.rootmarks import expected_markers
+    from ..errors import StorageError
+    from ..storage.probe import Unreachable
+    from .common import UsageError, open_locations
+
+    locs = open_locations([args.root, *args.replica], warn=args.command, missing_ok=True)
+    live = [i for i, loc in enumerate(locs) if not isinstance(loc, Unreachable)]
+    missing = []
+    for i in live:
+        try:
+            if not locs[i].root_exists():
+                missing.append(i)
+        except StorageError:
+            if i == 0:
+                raise
+    known = expected_markers(locs, live) if missing and 0 not in missing else {}
+    for i in missing:  # a new prefix in an existing bucket: no folder to create first
+        if i not in known and (i == 0 or locs[i].is_local):
+            raise UsageError(f"{locs[i].display}: no such checkpoint root")
+    return locs
+
+
 def cmd_repair(args: argparse.Namespace) -> int:
-    from ..repair import committed_nowhere, repair_step, steps_to_repair, summary
+    from ..repair import committed_nowhere, repair_step, restore_markers, steps_to_repair, summary
     from ..storage import step_dirname
     from .common import UsageError, emit
 
-    locs = locations(args)
+    locs = _repair_locations(args)
     if len(locs) < 2:
         raise UsageError("repair needs at least one --replica URL to copy from or to")
     left: dict[int, list[str]] = {}  # steps ROOT does not hold (pruned there): not brought back
@@ -263,6 +290,8 @@ def cmd_repair(args: argparse.Namespace) -> int:
         if args.step is not None or not committed_nowhere(r):  # else a crashed save: no damage
             reports.append(r)
     ok = all(r.ok for r in reports)
+    if ok and not args.dry_run:  # healthy everywhere: a refilled replica gets its marker back
+        restore_markers(locs)
     if args.json:
         emit({"ok": ok, "dry_run": args.dry_run, "summary": summary(reports, args.dry_run),
               "steps": [r.to_json() for r in reports],

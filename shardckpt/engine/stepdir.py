@@ -33,6 +33,7 @@ from ..storage.writers import (
 )
 from .failures import describe
 from .messages import WriteReport
+from .rootmarks import expected_markers, markers_extra, note_committed
 
 
 @dataclass(frozen=True)
@@ -97,9 +98,15 @@ def prepare_all(locations: Sequence[Location], step_dir: str,
         except ShardckptError:
             continue
         refuse_committed(locations[i], step_dir, found)
+    expected: dict[int, tuple[str, int]] = {}  # a first save: what the manifests recorded
+    if any(loc.marker_id is None for loc in locations):
+        expected = expected_markers(locations, live)
+    for i in failed:  # unreachable now: what is expected there once it is back
+        if locations[i].marker_id is None and i in expected:
+            locations[i].marker_id, locations[i].marker_step = expected[i]
     for i in live:
-        try:
-            check_marker(locations[i])  # a vanished root is a failed location, never recreated
+        try:  # a vanished root is a failed location, never recreated nor adopted
+            check_marker(locations[i], expected.get(i))
             warn_other_jobs(locations[i])
             leases[i] = stack.enter_context(StepLease(locations[i], step_dir))
         except ShardckptError as exc:
@@ -245,6 +252,7 @@ def commit_all(locations: Sequence[Location], good: list[int], step_dir: str,
     extra["locations"] = [locations[i].display for i in good]
     extra["degraded"] = len(good) < len(locations)
     extra["writer"] = writer_identity()  # who committed: a writer losing the race names it
+    extra["markers"] = markers_extra(locations, good, manifest.step)  # checked on a restart
     manifest = replace(manifest, extra=extra)
     data = M.serialize(manifest)
     M.parse(data, "new manifest")  # never commit what we could not read back
@@ -268,4 +276,5 @@ def commit_all(locations: Sequence[Location], good: list[int], step_dir: str,
         committed = []
     if rival is not None:
         raise rival
+    note_committed(locations, committed, manifest.step)
     return committed, failed, manifest, len(data)

@@ -53,6 +53,7 @@ class Location(abc.ABC):
     url: str
     is_local: bool = False
     marker_id: str | None = None  # the root marker's id, once a save adopted it (.marker)
+    marker_step: int | None = None  # the last step committed here with that marker (.marker)
 
     @property
     def display(self) -> str:

@@ -5,9 +5,14 @@ A location whose volume was unmounted, or whose folder was deleted or replaced, 
 empty folder (or no folder at all); writing there would silently start a new root, under the
 mount point. So rank 0 checks the marker at the start of every save (:func:`check_marker`):
 
-- the first save of a manager at a location *adopts* its marker: it reads the id there, or
-  writes a new one where there is none (a new root, created now; an empty folder; a root made by
-  an older version that has checkpoints but no marker yet: adopted, never failed);
+- the first save of a manager at a location first looks at the newest committed manifest
+  (:mod:`shardckpt.engine.rootmarks`): every commit records, in ``extra["markers"]``, the
+  marker id of each location it expects one at. A location recorded there must still hold that
+  id (a restarted job never adopts an emptied, unmounted or replaced replica: it is failed, as
+  below, and stays failed until ``shardckpt repair`` restores its marker);
+- a location recorded nowhere *adopts* its marker: it reads the id there, or writes a new one
+  where there is none (a new root, created now; a replica added to the list; a root made by an
+  older version that has checkpoints but no marker yet: adopted, never failed);
 - every later save finds the same id there, or the location has failed
   (:class:`~shardckpt.errors.RootMarkerError`, with a warning naming it): it is never recreated
   and nothing is written there. ``min_replicas`` decides, as for any dead location.
@@ -16,6 +21,7 @@ mount point. So rank 0 checks the marker at the start of every save (:func:`chec
 from __future__ import annotations
 
 import json
+import os
 import time
 import uuid
 import warnings
@@ -45,12 +51,35 @@ def read_marker(location: Location) -> str | None:
     return str(doc["id"])
 
 
+def _marker_bytes(marker_id: str) -> bytes:
+    now = datetime.fromtimestamp(time.time(), timezone.utc).isoformat(timespec="seconds")
+    return json.dumps({"format": MARKER_FORMAT, "id": marker_id, "created": now}).encode()
+
+
+def restore_marker(location: Location, marker_id: str) -> None:
+    """Write the marker with ``marker_id`` (``shardckpt repair``: the id the newest manifest
+    recorded for this location), replacing any other."""
+    location.makedirs("")
+    location.write_atomic(MARKER, _marker_bytes(marker_id))
+    location.fsync_dir("")
+
+
+def same_location(location: Location, recorded: str) -> bool:
+    """Whether ``recorded`` (a display URL in a manifest) names ``location``; a local path is
+    compared absolute, whatever the form it was given in."""
+    if recorded == location.display:
+        return True
+    if not location.is_local or "://" in recorded.removeprefix("file://"):
+        return False
+    path = recorded.removeprefix("file://")
+    return os.path.abspath(os.path.expanduser(path)) == getattr(location, "root", None)
+
+
 def _write_marker(location: Location) -> str:
     """Write a new marker (exclusive: of two managers creating a root at once, one id wins)
     and return the id in force."""
     marker_id = uuid.uuid4().hex
-    now = datetime.fromtimestamp(time.time(), timezone.utc).isoformat(timespec="seconds")
-    data = json.dumps({"format": MARKER_FORMAT, "id": marker_id, "created": now}).encode()
+    data = _marker_bytes(marker_id)
     try:
         location.write_exclusive(MARKER, data)
     except FileExistsError:  # the other process's create may still be landing: wait for it
@@ -65,26 +94,38 @@ def _write_marker(location: Location) -> str:
     return marker_id
 
 
-def check_marker(location: Location) -> None:
+def write_marker(location: Location) -> str:
+    """The id of ``location``'s marker, written now (a new id) if there is none."""
+    found = read_marker(location)
+    if found is None:
+        location.makedirs("")
+        found = _write_marker(location)
+    return found
+
+
+def check_marker(location: Location, recorded: tuple[str, int] | None = None) -> None:
     """Rank 0, before a save touches ``location`` (see the module). Sets
-    ``location.marker_id`` on first use; ``RootMarkerError`` (after a warning) if the marker
-    is missing or different later."""
+    ``location.marker_id`` on first use: ``recorded`` (the id and last step the newest
+    manifest recorded for it), else the id found there or written now. ``RootMarkerError``
+    (after a warning) if the marker is missing or different from the one expected."""
     expected = getattr(location, "marker_id", None)
-    if expected is None:  # this manager's first save here: adopt, or create
-        found = read_marker(location)
-        if found is None:
-            location.makedirs("")
-            found = _write_marker(location)
-        location.marker_id = found
+    if expected is None and recorded is not None:  # a restarted job: what the manifests say
+        location.marker_id, location.marker_step = recorded
+        expected = recorded[0]
+    if expected is None:  # this manager's first save here, recorded nowhere: adopt, or create
+        location.marker_id = write_marker(location)
         return
     found = read_marker(location)
     if found == expected:
         return
     what = "is missing" if found is None else f"holds another id ({found})"
     gone = "" if location.root_exists() else " (the root itself is gone)"
+    step = getattr(location, "marker_step", None)
+    held = "" if step is None else f"it held checkpoints up to step {step}; "
     msg = (f"{location.display}: the root marker {MARKER} {what}{gone}: this location was "
-           f"unmounted, deleted or replaced since this job first wrote to it (marker id "
-           f"{expected}). It is treated as a failed location and nothing is written there; "
-           f"min_replicas decides whether saves go on")
+           f"unmounted, deleted or replaced since checkpoints were written there (marker id "
+           f"{expected}); {held}if it was replaced on purpose, run `shardckpt repair ROOT "
+           f"--replica {location.display}` to refill it. It is treated as a failed location "
+           f"and nothing is written there; min_replicas decides whether saves go on")
     warnings.warn(msg, stacklevel=3)
     raise RootMarkerError(msg)
