@@ -117,7 +117,7 @@ def test_a_marker_being_created_by_another_process_is_waited_for(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Two jobs starting on a new root at once: the one whose exclusive create of the marker
     loses waits for the other's to land and adopts its id (it failed the save before)."""
-    from shardckpt.storage import marker
+    from shardckpt.storage import marker, open_location
 
     loc = open_location(str(tmp_path / "run"))
     loc.makedirs("")
