@@ -49,7 +49,7 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from ..errors import TornSnapshotError
-from ..planning.statedict import Collected
+from ..planning.statedict import Collected, modules_in
 
 
 class CopyJob:
@@ -306,27 +306,9 @@ def written_in_forward(state: object) -> set[int]:
     """Storage addresses of the weights that a module of ``state`` rewrites in place during its
     forward (``nn.Embedding`` / ``nn.EmbeddingBag`` with ``max_norm`` renormalise the rows they
     look up): those are copied inside ``save``, never lazily."""
-    found: set[int] = set()
-    seen: set[int] = set()
-
-    def walk(v: object) -> None:
-        if id(v) in seen:
-            return
-        seen.add(id(v))
-        if isinstance(v, torch.nn.Module):
-            for m in v.modules():
-                if isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag)) and \
-                        m.max_norm is not None:
-                    found.add(storage_ptr(m.weight))
-        elif isinstance(v, dict):
-            for x in v.values():
-                walk(x)
-        elif isinstance(v, (list, tuple)):
-            for x in v:
-                walk(x)
-
-    walk(state)
-    return found
+    return {storage_ptr(m.weight) for module in modules_in(state) for m in module.modules()
+            if isinstance(m, (torch.nn.Embedding, torch.nn.EmbeddingBag))
+            and m.max_norm is not None}
 
 
 last_stats: dict[str, float] = {}

@@ -7,6 +7,7 @@ names too, which is what makes a checkpoint loadable at another world size.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -97,26 +98,33 @@ class TensorLeaf:
         return self.data.numel() * self.data.element_size()
 
 
+def modules_in(state: Any) -> Iterator[torch.nn.Module]:
+    """Every ``nn.Module`` held in ``state``'s dicts, lists and tuples (each object once)."""
+    seen: set[int] = set()
+    stack = [state]
+    while stack:
+        v = stack.pop()
+        if id(v) in seen:
+            continue
+        seen.add(id(v))
+        if isinstance(v, torch.nn.Module):
+            yield v
+        elif isinstance(v, dict):
+            stack.extend(reversed(list(v.values())))
+        elif isinstance(v, (list, tuple)):
+            stack.extend(reversed(v))
+
+
 def _modules_by_param(state: Any, buffers: set[int] | None = None) -> dict[int, torch.nn.Module]:
     """id(parameter) -> the module of the state holding it; with ``buffers``, also collects the
     storage addresses of those modules' buffers into it."""
     found: dict[int, torch.nn.Module] = {}
-
-    def walk(v: Any) -> None:
-        if isinstance(v, torch.nn.Module):
-            for p in v.parameters():
-                found.setdefault(id(p), v)
-            if buffers is not None:
-                for b in v.buffers():
-                    buffers.add(_storage_ptr(b))
-        elif isinstance(v, dict):
-            for x in v.values():
-                walk(x)
-        elif isinstance(v, (list, tuple)):
-            for x in v:
-                walk(x)
-
-    walk(state)
+    for module in modules_in(state):
+        for p in module.parameters():
+            found.setdefault(id(p), module)
+        if buffers is not None:
+            for b in module.buffers():
+                buffers.add(_storage_ptr(b))
     return found
 
 
