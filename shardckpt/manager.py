@@ -26,7 +26,7 @@ from .engine.lazy import LazySnapshot
 from .engine.reader import CheckpointReader
 from .engine.resume import load_state
 from .engine.save import SaveOptions, SaveRequest, agree_on_state, save_step
-from .engine.saveargs import check_save_args
+from .engine.saveargs import check_manager_args, check_save_args
 from .engine.snapshot import Snapshot, StagingPool
 from .errors import ShardckptError
 from .extras import with_extras
@@ -37,11 +37,11 @@ from .observe import SaveEvent, SaveObserver, SaveTracker, check_callbacks, chec
 from .planning.plancache import PlanCache
 from .planning.statedict import collect
 from .policy import RetentionPolicy
-from .prune import DEFAULT_LOCK_WAIT_S, BackgroundPrune, PruneReport, prune_location
+from .prune import DEFAULT_LOCK_WAIT_S, BackgroundPrune, PruneReport
+from .prune_all import prune_locations
 from .repro import collect_provenance, host_record
 from .storage import open_location, step_dirname
 from .storage.location import options_for
-from .storage.probe import reachable_all
 from .tier.runner import LocalTier, LocalTierRunner, local_tier, save_tiers, tier_steps
 from .version import __version__
 
@@ -60,20 +60,7 @@ class CheckpointManager:
                  callbacks: Iterable[Callable[[SaveEvent], Any]] | None = (),
                  file_mode: int | None = None, local: LocalTier | None = None) -> None:
         urls = [str(root), *(str(r) for r in replicas)]
-        if len(set(urls)) != len(urls):
-            raise ValueError(f"the same location is given twice: {urls}")
-        n = len(urls)
-        if min_replicas is None:
-            min_replicas = n
-        if type(min_replicas) is not int or not 1 <= min_replicas <= n:
-            raise ValueError(f"min_replicas must be an int in [1, {n}], got {min_replicas!r}")
-        self.min_replicas = min_replicas
-        if save_every is not None and (type(save_every) is not int or save_every < 1):
-            raise ValueError(f"save_every must be a positive int, got {save_every!r}")
-        if retention is not None and not isinstance(retention, RetentionPolicy):
-            raise TypeError("retention must be a shardckpt.RetentionPolicy")
-        if snapshot not in ("lazy", "eager"):
-            raise ValueError(f"snapshot must be 'lazy' or 'eager', got {snapshot!r}")
+        self.min_replicas = check_manager_args(urls, min_replicas, save_every, retention, snapshot)
         check_on_error(on_error)
         metrics_path = check_metrics_path(metrics_path)
         save_callbacks = check_callbacks(callbacks)
@@ -323,19 +310,9 @@ class CheckpointManager:
 
     def _prune(self, dry_run: bool, lock_wait: float, unknown_metric: str = "warn"
                ) -> PruneReport:
-        policy = self.retention or RetentionPolicy()
-        cache = dict(self._finder.manifests)  # a copy: the save thread may add to it meanwhile
-        reports: list[PruneReport] = []
-        first: ShardckptError | None = None
-        for loc in reachable_all(self.locations):  # a dead replica fails in seconds
-            try:
-                reports.append(prune_location(loc, policy, dry_run=dry_run, lock_wait=lock_wait,
-                                              manifests=cache, unknown_metric=unknown_metric))
-            except ShardckptError as exc:
-                first = first or exc
-        if first is not None:
-            raise first
-        return replace(reports[0], replicas=tuple(reports[1:]))
+        # a copy of the manifests: the save thread may add to them meanwhile
+        return prune_locations(self.locations, self.retention or RetentionPolicy(),
+                               dict(self._finder.manifests), dry_run, lock_wait, unknown_metric)
 
     # -------------------------------------------------------------------------------- close
     def _check_open(self) -> None:

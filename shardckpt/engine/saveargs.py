@@ -24,3 +24,25 @@ def check_save_args(step: Any, state: Any, metrics: Mapping[str, float] | None,
     if not all(isinstance(t, str) for t in tags):
         raise TypeError("tags must be strings")
     return clean, tags
+
+
+def check_manager_args(urls: list[str], min_replicas: int | None, save_every: int | None,
+                       retention: Any, snapshot: str) -> int:
+    """``ValueError`` / ``TypeError`` for a bad ``CheckpointManager`` argument; returns
+    ``min_replicas`` (default: every location)."""
+    from ..policy import RetentionPolicy
+
+    if len(set(urls)) != len(urls):
+        raise ValueError(f"the same location is given twice: {urls}")
+    n = len(urls)
+    if min_replicas is None:
+        min_replicas = n
+    if type(min_replicas) is not int or not 1 <= min_replicas <= n:
+        raise ValueError(f"min_replicas must be an int in [1, {n}], got {min_replicas!r}")
+    if save_every is not None and (type(save_every) is not int or save_every < 1):
+        raise ValueError(f"save_every must be a positive int, got {save_every!r}")
+    if retention is not None and not isinstance(retention, RetentionPolicy):
+        raise TypeError("retention must be a shardckpt.RetentionPolicy")
+    if snapshot not in ("lazy", "eager"):
+        raise ValueError(f"snapshot must be 'lazy' or 'eager', got {snapshot!r}")
+    return min_replicas

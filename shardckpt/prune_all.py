@@ -1,0 +1,32 @@
+"""Retention applied at every location of a manager, each from its own listing."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+
+from .errors import ShardckptError
+from .format import manifest as M
+from .policy import RetentionPolicy
+from .prune import PruneReport, prune_location
+from .storage import Location
+from .storage.probe import reachable_all
+
+
+def prune_locations(locations: Sequence[Location], policy: RetentionPolicy,
+                    manifests: Mapping[int, M.Manifest], dry_run: bool, lock_wait: float,
+                    unknown_metric: str = "warn") -> PruneReport:
+    """The root's report, with the replicas' in ``replicas``. A dead replica fails in seconds
+    and is skipped; the first location's error is raised once every other has been pruned."""
+    reports: list[PruneReport] = []
+    first: ShardckptError | None = None
+    for loc in reachable_all(locations):
+        try:
+            reports.append(prune_location(loc, policy, dry_run=dry_run, lock_wait=lock_wait,
+                                          manifests=dict(manifests),
+                                          unknown_metric=unknown_metric))
+        except ShardckptError as exc:
+            first = first or exc
+    if first is not None:
+        raise first
+    return replace(reports[0], replicas=tuple(reports[1:]))
