@@ -29,6 +29,7 @@ from datetime import datetime, timezone
 
 from ..errors import RootMarkerError, StorageError
 from .base import Location
+from .records import claim_path
 
 MARKER = ".shardckpt-root"
 MARKER_FORMAT = "shardckpt-root"
@@ -75,9 +76,11 @@ def same_location(location: Location, recorded: str) -> bool:
     return os.path.abspath(os.path.expanduser(path)) == getattr(location, "root", None)
 
 
-def _write_marker(location: Location) -> str:
+def _write_marker(location: Location, retry: bool = True) -> str:
     """Write a new marker (exclusive: of two managers creating a root at once, one id wins)
-    and return the id in force."""
+    and return the id in force. A claim on the marker that no marker follows within
+    ``_RIVAL_WAIT_S`` was left by a process killed while it created the root: it is cleared,
+    with a warning, and the create is tried once more."""
     marker_id = uuid.uuid4().hex
     data = _marker_bytes(marker_id)
     try:
@@ -86,6 +89,12 @@ def _write_marker(location: Location) -> str:
         deadline = time.monotonic() + _RIVAL_WAIT_S
         while (found := read_marker(location)) in (None, "?") and time.monotonic() < deadline:
             time.sleep(0.05)
+        if found is None and retry:  # nothing landed: the claimer died holding the claim
+            warnings.warn(f"{location.display}/{MARKER}: a claim on the root marker was left by "
+                          f"a process that stopped while creating it {_RIVAL_WAIT_S:.0f}+ s ago;"
+                          f" clearing it", stacklevel=4)
+            location.remove(claim_path(MARKER))
+            return _write_marker(location, retry=False)
         if found is None or found == "?":
             raise StorageError(f"{location.display}/{MARKER}: another process is writing the "
                                f"root marker and has not finished in {_RIVAL_WAIT_S:.0f} s"
