@@ -74,6 +74,7 @@ def open_locations(urls: list[str], warn: str | None = None,
                 raise
             continue  # a replica failing now: the command reports it where it matters
         if exists:
+            _refuse_a_step_directory(loc)
             continue
         if problem is not None:
             if missing_ok:
@@ -85,6 +86,16 @@ def open_locations(urls: list[str], warn: str | None = None,
         print(f"shardckpt {warn}: warning: {loc.display} is unreachable ({loc.why}); using "
               f"the other locations", file=sys.stderr)
     return locs
+
+
+def _refuse_a_step_directory(loc: Location) -> None:
+    """A step directory given where a root is wanted (``verify ROOT/step-N``) is named as such
+    (``NotARootError``, exit 2), not reported as a root with no checkpoint."""
+    from ..rootkind import classify_root
+    from ..storage.location import STEP_DIR
+
+    if STEP_DIR.fullmatch(loc.display.rstrip("/").rsplit("/", 1)[-1]):
+        classify_root(loc)
 
 
 def locations(args: argparse.Namespace) -> list[Location]:
