@@ -3,12 +3,13 @@ two ``torchrun --nnodes 2 --node-rank i`` agents on 127.0.0.1, 2 workers each; t
 comes from torchrun's GROUP_RANK. An FSDP2 model (``fully_shard`` on CPU, gloo) trains with SGD
 and momentum on batches that are a function of (step, rank).
 
-``train ROOT``: steps 1-10 (batches from per-step generators: no global RNG stream); a manager saves locally every step and persistently every 5, for
-steps 1-7 (then it is closed: the local save of step 7 has committed); training goes on to step
-10 uninterrupted. ``resume ROOT``: with an audit hook that fails any open() under another
-node's path, a fresh model restores with ``mgr.load(state)`` and trains on to step 10, saving
-as before. Each rank writes ROOT/result-RANK.json: the losses, a digest of its final shards
-and optimizer state, and (resume) the load profile and warnings."""
+``train ROOT``: steps 1-10 (batches from per-step generators: no global RNG stream); a
+manager saves locally every step and persistently every 5, for steps 1-7 (then it is closed:
+the local save of step 7 has committed); training goes on to step 10 uninterrupted.
+``resume ROOT``: with an audit hook that fails any open() under another node's path, a fresh
+model restores with ``mgr.load(state)`` and trains on to step 10, saving as before. Each rank
+writes ROOT/result-RANK.json: the losses, a digest of its final shards and optimizer state,
+and (resume) the load profile and warnings."""
 
 from __future__ import annotations
 
