@@ -105,3 +105,15 @@ def test_persistent_steps_are_replayed_too(tmp_path: Path,
         assert mgr.load({"model": model}, step=1, verify_golden=True) == 1
         assert mgr.load({"model": model}) == 3  # without verification: as before
         assert "__shardckpt_golden__" not in mgr.last_load_profile
+
+
+def test_an_fsdp_job_replays_collectively_and_falls_back_together(tmp_path: Path) -> None:
+    import tier_targets as T
+    from harness import run_ranks
+
+    with T.forked_ranks():
+        out = run_ranks(T.golden_fallback, 2, str(tmp_path), timeout=120,
+                        env={"OMP_NUM_THREADS": "1", "SHARDCKPT_COLLECTIVE_TIMEOUT": "30"})
+    assert [(r["step"], r["tier"], r["exact"]) for r in out] == [(1, "local", True)] * 2
+    (warning,) = [w for w in out[0]["warnings"] if w.startswith("restored")]
+    assert "local step 2" in warning and "golden batch 0 of 1 differs" in warning

@@ -6,10 +6,10 @@ rank, so the caller falls back to the next candidate together.
 The golden record is read with the restore itself (the reserved key is added to what the load
 fills, then taken out again: the caller's ``state`` never sees it). Each rank compares its
 replay with its own record (bitwise unless the save recorded tolerances); the replay runs in
-eval mode without gradients, and the module's train mode and every RNG stream are put back
-afterwards, so a verified resume continues exactly as an unverified one. Collective for
-sharded models (every rank replays the same batches). A step saved without golden batches
-cannot be verified: it fails the check, naming why.
+eval mode without gradients, and the module's train mode, its FSDP2 sharding and every RNG
+stream are put back afterwards, so a verified resume continues exactly as an unverified one.
+Collective for sharded models (every rank replays the same batches). A step saved without
+golden batches cannot be verified: it fails the check, naming why.
 """
 
 from __future__ import annotations
@@ -51,6 +51,18 @@ def _device(module: torch.nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def _reshard(module: torch.nn.Module) -> None:
+    """FSDP2 keeps the root's parameters unsharded after a forward without backward: shard
+    them again, as the restore left them."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch without FSDP2
+        return
+    for m in module.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
 def _replay_here(state: Mapping[str, Any], spec: Mapping[str, Any], record: Any) -> str | None:
     """None if this rank's replay matches its record, else why not."""
     module = state.get(spec["module"])
@@ -67,6 +79,7 @@ def _replay_here(state: Mapping[str, Any], spec: Mapping[str, Any], record: Any)
                          _device(module))
     finally:
         module.train(was_training)
+        _reshard(module)
         restore_rng_state(rng)
     bad = next((r for r in reports if not r["ok"]), None)
     if bad is None:
