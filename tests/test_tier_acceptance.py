@@ -10,6 +10,7 @@ middle of a local save leaves the previous local step restorable."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -114,3 +115,17 @@ def test_a_node_killed_mid_local_save_leaves_the_previous_step_restorable(
     assert [r["bytes_received"] for r in out] == [0] * 4  # each node held its own
     (warning,) = [w for w in out[0]["warnings"] if w.startswith("restored")]
     assert "local step 3" in warning and "incomplete" in warning
+
+
+def test_the_cli_shows_a_node_s_own_and_peer_copies(trained: tuple[Path, list[dict]],
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from shardckpt.cli.main import main
+
+    assert main(["ls", str(trained[0] / "1"), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["step"], r["node"], r["health"]) for r in rows] == [(6, "1", "ok"), (7, "1", "ok")]
+    assert [(x["rank"], x["copy"]) for x in rows[1]["ranks"]] == [
+        (0, "peer"), (1, "peer"), (2, "own"), (3, "own")]
+    assert main(["verify", str(trained[0] / "1"), "--step", "7", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["ok"] and [r["health"] for r in doc["ranks"]] == ["ok"] * 4
