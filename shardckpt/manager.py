@@ -42,7 +42,7 @@ from .prune_all import prune_locations
 from .repro import collect_provenance, host_record
 from .storage import open_location, step_dirname
 from .storage.location import options_for
-from .tier.runner import LocalTier, LocalTierRunner, local_tier, save_tiers, tier_steps
+from .tier.runner import LocalTier, LocalTierRunner, load_tiers, local_tier, save_tiers, tier_steps
 from .version import __version__
 
 
@@ -275,7 +275,7 @@ class CheckpointManager:
 
     # -------------------------------------------------------------------------------- load
     def load(self, state: dict[str, Any], step: int | None = None, strict: bool = True, *,
-             restore_rng: bool = True) -> int:
+             restore_rng: bool = True, verify_golden: bool = False) -> int:
         """Collective. Restore ``state`` in place from ``step`` (default: the latest committed).
 
         Each rank's RNG states (Python, NumPy, torch, CUDA) are restored too when the checkpoint
@@ -283,10 +283,11 @@ class CheckpointManager:
         ``state`` changes unless every rank's keys, shapes, dtypes and destinations fit. Without
         ``step``, a newest step whose data is bad is skipped on every rank, with a warning, and
         moved aside by rank 0 once an older step has loaded (see :mod:`.engine.resume`).
+        ``verify_golden``: replay the golden batches after the restore; fall back if they differ.
         """
         self._check_open()
-        if step is None and isinstance(self._local, LocalTierRunner):  # newest of both tiers
-            return self._local.load_for(self, state, strict, restore_rng)
+        if verify_golden or (step is None and isinstance(self._local, LocalTierRunner)):
+            return load_tiers(self, self._local, state, step, strict, restore_rng, verify_golden)
         self.wait()
         step, self.last_load_profile = load_state(self._comm, self._finder, state, step, strict,
                                                   restore_rng, knobs.IO_THREADS.get())

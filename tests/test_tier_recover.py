@@ -14,6 +14,7 @@ import tier_targets as T
 from harness import run_ranks
 
 from shardckpt import catalog
+from shardckpt.format.shard import read_header
 from shardckpt.storage import open_location
 from shardckpt.tier.holdings import read_holdings
 
@@ -63,6 +64,49 @@ def test_a_replaced_node_receives_its_files_from_its_peer(saved: Path, tmp_path:
     assert out[2]["bytes_received"] + out[3]["bytes_received"] == files_of(root, "0", 3, needed)
     assert all(rep["bytes_read"] > 0 for rep in out)
     assert not any(w.startswith("restored") for w in out[0]["warnings"])  # the newest: no word
+
+
+def test_a_damaged_copy_is_fetched_from_the_second_holder(saved: Path, tmp_path: Path) -> None:
+    """Both nodes are there, but node 1's own copy of rank 2's files fails its holdings check:
+    the plan takes node 0's copy, and rank 2 receives exactly its files from there."""
+    root = fresh_copy(saved, tmp_path)
+    holdings = read_holdings(open_location(str(root / "1")), "step-0000000003")
+    name = sorted(holdings.ranks[2])[0]
+    path = root / "1" / "step-0000000003" / name
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF  # the trailer: the header can no longer be found
+    path.write_bytes(bytes(data))
+    out = run_ranks(T.recover_job, 4, str(root), NODES, env=ENV, timeout=120)
+    for rep in out:
+        assert (rep["tier"], rep["step"], rep["exact"]) == ("local", 3, True)
+        assert rep["sources"] == ["0", "0", "0", "1"]
+    assert [r["bytes_received"] for r in out] == [0, 0, files_of(root, "0", 3, {2}), 0]
+    assert path.read_bytes() == (root / "0" / "step-0000000003" / name).read_bytes()
+    assert not any(w.startswith("restored") for w in out[0]["warnings"])
+
+
+def test_a_copy_with_damaged_data_is_replaced_from_the_second_holder(saved: Path,
+                                                                    tmp_path: Path) -> None:
+    """Node 1's own copy of rank 2's files has a flipped byte of tensor data (its header checks
+    out): the load finds it, every rank checks the copies it provided in full, and the same
+    step is restored again with rank 2's files from node 0; never an older step."""
+    root = fresh_copy(saved, tmp_path)
+    holdings = read_holdings(open_location(str(root / "1")), "step-0000000003")
+    name = max(holdings.ranks[2], key=lambda n: holdings.ranks[2][n].nbytes)
+    path = root / "1" / "step-0000000003" / name
+    data = bytearray(path.read_bytes())
+    header = read_header(lambda off, n: bytes(data[off:off + n]), len(data), name)
+    chunk = max((c for p in header.pieces for c in p.chunks), key=lambda c: c.stored)
+    data[chunk.offset + 3] ^= 0x01
+    path.write_bytes(bytes(data))
+    out = run_ranks(T.recover_job, 4, str(root), NODES, env=ENV, timeout=120)
+    for rep in out:
+        assert (rep["tier"], rep["step"], rep["exact"]) == ("local", 3, True)
+        assert rep["sources"] == ["0", "0", "0", "1"]
+    assert [r["bytes_received"] for r in out] == [0, 0, files_of(root, "0", 3, {2}), 0]
+    (warning,) = [w for w in out[0]["warnings"] if w.startswith("restored")]
+    assert warning.startswith("restored local step 3;") and name in warning
+    assert "restored from the other copies of the bad files" in warning
 
 
 def test_the_audit_hook_catches_a_read_of_another_node_s_path(tmp_path: Path) -> None:

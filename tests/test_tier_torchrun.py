@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -19,9 +20,10 @@ SCRIPT = TESTS_DIR / "tier_torchrun_script.py"
 
 
 def run_nodes(mode: str, root: Path, nnodes: int = 2, nproc: int = 2,
-              timeout: float = 150.0) -> list[dict]:
-    """Start ``nnodes`` agents, wait for all; kill every process they started, whatever
-    happens (workers run in sessions of their own: each is killed by its pid)."""
+              timeout: float = 150.0, script: Path = SCRIPT) -> list[dict]:
+    """Start ``nnodes`` agents of ``script`` (static rendezvous on a free port of 127.0.0.1),
+    wait for all; kill every process they started, whatever happens (each agent's process
+    group, then every descendant by its pid: workers run in sessions of their own)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "SHARDCKPT_COLLECTIVE_TIMEOUT": "60",
            "PYTHONPATH": os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")])}
     port = free_port()
@@ -29,7 +31,7 @@ def run_nodes(mode: str, root: Path, nnodes: int = 2, nproc: int = 2,
         [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nnodes),
          "--node-rank", str(i), "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1",
          "--master-port", str(port), "--local-addr", "127.0.0.1", "--max-restarts", "0",
-         str(SCRIPT), mode, str(root)],
+         str(script), mode, str(root)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
         start_new_session=True) for i in range(nnodes)]
     outputs: list[str] = []
@@ -49,7 +51,10 @@ def run_nodes(mode: str, root: Path, nnodes: int = 2, nproc: int = 2,
                 except psutil.NoSuchProcess:
                     pass
             if agent.poll() is None:
-                agent.kill()
+                try:
+                    os.killpg(agent.pid, signal.SIGKILL)  # its own session: pgid == pid
+                except ProcessLookupError:
+                    pass
             agent.wait()
     assert all(a.returncode == 0 for a in agents), "\n".join(outputs)[-6000:]
     results = [json.loads((root / f"result-{r}.json").read_text())

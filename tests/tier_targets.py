@@ -309,3 +309,46 @@ def manager_resume(rank: int, world: int, root: str, nodes: list[str]) -> dict[s
             "exact": all(torch.equal(state[k], v) for k, v in tier_state(step, rank).items()),
             "rng": drawn == torch.rand(1).item(),
             "warnings": [str(w.message) for w in caught]}
+
+
+# ------------------------------------------------------------------------------ golden replay
+def golden_fallback(rank: int, world: int, root: str) -> dict[str, Any]:
+    """An FSDP2 model on 2 nodes of 1 rank: local step 1 saved with its true golden outputs,
+    step 2 with shifted ones; ``load(verify_golden=True)`` replays collectively and every rank
+    falls back to step 1 together."""
+    import warnings
+
+    import torch
+    from torch.distributed.fsdp import fully_shard
+
+    import shardckpt
+    import shardckpt.extras as extras
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+    fully_shard(model)
+    golden = shardckpt.Golden([torch.ones(3, 8)])
+    mgr = shardckpt.CheckpointManager(
+        os.path.join(root, "persistent"), save_every=100, async_save=False, capture_rng=False,
+        local=shardckpt.LocalTier(os.path.join(root, "{node}"), every=1, copies=2, keep=2,
+                                  node=str(rank)))
+    weights = {}
+    real = extras.record_golden
+    for step in (1, 2):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.5)
+        if step == 2:
+            extras.record_golden = lambda g, s: {**real(g, s), "outputs": [
+                o + 1.0 for o in real(g, s)["outputs"]]}
+        weights[step] = [p.to_local().clone() for p in model.parameters()]
+        mgr.save(step, {"model": model}, golden=golden)
+    extras.record_golden = real
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        step = mgr.load({"model": model}, verify_golden=True)
+    mgr.close()
+    return {"step": step, "tier": mgr.last_load_profile["tier"],
+            "exact": all(torch.equal(p.to_local(), w)
+                         for p, w in zip(model.parameters(), weights[1])),
+            "warnings": [str(w.message) for w in caught]}

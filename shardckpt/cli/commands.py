@@ -78,7 +78,10 @@ def cmd_ls(args: argparse.Namespace) -> int:
     from ..verify.record import verified
     from . import health
     from .common import checked_roots
+    from .local_cmd import node_ls
 
+    if (code := node_ls(args)) is not None:  # a node's local path (issue 28)
+        return code
     locs, kinds = checked_roots(args)
     if _no_checkpoints(args, kinds):
         if args.json:

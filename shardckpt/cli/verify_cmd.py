@@ -107,7 +107,10 @@ def _argv(args: argparse.Namespace) -> list[str]:
 def cmd_verify(args: argparse.Namespace) -> int:
     from ..verify import runner
     from .common import UsageError
+    from .local_cmd import node_verify
 
+    if (code := node_verify(args)) is not None:  # a node's local path (issue 28)
+        return code
     job = runner.dist_env()
     world = job[1] if job is not None and job[1] > 1 else None
     nproc = _check_args(args, world)

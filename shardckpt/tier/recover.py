@@ -32,12 +32,16 @@ from ..engine.reader import CheckpointReader
 from ..errors import IncompleteCheckpointError, ShardckptError
 from ..extras import RNG_KEY, has_key
 from ..format import manifest as M
+from ..golden import GOLDEN_KEY
 from ..planning.statedict import collect
 from ..repro import restore_rng_state
 from ..storage import Location, step_dirname
 from .choice import LOCAL, Candidate, NodeReport, plan_recovery
+from .fetchplan import planned_ranks, providers, read_pieces
+from .goldencheck import check_golden, with_golden
 from .local import PEER_CHUNK, LocalTierStore
 from .needs import needed_ranks
+from .secondcopy import bad_copies, without
 
 
 class _CountingLocation:
@@ -63,13 +67,15 @@ class _CountingLocation:
 def recover(store: LocalTierStore, state: dict[str, Any], strict: bool, *,
             persistent_steps: Sequence[int] = (),
             load_persistent: Callable[[int], Mapping[str, float]] | None = None,
-            restore_rng: bool = False) -> tuple[Candidate, dict[str, Any]]:
+            restore_rng: bool = False, verify_golden: bool = False
+            ) -> tuple[Candidate, dict[str, Any]]:
     """Collective (see the module): fill ``state`` from the best candidate that restores on
     every rank. ``persistent_steps`` (the same on every rank) are the persistent tier's valid
     steps; ``load_persistent(step)`` loads one of them (collectively) and returns its profile.
     Returns the candidate used and this rank's profile (``tier``, ``step``, ``bytes_read``,
     ``bytes_received`` and each phase's seconds). ``restore_rng``: a local step saved at this
-    world size restores each rank's RNG streams too."""
+    world size restores each rank's RNG streams too. ``verify_golden``: a local step must also
+    reproduce its golden outputs (:mod:`.goldencheck`; ``load_persistent`` checks its own)."""
     comm = store.comm
     t0 = time.perf_counter()
     try:
@@ -84,12 +90,15 @@ def recover(store: LocalTierStore, state: dict[str, Any], strict: bool, *,
                          persistent_steps if load_persistent is not None else ())
     survey_s = time.perf_counter() - t0
     failed: list[str] = []
-    for cand in plan.candidates:
+    queue, retried = list(plan.candidates), False
+    while queue:
+        cand = queue.pop(0)
         error: BaseException | None = None
         profile: dict[str, Any] = {}
         try:
             if cand.tier == LOCAL:
-                profile = _restore_local(store, cand, reports, state, strict, restore_rng)
+                profile = _restore_local(store, cand, reports, state, strict, restore_rng,
+                                         verify_golden)
             else:
                 assert load_persistent is not None
                 profile = {**load_persistent(cand.step), "bytes_received": 0}
@@ -102,6 +111,13 @@ def recover(store: LocalTierStore, state: dict[str, Any], strict: bool, *,
         if failures:
             failed.append(f"{cand.tier} step {cand.step}: " + "; ".join(
                 f"rank {r}: {m}" for r, m in sorted(failures.items())))
+            if cand.tier == LOCAL and not retried:  # a bad copy: is there another one?
+                retry = _other_copies(store, cand, reports)
+                if retry is not None:
+                    reports, again = retry
+                    queue.insert(0, again)
+                    retried = True
+                    failed[-1] += " (restored from the other copies of the bad files)"
             continue
         why = plan.why_not_newer(cand) + failed
         if not why and cand.tier != LOCAL:
@@ -116,8 +132,54 @@ def recover(store: LocalTierStore, state: dict[str, Any], strict: bool, *,
             " | ".join(plan.why_not_newer(Candidate(LOCAL, -1)) + failed) or "nothing saved"))
 
 
+def _other_copies(store: LocalTierStore, cand: Candidate, reports: list[NodeReport]
+                  ) -> tuple[list[NodeReport], Candidate] | None:
+    """Collective, after ``cand`` failed: the reports without the copies it used that are bad
+    (:mod:`.secondcopy`) and the same step from the other copies, if every rank still has a
+    valid one somewhere; else None."""
+    bad = bad_copies(store, cand)
+    if not bad:
+        return None
+    reports = without(reports, cand.step, bad)
+    again = next((c for c in plan_recovery(reports, store.node_map).candidates
+                  if c.step == cand.step), None)
+    return (reports, again) if again is not None else None
+
+
+def _reads(store: LocalTierStore, cand: Candidate, manifest: M.Manifest,
+           target: dict[str, Any], strict: bool) -> list[int]:
+    """Collective: the ranks whose files this rank's load reads (:mod:`.fetchplan`; on any
+    failure, every writer of every key it asks for, else every rank)."""
+    comm, step_dir = store.comm, step_dirname(cand.step)
+    prov = providers(store.node_map, cand.sources)
+    doc: dict[str, Any] = {"rows": {}, "error": None}
+    try:
+        doc["rows"] = read_pieces(store.location, step_dir, manifest,
+                                  [r for r, p in enumerate(prov) if p == comm.rank])
+    except Exception as exc:
+        doc["error"] = describe(exc)
+    docs = comm.all_gather_json(doc, "load: the pieces of the files to read")
+    try:
+        if any(d["error"] for d in docs):
+            raise ShardckptError("; ".join(d["error"] for d in docs if d["error"]))
+        rows = {name: pieces for d in docs for name, pieces in d["rows"].items()}
+        return sorted(planned_ranks(manifest, rows, target, strict, comm.rank, comm.world_size,
+                                    store.location.display, step_dir))
+    except Exception:
+        pass
+    try:
+        keys = [leaf.key for leaf in collect(target).leaves]
+        # an empty dict asks for whatever the checkpoint holds under its key (the RNG streams)
+        keys += [k for k in manifest.tensors if k.split("/")[0] in
+                 {str(t) for t, v in target.items() if isinstance(v, dict) and not v}]
+        return sorted(needed_ranks(manifest, keys, comm.rank, comm.world_size))
+    except Exception:  # the load below reports it; fetch everything meanwhile
+        return list(range(manifest.world_size))
+
+
 def _restore_local(store: LocalTierStore, cand: Candidate, reports: Sequence[NodeReport],
-                   state: dict[str, Any], strict: bool, restore_rng: bool) -> dict[str, Any]:
+                   state: dict[str, Any], strict: bool, restore_rng: bool,
+                   verify_golden: bool = False) -> dict[str, Any]:
     comm, node_map = store.comm, store.node_map
     step_dir = step_dirname(cand.step)
     t0 = time.perf_counter()
@@ -138,15 +200,9 @@ def _restore_local(store: LocalTierStore, cand: Candidate, reports: Sequence[Nod
     with_rng = restore_rng and manifest.world_size == comm.world_size and \
         has_key(manifest, RNG_KEY)
     target = {**state, RNG_KEY: {}} if with_rng else dict(state)  # a failed try leaves state
-    try:
-        keys = [leaf.key for leaf in collect(target).leaves]
-        # an empty dict asks for whatever the checkpoint holds under its key (the RNG streams)
-        keys += [k for k in manifest.tensors if k.split("/")[0] in
-                 {str(t) for t, v in target.items() if isinstance(v, dict) and not v}]
-        mine = sorted(needed_ranks(manifest, keys, comm.rank, comm.world_size))
-    except Exception:  # the load below reports it; fetch everything meanwhile
-        mine = list(range(manifest.world_size))
-    needs = comm.all_gather_json(mine, "load: which files each rank reads")
+    target = with_golden(target, manifest, verify_golden)
+    needs = comm.all_gather_json(_reads(store, cand, manifest, target, strict),
+                                 "load: which files each rank reads")
     valid: dict[str, set[int]] = {}
     for rep in reports:
         for s in rep.steps:
@@ -175,13 +231,15 @@ def _restore_local(store: LocalTierStore, cand: Candidate, reports: Sequence[Nod
     counting = _CountingLocation(store.location)
     reader = CheckpointReader([counting], step_dir, manifest)  # type: ignore[list-item]
     profile = load_step(comm, reader, target, strict, knobs.IO_THREADS.get())
-    rng = target.pop(RNG_KEY, None)
+    rng, golden = target.pop(RNG_KEY, None), target.pop(GOLDEN_KEY, None)
     state.update(target)
     if rng is not None:
         missing = restore_rng_state(rng)
         if missing:
             warnings.warn(f"local step {cand.step}: RNG state not restored for {missing}",
                           stacklevel=4)
+    if verify_golden:
+        check_golden(comm, state, manifest, golden, f"local step {cand.step}")
     return {**profile, "manifest_s": t1 - t0, "receive_s": t2 - t1,
             "read_s": time.perf_counter() - t2, "bytes_read": counting.bytes_read,
             "bytes_received": report.bytes_received, "world_size": manifest.world_size,

@@ -23,16 +23,22 @@ from typing import Any
 from .. import knobs
 from ..engine.comm import make_comm
 from ..engine.lazy import LazySnapshot
+from ..engine.load import CorruptLoadError, IncompleteLoadError
 from ..engine.snapshot import Snapshot, StagingPool
+from ..errors import IncompleteCheckpointError
 from ..extras import with_extras
+from ..format import manifest as M
+from ..golden import GOLDEN_KEY
 from ..handles import CheckpointInfo, SaveHandle
 from ..planning.statedict import collect
 from .choice import Candidate
 from .config import LocalTier
+from .goldencheck import GoldenMismatchError, check_golden, with_golden
 from .local import LocalTierStore
 from .recover import recover
 
 TIERS = ("local", "persistent", "both")
+BAD_DATA = (GoldenMismatchError, CorruptLoadError, IncompleteLoadError)
 
 
 def tiers_to_write(step: int, tier: str | None, local_due: bool,
@@ -120,32 +126,30 @@ class LocalTierRunner:
         return self.store.steps()
 
     def load(self, state: dict[str, Any], strict: bool, persistent_steps: Sequence[int],
-             load_persistent: Callable[[int], Mapping[str, float]], restore_rng: bool = True
-             ) -> tuple[Candidate, dict[str, Any]]:
+             load_persistent: Callable[[int], Mapping[str, float]], restore_rng: bool = True,
+             verify_golden: bool = False) -> tuple[Candidate, dict[str, Any]]:
         """Collective: restore from the newest step recoverable from either tier
         (:func:`shardckpt.tier.recover.recover`)."""
         self.wait()
         return recover(self.store, state, strict, persistent_steps=persistent_steps,
-                       load_persistent=load_persistent, restore_rng=restore_rng)
+                       load_persistent=load_persistent, restore_rng=restore_rng,
+                       verify_golden=verify_golden)
 
     def load_for(self, manager: Any, state: dict[str, Any], strict: bool = True,
-                 restore_rng: bool = True) -> int:
+                 restore_rng: bool = True, verify_golden: bool = False) -> int:
         """Collective: ``manager.load(state)`` across tiers (issue 28). The persistent tier's
         steps and loads are the manager's own (``steps()``, ``load(step=...)``); sets
-        ``manager.last_load_profile`` and returns the step restored. For the manager's
-        ``load`` when no step is given::
-
-            if step is None and isinstance(self._local, LocalTierRunner):
-                return self._local.load_for(self, state, strict, restore_rng)
-        """
+        ``manager.last_load_profile`` and returns the step restored. ``verify_golden``: each
+        candidate must also reproduce its golden outputs (:mod:`.goldencheck`)."""
         manager.wait()
         steps = self.store.comm.broadcast_json(manager.steps(), "load: persistent steps")
 
         def load_persistent(step: int) -> Mapping[str, float]:
-            manager.load(state, step=step, strict=strict, restore_rng=restore_rng)
-            return dict(manager.last_load_profile)
+            return load_checked(manager, self.store.comm, state, step, strict, restore_rng,
+                                verify_golden)
 
-        cand, profile = self.load(state, strict, steps, load_persistent, restore_rng)
+        cand, profile = self.load(state, strict, steps, load_persistent, restore_rng,
+                                  verify_golden)
         manager.last_load_profile = profile
         return cand.step
 
@@ -207,3 +211,52 @@ def tier_steps(runner: LocalTierRunner | NoLocalTier, tier: str | None) -> list[
     if not isinstance(runner, LocalTierRunner):
         raise ValueError("steps(tier='local') needs a local tier (CheckpointManager(local=...))")
     return runner.steps()
+
+
+def load_checked(manager: Any, comm: Any, state: dict[str, Any], step: int, strict: bool,
+                 restore_rng: bool, verify_golden: bool) -> dict[str, Any]:
+    """Collective: ``manager.load(state, step=step)``, then (``verify_golden``) the golden
+    replay of that step (``GoldenMismatchError`` on every rank if it differs). Returns the
+    load's profile."""
+    manifest: M.Manifest | None = None
+    target = state
+    if verify_golden:
+        manifest = manager.manifest(step)
+        target = with_golden(state, manifest, True)
+    manager.load(target, step=step, strict=strict, restore_rng=restore_rng)
+    if manifest is not None:
+        golden = target.pop(GOLDEN_KEY, None)
+        state.update(target)
+        check_golden(comm, state, manifest, golden, f"persistent step {step}")
+    return {**manager.last_load_profile, "bytes_received": 0}
+
+
+def load_tiers(manager: Any, runner: LocalTierRunner | NoLocalTier, state: dict[str, Any],
+               step: int | None, strict: bool, restore_rng: bool, verify_golden: bool) -> int:
+    """The manager's ``load`` with a local tier and no step (:meth:`LocalTierRunner.load_for`)
+    or with ``verify_golden``: without a local tier, the persistent steps newest first (only
+    ``step`` when given), each restored then replayed, every rank moving on together past one
+    that differs or whose data is bad (with a warning); an explicit ``step`` raises."""
+    if step is None and isinstance(runner, LocalTierRunner):
+        return runner.load_for(manager, state, strict, restore_rng, verify_golden)
+    comm = manager._comm
+    steps = [step] if step is not None else comm.broadcast_json(
+        sorted(manager.steps(), reverse=True), "load: persistent steps")
+    if not steps:
+        raise IncompleteCheckpointError(f"{manager.location.display}: no committed checkpoint "
+                                        f"to load")
+    failed: list[str] = []
+    for i, candidate in enumerate(steps):
+        try:
+            manager.last_load_profile = load_checked(manager, comm, state, candidate, strict,
+                                                     restore_rng, verify_golden)
+        except BAD_DATA as exc:  # every rank alike: the load and the replay agree first
+            if i + 1 == len(steps):
+                raise
+            failed.append(str(exc))
+            continue
+        if failed and comm.rank == 0:
+            warnings.warn(f"restored persistent step {candidate}; newer steps failed their "
+                          f"load or golden replay: " + " | ".join(failed), stacklevel=3)
+        return candidate
+    raise AssertionError("unreachable")
