@@ -22,6 +22,7 @@ import getpass
 import json
 import os
 import socket
+import stat
 import threading
 import time
 import uuid
@@ -32,6 +33,7 @@ from typing import Any
 
 from ..redact import redact_tree, scrub_text
 from ..storage import Location
+from ..storage.marker import MARKER
 from ..storage.records import job_id
 
 AUDIT_DIR = "audit"
@@ -103,9 +105,10 @@ def append(location: Location, event: str, step: int | None = None, outcome: str
         rec = make_record(event, step, outcome, detail, git_revision)
         data = json.dumps(rec, sort_keys=True, allow_nan=False, default=str).encode() + b"\n"
         rel = record_name(rec)
-        if location.is_local:
-            location.makedirs(AUDIT_DIR)
+        like = _local_audit_dir(location) if location.is_local else None
         location.write_exclusive(rel, data)
+        if like is not None:  # moded and owned like the root's files, whoever writes it
+            _like(os.path.join(location.root, rel), *like)  # type: ignore[attr-defined]
         return rel
     except Exception as exc:
         with _failures_lock:
@@ -115,6 +118,34 @@ def append(location: Location, event: str, step: int | None = None, outcome: str
                       f"(step {step}) at {where}: {type(exc).__name__}: "
                       f"{scrub_text(str(exc))}", AuditWarning, stacklevel=2)
         return None
+
+
+def _like(path: str, mode: int, uid: int, gid: int) -> None:
+    try:
+        os.chown(path, uid, gid)
+    except OSError:
+        pass  # not ours to give away
+    os.chmod(path, mode)
+
+
+def _local_audit_dir(location: Location) -> tuple[int, int, int] | None:
+    """Make ``audit/`` of a local root with the root's mode and owner (a prune from cron may
+    run as another user than training); returns the (mode, uid, gid) that a record takes: the
+    root marker's, else None (the location's own file mode then)."""
+    root = location.root  # type: ignore[attr-defined]
+    st = os.stat(root)
+    path = os.path.join(root, AUDIT_DIR)
+    try:
+        os.mkdir(path, 0o700)  # no wider than the root's mode while it is being set
+    except FileExistsError:
+        pass
+    else:
+        _like(path, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid)
+    try:
+        marker = os.stat(os.path.join(root, MARKER))
+    except OSError:
+        return None
+    return stat.S_IMODE(marker.st_mode), marker.st_uid, marker.st_gid
 
 
 def read_trail(location: Location, step: int | None = None
