@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from .audit import record_export
 from .interop import ConversionError, refuse_special
 from .interop.source import (
     ExportResult,
@@ -54,7 +55,9 @@ def export(root: str, step: int | None = None, format: str = "safetensors",
     ``ValueError``) for options or outputs that cannot work; checkpoint errors as for
     ``load``."""
     locations = open_locations(root, replicas, storage_options)
-    return export_step(locations, step, format, out, only, options, overwrite=overwrite)
+    result = export_step(locations, step, format, out, only, options, overwrite=overwrite)
+    record_export(locations[0], result)  # issue 32: the audit trail (never raises)
+    return result
 
 
 def export_step(locations: Sequence[Location], step: int | None, format: str,

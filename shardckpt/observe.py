@@ -42,6 +42,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .audit import write_failures
 from .redact import scrub_urls
 from .textfile import human_bytes, render_textfile, write_textfile
 
@@ -267,6 +268,8 @@ class SaveObserver:
              "none).", one(nan if bad is None else bad.step)),
             ("shardckpt_last_failure_timestamp_seconds", "gauge", "Unix time of the last failed "
              "save attempt (0: none).", one(0.0 if bad is None else bad.unix_time)),
+            ("shardckpt_audit_write_failures_total", "counter", "Audit records this process could "
+             "not write (each warned about; issue 32).", one(write_failures())),
         ]
         return render_textfile(families)
 

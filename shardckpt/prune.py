@@ -36,9 +36,11 @@ from datetime import datetime, timezone
 from typing import Any
 
 from . import catalog
+from .audit import record_prune
 from .controldir import make_control_dirs
 from .errors import StorageError
 from .format import manifest as M
+from .objectlock import retention_guard
 from .orphans import pending_uploads
 from .policy import (
     CheckpointRecord,
@@ -47,6 +49,7 @@ from .policy import (
     missing_metric,
     plan_retention,
 )
+from .steptags import effective_tags
 from .storage import Location, step_dirname
 from .storage.lease import (
     CONTROL_DIR,
@@ -209,6 +212,7 @@ def prune_location(location: Location, policy: RetentionPolicy, *, dry_run: bool
         raise
     if lock is not None:
         lock.release()
+    record_prune(location, policy, report)  # issue 32: the audit trail (never raises)
     return report
 
 
@@ -228,7 +232,8 @@ def _prune(location: Location, policy: RetentionPolicy, dry_run: bool, grace: fl
     writing = {d for d, recs in by_dir.items()
                if any(r.kind == WRITER and r.live(now) for r in recs)}
 
-    records = [CheckpointRecord(s, m.unix_time, dict(m.metrics), m.tags)
+    records = [CheckpointRecord(s, m.unix_time, dict(m.metrics),
+                                effective_tags(location, m))  # `shardckpt tag` (issue 32)
                for s, m in committed.items()]
     plan = plan_retention(policy, records, now,
                           in_progress=[s for s in committed if step_dirname(s) in writing])
@@ -258,25 +263,31 @@ def _prune(location: Location, policy: RetentionPolicy, dry_run: bool, grace: fl
                           f"(grace {_format_age(grace)})")
         else:
             old_aside.append(d)
-    kept = dict(plan.kept)
+    guard = retention_guard(location)  # S3 Object Lock: locked steps stay (issue 32)
+    held = guard.held(plan.deleted) if guard is not None else {}
+    kept = {**plan.kept, **{s: (why,) for s, why in held.items()}}
+    dropped = tuple(s for s in plan.deleted if s not in held)  # no delete marker on those
     if dry_run:
-        return PruneReport(location.display, True, kept, plan.deleted,
+        return PruneReport(location.display, True, kept, dropped,
                            (*stale, *old_aside), skipped, corrupt)
 
     assert lock is not None
-    claim, blocked = claim_for_deletion(location, [*map(step_dirname, plan.deleted), *stale])
+    claim, blocked = claim_for_deletion(location, [*map(step_dirname, dropped), *stale])
     deleted: list[int] = []
     reaped: list[str] = []
     try:
-        for step in plan.deleted:
+        for step in dropped:
             d = step_dirname(step)
             if d in blocked:  # a writer started on it after the listing
                 kept[step] = ("in progress",)
                 continue
             lock.check()
-            location.remove(f"{d}/{M.MANIFEST_NAME}")
-            location.fsync_dir(d)  # un-committed for good before any data goes
-            location.remove_tree(d)
+            if guard is not None:  # a versioned bucket: every version, by id, manifest first
+                guard.remove_step(d)
+            else:
+                location.remove(f"{d}/{M.MANIFEST_NAME}")
+                location.fsync_dir(d)  # un-committed for good before any data goes
+                location.remove_tree(d)
             deleted.append(step)
         for d in stale:
             if d in blocked:

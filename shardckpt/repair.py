@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from .audit import record_repair
 from .catalog import MAX_MANIFEST_BYTES, read_manifest
 from .engine.reader import CheckpointReader
 from .errors import CorruptCheckpointError, IncompleteCheckpointError, StorageError
@@ -219,7 +220,11 @@ def repair_step(locations: Sequence[Location], step: int, dry_run: bool = False)
     ``dry_run`` returns the plan alone; otherwise the plan is executed. Both report the same
     ``plan``."""
     planned, survey = plan_step(locations, step)
-    return planned if dry_run else execute(locations, planned, survey)
+    if dry_run:
+        return planned
+    done = execute(locations, planned, survey)
+    record_repair(locations, done)  # issue 32: the audit trail (never raises)
+    return done
 
 
 def steps_to_repair(locations: Sequence[Location]) -> tuple[list[int], dict[int, list[str]]]:

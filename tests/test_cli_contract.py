@@ -33,6 +33,11 @@ FLAGS = {
     "import-dcp": ("--step", "--trust-pickle"),
     "diff": ("--atol",),
     "report": ("--out", "--metric"),
+    # issue 32: governance
+    "log": ("--step",),
+    "tag": ("--step", "--add", "--remove", "--note"),
+    "sign": ("--step", "--key"),
+    "lock": ("--step", "--until", "--mode"),
 }
 
 

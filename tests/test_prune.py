@@ -639,7 +639,7 @@ def test_prune_killed_mid_deletion_leaves_every_listed_checkpoint_loadable(
     assert victim.name in report.reaped
     assert committed(root) == expected_kept(list(range(1, 21)))
     assert sorted(p.name for p in Path(root).iterdir()) == \
-        [".shardckpt", ".shardckpt-root",
+        [".shardckpt", ".shardckpt-root", "audit",  # audit/: the trail (issue 32)
          *(step_dirname(s) for s in expected_kept(list(range(1, 21))))]
     assert_loads(root, committed(root))
 
@@ -671,7 +671,7 @@ def test_prune_sigkilled_at_a_random_moment(tmp_path: Path, after: int) -> None:
     prune_location(open_location(root), shardckpt.RetentionPolicy(keep_last=1), grace=0)
     assert committed(root) == [40]
     assert sorted(p.name for p in Path(root).iterdir()) == [".shardckpt", ".shardckpt-root",
-                                                         step_dirname(40)]
+                                                         "audit", step_dirname(40)]
 
 
 def test_launch_examples_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

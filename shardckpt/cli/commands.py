@@ -9,7 +9,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ..textfile import human_bytes
-from . import diff_cmd, interop_cmd, prune_cmd, report_cmd, verify_cmd
+from . import diff_cmd, governance_cmd, interop_cmd, prune_cmd, report_cmd, verify_cmd
 from .argtypes import step_arg
 from .common import ROOT_HELP, latest_step
 from .progress import bar, wanted
@@ -75,6 +75,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
     a corrupt manifest, a damaged or missing copy, an unreachable location. A root that does
     not exist yet, or an empty folder, lists nothing (exit 0); a path that is not a checkpoint
     root exits 2."""
+    from ..steptags import effective_tags as tags_now  # `shardckpt tag` (issue 32)
     from ..verify.record import verified
     from . import health
     from .common import checked_roots
@@ -103,7 +104,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
                if entry.health[i] not in health.NOT_DAMAGE]
         damage += [f"step {step}: {where}: {state}" for where, state in bad]
         rows.append({"step": step, "time": m.time, "nbytes": m.nbytes,
-                     "metrics": _metrics_json(m), "tags": list(m.tags),
+                     "metrics": _metrics_json(m), "tags": list(tags_now(locs[0], m, False)),
                      "world_size": m.world_size, "verified": verified(locs[0], m),
                      "health": "damaged" if "ok" not in states else
                      "degraded" if states != {"ok"} or note else "ok",
@@ -361,5 +362,6 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str,
              diff_cmd.add_args),
     "report": (report_cmd.cmd_report, "plot a run's history (size, save time, metrics, tags, "
                "verification) to a PNG or an HTML page", report_cmd.add_args),
+    **governance_cmd.COMMANDS,  # log, tag, sign, lock (issue 32)
 }
 

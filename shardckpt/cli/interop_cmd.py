@@ -62,6 +62,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise UsageError(str(exc)) from None
     finally:
         bar.close()
+    from ..audit import record_export  # issue 32: the audit trail (never raises)
+
+    record_export(locs[0], result)
     doc: dict[str, Any] = {"step": result.step, "format": result.format, "out": result.out,
                            "tensors": result.tensors, "nbytes": result.nbytes}
     if result.format in ("hf", "dcp"):
@@ -99,6 +102,10 @@ def cmd_import_dcp(args: argparse.Namespace) -> int:
                             replicas=args.replica)
     except ConversionError as exc:
         raise UsageError(str(exc)) from None
+    from ..audit import record_import  # issue 32: the audit trail (never raises)
+    from ..storage import open_location
+
+    record_import(open_location(args.root), result)
     if args.json:
         emit({"step": result.step, "root": result.root, "source": result.source,
               "tensors": result.tensors, "values": result.values, "nbytes": result.nbytes})

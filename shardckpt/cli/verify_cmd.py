@@ -21,6 +21,7 @@ from ..errors import (
     VerificationError,
 )
 from .argtypes import step_arg
+from .governance_cmd import finish_verify
 from .progress import wanted
 
 _EPILOG = """\
@@ -58,6 +59,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="fail when the environment differs from the save's provenance")
     p.add_argument("--no-record", action="store_true",
                    help="do not write verification.json next to the checkpoint")
+    p.add_argument("--public-key", action="append", default=[], metavar="PUB.pem",
+                   help="also check the step's signature with this public key (repeatable: "
+                   "any one may have signed) and every file's SHA-256; exit 2 if the "
+                   "signature is missing or fails, or a file differs")
 
 
 def _check_args(args: argparse.Namespace, world: int | None) -> int:
@@ -99,6 +104,8 @@ def _argv(args: argparse.Namespace) -> list[str]:
             out += [f"--{flag}", repr(value) if isinstance(value, float) else str(value)]
     for url in args.replica:
         out += ["--replica", url]
+    for key in args.public_key:
+        out += ["--public-key", key]
     out += [f for f, on in (("--strict-env", args.strict_env), ("--no-record", args.no_record),
                             ("--json", args.json)) if on]
     return out
@@ -129,7 +136,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
             result = runner.verify(opts)
         except FactoryError as exc:
             raise UsageError(str(exc)) from None
-        return _report(result.to_json(), args.json)
+        return _report(finish_verify(args, result.to_json()), args.json)
     return _on_rank(args, opts)
 
 
@@ -145,7 +152,8 @@ def _on_rank(args: argparse.Namespace, opts: Any) -> int:
     try:
         comm = runner.make_verify_comm()
         result = runner.verify(opts, comm)
-        code = _report(result.to_json(), args.json) if rank == 0 else result.exit_code
+        code = _report(finish_verify(args, result.to_json()), args.json) if rank == 0 \
+            else result.exit_code
     except Exception as exc:  # every rank maps it the same way; only rank 0 says it
         code, line = classify(exc)
         if rank == 0 or code == 70:

@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from .. import knobs
+from ..audit import record_restore
 from ..engine.comm import make_comm
 from ..engine.lazy import LazySnapshot
 from ..engine.load import CorruptLoadError, IncompleteLoadError
@@ -151,6 +152,8 @@ class LocalTierRunner:
         cand, profile = self.load(state, strict, steps, load_persistent, restore_rng,
                                   verify_golden)
         manager.last_load_profile = profile
+        if manager.rank == 0:  # issue 32: a restore from the local tier is audited
+            record_restore(manager.location, cand.step, profile)
         return cand.step
 
     def close(self) -> None:
