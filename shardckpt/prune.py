@@ -47,6 +47,7 @@ from .policy import (
     missing_metric,
     plan_retention,
 )
+from .prune_refs import referenced_files, retire_step, sweep_retired
 from .storage import Location, step_dirname
 from .storage.lease import (
     CONTROL_DIR,
@@ -109,6 +110,7 @@ class PruneReport:
     skipped: Mapping[str, str] = field(default_factory=dict)
     corrupt: Mapping[int, str] = field(default_factory=dict)
     replicas: tuple[PruneReport, ...] = ()
+    retired: tuple[int, ...] = ()  # of ``deleted``: kept steps reference them (prune_refs.py)
 
     def to_json(self) -> dict[str, Any]:
         """The contract's ``prune`` document, plus ``reaped``, ``skipped`` and ``corrupt``."""
@@ -120,6 +122,7 @@ class PruneReport:
             "skipped": [{"dir": d, "reason": self.skipped[d]} for d in sorted(self.skipped)],
             "corrupt": [{"step": s, "error": self.corrupt[s]} for s in sorted(self.corrupt)],
             **({"replicas": [r.to_json() for r in self.replicas]} if self.replicas else {}),
+            **({"retired": sorted(self.retired)} if self.retired else {}),
         }
 
 
@@ -267,13 +270,21 @@ def _prune(location: Location, policy: RetentionPolicy, dry_run: bool, grace: fl
     claim, blocked = claim_for_deletion(location, [*map(step_dirname, plan.deleted), *stale])
     deleted: list[int] = []
     reaped: list[str] = []
-    try:
+    retired: list[int] = []
+    try:  # incremental saves: what the steps that stay reference (a fresh listing)
+        referenced = referenced_files(location, {**cache, **committed}, [
+            s for s in plan.deleted if step_dirname(s) not in blocked])
         for step in plan.deleted:
             d = step_dirname(step)
             if d in blocked:  # a writer started on it after the listing
                 kept[step] = ("in progress",)
                 continue
             lock.check()
+            if step in referenced:  # kept steps reference its files: retired, not deleted
+                retire_step(location, committed[step], referenced, lock.check)
+                retired.append(step)
+                deleted.append(step)
+                continue
             location.remove(f"{d}/{M.MANIFEST_NAME}")
             location.fsync_dir(d)  # un-committed for good before any data goes
             location.remove_tree(d)
@@ -292,6 +303,7 @@ def _prune(location: Location, policy: RetentionPolicy, dry_run: bool, grace: fl
             lock.check()
             location.remove_tree(d)
             reaped.append(d)
+        reaped += sweep_retired(location, referenced, lock.check)
     finally:
         if claim is not None:
             claim.release()
@@ -299,7 +311,7 @@ def _prune(location: Location, policy: RetentionPolicy, dry_run: bool, grace: fl
         location.fsync_dir("")
     _remove_dead_leases(location, leases, now, keep_dirs=set(skipped))
     return PruneReport(location.display, False, kept, tuple(deleted), tuple(reaped), skipped,
-                       corrupt)
+                       corrupt, retired=tuple(retired))
 
 
 def _remove_dead_leases(location: Location, leases: Mapping[str, Record | None], now: float,
