@@ -48,24 +48,22 @@ def test_every_step_loads_alone_in_one_process(saved: tuple[str, list[Any]],
         load_step(root, step, lora_state(step))
 
 
-def _s3_root(s3: Any) -> str:
-    return s3.new_root()
-
-
 def test_s3_replica_behaves_as_the_root_even_when_it_missed_the_base(
         tmp_path: Path, s3: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     for k, v in ENV.items():
         monkeypatch.setenv(k, v)
-    root, replica = str(tmp_path / "run"), _s3_root(s3)
+    root, replica = str(tmp_path / "run"), s3.new_root()
     with shardckpt.CheckpointManager(root, async_save=False, incremental=True) as mgr:
         mgr.save(1, lora_state(1))  # the replica misses step 1
     with shardckpt.CheckpointManager(root, replicas=[replica], async_save=False,
-                                     incremental=True) as mgr:
+                                     incremental=True,
+                                     storage_options=s3.storage_options) as mgr:
         a = mgr.save(2, lora_state(2)).wait()  # no base committed at both: full
         b = mgr.save(3, lora_state(3)).wait()  # base 2, at both locations
     assert a is not None and a.depends_on == () and b is not None and b.depends_on == (2,)
     assert R.depends_on(read_doc(root, 3), 3) == [2]
     for loc in (root, replica):
-        with shardckpt.CheckpointManager(loc, async_save=False) as mgr:
+        with shardckpt.CheckpointManager(loc, async_save=False,
+                                         storage_options=s3.storage_options) as mgr:
             assert mgr.steps()[-2:] == [2, 3]
-        load_step(loc, 3, lora_state(3))
+        load_step(loc, 3, lora_state(3), storage_options=s3.storage_options)
