@@ -158,25 +158,37 @@ class Writer:
     def close(self) -> None:
         if self.mgr is not None:
             self.mgr.close()
+        elif self.name == "torch_checkpointing":
+            self.tc.close()
 
 
 class TorchCheckpointing:
-    """torch_checkpointing 0.1.1 through its documented ``save(id, {...})`` /
-    ``load(id, into={...})``; raises if it is not installed or does not run here."""
+    """torch_checkpointing 0.1.1: ``CheckpointManager(Config.with_sync_save())``,
+    ``save(path, {...})`` / ``load(path, into={...})``, a directory per save, direct I/O off
+    (its O_DIRECT writes fail on ext4 here). Raises if it is not installed or does not run."""
 
     def __init__(self, root: Path) -> None:
         import torch_checkpointing as tc  # type: ignore[import-not-found]
+        from torch_checkpointing.storage.filesystem import (  # type: ignore[import-not-found]
+            LocalFileSystemStorageConfig,
+        )
 
-        self.mgr = tc.CheckpointManager(str(root))
+        cfg = tc.CheckpointManager.Config.with_sync_save()
+        cfg.storage_config = LocalFileSystemStorageConfig(use_direct_io=False)
+        self.root = root
+        self.mgr = cfg.build()
 
     def save(self, step: int, state: dict[str, Any]) -> None:
-        handle = self.mgr.save(str(step), state)
-        wait = getattr(handle, "wait", None) or getattr(handle, "result", None)
-        if callable(wait):
-            wait()
+        self.root.mkdir(parents=True, exist_ok=True)
+        future = self.mgr.save(str(self.root / f"step-{step}"), state)
+        if future is not None:
+            future.result()
 
     def load(self, step: int, state: dict[str, Any]) -> None:
-        self.mgr.load(str(step), into=state)
+        self.mgr.load(str(self.root / f"step-{step}"), into=state)
+
+    def close(self) -> None:
+        self.mgr.close()
 
 
 def run_one(writer: str, workload: str, args: argparse.Namespace, base: Path) -> dict[str, Any]:
@@ -209,11 +221,12 @@ def probe_torch_checkpointing(base: Path) -> str | None:
     """None if torch_checkpointing saves and loads a small state here, else why not."""
     try:
         tc = TorchCheckpointing(base / "probe")
-        st = {"w": torch.arange(8.0)}
+        st = {"model": {"w": torch.arange(8.0)}, "step": 1}
         tc.save(1, st)
-        got = {"w": torch.zeros(8)}
+        got = {"model": {"w": torch.zeros(8)}, "step": 0}
         tc.load(1, got)
-        if not torch.equal(got["w"], st["w"]):
+        tc.close()
+        if not torch.equal(got["model"]["w"], st["model"]["w"]):
             return "loaded values differ from the saved ones"
         return None
     except ImportError:

@@ -53,20 +53,25 @@ class EncodePipeline:
         items = zip(chunks, expect) if expect is not None else ((c, None) for c in chunks)
         if self._pool is None:
             for c, e in items:
-                yield encode_chunk(codec, c, e)
+                yield encode_chunk(codec, c, e) if e is not None else encode_chunk(codec, c)
             return
+        pool = self._pool
+
+        def submit(c: memoryview, e: str | None) -> Future[EncodedChunk]:
+            return pool.submit(encode_chunk, codec, c, e) if e is not None else \
+                pool.submit(encode_chunk, codec, c)
         pending: deque[Future[EncodedChunk]] = deque()
         source = iter(items)
         try:
             for c, e in source:
-                pending.append(self._pool.submit(encode_chunk, codec, c, e))
+                pending.append(submit(c, e))
                 if len(pending) >= self.config.window:
                     break
             while pending:
                 done = pending.popleft()
                 nxt = next(source, None)
                 if nxt is not None:
-                    pending.append(self._pool.submit(encode_chunk, codec, *nxt))
+                    pending.append(submit(*nxt))
                 yield done.result()
         finally:
             for f in pending:
