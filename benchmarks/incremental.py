@@ -185,7 +185,7 @@ class TorchCheckpointing:
             future.result()
 
     def load(self, step: int, state: dict[str, Any]) -> None:
-        self.mgr.load(str(self.root / f"step-{step}"), into=state)
+        state.update(self.mgr.load(str(self.root / f"step-{step}"), into=state))
 
     def close(self) -> None:
         self.mgr.close()
