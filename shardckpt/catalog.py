@@ -34,6 +34,7 @@ from datetime import datetime, timezone
 
 from .errors import CorruptCheckpointError, IncompleteCheckpointError, StorageError
 from .format import manifest as M
+from .retired import retired_name, retired_steps
 from .storage import Location, step_dirname
 from .storage.location import STEP_DIR
 from .storage.probe import Unreachable, reachable_all
@@ -72,6 +73,10 @@ def find_manifest(locations: Sequence[Location], step: int) -> tuple[M.Manifest,
     errors: list[Exception] = []
     for i, loc in enumerate(locations):
         try:
+            if loc.size(retired_name(step)) is not None:  # hidden: see shardckpt/retired.py
+                raise IncompleteCheckpointError(
+                    f"{loc.display}/{step_dirname(step)}: step {step} is retired (pruned, kept "
+                    f"only for the files that later steps reference)")
             return read_manifest(loc, step), i
         except (IncompleteCheckpointError, CorruptCheckpointError, StorageError) as exc:
             errors.append(exc)
@@ -108,12 +113,15 @@ class StepEntry:
 class Survey:
     """What :func:`survey` found. ``locations`` are the ones asked, in order; ``unreachable``
     maps the index of each that failed its probe or listing to why; ``aside`` lists the
-    (location index, directory name) of every step directory moved aside as corrupt."""
+    (location index, directory name) of every step directory moved aside as corrupt;
+    ``retired`` maps each retired step (:mod:`.retired`: hidden, kept only for the references
+    to it) to the indexes of the locations where it is retired."""
 
     locations: list[Location]
     unreachable: dict[int, str] = field(default_factory=dict)
     steps: dict[int, StepEntry] = field(default_factory=dict)
     aside: list[tuple[int, str]] = field(default_factory=list)
+    retired: dict[int, list[int]] = field(default_factory=dict)
 
     @property
     def reachable(self) -> list[Location]:
@@ -144,15 +152,17 @@ class Survey:
         return out
 
 
-def _list(location: Location) -> tuple[dict[int, str], list[str]]:
+def _list(location: Location) -> tuple[dict[int, str], list[str], set[int]]:
     steps: dict[int, str] = {}
     aside: list[str] = []
-    for name in location.listdir(""):
+    names = location.listdir("")
+    for name in names:
         if (m := STEP_DIR.fullmatch(name)) is not None:
             steps[int(m.group(1))] = name
         elif ASIDE_DIR.fullmatch(name):
             aside.append(name)
-    return steps, aside
+    retired = retired_steps(names) & set(steps)  # hidden: not a step of this listing
+    return {s: n for s, n in steps.items() if s not in retired}, aside, retired
 
 
 def _classify(location: Location, step: int, cache: Mapping[int, M.Manifest],
@@ -193,8 +203,10 @@ def survey(locations: Iterable[Location], *, cache: Mapping[int, M.Manifest] | N
             out.unreachable[i] = listing
             per_loc.append({})
             continue
-        steps, aside = listing
+        steps, aside, retired = listing
         out.aside += [(i, name) for name in aside]
+        for s in sorted(retired):
+            out.retired.setdefault(s, []).append(i)
         valid = {s for found in per_loc for s, m in found.items() if isinstance(m, M.Manifest)}
         skip = valid if first_valid else set()
         order = sorted(set(steps) - skip)
@@ -222,7 +234,7 @@ def survey(locations: Iterable[Location], *, cache: Mapping[int, M.Manifest] | N
     return out
 
 
-def _try_list(location: Location) -> tuple[dict[int, str], list[str]] | str:
+def _try_list(location: Location) -> tuple[dict[int, str], list[str], set[int]] | str:
     """The step and aside directories of ``location``, or why it cannot be listed."""
     try:
         return _list(location)

@@ -8,6 +8,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 
 from .format import manifest as M
+from .format.refs import summary
 
 
 @dataclass(frozen=True)
@@ -17,13 +18,17 @@ class CheckpointInfo:
     metrics: Mapping[str, float]
     tags: tuple[str, ...]
     world_size: int
-    nbytes: int
+    nbytes: int  # of the step's own files: the bytes it wrote itself
     replicas: tuple[str, ...]
+    bytes_referenced: int = 0  # incremental: stored bytes of earlier steps' files it uses
+    depends_on: tuple[int, ...] = ()  # incremental: the earlier steps those files belong to
 
     @classmethod
     def from_manifest(cls, m: M.Manifest) -> CheckpointInfo:
+        inc = summary(m.extra, m.step, m.nbytes)
         return cls(m.step, m.time, dict(m.metrics), m.tags, m.world_size, m.nbytes,
-                   tuple(m.extra.get("locations", ())))
+                   tuple(m.extra.get("locations", ())), inc["bytes_referenced"],
+                   tuple(inc["depends_on"]))
 
 
 class SaveHandle:

@@ -22,6 +22,7 @@ from .engine.background import background_options
 from .engine.comm import make_comm
 from .engine.failpolicy import FailurePolicy, check_on_error
 from .engine.failures import describe
+from .engine.incremental import incremental_options
 from .engine.index import full_manifest
 from .engine.lazy import LazySnapshot
 from .engine.reader import CheckpointReader
@@ -61,7 +62,8 @@ class CheckpointManager:
                  metrics_path: str | os.PathLike[str] | None = None,
                  callbacks: Iterable[Callable[[SaveEvent], Any]] | None = (),
                  file_mode: int | None = None, local: LocalTier | None = None,
-                 trusted_keys: Iterable[str] = ()) -> None:
+                 trusted_keys: Iterable[str] = (), incremental: bool = False,
+                 full_every: int = 0) -> None:
         urls = [str(root), *(str(r) for r in replicas)]
         self.min_replicas = check_manager_args(urls, min_replicas, save_every, retention, snapshot)
         check_on_error(on_error)
@@ -81,6 +83,7 @@ class CheckpointManager:
         self.save_every = save_every
         self.async_save = async_save
         self._codec = Codec(compression)
+        self._incremental = incremental_options(incremental, full_every)  # engine/incremental.py
         self._comm = make_comm(process_group, knobs.COLLECTIVE_TIMEOUT_S.get())
         self._local = local_tier(local, process_group, compression, file_mode, async_save)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shardckpt-save")
@@ -206,7 +209,7 @@ class CheckpointManager:
     def _run_save(self, req: SaveRequest, state: dict[str, Any], collected: Any,
                   tracker: SaveTracker | None = None, background: bool = False
                   ) -> CheckpointInfo | None:
-        opts = SaveOptions.from_knobs(self._codec)
+        opts = replace(SaveOptions.from_knobs(self._codec), **self._incremental)
         if background:  # async: training runs beside it (engine/background.py)
             opts = background_options(opts)
         try:

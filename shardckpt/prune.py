@@ -29,8 +29,7 @@ import contextlib
 import threading
 import time
 import warnings
-from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -49,6 +48,8 @@ from .policy import (
     missing_metric,
     plan_retention,
 )
+from .prune_background import BackgroundPrune
+from .prune_refs import referenced_files, retire_step, sweep_retired
 from .steptags import effective_tags
 from .storage import Location, step_dirname
 from .storage.lease import (
@@ -56,7 +57,6 @@ from .storage.lease import (
     LEASE_DIR,
     WRITER,
     PruneLock,
-    PruneLockedError,
     Record,
     claim_for_deletion,
     modified_time,
@@ -112,6 +112,7 @@ class PruneReport:
     skipped: Mapping[str, str] = field(default_factory=dict)
     corrupt: Mapping[int, str] = field(default_factory=dict)
     replicas: tuple[PruneReport, ...] = ()
+    retired: tuple[int, ...] = ()  # of ``deleted``: kept steps reference them (prune_refs.py)
 
     def to_json(self) -> dict[str, Any]:
         """The contract's ``prune`` document, plus ``reaped``, ``skipped`` and ``corrupt``."""
@@ -123,6 +124,7 @@ class PruneReport:
             "skipped": [{"dir": d, "reason": self.skipped[d]} for d in sorted(self.skipped)],
             "corrupt": [{"step": s, "error": self.corrupt[s]} for s in sorted(self.corrupt)],
             **({"replicas": [r.to_json() for r in self.replicas]} if self.replicas else {}),
+            **({"retired": sorted(self.retired)} if self.retired else {}),
         }
 
 
@@ -275,13 +277,21 @@ def _prune(location: Location, policy: RetentionPolicy, dry_run: bool, grace: fl
     claim, blocked = claim_for_deletion(location, [*map(step_dirname, dropped), *stale])
     deleted: list[int] = []
     reaped: list[str] = []
-    try:
+    retired: list[int] = []
+    try:  # incremental saves: what the steps that stay reference (a fresh listing)
+        referenced = referenced_files(location, {**cache, **committed}, [
+            s for s in dropped if step_dirname(s) not in blocked])
         for step in dropped:
             d = step_dirname(step)
             if d in blocked:  # a writer started on it after the listing
                 kept[step] = ("in progress",)
                 continue
             lock.check()
+            if step in referenced:  # kept steps reference its files: retired, not deleted
+                retire_step(location, committed[step], referenced, lock.check)
+                retired.append(step)
+                deleted.append(step)
+                continue
             if guard is not None:  # a versioned bucket: every version, by id, manifest first
                 guard.remove_step(d)
             else:
@@ -303,6 +313,7 @@ def _prune(location: Location, policy: RetentionPolicy, dry_run: bool, grace: fl
             lock.check()
             location.remove_tree(d)
             reaped.append(d)
+        reaped += sweep_retired(location, referenced, lock.check)
     finally:
         if claim is not None:
             claim.release()
@@ -310,7 +321,7 @@ def _prune(location: Location, policy: RetentionPolicy, dry_run: bool, grace: fl
         location.fsync_dir("")
     _remove_dead_leases(location, leases, now, keep_dirs=set(skipped))
     return PruneReport(location.display, False, kept, tuple(deleted), tuple(reaped), skipped,
-                       corrupt)
+                       corrupt, retired=tuple(retired))
 
 
 def _remove_dead_leases(location: Location, leases: Mapping[str, Record | None], now: float,
@@ -335,64 +346,6 @@ def _remove_dead_leases(location: Location, leases: Mapping[str, Record | None],
             path = f"{folder}/{name}"
             if ".tmp-" in name and now - (modified_time(location, path) or now) > DEFAULT_GRACE_S:
                 location.remove(path)
-
-
-class BackgroundPrune:
-    """Runs ``run`` on one worker thread, one call at a time, never blocking the caller.
-
-    A :meth:`request` made while a run is in progress queues exactly one more (so the last
-    request is always followed by a full run); more requests meanwhile coalesce into it. A run
-    that finds another prune holding the lock is skipped (the next request tries again); other
-    errors become a warning and :attr:`last_error`, never an exception in the caller.
-    """
-
-    def __init__(self, run: Callable[[], object], name: str = "shardckpt-retention") -> None:
-        self._run, self._name = run, name
-        self._lock = threading.Lock()
-        self._queued = False
-        self._pool: ThreadPoolExecutor | None = None
-        self.last_error: BaseException | None = None
-
-    def request(self) -> None:
-        with self._lock:
-            if self._queued:
-                return
-            self._queued = True
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=self._name)
-            self._pool.submit(self._job)
-
-    def _job(self) -> None:
-        with self._lock:
-            self._queued = False
-        try:
-            self._run()
-        except PruneLockedError:
-            pass  # another prune (cron, a second job) is at it right now
-        except Exception as exc:
-            self.last_error = exc
-            warnings.warn(f"background retention failed: {type(exc).__name__}: {exc}",
-                          RuntimeWarning, stacklevel=1)
-
-    def close(self, timeout: float | None = None) -> bool:
-        """Wait for the running and queued runs (at most ``timeout`` s), then stop the thread.
-
-        False if a run was still going at the timeout (the thread goes on with it, then stops).
-        """
-        with self._lock:
-            pool, self._pool = self._pool, None
-        if pool is None:
-            return True
-        if timeout is None:
-            pool.shutdown(wait=True)
-            return True
-        last = pool.submit(lambda: None)  # one worker, runs in order: done once the rest are
-        pool.shutdown(wait=False)
-        try:
-            last.result(timeout)
-        except TimeoutError:
-            return False
-        return True
 
 
 __all__ = ["DEFAULT_GRACE_S", "BackgroundPrune", "PruneReport", "UnknownMetricError",

@@ -12,7 +12,7 @@ never makes a damaged checkpoint look committed.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from .audit import record_repair
@@ -21,6 +21,7 @@ from .engine.reader import CheckpointReader
 from .errors import CorruptCheckpointError, IncompleteCheckpointError, StorageError
 from .format import manifest as M
 from .format.shard import checksum
+from .refcheck import RefTargets, with_references, with_retired
 from .storage import Location, step_dirname
 
 COPY_BLOCK = 16 << 20
@@ -83,11 +84,15 @@ class StepRepair:
                 "failed": self.failed, "healthy_before": self.healthy_before, "ok": self.ok}
 
 
-def verify_file(location: Location, step: int, manifest: M.Manifest, file: str) -> str | None:
+def verify_file(location: Location, step: int, manifest: M.Manifest, file: str,
+                only: Collection[int] | None = None) -> str | None:
     """None if ``file`` is intact at ``location`` (size, header as the manifest recorded it,
-    every piece fitting its tensor, every chunk checksum), else what is wrong with it."""
+    every piece fitting its tensor, every chunk checksum; of the chunks at the offsets ``only``,
+    if given: those other steps reference), else what is wrong with it."""
     step_dir = step_dirname(step)
     reader = CheckpointReader([location], step_dir, manifest)
+    if only is not None:  # a file other steps reference: its own chunks, not its references
+        reader.refs = RefTargets(manifest, enabled=False)
     where = f"{location.display}/{step_dir}/{file}"
     try:
         header = reader.check_file(file)
@@ -95,7 +100,8 @@ def verify_file(location: Location, step: int, manifest: M.Manifest, file: str) 
         for p in header.pieces:
             M.meta_of_piece(manifest, p, manifest.files[file].rank, where)
             for c in p.chunks:
-                if checksum(location.read_range(rel, c.offset, c.stored)) != c.xxh3:
+                if c.ref is None and (only is None or c.offset in only) and \
+                        checksum(location.read_range(rel, c.offset, c.stored)) != c.xxh3:
                     return f"checksum mismatch in chunk at offset {c.offset}"
     except _PROBLEMS as exc:
         return str(exc)
@@ -119,10 +125,14 @@ class _Survey:
     manifest: M.Manifest
     manifest_bytes: bytes
     source: int
+    only: Mapping[str, Collection[int]] | None = None  # files (and chunk offsets) to check
 
 
-def plan_step(locations: Sequence[Location], step: int) -> tuple[StepRepair, _Survey | None]:
-    """Look at ``step`` everywhere and plan its repair; changes nothing."""
+def plan_step(locations: Sequence[Location], step: int,
+              only: Mapping[str, Collection[int]] | None = None
+              ) -> tuple[StepRepair, _Survey | None]:
+    """Look at ``step`` everywhere and plan its repair (of the files ``only``, if given: those
+    other steps reference); changes nothing."""
     report = StepRepair(step, dry_run=True)
     survey: _Survey | None = None
     states: list[str | None] = []
@@ -133,15 +143,15 @@ def plan_step(locations: Sequence[Location], step: int) -> tuple[StepRepair, _Su
             if survey is None:
                 data = loc.read_file(f"{step_dirname(step)}/{M.MANIFEST_NAME}",
                                      MAX_MANIFEST_BYTES)
-                survey = _Survey(m, data, len(states) - 1)
+                survey = _Survey(m, data, len(states) - 1, only)
         except _PROBLEMS as exc:
             states.append(str(exc))
     if survey is None:
         report.unrepairable.append({"location": "*", "file": M.MANIFEST_NAME,
                                     "problem": "no location holds a valid manifest"})
         return report, None
-    files = sorted(survey.manifest.files)
-    status = {(i, f): verify_file(loc, step, survey.manifest, f)
+    files = sorted(f for f in survey.manifest.files if only is None or f in only)
+    status = {(i, f): verify_file(loc, step, survey.manifest, f, only and only[f])
               for i, loc in enumerate(locations) for f in files}
     fixed = dict(status)  # what each file's state will be once the plan has run
     for f in files:
@@ -194,7 +204,8 @@ def execute(locations: Sequence[Location], planned: StepRepair,
                 size = survey.manifest.files[action.file].nbytes
                 loc.makedirs(step_dir)
                 copy_file(by_name[action.source], loc, f"{step_dir}/{action.file}", size)
-                after = verify_file(loc, planned.step, survey.manifest, action.file)
+                after = verify_file(loc, planned.step, survey.manifest, action.file,
+                                    survey.only and survey.only[action.file])
                 if after is not None:
                     raise CorruptCheckpointError(f"copy failed: {after}")
                 done.repaired.append(entry)
@@ -214,12 +225,14 @@ def execute(locations: Sequence[Location], planned: StepRepair,
     return done
 
 
-def repair_step(locations: Sequence[Location], step: int, dry_run: bool = False) -> StepRepair:
-    """Make every location hold a good copy of ``step`` where some location has one.
+def repair_step(locations: Sequence[Location], step: int, dry_run: bool = False,
+                only: Mapping[str, Collection[int]] | None = None) -> StepRepair:
+    """Make every location hold a good copy of ``step`` (of its files ``only``, if given)
+    where some location has one.
 
     ``dry_run`` returns the plan alone; otherwise the plan is executed. Both report the same
     ``plan``."""
-    planned, survey = plan_step(locations, step)
+    planned, survey = plan_step(locations, step, only)
     if dry_run:
         return planned
     done = execute(locations, planned, survey)
@@ -249,12 +262,13 @@ def repair(locations: Sequence[Location], step: int | None = None,
            dry_run: bool = False) -> list[StepRepair]:
     """Repair one step, or every step that has a directory at the first location (ROOT; see
     :func:`steps_to_repair`)."""
-    if step is not None:
-        return [repair_step(locations, step, dry_run)]
+    if step is not None:  # and the files of earlier steps it references (refcheck.py)
+        return [repair_step(locations, s, dry_run, only)
+                for s, only in with_references(locations, step)]
     steps, _ = steps_to_repair(locations)
     out = []
-    for s in steps:
-        r = repair_step(locations, s, dry_run)
+    for s, only in with_retired(locations, steps):  # retired steps: referenced files only
+        r = repair_step(locations, s, dry_run, only)
         if not committed_nowhere(r):  # a crashed save, not damage
             out.append(r)
     if not dry_run and all(r.ok for r in out):

@@ -75,6 +75,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
     a corrupt manifest, a damaged or missing copy, an unreachable location. A root that does
     not exist yet, or an empty folder, lists nothing (exit 0); a path that is not a checkpoint
     root exits 2."""
+    from ..format.refs import summary  # incremental saves
     from ..steptags import effective_tags as tags_now  # `shardckpt tag` (issue 32)
     from ..verify.record import verified
     from . import health
@@ -112,7 +113,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
                      "locations": [{"url": loc.display, "health": entry.health[i]}
                                    for i, loc in enumerate(locs)],
                      "problems": [f"{where}: {state}" for where, state in bad]
-                     + ([note] if note else [])})
+                     + ([note] if note else []), **summary(m.extra, step, m.nbytes)})
     for step, error in report.corrupt.items():
         rows.append({"step": step, "time": None, "nbytes": None, "metrics": {}, "tags": [],
                      "world_size": None, "verified": None, "health": "corrupt",
@@ -149,11 +150,14 @@ def _print_ls(rows: list[dict[str, Any]]) -> None:
               f"{r['world_size']:>5}  {r['health']:<10} {r['verified'] or '-':<8} {metrics} "
               f"{' '.join(r['tags'])}".rstrip())
         absent = [loc["url"] for loc in r["locations"] if loc["health"] == "absent"]
-        for line in [*r["problems"], *(f"{u}: not there" for u in absent)]:
+        refs = [f"incremental: references {human_bytes(r['bytes_referenced'])} of step(s) "
+                f"{r['depends_on']}"] if r["depends_on"] else []
+        for line in [*r["problems"], *(f"{u}: not there" for u in absent), *refs]:
             print(f"{'':>12}{line}")
 
 
 def cmd_show(args: argparse.Namespace) -> int:
+    from ..format.refs import summary  # incremental saves
     from .common import checked_roots, emit
 
     locs, kinds = checked_roots(args)
@@ -175,7 +179,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     local = [(path, M.to_ranges(ranks), differ) for path, ranks, differ in
              T.rank_local(m.tree, m.world_size)]
     if args.json:
-        emit({**doc, "nbytes": m.nbytes,
+        emit({**doc, "nbytes": m.nbytes, **summary(m.extra, m.step, m.nbytes),
               "rank_local": {p: {"ranks": [list(r) for r in runs], "differ": differ}
                              for p, runs, differ in local}, "damage": damage})
         return 2 if damage else 0
@@ -184,6 +188,9 @@ def cmd_show(args: argparse.Namespace) -> int:
         return ",".join(f"{a}" if b == a + 1 else f"{a}-{b - 1}" for a, b in runs)
     print(f"step {m.step}  saved {m.time}  world size {m.world_size}  "
           f"{human_bytes(m.nbytes)} in {len(m.files)} files  save id {m.save_id}")
+    if (inc := summary(m.extra, m.step, m.nbytes))["depends_on"]:
+        print(f"incremental: wrote {human_bytes(m.nbytes)} itself, references "
+              f"{human_bytes(inc['bytes_referenced'])} of step(s) {inc['depends_on']}")
     if (note := _degraded_note(m)) is not None:
         print(f"DEGRADED: {note}")
     for problem in damage:
@@ -284,13 +291,16 @@ def cmd_repair(args: argparse.Namespace) -> int:
     if len(locs) < 2:
         raise UsageError("repair needs at least one --replica URL to copy from or to")
     left: dict[int, list[str]] = {}  # steps ROOT does not hold (pruned there): not brought back
+    from ..refcheck import with_references, with_retired  # incremental: referenced files too
     if args.step is not None:
-        steps = [args.step]
+        steps = with_references(locs, args.step)
     else:
-        steps, left = steps_to_repair(locs)
+        found, left = steps_to_repair(locs)
+        steps = with_retired(locs, found)
     reports = []
-    for s in bar(steps, desc="repair", total=len(steps), enabled=wanted(args), unit="step"):
-        r = repair_step(locs, s, args.dry_run)
+    for s, only in bar(steps, desc="repair", total=len(steps), enabled=wanted(args),
+                       unit="step"):
+        r = repair_step(locs, s, args.dry_run, only)
         if args.step is not None or not committed_nowhere(r):  # else a crashed save: no damage
             reports.append(r)
     ok = all(r.ok for r in reports)

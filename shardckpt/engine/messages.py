@@ -52,18 +52,20 @@ class Assignment:
     writes: tuple[M.Ranges, ...] = ()
     known: list[str | None] | None = None  # the structure hash rank 0 holds for each rank
     cause: str = ""  # of a refusal: "" (a rank's state), STORAGE or RIVAL (see Outcome)
+    base: int | None = None  # incremental: the base step (engine/incremental.py)
 
     def to_json(self) -> dict[str, Any]:
         return {"failures": _wire(self.failures), "save_id": self.save_id,
                 "prepared": list(self.prepared),
                 "writes": [[list(run) for run in w] for w in self.writes], "known": self.known,
-                "cause": self.cause}
+                "cause": self.cause, "base": self.base}
 
     @classmethod
     def from_json(cls, doc: Mapping[str, Any]) -> Assignment:
+        base = doc.get("base")
         return cls(_ranks(doc["failures"]), doc["save_id"], tuple(doc["prepared"]),
                    tuple(tuple((a, b) for a, b in w) for w in doc["writes"]), doc["known"],
-                   str(doc.get("cause", "")))
+                   str(doc.get("cause", "")), int(base) if base is not None else None)
 
 
 @dataclass(frozen=True)
@@ -82,17 +84,19 @@ class WriteReport:
     error: str | None = None
     files: tuple[FileEntry, ...] = ()
     loc_failures: Mapping[int, str] = field(default_factory=dict)
+    refs: tuple[tuple[int, str, int], ...] = ()  # incremental: (step, file, bytes) referenced
 
     def to_json(self) -> dict[str, Any]:
         return {"error": self.error,
                 "files": [[f.name, f.nbytes, f.header_offset, f.header_xxh3, list(f.stored_at)]
                           for f in self.files],
-                "loc_failures": _wire(self.loc_failures)}
+                "loc_failures": _wire(self.loc_failures), "refs": [list(r) for r in self.refs]}
 
     @classmethod
     def from_json(cls, doc: Mapping[str, Any]) -> WriteReport:
         files = tuple(FileEntry(f[0], f[1], f[2], f[3], tuple(f[4])) for f in doc["files"])
-        return cls(doc["error"], files, _ranks(doc["loc_failures"]))
+        refs = tuple((int(s), str(f), int(n)) for s, f, n in doc.get("refs", ()))
+        return cls(doc["error"], files, _ranks(doc["loc_failures"]), refs)
 
 
 @dataclass(frozen=True)

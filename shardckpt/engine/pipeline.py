@@ -44,24 +44,34 @@ class EncodePipeline:
         self.config = config
         self._pool = pool
 
-    def encode(self, chunks: Iterable[memoryview]) -> Iterator[EncodedChunk]:
+    def encode(self, chunks: Iterable[memoryview],
+               expect: Iterable[str | None] | None = None) -> Iterator[EncodedChunk]:
+        """Encode ``chunks`` in order. ``expect`` (incremental saves) gives, chunk by chunk, the
+        XXH3-128 of the base step's chunk at the same place: a chunk with that digest comes
+        back ``reused``, neither compressed nor checksummed again."""
         codec = self.config.codec
+        items = zip(chunks, expect) if expect is not None else ((c, None) for c in chunks)
         if self._pool is None:
-            for c in chunks:
-                yield encode_chunk(codec, c)
+            for c, e in items:
+                yield encode_chunk(codec, c, e) if e is not None else encode_chunk(codec, c)
             return
+        pool = self._pool
+
+        def submit(c: memoryview, e: str | None) -> Future[EncodedChunk]:
+            return pool.submit(encode_chunk, codec, c, e) if e is not None else \
+                pool.submit(encode_chunk, codec, c)
         pending: deque[Future[EncodedChunk]] = deque()
-        source = iter(chunks)
+        source = iter(items)
         try:
-            for c in source:
-                pending.append(self._pool.submit(encode_chunk, codec, c))
+            for c, e in source:
+                pending.append(submit(c, e))
                 if len(pending) >= self.config.window:
                     break
             while pending:
                 done = pending.popleft()
                 nxt = next(source, None)
                 if nxt is not None:
-                    pending.append(self._pool.submit(encode_chunk, codec, nxt))
+                    pending.append(submit(*nxt))
                 yield done.result()
         finally:
             for f in pending:

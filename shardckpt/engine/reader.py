@@ -17,6 +17,7 @@ from ..errors import CorruptCheckpointError, IncompleteCheckpointError, StorageE
 from ..format.dtypes import itemsize, torch_dtype
 from ..format.manifest import Manifest, TensorMeta
 from ..format.shard import Piece, ShardHeader, checksum, decode_chunk, read_header
+from ..refcheck import RefTargets, ref_path
 from ..storage import Location
 from .tensorbytes import byte_view
 
@@ -56,6 +57,7 @@ class CheckpointReader:
         self._bad: dict[tuple[int, str], BaseException] = {}
         self._lock = threading.Lock()
         self.warnings: list[str] = []
+        self.refs = RefTargets(manifest)  # incremental: references to earlier steps
 
     @property
     def location(self) -> Location:
@@ -94,6 +96,7 @@ class CheckpointReader:
                 f"{where}: written by save {header.save_id} of step {header.step} on rank "
                 f"{header.rank}, the manifest is save {self.manifest.save_id} of step "
                 f"{self.manifest.step} (rank {record.rank})")
+        self.refs.check(location, header.pieces, where)  # before any referenced byte is read
         with self._lock:
             self._checked[(index, file)] = header
         return header
@@ -156,18 +159,19 @@ class CheckpointReader:
                 continue
             lo, hi = max(start, c_start), min(end, c_end)
             dst = out[lo - start:hi - start]
+            c_rel, c_where = (rel, where) if chunk.ref is None else ref_path(location, chunk.ref)
             if chunk.codec == "raw" and lo == c_start and hi == c_end and \
                     hasattr(location, "read_into"):
-                n = location.read_into(rel, chunk.offset, dst)
+                n = location.read_into(c_rel, chunk.offset, dst)
                 if n != chunk.stored:
-                    raise CorruptCheckpointError(f"{where}: chunk at offset {chunk.offset}: "
+                    raise CorruptCheckpointError(f"{c_where}: chunk at offset {chunk.offset}: "
                                                  f"read {n} of {chunk.stored} bytes")
                 if checksum(dst) != chunk.xxh3:
                     raise CorruptCheckpointError(
-                        f"{where}: checksum mismatch in chunk at offset {chunk.offset}")
+                        f"{c_where}: checksum mismatch in chunk at offset {chunk.offset}")
                 continue
-            stored = location.read_range(rel, chunk.offset, chunk.stored)
-            raw = memoryview(decode_chunk(stored, chunk, where))
+            stored = location.read_range(c_rel, chunk.offset, chunk.stored)
+            raw = memoryview(decode_chunk(stored, chunk, c_where))
             dst[:] = raw[lo - c_start:hi - c_start]
 
     def read_box(self, meta: TensorMeta, offsets: tuple[int, ...], lengths: tuple[int, ...],

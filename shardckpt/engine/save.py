@@ -31,6 +31,7 @@ from typing import Any
 from .. import knobs
 from ..errors import ConcurrentWriterError, ShardckptError, StorageError
 from ..format import manifest as M
+from ..format.refs import referenced_bytes
 from ..format.shard import Codec, checksum
 from ..planning.assign import LeafSpec, assign
 from ..planning.plancache import PlanCache
@@ -41,6 +42,7 @@ from ..storage.writers import may_remove
 from .comm import Comm
 from .failpolicy import mark_agreed
 from .failures import agree_on_state, describe, raise_failures
+from .incremental import finish_manifest, load_base, pick_base
 from .messages import RIVAL, STORAGE, Assignment, FileEntry, Outcome, RankPlan, WriteReport
 from .pipeline import PipelineConfig
 from .stepdir import SaveRequest, build_manifest, commit_all, directory, prepare_all
@@ -62,6 +64,8 @@ class SaveOptions:
     # every rank writes where rank 0 commits (False: the local tier, each node its own path):
     # then rank 0 checks, under the lease, that every file is still there before the commit
     shared_location: bool = True
+    incremental: bool = False  # reuse the base step's unchanged chunks (engine/incremental.py)
+    full_every: int = 0  # incremental: a full save once the newest full one is this many old
 
     @classmethod
     def from_knobs(cls, codec: Codec) -> SaveOptions:
@@ -139,6 +143,7 @@ class _SaveRun:
         self.plans: list[RankPlan] = []  # rank 0: every rank's plan
         self.tensors: dict[str, M.TensorEntry] = {}  # rank 0: the manifest's tensor entries
         self.manifest: M.Manifest | None = None
+        self.base: M.Manifest | None = None  # rank 0: the base of an incremental save
         self.counts: dict[str, float] = {}
         self.agreed = False  # a failure broadcast to every rank is being raised
         self.cause = ""  # rank 0: why the save was refused before writing (STORAGE, RIVAL)
@@ -256,9 +261,13 @@ class _SaveRun:
                 failures = {0: "planning: " + describe(exc)}
                 self.cache.specs.clear()
                 self.cache.key = self.cache.plan = None
+        if self.opts.incremental and not failures:
+            self.base = pick_base([self.locations[i] for i in prepared], self.req.step,
+                                  self.opts.full_every, self.stack)
         return Assignment(failures, uuid.uuid4().hex, tuple(prepared), tuple(writes),
                           None if failures else self.cache.known(self.comm.world_size),
-                          self.cause if failures else "")
+                          self.cause if failures else "",
+                          self.base.step if self.base is not None else None)
 
     def write(self, assignment: Assignment, collected: Collected) -> WriteReport:
         """Phase 2: write this rank's pieces to every prepared location; report to rank 0."""
@@ -274,15 +283,19 @@ class _SaveRun:
             opts = self.opts
             config = PipelineConfig.plan(opts.codec, opts.chunk_size, opts.memory_budget,
                                          opts.files_per_rank)
+            base = None if assignment.base is None else load_base(
+                targets[0][1], assignment.base, rank, ((p.key, p.offsets, p.lengths) for p in todo))
             self.clock.lap("plan")
             written = write_rank(targets, self.step_dir, todo, save_id=assignment.save_id,
                                  step=self.req.step, rank=rank, config=config,
                                  nfiles=opts.files_per_rank, threads=opts.io_threads,
-                                 encoders=opts.encode_threads, nice=opts.nice)
+                                 encoders=opts.encode_threads, nice=opts.nice, base=base)
             report = WriteReport(None, tuple(
                 FileEntry(w.record.name, w.record.nbytes, w.record.header_offset,
                           w.record.header_xxh3, tuple(w.stored_at)) for w in written),
-                {i: m for w in written for i, m in w.failures.items()})
+                {i: m for w in written for i, m in w.failures.items()},
+                tuple((s, f, n) for w in written
+                      for (s, f), n in referenced_bytes(w.pieces).items()))
         except Exception as exc:
             self.error = exc
             report = WriteReport(describe(exc))
@@ -310,8 +323,10 @@ class _SaveRun:
             storage = True
         if not failures:
             try:
-                manifest = build_manifest(self.req, assignment.save_id, self.comm.world_size,
-                                          [p.tree for p in self.plans], self.tensors, reports)
+                manifest = finish_manifest(build_manifest(
+                    self.req, assignment.save_id, self.comm.world_size,
+                    [p.tree for p in self.plans], self.tensors, reports),
+                    self.base, (r for rep in reports for r in rep.refs))
                 committed, commit_failures, manifest, size = commit_all(
                     self.locations, good, self.step_dir, manifest, self.min_replicas,
                     self.leases, check_files=self.opts.shared_location)

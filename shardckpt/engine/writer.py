@@ -14,6 +14,7 @@ import xxhash
 from ..format.shard import FileRecord, Piece, ShardWriter, split_chunks
 from ..storage import Location
 from ..storage.replicas import open_tee
+from .incremental import BaseChunks, reuse
 from .pipeline import EncodePipeline, PipelineConfig
 from .priority import lower_thread_priority
 from .tensorbytes import byte_view
@@ -77,8 +78,10 @@ class WrittenFile:
 
 def write_file(locations: Sequence[tuple[int, Location]], step_dir: str, name: str,
                pieces: Sequence[PieceData], pipeline: EncodePipeline, *, save_id: str,
-               step: int, rank: int) -> WrittenFile:
+               step: int, rank: int, base: BaseChunks | None = None) -> WrittenFile:
     """Stream ``pieces`` into one shard file at every location, encoding each chunk once.
+    With ``base`` (incremental), a chunk whose raw XXH3-128 and size equal the base step's
+    chunk at the same place is not written but recorded as a reference to its bytes.
 
     The file is durable wherever ``stored_at`` says when this returns; it raises only if no
     location could store it.
@@ -86,14 +89,17 @@ def write_file(locations: Sequence[tuple[int, Location]], step_dir: str, name: s
     size = pipeline.config.chunk_size
     views = [tensor_bytes(p.data) for p in pieces]
     counts = [-(-len(v) // size) for v in views]  # chunks per piece: ceil(bytes / size)
-    encoded = pipeline.encode(c for v in views for c in split_chunks(v, size))
+    olds = [base.chunks_of(p.key, p.offsets, p.lengths, len(v), size) if base else [None] * n
+            for p, v, n in zip(pieces, views, counts)]
+    encoded = pipeline.encode((c for v in views for c in split_chunks(v, size)),
+                              (o.xxh128 if o is not None else None for c in olds for o in c))
     sink = open_tee(locations, f"{step_dir}/{name}")
     try:
         writer = ShardWriter(sink, name, save_id=save_id, step=step, rank=rank,
                              chunk_size=size, codec=pipeline.config.codec)
         written = [writer.add_encoded(p.key, p.dtype, p.offsets, p.lengths,
-                                      [next(encoded) for _ in range(n)])
-                   for p, n in zip(pieces, counts)]
+                                      [reuse(next(encoded), o) for o in old])
+                   for p, old in zip(pieces, olds)]
         record = writer.finish()
         stored_at = sink.commit()
     except BaseException:
@@ -113,7 +119,8 @@ def shard_name(rank: int, index: int, spread: bool) -> str:
 def write_rank(locations: Sequence[tuple[int, Location]], step_dir: str,
                pieces: Sequence[PieceData], *, save_id: str, step: int, rank: int,
                config: PipelineConfig, nfiles: int, threads: int,
-               encoders: int, nice: int = 0) -> list[WrittenFile]:
+               encoders: int, nice: int = 0, base: BaseChunks | None = None
+               ) -> list[WrittenFile]:
     """Write this rank's pieces to ``nfiles`` shard files concurrently, at every location;
     ``nice`` > 0 lowers the priority of the threads that do it (and of those they start)."""
     groups = split_files(pieces, nfiles)
@@ -125,6 +132,6 @@ def write_rank(locations: Sequence[tuple[int, Location]], step_dir: str,
             ThreadPoolExecutor(max_workers=max(1, min(threads, len(groups) or 1)), **init) as pool:
         pipeline = EncodePipeline(config, encode_pool if encoders > 0 else None)
         futures = [pool.submit(write_file, locations, step_dir, n, g, pipeline,
-                               save_id=save_id, step=step, rank=rank)
+                               save_id=save_id, step=step, rank=rank, base=base)
                    for n, g in zip(names, groups)]
         return [f.result() for f in futures]

@@ -33,6 +33,7 @@ from ..errors import IncompleteCheckpointError
 from . import fields as F
 from . import safejson
 from .dtypes import itemsize
+from .refs import parse_references
 from .shard import PREAMBLE_SIZE, FileRecord, Piece
 
 FORMAT = "shardckpt-manifest"
@@ -207,21 +208,20 @@ def parse(data: bytes, where: str = MANIFEST_NAME) -> Manifest:
     world = F.integer(F.get(doc, "world_size", where), f"{where} world_size", 1, 1 << 24)
     files = _parse_files(F.get(doc, "files", where), world, where)
     tensors = _parse_tensors(F.get(doc, "tensors", where), files, world, where)
-    metrics_raw = F.obj(doc.get("metrics", {}), f"{where} metrics")
     metrics = {F.string(k, f"{where} metrics"): decode_float(v, f"{where} metrics.{k}")
-               for k, v in metrics_raw.items()}
+               for k, v in F.obj(doc.get("metrics", {}), f"{where} metrics").items()}
     tags_raw = doc.get("tags", [])
     if not isinstance(tags_raw, list):
         raise F.fail(where, "tags must be a list")
     tags = tuple(F.string(t, f"{where} tags") for t in tags_raw)
-    unix = decode_float(F.get(doc, "unix_time", where), f"{where} unix_time")
+    parse_references(doc.get("references"), step, where)  # incremental saves: format/refs.py
     return Manifest(
         step=step,
         save_id=F.string(F.get(doc, "save_id", where), f"{where} save_id", 128),
         time=F.string(F.get(doc, "time", where), f"{where} time", 64),
-        unix_time=unix, world_size=world, files=files, tensors=tensors,
-        tree=F.get(doc, "tree", where), metrics=metrics, tags=tags,
-        extra={k: v for k, v in doc.items() if k not in CORE_FIELDS},
+        unix_time=decode_float(F.get(doc, "unix_time", where), f"{where} unix_time"),
+        world_size=world, files=files, tensors=tensors, tree=F.get(doc, "tree", where),
+        metrics=metrics, tags=tags, extra={k: v for k, v in doc.items() if k not in CORE_FIELDS},
     )
 
 

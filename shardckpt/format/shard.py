@@ -9,7 +9,9 @@ Layout (all integers little-endian; full specification in ``docs/format.md``)::
 
 The header sits at the end so that a file streams to any byte sink (an object-store upload
 included) without seeking back; the fixed-size trailer finds it. Every chunk carries the XXH3-64 of
-its *stored* bytes, so corruption is caught before any decompression runs.
+its *stored* bytes, so corruption is caught before any decompression runs. Since header version 2
+every chunk also carries the XXH3-128 of its *raw* bytes (what incremental saves compare), and a
+chunk may be a *reference*: bytes that an earlier step's file holds (:mod:`.refs`).
 """
 
 from __future__ import annotations
@@ -25,11 +27,19 @@ import zstandard
 
 from . import fields as F
 from . import safejson
+from .codec import (  # noqa: F401  (re-exported: where they used to live)
+    Codec,
+    EncodedChunk,
+    checksum,
+    digest128,
+    encode_chunk,
+)
 from .dtypes import itemsize
 
 MAGIC = b"SHRDCKPT"
 TRAILER_MAGIC = b"SHRDEND1"
-VERSION = 1
+VERSION = 1  # of the preamble (the file layout)
+HEADER_VERSION = 2  # of the JSON header: 1 has no XXH3-128 per chunk and no references
 PREAMBLE = struct.Struct("<8sII48x")
 TRAILER = struct.Struct("<QQQ8s")
 PREAMBLE_SIZE = PREAMBLE.size  # 64
@@ -39,7 +49,6 @@ CODECS = ("raw", "zstd")
 _ZERO = bytes(4096)
 # A zstd block (at most 128 KiB of content) takes at least 4 bytes: no frame expands further.
 ZSTD_MAX_RATIO = 32768
-_CODEC_SPEC = re.compile(r"zstd(?::(-?[0-9]{1,3}))?")
 
 
 def chunk_alignment(nbytes: int) -> int:
@@ -47,27 +56,47 @@ def chunk_alignment(nbytes: int) -> int:
     return 4096 if nbytes >= 64 * 1024 else 64
 
 
-def checksum(data: Any) -> str:
-    return xxhash.xxh3_64_hexdigest(data)
+_HEX32 = re.compile(r"[0-9a-f]{32}")
+_REF_FILE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,200}\.shard")
+_CHUNK_FORM = "a chunk is [offset, stored, raw, xxh3, codec] (+ [xxh128] (+ [[step, file]]))"
 
 
 @dataclass(frozen=True)
 class Chunk:
-    """One checksummed run of stored bytes: ``raw`` bytes of tensor data once decoded."""
+    """One checksummed run of stored bytes: ``raw`` bytes of tensor data once decoded.
+
+    ``xxh128`` (header version 2) is the XXH3-128 of the raw bytes. ``ref`` = ``(step, file)``
+    makes the chunk a reference: its bytes lie at ``offset`` in that file of an earlier step
+    of the same root (the file that physically holds them, never another reference)."""
 
     offset: int
     stored: int
     raw: int
     xxh3: str
     codec: str = "raw"
+    xxh128: str = ""
+    ref: tuple[int, str] | None = None
 
     def to_json(self) -> list[Any]:
-        return [self.offset, self.stored, self.raw, self.xxh3, self.codec]
+        out: list[Any] = [self.offset, self.stored, self.raw, self.xxh3, self.codec]
+        if self.xxh128:
+            out.append(self.xxh128)
+        if self.ref is not None:
+            out.append([self.ref[0], self.ref[1]])
+        return out
 
     @classmethod
-    def from_json(cls, value: Any, where: str) -> Chunk:
-        if not isinstance(value, list) or len(value) != 5:
-            raise F.fail(where, "a chunk is [offset, stored, raw, xxh3, codec]")
+    def from_json(cls, value: Any, where: str, version: int = 1) -> Chunk:
+        arity = (5,) if version == 1 else (5, 6, 7)
+        if not isinstance(value, list) or len(value) not in arity:
+            raise F.fail(where, _CHUNK_FORM)
+        xxh128, ref = "", None
+        if len(value) >= 6:
+            if not isinstance(value[5], str) or not _HEX32.fullmatch(value[5]):
+                raise F.fail(where, f"{_CHUNK_FORM}; bad xxh128 {value[5]!r}"[:300])
+            xxh128 = value[5]
+        if len(value) == 7:
+            ref = _parse_ref(value[6], where)
         offset = F.integer(value[0], f"{where} offset", PREAMBLE_SIZE)
         stored = F.integer(value[1], f"{where} stored size")
         raw = F.integer(value[2], f"{where} raw size")
@@ -81,7 +110,19 @@ class Chunk:
             raise F.fail(where, "empty zstd chunk")
         if codec == "zstd" and raw > stored * ZSTD_MAX_RATIO + 4096:
             raise F.fail(where, f"zstd chunk of {stored} bytes cannot decode to {raw} bytes")
-        return cls(offset, stored, raw, digest, codec)
+        return cls(offset, stored, raw, digest, codec, xxh128, ref)
+
+
+def _parse_ref(value: Any, where: str) -> tuple[int, str]:
+    """``[step, file]``: a step number and a plain shard file name (never a path)."""
+    if not isinstance(value, list) or len(value) != 2:
+        raise F.fail(where, "a reference is [step, file]")
+    step = F.integer(value[0], f"{where} reference step", 0, 10**10 - 1)
+    name = value[1]
+    if not isinstance(name, str) or not _REF_FILE.fullmatch(name) or ".." in name:
+        raise F.fail(where, f"reference to {name!r}: outside the root (a reference names a "
+                            f"shard file of a step by its plain name)"[:300])
+    return step, name
 
 
 @dataclass(frozen=True)
@@ -127,50 +168,6 @@ class ByteSink(Protocol):
     def write(self, data: Any, /) -> Any: ...
 
 
-class Codec:
-    """zstd at a level, or raw; a chunk that zstd does not shrink is stored raw."""
-
-    def __init__(self, spec: str | None) -> None:
-        self.spec = spec
-        self.level: int | None = None
-        if spec is None or spec == "none":
-            return
-        if not isinstance(spec, str):
-            raise TypeError(f"compression must be None or a string, not {type(spec).__name__}")
-        m = _CODEC_SPEC.fullmatch(spec)
-        if m is None:
-            raise ValueError(f"compression must be None, 'zstd' or 'zstd:LEVEL' with an integer "
-                             f"LEVEL, not {spec!r}")
-        self.level = int(m.group(1)) if m.group(1) is not None else 3
-        if not -7 <= self.level <= 22:
-            raise ValueError(f"zstd level {self.level} is outside [-7, 22]")
-
-    def encode(self, raw: memoryview) -> tuple[Any, str]:
-        if self.level is None or len(raw) == 0:
-            return raw, "raw"
-        packed = zstandard.ZstdCompressor(level=self.level, write_content_size=True,
-                                          write_checksum=False).compress(raw)
-        if len(packed) >= len(raw):
-            return raw, "raw"
-        return packed, "zstd"
-
-
-@dataclass(frozen=True)
-class EncodedChunk:
-    """A chunk ready to write: its stored bytes, their checksum, and its decoded size."""
-
-    stored: Any
-    raw: int
-    xxh3: str
-    codec: str
-
-
-def encode_chunk(codec: Codec, raw: memoryview) -> EncodedChunk:
-    """Compress (if it helps) and checksum one chunk. Thread-safe; zstd releases the GIL."""
-    stored, name = codec.encode(raw)
-    return EncodedChunk(stored, len(raw), checksum(stored), name)
-
-
 def split_chunks(data: Any, chunk_size: int) -> list[memoryview]:
     data = memoryview(data).cast("B")
     step = max(1, chunk_size)
@@ -206,15 +203,18 @@ class ShardWriter:
 
     def write_chunk(self, encoded: EncodedChunk) -> Chunk:
         self._pad_to(chunk_alignment(len(encoded.stored)))
-        chunk = Chunk(self._pos, len(encoded.stored), encoded.raw, encoded.xxh3, encoded.codec)
+        chunk = Chunk(self._pos, len(encoded.stored), encoded.raw, encoded.xxh3, encoded.codec,
+                      encoded.xxh128)
         self._write(encoded.stored)
         return chunk
 
     def add_encoded(self, key: str, dtype: str, offsets: tuple[int, ...],
-                    lengths: tuple[int, ...], encoded: Iterable[EncodedChunk]) -> Piece:
-        """Write one piece from chunks already encoded (in order); return where they went."""
+                    lengths: tuple[int, ...], encoded: Iterable[EncodedChunk | Chunk]) -> Piece:
+        """Write one piece from chunks already encoded (in order); return where they went. A
+        :class:`Chunk` given is a reference (its bytes are in an earlier step): recorded, not
+        written."""
         piece = Piece(key, dtype, tuple(offsets), tuple(lengths), (), self.name)
-        chunks = tuple(self.write_chunk(e) for e in encoded)
+        chunks = tuple(e if isinstance(e, Chunk) else self.write_chunk(e) for e in encoded)
         if sum(c.raw for c in chunks) != piece.nbytes:
             raise ValueError(f"{key}: {sum(c.raw for c in chunks)} bytes given for a piece of "
                              f"{piece.nbytes}")
@@ -231,7 +231,8 @@ class ShardWriter:
 
     def finish(self) -> FileRecord:
         self._pad_to(64)
-        header = safejson.dumps({"format": "shardckpt-shard", "version": VERSION, **self._meta,
+        header = safejson.dumps({"format": "shardckpt-shard", "version": HEADER_VERSION,
+                                 **self._meta,
                                  "pieces": [p.to_json() for p in self._pieces]})
         offset = self._pos
         digest = xxhash.xxh3_64_intdigest(header)
@@ -272,8 +273,10 @@ def decode_chunk(stored: bytes | memoryview, chunk: Chunk, where: str) -> bytes 
 
 
 def check_chunk_layout(pieces: list[Piece], data_end: int, where: str) -> None:
-    """Every chunk lies inside ``[PREAMBLE_SIZE, data_end)`` and no two overlap."""
-    spans = sorted((c.offset, c.offset + c.stored, p.key) for p in pieces for c in p.chunks)
+    """Every chunk lies inside ``[PREAMBLE_SIZE, data_end)`` and no two overlap (references lie
+    in other files: checked against those by :mod:`.refs`)."""
+    spans = sorted((c.offset, c.offset + c.stored, p.key) for p in pieces for c in p.chunks
+                   if c.ref is None)
     prev_end, prev_key = PREAMBLE_SIZE, "preamble"
     for start, end, key in spans:
         if start < prev_end:
@@ -284,7 +287,8 @@ def check_chunk_layout(pieces: list[Piece], data_end: int, where: str) -> None:
         prev_end, prev_key = max(prev_end, end), key
 
 
-def parse_piece(value: Any, where: str, *, with_key: bool, file: str | None = None) -> Piece:
+def parse_piece(value: Any, where: str, *, with_key: bool, file: str | None = None,
+                version: int = 1) -> Piece:
     d = F.obj(value, where)
     key = F.string(F.get(d, "key", where), f"{where}.key") if with_key else ""
     dtype = F.string(F.get(d, "dtype", where), f"{where}.dtype") if with_key else "uint8"
@@ -297,7 +301,8 @@ def parse_piece(value: Any, where: str, *, with_key: bool, file: str | None = No
     raw_chunks = F.get(d, "chunks", where)
     if not isinstance(raw_chunks, list):
         raise F.fail(where, "chunks must be a list")
-    chunks = tuple(Chunk.from_json(c, f"{where}.chunks[{i}]") for i, c in enumerate(raw_chunks))
+    chunks = tuple(Chunk.from_json(c, f"{where}.chunks[{i}]", version)
+                   for i, c in enumerate(raw_chunks))
     piece = Piece(key, dtype, tuple(offsets), tuple(lengths), chunks, fname)
     F.numel(lengths, f"{where}.lengths")
     if with_key and sum(c.raw for c in chunks) != piece.nbytes:
@@ -343,13 +348,15 @@ def read_header(read: ReadRange, size: int, name: str, file: str | None = None) 
     if xxhash.xxh3_64_intdigest(raw) != digest:
         raise F.fail(name, f"header checksum mismatch at offset {offset}")
     head = F.obj(safejson.loads(raw, f"{name} header"), f"{name} header")
-    if head.get("format") != "shardckpt-shard" or head.get("version") != VERSION:
-        raise F.fail(name, "header is not a version-1 shardckpt shard header")
+    version = head.get("version")
+    if head.get("format") != "shardckpt-shard" or version not in (1, HEADER_VERSION) or \
+            type(version) is not int:
+        raise F.fail(name, "header is not a version-1 or version-2 shardckpt shard header")
     pieces = head.get("pieces")
     if not isinstance(pieces, list):
         raise F.fail(name, "header pieces must be a list")
-    parsed = [parse_piece(p, f"{name} piece[{i}]", with_key=True, file=file or name)
-              for i, p in enumerate(pieces)]
+    parsed = [parse_piece(p, f"{name} piece[{i}]", with_key=True, file=file or name,
+                          version=version) for i, p in enumerate(pieces)]
     check_chunk_layout(parsed, offset, name)
     return ShardHeader(F.string(F.get(head, "save_id", name), f"{name} save_id"),
                        F.integer(F.get(head, "step", name), f"{name} step", 0, 10**10 - 1),

@@ -24,6 +24,8 @@ from ..errors import (
     StorageError,
 )
 from ..format import manifest as M
+from ..format.refs import depends_on
+from ..refcheck import referenced_todo
 from ..repair import verify_file
 from ..storage import Location, step_dirname
 
@@ -53,13 +55,17 @@ def integrity(locations: Sequence[Location], step: int, manifest: M.Manifest, co
     """Collective. Every shard file has a good copy (size, header, every chunk checksum) in at
     least one location. File ``i`` (sorted by name) is read by rank ``i % world_size``."""
     names = sorted(manifest.files)
-    step_dir = step_dirname(step)
     bad: list[dict[str, str]] = []
     degraded: list[dict[str, str]] = []
-    for name in names[comm.rank::comm.world_size]:
-        problems = [_verify_file(loc, step, manifest, name) for loc in locations]
+    # incremental: the files of earlier steps it references are checked as its own
+    todo = [(step, name, manifest, None) for name in names] + referenced_todo(locations,
+                                                                             manifest)
+    for s, name, m, only in todo[comm.rank::comm.world_size]:
+        step_dir = step_dirname(s)
+        problems = [_verify_file(loc, s, m, name, only) for loc in locations]
         named = [p if p is None or name in p else f"{loc.display}/{step_dir}/{name}: {p}"
                  for loc, p in zip(locations, problems)]
+        name = name if s == step else f"{step_dir}/{name}"
         if all(p is not None for p in named):
             bad.append({"file": name, "problem": str(named[0])})
         else:
@@ -78,13 +84,15 @@ def integrity(locations: Sequence[Location], step: int, manifest: M.Manifest, co
     degraded = [d for p in parts for d in p["degraded"]]
     where = f"{len(locations)} location{'s' * (len(locations) > 1)}"
     data = {"files": len(names), "nbytes": manifest.nbytes, "bad_files": bad,
-            "degraded": degraded}
+            "degraded": degraded, "depends_on": depends_on(manifest.extra, step)}
     if bad:
         more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
         return Check("integrity", False, f"{len(bad)} of {len(names)} files have no good copy: "
                      f"{bad[0]['problem']}{more}", code=EXIT_INTEGRITY, data=data)
     detail = f"{len(names)} files, each with a good copy (every chunk checksum checked at " \
              f"{where}, read by {comm.world_size} rank{'s' * (comm.world_size > 1)})"
+    if data["depends_on"]:
+        detail += f"; references files of step(s) {data['depends_on']}, checked too"
     if degraded:
         n = len(degraded)
         detail += f"; {n} damaged cop{'ies' if n > 1 else 'y'} elsewhere (shardckpt repair " \
@@ -92,9 +100,10 @@ def integrity(locations: Sequence[Location], step: int, manifest: M.Manifest, co
     return Check("integrity", True, detail, data=data)
 
 
-def _verify_file(location: Location, step: int, manifest: M.Manifest, name: str) -> str | None:
+def _verify_file(location: Location, step: int, manifest: M.Manifest, name: str,
+                 only: set[int] | None = None) -> str | None:
     try:
-        return verify_file(location, step, manifest, name)
+        return verify_file(location, step, manifest, name, only)
     except Exception as exc:  # never leave the peers waiting in the gather below
         return f"cannot be checked: {type(exc).__name__}: {exc}"
 
