@@ -193,14 +193,15 @@ def test_prune_to_the_last_step_keeps_what_it_references(tmp_path: Path) -> None
             mgr.load(lora_state(0), step=1)  # retired: hidden from load()
     # a later full save makes step 1 unreferenced once 5 goes: deleted whole, record too
     with shardckpt.CheckpointManager(root, async_save=False, incremental=True,
-                                     full_every=1,
-                                     retention=shardckpt.RetentionPolicy(keep_last=1)) as mgr:
+                                     full_every=1) as mgr:  # no retention: no background prune
         mgr.save(6, lora_state(6))
+    with shardckpt.CheckpointManager(root, retention=shardckpt.RetentionPolicy(keep_last=1)
+                                     ) as mgr:
         report = mgr.prune()
         assert mgr.steps() == [6]
     assert "step-0000000001 (retired)" in report.reaped
     assert sorted(p.name for p in Path(root).iterdir()) == [".shardckpt", ".shardckpt-root",
-                                                          step_dirname(6)]
+                                                          "audit", step_dirname(6)]
     load_step(root, 6, lora_state(6))
 
 

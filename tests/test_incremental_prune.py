@@ -133,7 +133,7 @@ def test_prune_killed_while_retiring_or_deleting(tmp_path: Path, phase: str) -> 
     assert _steps(root) == [4]
     assert (Path(root) / "step-0000000001.retired").exists()
     assert sorted(p.name for p in Path(root).iterdir()) == [
-        ".shardckpt", ".shardckpt-root", step_dirname(1), "step-0000000001.retired",
+        ".shardckpt", ".shardckpt-root", "audit", step_dirname(1), "step-0000000001.retired",
         step_dirname(4)]
     _all_load(root)
 
@@ -155,5 +155,5 @@ def test_prune_killed_while_deleting_an_unreferenced_retired_step(tmp_path: Path
     _all_load(root)
     prune_location(open_location(root), shardckpt.RetentionPolicy(keep_last=1), grace=0)
     assert sorted(p.name for p in Path(root).iterdir()) == [".shardckpt", ".shardckpt-root",
-                                                          step_dirname(4)]
+                                                          "audit", step_dirname(4)]
     _all_load(root)
