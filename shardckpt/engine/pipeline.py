@@ -9,7 +9,7 @@ flight are bounded by the memory budget; raw chunks are views of the snapshot an
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -44,24 +44,28 @@ class EncodePipeline:
         self.config = config
         self._pool = pool
 
-    def encode(self, chunks: Iterable[memoryview]) -> Iterator[EncodedChunk]:
+    def encode(self, chunks: Iterable[memoryview],
+               fn: Callable[[Codec, memoryview], EncodedChunk] = encode_chunk
+               ) -> Iterator[EncodedChunk]:
+        """``fn(codec, chunk)`` of every chunk, in order (a blocking save's bounce stage passes
+        its own: engine/bounce.py)."""
         codec = self.config.codec
         if self._pool is None:
             for c in chunks:
-                yield encode_chunk(codec, c)
+                yield fn(codec, c)
             return
         pending: deque[Future[EncodedChunk]] = deque()
         source = iter(chunks)
         try:
             for c in source:
-                pending.append(self._pool.submit(encode_chunk, codec, c))
+                pending.append(self._pool.submit(fn, codec, c))
                 if len(pending) >= self.config.window:
                     break
             while pending:
                 done = pending.popleft()
                 nxt = next(source, None)
                 if nxt is not None:
-                    pending.append(self._pool.submit(encode_chunk, codec, nxt))
+                    pending.append(self._pool.submit(fn, codec, nxt))
                 yield done.result()
         finally:
             for f in pending:
