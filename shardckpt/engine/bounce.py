@@ -33,10 +33,11 @@ from collections.abc import Iterator
 from typing import Any
 
 from .. import knobs
-from ..format.shard import Codec, EncodedChunk, checksum, encode_chunk
+from ..format.shard import Codec, EncodedChunk, checksum
 from ..storage.direct import BLOCK, DIRECT_MIN, address, aligned_buffer
 from ..storage.location import _LocalSink
 from ..storage.replicas import DirectSink
+from . import pipeline
 from .pipeline import PipelineConfig
 
 
@@ -123,7 +124,7 @@ class Bounce:
         n = len(raw)
         src = address(raw) if codec.level is None and DIRECT_MIN <= n <= self.size else None
         if src is None or src % BLOCK == 0:
-            return encode_chunk(codec, raw)
+            return pipeline.encode_chunk(codec, raw)
         buf = self.pool.take(self.size)
         ctypes.memmove(ctypes.addressof(ctypes.c_char.from_buffer(buf)), src, n)  # no GIL
         view = memoryview(buf)[:n]

@@ -45,11 +45,12 @@ class EncodePipeline:
         self._pool = pool
 
     def encode(self, chunks: Iterable[memoryview],
-               fn: Callable[[Codec, memoryview], EncodedChunk] = encode_chunk
+               fn: Callable[[Codec, memoryview], EncodedChunk] | None = None
                ) -> Iterator[EncodedChunk]:
-        """``fn(codec, chunk)`` of every chunk, in order (a blocking save's bounce stage passes
-        its own: engine/bounce.py)."""
+        """``fn(codec, chunk)`` of every chunk, in order (default :func:`encode_chunk`; a
+        blocking save's bounce stage passes its own: engine/bounce.py)."""
         codec = self.config.codec
+        fn = encode_chunk if fn is None else fn
         if self._pool is None:
             for c in chunks:
                 yield fn(codec, c)
