@@ -1,6 +1,7 @@
 """Blocking saves write like async ones (issue 24 item 4): large chunks of the live tensors, at
-unaligned addresses, go to the disk through a small aligned bounce buffer with direct I/O instead
-of through the page cache, and the file holds exactly the bytes written."""
+unaligned addresses, go to the disk through aligned bounce buffers with direct I/O instead of
+through the page cache (the encoders' chunk buffers, engine/bounce.py, or under a small budget
+the writer's own), and the file holds exactly the bytes written."""
 
 from __future__ import annotations
 
@@ -45,6 +46,46 @@ def test_bounce_size_stays_within_bounds(monkeypatch) -> None:
 
 
 def test_blocking_save_of_live_tensors_is_written_direct(tmp_path: Path, monkeypatch) -> None:
+    """The encoders copy the live tensor's chunks into aligned buffers (engine/bounce.py), so the
+    writer hands whole chunks to the disk directly and never needs its own bounce buffer."""
+    bounced: list[int] = []
+    direct_writes: list[int] = []
+    real = direct.DirectWriter._write_bounced
+    real_write = direct.DirectWriter.write
+
+    def counting(self: direct.DirectWriter, addr: int, n: int, offset: int) -> int:
+        bounced.append(n)
+        return real(self, addr, n, offset)
+
+    def writing(self: direct.DirectWriter, view: memoryview, offset: int) -> int:
+        n = real_write(self, view, offset)
+        if n:
+            assert direct.address(view) % direct.BLOCK == 0  # an aligned buffer, written whole
+            direct_writes.append(n)
+        return n
+
+    monkeypatch.setattr(direct.DirectWriter, "_write_bounced", counting)
+    monkeypatch.setattr(direct.DirectWriter, "write", writing)
+    monkeypatch.setattr(direct.DirectWriter, "open", classmethod(
+        lambda cls, path: cls(os.open(path, os.O_WRONLY))))
+    monkeypatch.setenv("SHARDCKPT_CHUNK_SIZE", str(MiB))
+    torch.manual_seed(0)
+    big = torch.randn(3 * MiB + 5)[1:]  # a view 4 bytes into its storage: not page-aligned
+    state = {"big": big, "small": torch.arange(10)}
+    with shardckpt.CheckpointManager(str(tmp_path)) as mgr:
+        mgr.save(1, state, blocking=True)
+        assert bounced == []
+        assert sum(direct_writes) >= 3 * 4 * MiB - direct.BLOCK  # the live tensor, direct
+        assert max(direct_writes) == MiB  # whole chunks, one pwrite each
+        out = {k: torch.zeros_like(v) for k, v in state.items()}
+        mgr.load(out, step=1)
+    assert torch.equal(out["big"], big) and torch.equal(out["small"], state["small"])
+
+
+def test_blocking_save_over_a_small_budget_uses_the_writers_bounce(tmp_path: Path,
+                                                                   monkeypatch) -> None:
+    """Where the encoders' aligned buffers would not fit in SHARDCKPT_MEMORY_BUDGET, the writer
+    bounces through its own small buffer, as before."""
     bounced: list[int] = []
     real = direct.DirectWriter._write_bounced
 
@@ -55,12 +96,12 @@ def test_blocking_save_of_live_tensors_is_written_direct(tmp_path: Path, monkeyp
     monkeypatch.setattr(direct.DirectWriter, "_write_bounced", counting)
     monkeypatch.setattr(direct.DirectWriter, "open", classmethod(
         lambda cls, path: cls(os.open(path, os.O_WRONLY))))
+    monkeypatch.setenv("SHARDCKPT_MEMORY_BUDGET", str(8 * MiB))  # < 2 files x 5 x 16 MiB
     torch.manual_seed(0)
-    big = torch.randn(3 * MiB + 5)[1:]  # a view 4 bytes into its storage: not page-aligned
-    state = {"big": big, "small": torch.arange(10)}
+    big = torch.randn(3 * MiB + 5)[1:]
     with shardckpt.CheckpointManager(str(tmp_path)) as mgr:
-        mgr.save(1, state, blocking=True)
-        assert sum(bounced) >= 3 * 4 * MiB  # (the chunks of) the live tensor, bounced
-        out = {k: torch.zeros_like(v) for k, v in state.items()}
+        mgr.save(1, {"big": big}, blocking=True)
+        assert sum(bounced) >= 3 * 4 * MiB - direct.BLOCK
+        out = {"big": torch.zeros_like(big)}
         mgr.load(out, step=1)
-    assert torch.equal(out["big"], big) and torch.equal(out["small"], state["small"])
+    assert torch.equal(out["big"], big)

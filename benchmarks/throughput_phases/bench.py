@@ -163,11 +163,15 @@ class Bench:
         return results
 
     def cleanup_rep(self) -> None:
+        """Delete this repetition's files, and let the kernel finish deleting them (journal
+        commit; on a ``discard`` mount, the discards of GBs of blocks) before the next phase:
+        otherwise that work lands in whichever phase runs first in the next repetition."""
         dist.barrier()
         if self.rank == 0 and not self.args.keep:
             shutil.rmtree(self.rep_dir, ignore_errors=True)
             for step in self.sources.get("shardckpt", []):
                 shutil.rmtree(self.step_dir(step), ignore_errors=True)
+            os.sync()
         dist.barrier()
 
     def close(self) -> None:

@@ -170,6 +170,11 @@ def notes(bench: Bench) -> list[str]:
         "bytes (all ranks, 1e9 B/GB) / time_s",
         "async phases: stall_s = time the save call blocks; commit_s = time_s = call start to "
         "committed (wait()/result() returned)",
+        "shardckpt_async runs the manager's default snapshot mode, eager: every tensor is "
+        "copied inside save() (the guarantee dcp.async_save gives), so its stall is one copy of "
+        "the rank's state into reused staging buffers; shardckpt_blocking writes from the live "
+        "tensors through aligned bounce buffers, copied by the encoder threads ahead of the "
+        "writes",
         "dcp_* times include get_state_dict (and dcp_load includes set_state_dict), which "
         "shardckpt does inside save/load; get_state_dict_s is reported separately",
         "raw_write/raw_read move the rank's exact state bytes (copied into one flat CPU buffer) "

@@ -9,7 +9,7 @@ flight are bounded by the memory budget; raw chunks are views of the snapshot an
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -45,21 +45,24 @@ class EncodePipeline:
         self._pool = pool
 
     def encode(self, chunks: Iterable[memoryview],
-               expect: Iterable[str | None] | None = None) -> Iterator[EncodedChunk]:
-        """Encode ``chunks`` in order. ``expect`` (incremental saves) gives, chunk by chunk, the
-        XXH3-128 of the base step's chunk at the same place: a chunk with that digest comes
-        back ``reused``, neither compressed nor checksummed again."""
+               expect: Iterable[str | None] | None = None,
+               fn: Callable[..., EncodedChunk] | None = None) -> Iterator[EncodedChunk]:
+        """``fn(codec, chunk[, expect])`` of every chunk, in order (default
+        :func:`encode_chunk`; a blocking save's bounce stage passes its own: engine/bounce.py).
+        ``expect`` (incremental saves) gives, chunk by chunk, the XXH3-128 of the base step's
+        chunk at the same place: a chunk with that digest comes back ``reused``, neither
+        compressed nor checksummed again."""
         codec = self.config.codec
+        fn = encode_chunk if fn is None else fn
         items = zip(chunks, expect) if expect is not None else ((c, None) for c in chunks)
         if self._pool is None:
             for c, e in items:
-                yield encode_chunk(codec, c, e) if e is not None else encode_chunk(codec, c)
+                yield fn(codec, c, e) if e is not None else fn(codec, c)
             return
         pool = self._pool
 
         def submit(c: memoryview, e: str | None) -> Future[EncodedChunk]:
-            return pool.submit(encode_chunk, codec, c, e) if e is not None else \
-                pool.submit(encode_chunk, codec, c)
+            return pool.submit(fn, codec, c, e) if e is not None else pool.submit(fn, codec, c)
         pending: deque[Future[EncodedChunk]] = deque()
         source = iter(items)
         try:

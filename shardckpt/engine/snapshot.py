@@ -3,9 +3,11 @@ tensors the moment it is allowed to.
 
 Buffers are kept per leaf key between saves (a training state has the same keys and shapes at
 every save), so after the first save a snapshot is a plain memory copy into warm pages: no
-allocation, no page faults. Buffers for CUDA tensors are pinned and filled on a side stream that
-is ordered after the current stream's work. Large CPU buffers are page-aligned (anonymous
-``mmap``) so that the writer can hand them to the disk without the page cache
+allocation, no page faults (large CPU copies are one ``memcpy`` each, into buffers on huge
+pages: engine/hostcopy.py). A save reuses them only once the previous save has finished: the
+manager waits for it before staging. Buffers for CUDA tensors are pinned and filled on a side
+stream that is ordered after the current stream's work. Large CPU buffers are page-aligned
+(anonymous ``mmap``) so that the writer can hand them to the disk without the page cache
 (storage/direct.py); pinned buffers already are.
 
 * **Eager** (``snapshot="eager"``, the default): every tensor is copied inside ``save``, so the
@@ -21,7 +23,6 @@ is ordered after the current stream's work. Large CPU buffers are page-aligned (
 
 from __future__ import annotations
 
-import mmap
 import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +33,9 @@ import torch
 
 from .. import knobs
 from ..planning.statedict import Collected, TensorLeaf
+from ..storage.direct import aligned_buffer
+from .bounce import trim as trim_bounce
+from .hostcopy import copy_into
 from .lazy import (
     CopyJob,
     CudaFence,
@@ -51,7 +55,7 @@ def page_aligned(shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
     nbytes = shape.numel() * dtype.itemsize
     if nbytes < ALIGNED_MIN:
         return torch.empty(shape, dtype=dtype)
-    pages = mmap.mmap(-1, nbytes)
+    pages = aligned_buffer(nbytes)  # on huge pages where the kernel gives them
     return torch.frombuffer(pages, dtype=torch.uint8).view(dtype).view(shape)
 
 
@@ -111,7 +115,7 @@ class StagingPool:
                 if src.device.type == "cuda":
                     events.append(self._copy_cuda(buf, src))
                 else:
-                    buf.copy_(src)
+                    copy_into(buf, src)
                 copies[leaf.key] = buf
                 leaves.append(replace(leaf, data=buf, source=None))
             return Snapshot(Collected(collected.tree, leaves), [e for e in events if e])
@@ -143,7 +147,7 @@ class StagingPool:
             elif later and kind == "cpu":
                 jobs.append(CopyJob(leaf.key, src, buf, leaf.source, leaf.version))
             else:
-                buf.copy_(src)
+                copy_into(buf, src)
             copies[leaf.key] = buf
             leaves.append(replace(leaf, data=buf, source=None))
         fence = CudaFence(streams) if streams else None
@@ -193,6 +197,7 @@ class StagingPool:
             if self._copier is not None:
                 self._copier.shutdown(wait=True)
                 self._copier = None
+        trim_bounce()  # a blocking save's bounce buffers (engine/bounce.py)
 
 
 class Snapshot:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from itertools import islice
 from typing import Any
 
 import torch
@@ -14,6 +15,7 @@ import xxhash
 from ..format.shard import FileRecord, Piece, ShardWriter, split_chunks
 from ..storage import Location
 from ..storage.replicas import open_tee
+from .bounce import Bounce, fits, writes_direct
 from .incremental import BaseChunks, reuse
 from .pipeline import EncodePipeline, PipelineConfig
 from .priority import lower_thread_priority
@@ -78,33 +80,41 @@ class WrittenFile:
 
 def write_file(locations: Sequence[tuple[int, Location]], step_dir: str, name: str,
                pieces: Sequence[PieceData], pipeline: EncodePipeline, *, save_id: str,
-               step: int, rank: int, base: BaseChunks | None = None) -> WrittenFile:
+               step: int, rank: int, base: BaseChunks | None = None,
+               bounce: Bounce | None = None) -> WrittenFile:
     """Stream ``pieces`` into one shard file at every location, encoding each chunk once.
     With ``base`` (incremental), a chunk whose raw XXH3-128 and size equal the base step's
     chunk at the same place is not written but recorded as a reference to its bytes.
 
     The file is durable wherever ``stored_at`` says when this returns; it raises only if no
-    location could store it.
+    location could store it. With ``bounce``, chunks at unaligned addresses are copied into
+    aligned buffers by the encoders where the file goes direct (engine/bounce.py).
     """
     size = pipeline.config.chunk_size
     views = [tensor_bytes(p.data) for p in pieces]
     counts = [-(-len(v) // size) for v in views]  # chunks per piece: ceil(bytes / size)
     olds = [base.chunks_of(p.key, p.offsets, p.lengths, len(v), size) if base else [None] * n
             for p, v, n in zip(pieces, views, counts)]
-    encoded = pipeline.encode((c for v in views for c in split_chunks(v, size)),
-                              (o.xxh128 if o is not None else None for c in olds for o in c))
     sink = open_tee(locations, f"{step_dir}/{name}")
+    chunks = (c for v in views for c in split_chunks(v, size))
+    expect = (o.xxh128 if o is not None else None for c in olds for o in c) if base else None
+    if bounce is not None and writes_direct(sink):
+        encoded = bounce.released(pipeline.encode(chunks, expect, bounce.encode))
+    else:
+        encoded = pipeline.encode(chunks, expect)
     try:
         writer = ShardWriter(sink, name, save_id=save_id, step=step, rank=rank,
                              chunk_size=size, codec=pipeline.config.codec)
         written = [writer.add_encoded(p.key, p.dtype, p.offsets, p.lengths,
-                                      [reuse(next(encoded), o) for o in old])
-                   for p, old in zip(pieces, olds)]
+                                      (reuse(c, o) for c, o in zip(islice(encoded, n), old)))
+                   for p, old, n in zip(pieces, olds, counts)]
         record = writer.finish()
         stored_at = sink.commit()
     except BaseException:
         sink.abort()
         raise
+    finally:
+        encoded.close()  # gives the last bounce buffer back
     return WrittenFile(record, written, stored_at, sink.failures)
 
 
@@ -131,7 +141,8 @@ def write_rank(locations: Sequence[tuple[int, Location]], step_dir: str,
     with ThreadPoolExecutor(max_workers=max(1, encoders), **init) as encode_pool, \
             ThreadPoolExecutor(max_workers=max(1, min(threads, len(groups) or 1)), **init) as pool:
         pipeline = EncodePipeline(config, encode_pool if encoders > 0 else None)
+        bounce = Bounce(config, len(groups)) if fits(config, len(groups)) else None
         futures = [pool.submit(write_file, locations, step_dir, n, g, pipeline,
-                               save_id=save_id, step=step, rank=rank, base=base)
+                               save_id=save_id, step=step, rank=rank, base=base, bounce=bounce)
                    for n, g in zip(names, groups)]
         return [f.result() for f in futures]

@@ -10,10 +10,12 @@ same 128 MB took 7 ms of system CPU, and nothing is left in the cache to evict.
 ``O_DIRECT`` needs the memory address, the file offset and the length to be multiples of the
 block size. Large chunks of a shard file start on 4 KiB boundaries (format/shard.py) and the
 staging buffers of a snapshot are page-aligned (engine/snapshot.py), so their bytes go direct.
-A large chunk at an unaligned address (the live tensors that a blocking save writes from) is
-staged through an aligned *bounce buffer* of the writer (at most ``BOUNCE_MAX`` bytes, and a
-64th of ``SHARDCKPT_MEMORY_BUDGET``), so a blocking save writes as an async one does, never
-through the page cache and without a second full copy of the state. Everything else
+The live tensors that a blocking save writes from are not aligned: the encoder threads copy
+their chunks into aligned buffers ahead of the writer (engine/bounce.py), so a blocking save
+writes as an async one does, never through the page cache and without a second full copy of the
+state. A large chunk that still reaches the writer at an unaligned address (a memory budget too
+small for the encoders' buffers) is staged through an aligned *bounce buffer* of the writer (at
+most ``BOUNCE_MAX`` bytes, and a 64th of ``SHARDCKPT_MEMORY_BUDGET``). Everything else
 (preambles, padding, headers, the unaligned end of a chunk, compressed chunks, read-only
 buffers) goes through the buffered file as before. The two never
 share a page, and ``fsync`` on the file covers both. Filesystems without ``O_DIRECT`` (tmpfs)
@@ -39,6 +41,18 @@ def bounce_size() -> int:
     """Bytes of one bounce buffer: within the memory budget, in whole blocks."""
     size = min(BOUNCE_MAX, knobs.MEMORY_BUDGET.get() // 64)
     return max(DIRECT_MIN, size - size % BLOCK)
+
+
+def aligned_buffer(nbytes: int) -> mmap.mmap:
+    """Anonymous, page-aligned memory. From 2 MiB on it asks for transparent huge pages (where
+    the kernel gives them on request, ``madvise`` mode): 512 times fewer page faults on first
+    touch, and fewer TLB misses in every copy into it."""
+    buf = mmap.mmap(-1, nbytes)
+    advice = getattr(mmap, "MADV_HUGEPAGE", None)
+    if advice is not None and nbytes >= 2 << 20:
+        with contextlib.suppress(OSError, ValueError):
+            buf.madvise(advice)
+    return buf
 
 
 def enabled() -> bool:
@@ -94,7 +108,7 @@ class DirectWriter:
 
     def _write_bounced(self, addr: int, n: int, offset: int) -> int:
         if self._bounce is None:
-            self._bounce = mmap.mmap(-1, bounce_size())
+            self._bounce = aligned_buffer(bounce_size())
             self._bounce_addr = ctypes.addressof(ctypes.c_char.from_buffer(self._bounce))
         size = len(self._bounce)
         with memoryview(self._bounce) as bounce:
