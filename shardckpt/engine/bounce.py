@@ -126,7 +126,8 @@ class Bounce:
         n = len(raw)
         src = address(raw) if codec.level is None and DIRECT_MIN <= n <= self.size else None
         if src is None or src % BLOCK == 0:
-            return pipeline.encode_chunk(codec, raw, expect)
+            return pipeline.encode_chunk(codec, raw, expect) if expect is not None else \
+                pipeline.encode_chunk(codec, raw)
         if expect is not None and digest128(raw) == expect:  # unchanged since the base step
             return EncodedChunk(b"", n, "", "", expect, True)
         buf = self.pool.take(self.size)

@@ -45,8 +45,8 @@ class EncodePipeline:
         self._pool = pool
 
     def encode(self, chunks: Iterable[memoryview],
-               expect: Iterable[str | None] | None = None,
-               fn: Callable[..., EncodedChunk] | None = None) -> Iterator[EncodedChunk]:
+               fn: Callable[..., EncodedChunk] | None = None,
+               expect: Iterable[str | None] | None = None) -> Iterator[EncodedChunk]:
         """``fn(codec, chunk[, expect])`` of every chunk, in order (default
         :func:`encode_chunk`; a blocking save's bounce stage passes its own: engine/bounce.py).
         ``expect`` (incremental saves) gives, chunk by chunk, the XXH3-128 of the base step's

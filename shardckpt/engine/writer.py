@@ -99,9 +99,9 @@ def write_file(locations: Sequence[tuple[int, Location]], step_dir: str, name: s
     chunks = (c for v in views for c in split_chunks(v, size))
     expect = (o.xxh128 if o is not None else None for c in olds for o in c) if base else None
     if bounce is not None and writes_direct(sink):
-        encoded = bounce.released(pipeline.encode(chunks, expect, bounce.encode))
+        encoded = bounce.released(pipeline.encode(chunks, bounce.encode, expect))
     else:
-        encoded = pipeline.encode(chunks, expect)
+        encoded = pipeline.encode(chunks, expect=expect)
     try:
         writer = ShardWriter(sink, name, save_id=save_id, step=step, rank=rank,
                              chunk_size=size, codec=pipeline.config.codec)
