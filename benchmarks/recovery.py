@@ -21,10 +21,11 @@ tmpfs by default: a RAM disk). Every rank trains an FSDP2 stack of Linear layers
    wrote its pid and process group). The surviving node is then stopped (SIGTERM to its agent,
    SIGKILL after 15 s) and the lost node's path deleted (a replaced machine).
 3. **Resumes**, ``--reps`` rounds, variants rotated, each a fresh launch of both nodes:
-   ``local`` (a manager with the local tier: step K, the new node's ranks receiving their files
-   from their peer copies), ``persistent_disk`` and ``persistent_s3`` (a manager without a local
-   tier, as a job without one: the newest persistent step; the disk's files are evicted from the
-   page cache first). The lost node's path is emptied again before every ``local`` resume.
+   ``local`` (the issue's example, a manager on S3 with the local tier: step K, the new node's
+   ranks receiving their files from their peer copies), ``persistent_disk`` and
+   ``persistent_s3`` (a manager without a local tier, as a job without one: the newest
+   persistent step; the disk's files are evicted from the page cache first). The lost node's
+   path is emptied again before every ``local`` resume.
 
 One JSON document goes to stdout and ``--out`` (logs to stderr), with ``--plot`` a figure; the
 two targets of issue 28 are printed PASS/MISS: the ``load()`` of the local resume at least 3x

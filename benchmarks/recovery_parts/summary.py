@@ -15,8 +15,9 @@ STAMPS = ("process_started", "process_group_ready", "model_built", "manager_read
           "first_step_done")
 
 DEFINITIONS = {
-    "load_s": "seconds inside mgr.load(state), slowest rank: for the local tier the holdings "
-              "survey, the lost node's files received from their peer copies and the reads; "
+    "load_s": "seconds inside mgr.load(state), slowest rank: for the local tier (a manager on "
+              "S3 with a local tier) listing the S3 tier, the holdings survey, the lost node's "
+              "files received from their peer copies and the reads; "
               "for a persistent tier listing and reading its newest step. The targets use it.",
     "relaunch_to_first_step_s": "from the driver starting the two torchrun agents to the end "
                                 "of the first training step after the load, slowest rank: "

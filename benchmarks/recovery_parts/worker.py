@@ -204,9 +204,9 @@ def train(cfg: dict[str, Any], trainer: Trainer, options: dict[str, Any], run: P
 def resume(cfg: dict[str, Any], trainer: Trainer, options: dict[str, Any], run: Path,
            stamps: dict[str, float]) -> dict[str, Any]:
     variant = cfg["variant"]
-    if variant == "local":
+    if variant == "local":  # the example: S3 persistent, plus the local tier
         mgr = shardckpt.CheckpointManager(
-            cfg["disk_root"], save_every=cfg["persistent_every"],
+            cfg["s3_root"], save_every=cfg["persistent_every"], storage_options=options,
             local=shardckpt.LocalTier(cfg["local_path"], every=cfg["local_every"], copies=2,
                                       keep=cfg["keep"]))
     elif variant == "persistent_disk":
