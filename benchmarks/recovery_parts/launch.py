@@ -49,7 +49,7 @@ class Moto:
         self.url = f"http://127.0.0.1:{self.port}"
         exe = Path(sys.executable).with_name("moto_server")
         cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "moto.server"]
-        self._log = open(log, "wb")  # noqa: SIM115 (closed in stop)
+        self._log = open(log, "wb")  # closed in stop()
         self.proc = subprocess.Popen([*cmd, "-H", "127.0.0.1", "-p", str(self.port)],
                                      stdout=self._log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, env=worker_env(),

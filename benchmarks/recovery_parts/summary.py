@@ -124,13 +124,17 @@ def targets(resume: dict[str, Any], overhead: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _x(value: float | None, digits: int) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}x"
+
+
 def target_lines(doc: dict[str, Any]) -> list[str]:
     """``PASS``/``MISS`` per target, one line each."""
     lines = []
     for name, t in doc["targets"].items():
         if name == "context":
             continue
-        value = "n/a" if t["value"] is None else f"{t['value']:.2f}x"
+        value = _x(t["value"], 2)
         lines.append(f"{'PASS' if t['pass'] else 'MISS'} {name}: {value} "
                      f"({t['rule']} {t['threshold']}x, {t['measure']}): {t['statement']}")
     return lines
@@ -155,7 +159,7 @@ def plot(doc: dict[str, Any], path: str) -> None:
     ax.set_ylabel("seconds (median)")
     t = doc["targets"]["resume_local_vs_persistent_s3"]
     ax.set_title("resume after losing a node\n"
-                 f"S3 load / local load = {t['value'] or 0:.1f}x (target >= 3)", fontsize=10)
+                 f"S3 load / local load = {_x(t['value'], 1)} (target >= 3)", fontsize=10)
     ax.legend(fontsize=8)
     ax = axes[1]
     med = doc["overhead"]["per_save_median"]
@@ -164,7 +168,7 @@ def plot(doc: dict[str, Any], path: str) -> None:
     ax.axhline(0, color="black", lw=0.5)
     ax.set_ylabel("extra loop seconds per save (median)")
     t = doc["targets"]["local_save_extra_loop_vs_persistent_s3"]
-    ax.set_title(f"cost of one save to the loop\nlocal / S3 = {t['value'] or 0:.2f}x "
+    ax.set_title(f"cost of one save to the loop\nlocal / S3 = {_x(t['value'], 2)} "
                  "(target <= 0.5)", fontsize=10)
     ax = axes[2]
     ax.bar(names, [resume[v]["steps_lost"] or 0 for v in names], color="#7a5")

@@ -132,7 +132,7 @@ def overhead_pairs(cfg: dict[str, Any], trainer: Trainer, options: dict[str, Any
              "persistent_disk": (lambda s: local.save(s, st, tier="persistent"), local.wait),
              "persistent_s3": (lambda s: s3.save(s, st), s3.wait)}
     step = 1
-    for name, (save, wait) in saves.items():  # warm-up, untimed
+    for save, wait in saves.values():  # warm-up, untimed
         if save is not None:
             save(step)
             wait()
