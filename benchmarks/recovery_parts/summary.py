@@ -23,6 +23,9 @@ DEFINITIONS = {
                                 "of the first training step after the load, slowest rank: "
                                 "process start, imports, rendezvous, process groups, model "
                                 "build, manager construction, the load and one step",
+    "tier_restore_s": "the local resume's restore itself (shardckpt.tier.recover.recover: "
+                      "holdings survey, transfers, reads), slowest rank; load_s minus it is "
+                      "what load() does first (every rank lists the persistent tier)",
     "since_launch_s": "each phase's end, slowest rank, in seconds after the launch",
     "steps_lost": "steps done when the node was killed minus the step resumed from",
     "extra_loop_s": "per save, slowest rank: the steps run while the save was in flight (at "
@@ -41,6 +44,10 @@ def _resume_rep(ranks: list[dict[str, Any]], t_launch: float) -> dict[str, Any]:
         "tier": tiers.pop() if len(tiers) == 1 else sorted(tiers),
         "load_s": max(r["load_s"] for r in ranks),
         "load_s_per_rank": [r["load_s"] for r in ranks],
+        # the local tier's restore itself (recover(): survey, transfers, reads); the rest of
+        # load_s is what load() does first (on every rank: list the persistent tier)
+        "tier_restore_s": max(r["profile"]["total_s"] for r in ranks)
+        if all(r["tier"] == "local" and "total_s" in r["profile"] for r in ranks) else None,
         "relaunch_to_first_step_s": max(r["stamps"]["first_step_done"] for r in ranks) - t_launch,
         "since_launch_s": {k: max(r["stamps"][k] for r in ranks) - t_launch for k in STAMPS},
         "first_step_s": max(r["first_step_s"] for r in ranks),
@@ -63,6 +70,7 @@ def resume_summary(reps: dict[str, list[dict[str, Any]]], last_step: int) -> dic
             "step": step, "tier": rows[0]["tier"],
             "steps_lost": last_step - step if isinstance(step, int) else None,
             "load_s_median": median([r["load_s"] for r in rows]),
+            "tier_restore_s_median": median([r["tier_restore_s"] for r in rows]),
             "relaunch_to_first_step_s_median": median(
                 [r["relaunch_to_first_step_s"] for r in rows]),
             "state_matches": all(r["state_matches"] for r in rows),
@@ -114,6 +122,8 @@ def targets(resume: dict[str, Any], overhead: dict[str, Any]) -> dict[str, Any]:
                          "save (to S3, the persistent tier of the issue's example)"},
         "context": {
             "load_persistent_disk_over_local": _ratio(load["persistent_disk"], load["local"]),
+            "load_persistent_s3_over_local_tier_restore": _ratio(
+                load["persistent_s3"], resume.get("local", {}).get("tier_restore_s_median")),
             "relaunch_persistent_s3_over_local": _ratio(relaunch["persistent_s3"],
                                                         relaunch["local"]),
             "relaunch_persistent_disk_over_local": _ratio(relaunch["persistent_disk"],
@@ -153,6 +163,9 @@ def plot(doc: dict[str, Any], path: str) -> None:
     load = [resume[v]["load_s_median"] or 0 for v in names]
     ax.bar([x - 0.2 for x in xs], relaunch, 0.4, label="relaunch to first step", color="#9ab")
     ax.bar([x + 0.2 for x in xs], load, 0.4, label="load() call", color="#357")
+    restore = [resume[v].get("tier_restore_s_median") or 0 for v in names]
+    ax.bar([x + 0.2 for x in xs], restore, 0.4, fill=False, hatch="//", edgecolor="white",
+           label="of which the local tier's restore")
     for x, v in zip(xs, load):
         ax.annotate(f"{v:.2f}s", (x + 0.2, v), ha="center", va="bottom", fontsize=8)
     ax.set_xticks(list(xs), names)
