@@ -219,10 +219,11 @@ def main(argv: list[str] | None = None) -> int:
     base = Path(tempfile.mkdtemp(prefix="recovery-bench-", dir=args.dir))
     local_base = Path(tempfile.mkdtemp(prefix="recovery-bench-", dir=args.local_dir))
     run, disk_root = base / "run", base / "persistent"
-    machine = machine_info(str(base))
-    moto = Moto(base / "moto.log")
+    moto = Moto(base / "moto.log")  # starts while this process imports torch
     ok = False
     try:
+        machine = machine_info(str(base))
+        moto.wait_ready()
         bucket = moto.bucket(f"recovery-{uuid.uuid4().hex[:12]}")
         n, m, k = args.local_every, args.persistent_every, args.kill_after
         cfg = {"run_dir": str(run), "state_gb": args.state_mb * WORLD / 1000,

@@ -42,7 +42,8 @@ def worker_env() -> dict[str, str]:
 
 
 class Moto:
-    """``moto_server`` on 127.0.0.1 (a process group of its own); ``bucket()`` makes a bucket."""
+    """``moto_server`` on 127.0.0.1 (a process group of its own), started by the constructor;
+    ``wait_ready()`` waits for it to answer; ``bucket()`` makes a bucket."""
 
     def __init__(self, log: Path) -> None:
         self.port = free_port()
@@ -54,16 +55,21 @@ class Moto:
                                      stdout=self._log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, env=worker_env(),
                                      start_new_session=True)
-        deadline = time.monotonic() + 60
+        self.log = log
+
+    def wait_ready(self, timeout: float = 60.0) -> Moto:
+        """Wait until the server answers (raise if it exits or ``timeout`` runs out)."""
+        log = self.log
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"moto_server exited with {self.proc.returncode} (see {log})")
             with contextlib.suppress(OSError):
                 with urllib.request.urlopen(f"{self.url}/moto-api/", timeout=1):
-                    return
+                    return self
             time.sleep(0.1)  # polling a server that starts up; nothing else to wait on
         self.stop()
-        raise RuntimeError(f"moto_server did not answer within 60 s (see {log})")
+        raise RuntimeError(f"moto_server did not answer within {timeout} s (see {log})")
 
     @property
     def storage_options(self) -> dict[str, Any]:
