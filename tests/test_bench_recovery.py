@@ -67,7 +67,8 @@ def test_the_recovery_benchmark_resumes_the_newest_local_step_after_a_node_loss(
     targets = doc["targets"]
     for name in ("resume_local_vs_persistent_s3", "local_save_extra_loop_vs_persistent_s3"):
         assert isinstance(targets[name]["pass"], bool)
-        assert targets[name]["value"] is None or targets[name]["value"] > 0
+        assert targets[name]["value"] is None or isinstance(targets[name]["value"], float)
+    assert targets["resume_local_vs_persistent_s3"]["value"] > 0  # two load times
     printed = [line for line in proc.stderr.splitlines() if "] PASS " in line or "] MISS " in line]
     assert [n for n in ("resume_local_vs_persistent_s3", "local_save_extra_loop_vs_persistent_s3")
             if any(f" {n}: " in line for line in printed)] == [n for n in targets if n != "context"]
