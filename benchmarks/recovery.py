@@ -50,7 +50,7 @@ from common.machine import git_info, machine_info
 from common.output import capture_stdout, log, write_outputs
 from common.pagecache import PageCache
 from common.rounds import interleaved_rounds
-from recovery_parts.launch import Job, Moto
+from recovery_parts.launch import Job, Moto, worker_env
 from recovery_parts.summary import (
     DEFINITIONS,
     RESUMES,
@@ -269,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
                    "overhead_rounds": args.overhead_rounds, "window": args.window,
                    "local_dir": str(local_base), "persistent_dir": str(disk_root),
                    "s3": "moto_server on 127.0.0.1", "page_cache": cache_note,
+                   "connect_timeout_s": float(worker_env()["SHARDCKPT_CONNECT_TIMEOUT"]),
                    "device": "cpu (gloo)"},
         "definitions": DEFINITIONS,
         "failure": failure,

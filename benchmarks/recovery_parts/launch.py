@@ -37,7 +37,11 @@ def free_port() -> int:
 
 
 def worker_env() -> dict[str, str]:
+    """The environment of the agents, workers and moto. moto is one Python process on the
+    same loaded cores: a probe may wait for it longer than the 3 s default before shardckpt
+    gives the endpoint up (``SHARDCKPT_CONNECT_TIMEOUT``, kept if set)."""
     env = {k: v for k, v in os.environ.items() if k not in S3_UNSET}
+    env.setdefault("SHARDCKPT_CONNECT_TIMEOUT", "30")
     return {**env, **S3_ENV, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
