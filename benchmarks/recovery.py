@@ -39,6 +39,7 @@ import datetime as _dt
 import json
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -79,6 +80,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--killed-node", type=int, default=1, choices=(0, 1))
     p.add_argument("--keep", type=int, default=2, help="local steps kept per node")
     p.add_argument("--reps", type=int, default=3, help="resume rounds (each variant once)")
+    p.add_argument("--resumes", default=",".join(RESUMES),
+                   help=f"the resume variants, a subset of {','.join(RESUMES)}")
     p.add_argument("--overhead-rounds", type=int, default=3,
                    help="rounds of measured saves (each kind once); 0: none")
     p.add_argument("--window", type=int, default=3, help="steps per window of a measured save")
@@ -96,6 +99,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--keep-files", action="store_true", help="keep the checkpoints and logs")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # under torchrun
     args = p.parse_args(argv)
+    args.resumes = [v for v in args.resumes.split(",") if v]
+    if args.worker is None and (set(args.resumes) - set(RESUMES) or not args.resumes):
+        p.error(f"--resumes: a subset of {','.join(RESUMES)}")
     if args.worker is None:
         n, m, k = args.local_every, args.persistent_every, args.kill_after
         if min(n, m, k, args.window, args.keep) < 1 or args.reps < 1:
@@ -206,7 +212,7 @@ def resume_rounds(args: argparse.Namespace, cfg: dict[str, Any], run: Path, loca
             f"{max(r['load_s'] for r in ranks):.2f} s")
         return {"t_launch": job.t_launch, "ranks": ranks, "resident_bytes_before": resident}
 
-    return interleaved_rounds(RESUMES, args.reps, one), cache.note
+    return interleaved_rounds(args.resumes, args.reps, one), cache.note
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -216,6 +222,9 @@ def main(argv: list[str] | None = None) -> int:
 
         return worker_main(args.worker)
     capture_stdout()
+    # SIGTERM (a test's timeout, a scheduler) unwinds through the finally blocks below, which
+    # kill the nodes and moto: they run in sessions of their own and would outlive this process
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     base = Path(tempfile.mkdtemp(prefix="recovery-bench-", dir=args.dir))
     local_base = Path(tempfile.mkdtemp(prefix="recovery-bench-", dir=args.local_dir))
     run, disk_root = base / "run", base / "persistent"

@@ -11,25 +11,34 @@ import sys
 from pathlib import Path
 
 import psutil
+import pytest
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "recovery.py"
 
 
+@pytest.mark.timeout(520)  # 3 launches of 2 agents: about a minute on a quiet machine
 def test_the_recovery_benchmark_resumes_the_newest_local_step_after_a_node_loss(
         tmp_path: Path) -> None:
     out, png = tmp_path / "recovery.json", tmp_path / "recovery.png"
     local = tmp_path / "local"
     local.mkdir()
     # local saves at 2 and 4, persistent ones at 3; the node dies after step 5
-    proc = subprocess.run(
+    # the resumes the targets compare (the disk one is the same code path as S3's)
+    proc = subprocess.Popen(
         [sys.executable, str(BENCH), "--state-mb", "1", "--width", "256", "--batch", "4",
          "--local-every", "2", "--persistent-every", "3", "--kill-after", "4", "--reps", "1",
-         "--overhead-rounds", "1", "--window", "1", "--max-window", "5", "--dir",
-         str(tmp_path), "--local-dir", str(local), "--no-drop-caches", "--timeout", "150",
-         "--out", str(out), "--plot", str(png)], capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, proc.stderr[-6000:]
+         "--resumes", "local,persistent_s3", "--overhead-rounds", "1", "--window", "1",
+         "--max-window", "5", "--dir", str(tmp_path), "--local-dir", str(local),
+         "--no-drop-caches", "--timeout", "150", "--out", str(out), "--plot", str(png)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=440)
+    except subprocess.TimeoutExpired:  # SIGTERM: the benchmark kills its nodes and moto
+        proc.terminate()
+        stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr[-6000:]
     doc = json.loads(out.read_text())
-    assert json.loads(proc.stdout) == doc  # stdout holds the JSON document alone
+    assert json.loads(stdout) == doc  # stdout holds the JSON document alone
 
     failure = doc["failure"]
     assert failure["last_step_done"] == 5
@@ -42,9 +51,8 @@ def test_the_recovery_benchmark_resumes_the_newest_local_step_after_a_node_loss(
 
     resume = doc["resume"]
     assert (resume["local"]["tier"], resume["local"]["step"]) == ("local", 4)  # not 3
-    for variant in ("persistent_disk", "persistent_s3"):
-        assert (resume[variant]["tier"], resume[variant]["step"]) == ("persistent", 3)
-    assert doc["steps_lost"] == {"local": 1, "persistent_disk": 2, "persistent_s3": 2}
+    assert (resume["persistent_s3"]["tier"], resume["persistent_s3"]["step"]) == ("persistent", 3)
+    assert doc["steps_lost"] == {"local": 1, "persistent_s3": 2}
     for variant, r in resume.items():
         assert r["state_matches"], variant  # the restored tensors are the saved ones
         assert 0 < r["load_s_median"] < r["relaunch_to_first_step_s_median"], variant
@@ -69,7 +77,7 @@ def test_the_recovery_benchmark_resumes_the_newest_local_step_after_a_node_loss(
         assert isinstance(targets[name]["pass"], bool)
         assert targets[name]["value"] is None or isinstance(targets[name]["value"], float)
     assert targets["resume_local_vs_persistent_s3"]["value"] > 0  # two load times
-    printed = [line for line in proc.stderr.splitlines() if "] PASS " in line or "] MISS " in line]
+    printed = [line for line in stderr.splitlines() if "] PASS " in line or "] MISS " in line]
     assert [n for n in ("resume_local_vs_persistent_s3", "local_save_extra_loop_vs_persistent_s3")
             if any(f" {n}: " in line for line in printed)] == [n for n in targets if n != "context"]
     assert set(doc["definitions"]) >= {"load_s", "relaunch_to_first_step_s", "steps_lost",
