@@ -63,7 +63,8 @@ def resume_summary(reps: dict[str, list[dict[str, Any]]], last_step: int) -> dic
     """Per variant: its repetitions (each from the 4 ranks' results) and their medians."""
     out: dict[str, Any] = {}
     for variant, runs in reps.items():
-        rows = [_resume_rep(run["ranks"], run["t_launch"]) for run in runs]
+        rows = [{**_resume_rep(run["ranks"], run["t_launch"]),
+                 "resident_bytes_before": run.get("resident_bytes_before")} for run in runs]
         steps = [r["step"] for r in rows]
         step = steps[0] if all(s == steps[0] for s in steps) else steps
         out[variant] = {
