@@ -21,12 +21,9 @@ fi
 # the installed torch, exactly (2.13.0+cpu): no later install may replace it
 echo "torch==$("$VENV/bin/python" -c 'import torch; print(torch.__version__)')" \
   > "$VENV/constraints.txt"
-if ! "$VENV/bin/python" -c "import torchtitan, transformers" 2>/dev/null; then
-  "$VENV/bin/python" -m pip install -q -c "$VENV/constraints.txt" "$TITAN" \
-    "transformers>=4.46" 2>&1 | quiet
-fi
-"$VENV/bin/python" -m pip install -q -c "$VENV/constraints.txt" -e ".[export]" \
-  "pytest>=8" "pytest-timeout>=2.2" "psutil>=5.9" 2>&1 | quiet
+# one resolver run, so that shardckpt's own requirements (s3fs, fsspec) fit torchtitan's pins
+"$VENV/bin/python" -m pip install -q -c "$VENV/constraints.txt" "$TITAN" "transformers>=4.46" \
+  -e ".[export]" "pytest>=8" "pytest-timeout>=2.2" "psutil>=5.9" 2>&1 | quiet
 "$VENV/bin/python" - <<'PY'
 import importlib.metadata as md
 import torch, torchtitan, shardckpt  # noqa: E401

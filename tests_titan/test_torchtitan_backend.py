@@ -31,7 +31,7 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> str:
 def resume(base: str) -> dict[str, Any]:
     with pytest.raises(harness.RankFailures, match="SIGKILL|signal 9|died"):
         harness.run_ranks(T.first_runs, 2, base, timeout=TIMEOUT)
-    first = json.loads(Path(base, "first.json").read_text())
+    first = [json.loads(Path(base, f"first-{r}.json").read_text()) for r in range(2)]
     resumed = harness.run_ranks(T.resumed_runs, 2, base, timeout=TIMEOUT)
     return {"first": first, "ranks": resumed}
 
@@ -57,28 +57,29 @@ def _after(losses: dict[str, float], step: int) -> dict[str, float]:
 def test_killed_and_resumed_run_is_bit_identical_to_an_uninterrupted_one(
         resume: dict[str, Any], base: str) -> None:
     for rank, out in enumerate(resume["ranks"]):
-        ref, got = resume["first"]["ref"], out["shard"]
+        ref, got = resume["first"][rank]["ref"], out["shard"]
         assert got["loaded_step"] in (3, 6)  # 6 unless the kill beat its background write
         assert _after(got["losses"], got["loaded_step"]) == \
             _after(ref["losses"], got["loaded_step"]), rank
         for key in ("model", "optim", "lr", "step", "ntokens"):
             assert got[key] == ref[key], (rank, key)
-    assert not resume["first"]["ref_written"]  # enable=False writes nothing
+    assert not resume["first"][0]["ref_written"]  # enable=False writes nothing
     assert set(steps(T.ROOT(f"{base}/shard"))) >= {6, 9, 10}
 
 
 def test_the_dcp_backend_gives_the_same_results(resume: dict[str, Any]) -> None:
     """The same job with torchtitan's own DCP CheckpointManager (sync, on CPU): its resumed run
     and ours end in the same bits, both equal to the uninterrupted run."""
-    for out in resume["ranks"]:
+    for rank, out in enumerate(resume["ranks"]):
         assert out["dcp"]["loaded_step"] == 6
+        assert out["dcp"]["losses"] == _after(resume["first"][rank]["ref"]["losses"], 6)
         for key in ("model", "optim", "lr", "step", "ntokens"):
-            assert out["dcp"][key] == out["shard"][key] == resume["first"]["ref"][key], key
+            assert out["dcp"][key] == out["shard"][key] == resume["first"][rank]["ref"][key], key
 
 
 def test_a_dcp_checkpoint_as_initial_load_path_loads_bit_identically(
         resume: dict[str, Any]) -> None:
-    at6 = resume["first"]["dcp_first"]["at"]  # the DCP backend's state right after step 6
+    at6 = resume["first"][0]["dcp_first"]["at"]  # the DCP backend's state right after step 6
     for out in resume["ranks"]:
         assert out["from_dcp"]["loaded"] and out["from_dcp"]["model"] == at6["model"]
         assert out["from_dcp"]["step"] == 0  # model only (initial_load_model_only=True)

@@ -184,12 +184,6 @@ class Job:
         return digest(self.model.state_dict())
 
 
-def _write(path: str, rank: int, value: Any) -> None:
-    if rank == 0:
-        with open(path, "w") as f:
-            json.dump(value, f)
-
-
 def ROOT(dump: str) -> str:  # noqa: N802 - where the checkpoints of a job in ``dump`` go
     return os.path.join(dump, "checkpoint")
 
@@ -203,12 +197,13 @@ RESUMABLE = {"interval": 3, "keep_latest_k": 0, "last_save_model_only": False}
 def first_runs(rank: int, world: int, base: str) -> None:
     """The uninterrupted reference (checkpointing disabled), the DCP backend to step 8, then the
     shardckpt backend killed (SIGKILL, every rank) after step 8. The results so far go to
-    ``base/first.json``, as the ranks never return."""
+    ``base/first-RANK.json``, as the ranks never return."""
     out: dict[str, Any] = {"ref": Job(rank, world, f"{base}/ref", ckpt={"enable": False}).train()}
     out["ref_written"] = os.path.exists(ROOT(f"{base}/ref"))
     out["dcp_first"] = Job(rank, world, f"{base}/dcp", "dcp", RESUMABLE).train(stop=8,
                                                                                digest_at=6)
-    _write(f"{base}/first.json", rank, out)
+    with open(f"{base}/first-{rank}.json", "w") as f:
+        json.dump(out, f)
     dist.barrier()
     Job(rank, world, f"{base}/shard", ckpt=RESUMABLE).train(kill_after=8)
 
