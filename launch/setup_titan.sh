@@ -21,9 +21,16 @@ fi
 # the installed torch, exactly (2.13.0+cpu): no later install may replace it
 echo "torch==$("$VENV/bin/python" -c 'import torch; print(torch.__version__)')" \
   > "$VENV/constraints.txt"
-# one resolver run, so that shardckpt's own requirements (s3fs, fsspec) fit torchtitan's pins
-"$VENV/bin/python" -m pip install -q -c "$VENV/constraints.txt" "$TITAN" "transformers>=4.46" \
-  -e ".[export]" "pytest>=8" "pytest-timeout>=2.2" "psutil>=5.9" 2>&1 | quiet
+# one resolver run, so that shardckpt's own requirements (s3fs, fsspec) fit torchtitan's pins;
+# skipped (a minute of resolving) while this script and pyproject.toml are as they were
+STAMP="$VENV/.setup-stamp"
+WANT="$TITAN $(cat pyproject.toml "$0" | sha256sum)"
+if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ] || \
+    ! "$VENV/bin/python" -c "import torchtitan, transformers, shardckpt, pytest" 2>/dev/null; then
+  "$VENV/bin/python" -m pip install -q -c "$VENV/constraints.txt" "$TITAN" "transformers>=4.46" \
+    -e ".[export]" "pytest>=8" "pytest-timeout>=2.2" "psutil>=5.9" 2>&1 | quiet
+  echo "$WANT" > "$STAMP"
+fi
 "$VENV/bin/python" - <<'PY'
 import importlib.metadata as md
 import torch, torchtitan, shardckpt  # noqa: E401

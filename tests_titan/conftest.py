@@ -13,7 +13,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-import harness  # noqa: E402
+import harness
 
 PRELOAD = (*harness.PRELOAD, "torchtitan.components.checkpointer",
            "torchtitan.components.optimizer", "transformers", "titan_targets")

@@ -184,7 +184,8 @@ class Job:
         return digest(self.model.state_dict())
 
 
-def ROOT(dump: str) -> str:  # noqa: N802 - where the checkpoints of a job in ``dump`` go
+def root_of(dump: str) -> str:
+    """Where the checkpoints of a job in ``dump`` go (its config.folder)."""
     return os.path.join(dump, "checkpoint")
 
 
@@ -199,7 +200,7 @@ def first_runs(rank: int, world: int, base: str) -> None:
     shardckpt backend killed (SIGKILL, every rank) after step 8. The results so far go to
     ``base/first-RANK.json``, as the ranks never return."""
     out: dict[str, Any] = {"ref": Job(rank, world, f"{base}/ref", ckpt={"enable": False}).train()}
-    out["ref_written"] = os.path.exists(ROOT(f"{base}/ref"))
+    out["ref_written"] = os.path.exists(root_of(f"{base}/ref"))
     out["dcp_first"] = Job(rank, world, f"{base}/dcp", "dcp", RESUMABLE).train(stop=8,
                                                                                digest_at=6)
     with open(f"{base}/first-{rank}.json", "w") as f:
@@ -215,7 +216,7 @@ def resumed_runs(rank: int, world: int, base: str) -> dict[str, Any]:
 
     out: dict[str, Any] = {"shard": Job(rank, world, f"{base}/shard", ckpt=RESUMABLE).train(),
                            "dcp": Job(rank, world, f"{base}/dcp", "dcp", RESUMABLE).train()}
-    path = os.path.join(ROOT(f"{base}/dcp"), "step-6")
+    path = os.path.join(root_of(f"{base}/dcp"), "step-6")
     refused = Job(rank, world, f"{base}/refused", ckpt={"initial_load_path": path})
     try:
         refused.checkpointer.load()
@@ -267,7 +268,7 @@ def field_runs(rank: int, world: int, base: str) -> dict[str, Any]:
     dist.barrier()
     out["hf"] = Job(rank, world, f"{base}/hf", ckpt={"interval": 5,
                                                      "last_save_in_hf": True}).train()
-    hf_dir = os.path.join(ROOT(f"{base}/hf"), "hf", f"step-{TOTAL}")
+    hf_dir = os.path.join(root_of(f"{base}/hf"), "hf", f"step-{TOTAL}")
     job = Job(rank, world, f"{base}/from_hf", ckpt={
         "initial_load_path": hf_dir, "initial_load_in_hf": True})
     out["from_hf"] = {"loaded": job.checkpointer.load(), **job.result()}

@@ -282,5 +282,5 @@ class ShardckptCheckpointManager(BaseCheckpointManager):
     def __del__(self) -> None:
         try:
             self.close()
-        except Exception:  # noqa: S110 - at teardown there is no one left to tell
+        except Exception:  # at teardown there is no one left to tell
             pass
