@@ -105,6 +105,12 @@ def test_keep_latest_k_keeps_that_many_and_shardckpt_options_apply(
     assert '"compression": "zstd"' in extra and '"snapshot": "lazy"' in extra
 
 
+def test_a_shardckpt_root_as_initial_load_path(fields: dict[str, Any]) -> None:
+    for out in fields["ranks"]:
+        assert out["from_root"]["loaded"] and out["from_root"]["step"] == 0
+        assert out["from_root"]["model"] == out["keep"]["model"]  # its newest step, model only
+
+
 def test_interval_and_enable_first_step_checkpoint(base: str, fields: dict[str, Any]) -> None:
     assert steps(T.root_of(f"{base}/first")) == [1, 4]
 

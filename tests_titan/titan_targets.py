@@ -260,6 +260,9 @@ def field_runs(rank: int, world: int, base: str) -> dict[str, Any]:
         "exclude_from_loading": ["optimizer", "lr_scheduler"], "load_only": True}).train(stop=4)
     fresh = Job(rank, world, f"{base}/fresh", ckpt={"enable": False})
     out["fresh"] = fresh.result()
+    job = Job(rank, world, f"{base}/from_root", ckpt={"initial_load_path": root_of(f"{base}/keep")})
+    out["from_root"] = {"loaded": job.checkpointer.load(), **job.result()}
+    job.checkpointer.close()
     out["last"] = Job(rank, world, f"{base}/last",
                       ckpt={"interval": 5, "export_dtype": "bfloat16"}).train()
     out["seed"] = Job(rank, world, f"{base}/seed", ckpt={"load_only": True}).train(stop=0)

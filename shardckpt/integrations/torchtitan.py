@@ -166,7 +166,8 @@ class ShardckptCheckpointManager(BaseCheckpointManager):
     def _save(self, curr_step: int, last_step: bool = False) -> bool:
         if not self._due(curr_step, last_step):
             return False
-        self.maybe_wait_for_saving()
+        # no wait here: the manager's save waits for the previous one itself, and settles its
+        # outcome by on_error (a failure raises on every rank, or is warned about)
         if last_step:
             self._save_last_step(curr_step)
             return True
@@ -207,9 +208,10 @@ class ShardckptCheckpointManager(BaseCheckpointManager):
         one is waited for by the optimizer step itself (a step pre-hook)."""
 
     def _wait_for_saving(self) -> None:
-        handle, self.save_future = self.save_future, None
-        if handle is not None:
-            handle.wait()
+        """Waits for the saves in flight; a failure raises (``on_error="warn"``: is warned
+        about and listed in ``manager.failed_saves``, unless the ranks may not share it)."""
+        self.save_future = None
+        self.manager.wait()
 
     # ------------------------------------------------------------------------------- load
     def _find_load_step(self) -> int | None:
