@@ -19,7 +19,7 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
   "$VENV/bin/python" -m pip install -q "${SHARDCKPT_TORCH:-torch==2.13.0}" 2>&1 | quiet
 fi
 # the installed torch, exactly (2.13.0+cpu): no later install may replace it
-echo "torch==$("$VENV/bin/python" -c 'import torch; print(torch.__version__)')" \
+echo "torch==$("$VENV/bin/python" -c 'import torch; print(torch.__version__)' 2>/dev/null)" \
   > "$VENV/constraints.txt"
 # one resolver run, so that shardckpt's own requirements (s3fs, fsspec) fit torchtitan's pins;
 # skipped (a minute of resolving) while this script and pyproject.toml are as they were
