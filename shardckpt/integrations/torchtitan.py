@@ -86,8 +86,9 @@ class ShardckptCheckpointManager(BaseCheckpointManager):
         """None, "zstd" or "zstd:LEVEL"."""
 
         snapshot: Literal["eager", "lazy"] = "eager"
-        """"eager": the state is copied before save returns; "lazy" (opt-in): the copy
-        overlaps training and nothing but the optimizer step may write the state meanwhile."""
+        """"eager": the state is copied before save returns; "lazy" (opt-in): the manager's
+        lazy snapshot, which guards only modules and optimizers given as such, so through
+        torchtitan's wrappers every tensor is still copied inside save."""
 
         on_error: Literal["raise", "warn"] = "raise"
         """"warn": a failed background save is warned about and training goes on."""
