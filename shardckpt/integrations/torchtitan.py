@@ -1,0 +1,289 @@
+"""torchtitan (>= 0.3): shardckpt as a checkpoint manager, chosen by one line of the job config.
+
+    from shardckpt.integrations.torchtitan import ShardckptCheckpointManager
+
+    checkpoint=ShardckptCheckpointManager.Config(enable=True, interval=500, keep_latest_k=3)
+
+torchtitan's ``Trainer`` builds it as it builds its DCP ``CheckpointManager`` (same keyword
+arguments) and makes the same calls: ``load`` when training starts, ``save`` after every step,
+``maybe_wait_for_staging`` before the optimizer step, ``maybe_wait_for_saving`` and ``close``.
+Every field of torchtitan's base checkpoint config means what it means for DCP (see
+docs/integrations.md for the table); the fields below the base ones are shardckpt's.
+
+What a checkpoint holds, with no pickle (``ROOT = dump_folder/folder``, a shardckpt root):
+
+- ``model``: the model parts through torchtitan's ``ModelWrapper`` (one flat, FQN-keyed state
+  dict of all parts: pipeline stages keep their keys), FSDP2 / TP DTensors as shards;
+- ``optimizer``: the ``OptimizersContainer``'s flattened, FQN-keyed state dict;
+- ``lr_scheduler``: the ``LRSchedulersContainer`` (``{"last_epoch"}``);
+- ``dataloader``: per data-parallel rank, see :mod:`.torchtitan_io`;
+- every other entry of ``states`` (the Trainer's ``train_state``: ``step``, ``ntokens_seen``);
+- each rank's RNG states (restored when the world size is unchanged; torchtitan's DCP backend
+  does not save them).
+
+Importing this module imports torchtitan; ``import shardckpt`` never does.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+try:
+    from torchtitan.components.checkpointer.base import BaseCheckpointManager, ModelWrapper
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError("shardckpt.integrations.torchtitan needs torchtitan >= 0.3 "
+                      "(pip install torchtitan)") from exc
+
+from ..engine.failpolicy import check_on_error
+from ..errors import ShardckptError
+from ..manager import CheckpointManager
+from ..policy import RetentionPolicy
+from . import torchtitan_io as io
+
+__all__ = ["MODEL_ONLY", "ShardckptCheckpointManager"]
+
+MODEL, OPTIMIZER, LR_SCHEDULER, DATALOADER = "model", "optimizer", "lr_scheduler", "dataloader"
+MODEL_ONLY = "model-only"  # the tag of a step holding the model only (seed, last save)
+HF = "hf"  # the tag of a model-only step holding Hugging Face names (never loaded back)
+
+
+class _Flat:
+    """The optimizers container through its own flat, FQN-keyed ``state_dict``: shardckpt sees
+    an object with a state dict, not a ``torch.optim.Optimizer`` to re-key by itself."""
+
+    def __init__(self, obj: Any) -> None:
+        self.obj = obj
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.obj.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.obj.load_state_dict(state)
+
+
+def _join(base: str, folder: str) -> str:
+    if not base or "://" in folder or os.path.isabs(folder):
+        return folder
+    return base.rstrip("/") + "/" + folder if "://" in base else os.path.join(base, folder)
+
+
+class ShardckptCheckpointManager(BaseCheckpointManager):
+    """torchtitan's checkpoint manager contract, saved and loaded by a
+    :class:`~shardckpt.CheckpointManager` on ``base_folder/config.folder``. Collective: every
+    rank builds it and makes the same calls."""
+
+    @dataclass(kw_only=True, slots=True)
+    class Config(BaseCheckpointManager.Config):
+        replicas: list[str] = field(default_factory=list)
+        """More locations (paths or fsspec URLs); each gets a full copy of every checkpoint."""
+
+        min_replicas: int | None = None
+        """Locations that must succeed for a commit (default: all of them)."""
+
+        compression: str | None = None
+        """None, "zstd" or "zstd:LEVEL"."""
+
+        snapshot: Literal["eager", "lazy"] = "eager"
+        """"eager": the state is copied before save returns; "lazy" (opt-in): the manager's
+        lazy snapshot, which guards only modules and optimizers given as such, so through
+        torchtitan's wrappers every tensor is still copied inside save."""
+
+        on_error: Literal["raise", "warn"] = "raise"
+        """"warn": a failed background save is warned about and training goes on."""
+
+        async_save: bool = True
+        """Write in the background once the state is snapshotted (False: save blocks)."""
+
+        trust_dcp_pickle: bool = False
+        """A DCP folder as initial_load_path is read only when True: its index is a pickle."""
+
+        def __post_init__(self) -> None:
+            BaseCheckpointManager.Config.__post_init__(self)
+            if self.snapshot not in ("eager", "lazy"):
+                raise ValueError(f"snapshot must be 'eager' or 'lazy', got {self.snapshot!r}")
+            check_on_error(self.on_error)
+            if self.export_dtype not in io.DTYPES:
+                raise ValueError(f"export_dtype must be one of {', '.join(io.DTYPES)}")
+
+    def __init__(self, config: Config, *, dataloader: Any, model_parts: list[Any],
+                 optimizers: Any, lr_schedulers: Any, states: dict[str, Any],
+                 sd_adapter: Any = None, base_folder: str = "") -> None:
+        self.enable = config.enable
+        self.save_future = None
+        if not self.enable:
+            return
+        self.config = config
+        self.folder = _join(base_folder, config.folder)
+        self.interval = config.interval
+        self.keep_latest_k = config.keep_latest_k
+        self.sd_adapter = sd_adapter
+        if config.last_save_in_hf and sd_adapter is None:
+            raise ValueError("checkpoint.last_save_in_hf is True, but the model has no state "
+                             "dict adapter (sd_adapter)")
+        self.dataloader = dataloader
+        self.states = states  # torchtitan's layout: users may look things up here
+        self.states.update({MODEL: ModelWrapper(model_parts), OPTIMIZER: optimizers,
+                            DATALOADER: dataloader, LR_SCHEDULER: lr_schedulers})
+        to_dict = getattr(config, "to_dict", None)
+        self.manager = CheckpointManager(
+            self.folder, replicas=config.replicas, min_replicas=config.min_replicas,
+            retention=RetentionPolicy(keep_last=config.keep_latest_k)
+            if config.keep_latest_k else None,
+            save_every=config.interval, async_save=config.async_save,
+            compression=config.compression, snapshot=config.snapshot,
+            on_error=config.on_error,
+            config={"torchtitan_checkpoint": to_dict()} if callable(to_dict) else None)
+
+    # ------------------------------------------------------------------------------- state
+    def _state(self, keys: Any = None) -> dict[str, Any]:
+        """What is saved (or, with ``keys``, loaded): the data loader as plain per-rank data."""
+        out: dict[str, Any] = {}
+        for key, value in self.states.items():
+            if value is None or (keys is not None and key not in keys):
+                continue
+            if key == OPTIMIZER:
+                value = _Flat(value)
+            elif key == DATALOADER:
+                value = io.loader_state(value) if keys is None else {}
+            out[key] = value
+        return out
+
+    def _loadable(self) -> list[str]:
+        for key in self.config.exclude_from_loading:
+            if key not in self.states:
+                raise ValueError(f"exclude_from_loading: {key!r} is not a checkpointed state "
+                                 f"(one of {', '.join(sorted(self.states))})")
+        return [k for k in self.states if k not in self.config.exclude_from_loading]
+
+    # ------------------------------------------------------------------------------- save
+    def _due(self, step: int, last_step: bool) -> bool:
+        if self.config.load_only:
+            return False
+        return (step == 1 and self.config.enable_first_step_checkpoint) or last_step or \
+            step % self.interval == 0
+
+    def _save(self, curr_step: int, last_step: bool = False) -> bool:
+        if not self._due(curr_step, last_step):
+            return False
+        # no wait here: the manager's save waits for the previous one itself, and settles its
+        # outcome by on_error (a failure raises on every rank, or is warned about)
+        if last_step:
+            self._save_last_step(curr_step)
+            return True
+        self.save_future = self.manager.save(curr_step, self._state())
+        return True
+
+    def _save_last_step(self, step: int) -> None:
+        """Blocking, as torchtitan's last save: the model only (cast to ``export_dtype``, or
+        under Hugging Face names and then exported as an HF folder), or everything."""
+        if not self.config.last_save_model_only:
+            self.manager.save(step, self._state(), blocking=True)
+            return
+        dtype = io.DTYPES[self.config.export_dtype]
+        sd = self.states[MODEL].state_dict()
+        if not self.config.last_save_in_hf:
+            self.manager.save(step, {MODEL: io.cast(sd, dtype)}, tags=(MODEL_ONLY,),
+                              blocking=True)
+            return
+        self.manager.save(step, {MODEL: self.sd_adapter.to_hf(sd)}, tags=(MODEL_ONLY, HF),
+                          blocking=True)
+        error: Exception | None = None
+        if self.manager.rank == 0:
+            try:
+                io.export_hf(self.folder, step, self.hf_folder(step), dtype, self.sd_adapter)
+            except Exception as exc:
+                error = exc
+        # every rank returns once the folder is there, or raises
+        if self.manager._comm.any_true(error is not None, "torchtitan: HF export"):
+            raise error or ShardckptError(f"the HF export of step {step} to "
+                                          f"{self.hf_folder(step)} failed on rank 0")
+
+    def hf_folder(self, step: int) -> str:
+        """Where the last save in Hugging Face format goes: ``FOLDER/hf/step-N``."""
+        return os.path.join(self.folder, "hf", f"step-{step}")
+
+    def _maybe_wait_for_staging(self) -> None:
+        """Nothing to wait for: an eager save copies the state before it returns, and a lazy
+        one is waited for by the optimizer step itself (a step pre-hook)."""
+
+    def _wait_for_saving(self) -> None:
+        """Waits for the saves in flight; a failure raises (``on_error="warn"``: is warned
+        about and listed in ``manager.failed_saves``, unless the ranks may not share it)."""
+        self.save_future = None
+        self.manager.wait()
+
+    # ------------------------------------------------------------------------------- load
+    def _find_load_step(self) -> int | None:
+        """The newest committed step that resumes this job (HF-named steps never do)."""
+        for step in reversed(self.manager.steps()):
+            if HF not in self.manager.info(step).tags:
+                return step
+        return None
+
+    def _load(self, step: int = -1) -> bool:
+        if step != -1:
+            if step not in self.manager.steps():
+                raise FileNotFoundError(f"--checkpoint.load_step={step} not found: "
+                                        f"{self.folder} holds steps {self.manager.steps()}")
+            load_step: int | None = step
+        else:
+            load_step = self._find_load_step()
+        if load_step is None:
+            return self._initial_load()
+        # torchtitan's rule: the options initial_* apply only to a job without checkpoints
+        model_only = load_step == 0 or MODEL_ONLY in self.manager.info(load_step).tags
+        keys = [MODEL] if model_only else self._loadable()
+        state = self._state(keys)
+        newest = step == -1 and load_step == self.manager.latest_step()
+        self.manager.load(state, step=None if newest else load_step,
+                          restore_rng=not model_only)
+        if DATALOADER in state and self.dataloader is not None:
+            io.load_loader_state(self.dataloader, state[DATALOADER])
+        return True
+
+    def _initial_load(self) -> bool:
+        cfg, model = self.config, self.states[MODEL]
+        path = cfg.initial_load_path
+        if not path and cfg.initial_load_in_hf:
+            path = getattr(self.sd_adapter, "hf_assets_path", None)
+            if not path:
+                raise ValueError("initial_load_in_hf without initial_load_path needs the "
+                                 "model's hf_assets_path")
+        if not path:
+            return False  # a fresh start
+        if not os.path.isdir(path):
+            raise ValueError(f"checkpoint.initial_load_path is not a folder: {path}")
+        if cfg.initial_load_in_hf:
+            io.load_hf_folder(path, model, self.sd_adapter, cfg.initial_load_in_hf_quantized)
+        elif io.is_dcp_folder(path):
+            if cfg.initial_load_model_only:
+                states = model.state_dict()
+            else:
+                states = {k: v for k, v in self._state(self._loadable()).items()
+                          if k not in (MODEL, DATALOADER)}  # the loader's state is a pickle
+                states.update(model.state_dict())
+            io.load_dcp_folder(path, states, trusted=cfg.trust_dcp_pickle)
+            model.load_state_dict(states)
+        else:  # another shardckpt root (its newest step)
+            keys = [MODEL] if cfg.initial_load_model_only else self._loadable()
+            with CheckpointManager(path, async_save=False) as source:
+                state = self._state(keys)
+                source.load(state, restore_rng=False)
+            if DATALOADER in state and self.dataloader is not None:
+                io.load_loader_state(self.dataloader, state[DATALOADER])
+        return True
+
+    # ------------------------------------------------------------------------------- close
+    def _close(self) -> None:
+        manager = getattr(self, "manager", None)
+        if manager is not None:
+            self.save_future = None
+            manager.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # at teardown there is no one left to tell
+            pass

@@ -1,0 +1,279 @@
+"""Rank bodies for tests_titan: what torchtitan's Trainer builds and does, with its real classes.
+
+A tiny Hugging Face ``LlamaForCausalLM`` (so that an HF export can be loaded by
+``transformers``), sharded with FSDP2 (``fully_shard``) on a CPU mesh when there are several
+ranks; torchtitan's ``OptimizersContainer`` (AdamW), ``LRSchedulersContainer`` (warmup and
+linear decay), ``ParallelAwareDataloader`` over a stateful token stream per data-parallel rank,
+and a train state like the Trainer's. The loop makes the Trainer's calls in the Trainer's order
+(``load`` at the start, ``maybe_wait_for_staging`` before the optimizer step, ``save`` after
+it, ``close`` at the end), with either checkpoint backend.
+
+Each scenario returns JSON: per-step losses of this rank and SHA-256 digests of the full
+(unsharded) model and optimizer state, so that runs compare bit for bit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
+from torch.utils.data import IterableDataset
+from torchtitan.components.checkpointer import CheckpointManager
+from torchtitan.components.dataloader import ParallelAwareDataloader
+from torchtitan.components.optimizer import LRSchedulersContainer, OptimizersContainer
+from torchtitan.components.optimizer.optimizer import ParamGroupConfig
+from torchtitan.protocols.state_dict_adapter import StateDictAdapter
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from shardckpt.integrations.torchtitan import ShardckptCheckpointManager
+
+VOCAB, SEQ, BATCH = 64, 8, 2
+TOTAL = 10  # training.steps
+
+
+def hf_config() -> LlamaConfig:
+    return LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32,
+                       num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                       max_position_embeddings=2 * SEQ, tie_word_embeddings=False)
+
+
+class Tokens(IterableDataset):
+    """An endless token stream of one data-parallel rank; its position is its state."""
+
+    def __init__(self, dp_rank: int) -> None:
+        self.dp_rank, self.i = dp_rank, 0
+
+    def __iter__(self) -> Any:
+        while True:
+            g = torch.Generator().manual_seed(1000 * self.i + self.dp_rank)
+            self.i += 1
+            ids = torch.randint(0, VOCAB, (SEQ + 1,), generator=g)
+            yield ids[:-1], ids[1:]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"i": self.i}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.i = state["i"]
+
+
+class Adapter(StateDictAdapter):
+    """The model's names are Hugging Face's already: the identity, with torchtitan's reader."""
+
+    def to_hf(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        return dict(state_dict)
+
+    def from_hf(self, hf_state_dict: dict[str, Any]) -> dict[str, Any]:
+        return dict(hf_state_dict)
+
+
+class TrainState:
+    """The Trainer's own entry of ``states`` ("train_state")."""
+
+    def __init__(self) -> None:
+        self.step, self.ntokens_seen = 0, 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "ntokens_seen": self.ntokens_seen}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step, self.ntokens_seen = state["step"], state["ntokens_seen"]
+
+
+def digest(values: dict[str, Any]) -> str:
+    """SHA-256 over the full tensors (collective for DTensors) and plain values, by key."""
+    h = hashlib.sha256()
+    for key in sorted(values):
+        v = values[key]
+        if isinstance(v, DTensor):
+            v = v.full_tensor()
+        h.update(key.encode())
+        if isinstance(v, torch.Tensor):
+            h.update(str(v.dtype).encode())
+            h.update(v.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        else:
+            h.update(repr(v).encode())
+    return h.hexdigest()
+
+
+@dataclass
+class Job:
+    rank: int
+    world: int
+    dump: str
+    backend: str = "shardckpt"
+    ckpt: dict[str, Any] = field(default_factory=dict)
+    shard: bool = True  # FSDP2 over all ranks (False: a plain model, e.g. a seed checkpoint)
+
+    def __post_init__(self) -> None:
+        torch.manual_seed(0)
+        self.model = LlamaForCausalLM(hf_config())
+        if self.shard:
+            mesh = init_device_mesh("cpu", (self.world,))
+            for layer in self.model.model.layers:
+                fully_shard(layer, mesh=mesh)
+            fully_shard(self.model, mesh=mesh)
+        self.optimizers = OptimizersContainer.Config(
+            param_groups=[ParamGroupConfig(
+                pattern=r".*", optimizer_name="AdamW",
+                optimizer_kwargs={"lr": 1e-2, "betas": (0.9, 0.95), "eps": 1e-8,
+                                  "weight_decay": 0.1})],
+            implementation="for-loop").build(model_parts=[self.model])
+        self.lr_schedulers = LRSchedulersContainer.Config(warmup_steps=2).build(
+            optimizers=self.optimizers, training_steps=TOTAL)
+        self.dataset = Tokens(self.rank)
+        self.dataloader = ParallelAwareDataloader(self.dataset, dp_rank=self.rank,
+                                                  dp_world_size=self.world, batch_size=BATCH)
+        self.train_state = TrainState()
+        cls = ShardckptCheckpointManager if self.backend == "shardckpt" else CheckpointManager
+        self.config = cls.Config(**{"enable": True, **self.ckpt})
+        assets = os.path.join(self.dump, "assets")
+        self.checkpointer = self.config.build(
+            dataloader=self.dataloader, model_parts=[self.model], optimizers=self.optimizers,
+            lr_schedulers=self.lr_schedulers, states={"train_state": self.train_state},
+            sd_adapter=Adapter(None, assets if os.path.isdir(assets) else None),
+            base_folder=self.dump)
+        self.losses: dict[int, float] = {}
+
+    def train(self, stop: int = TOTAL, kill_after: int | None = None,
+              digest_at: int | None = None) -> dict[str, Any]:
+        """The Trainer's ``train()``: load, then steps up to ``stop``; returns the results."""
+        self.checkpointer.load(step=self.config.load_step)
+        self.loaded_step = self.train_state.step
+        marks: dict[str, Any] = {}
+        batches = iter(self.dataloader)
+        while self.train_state.step < stop:
+            self.train_state.step += 1
+            step = self.train_state.step
+            self.optimizers.zero_grad()
+            x, y = next(batches)
+            logits = self.model(input_ids=x).logits
+            loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+            loss.backward()
+            self.losses[step] = loss.item()
+            self.train_state.ntokens_seen += y.numel()
+            self.checkpointer.maybe_wait_for_staging()
+            self.optimizers.step()
+            self.lr_schedulers.step()
+            self.checkpointer.save(step, last_step=step == TOTAL)
+            if step == digest_at:
+                marks = self.result()
+            if step == kill_after:
+                os.kill(os.getpid(), signal.SIGKILL)  # no close, no wait: a crash
+        self.checkpointer.close()
+        return {**self.result(), "at": marks}
+
+    def result(self) -> dict[str, Any]:
+        return {"losses": dict(self.losses), "model": self.model_digest(),
+                "optim": digest(self.optimizers.state_dict()),
+                "lr": self.lr_schedulers.schedulers[0].get_last_lr(),
+                "step": self.train_state.step, "ntokens": self.train_state.ntokens_seen,
+                "loaded_step": getattr(self, "loaded_step", None), "data": self.dataset.i}
+
+    def model_digest(self) -> str:
+        return digest(self.model.state_dict())
+
+
+def root_of(dump: str) -> str:
+    """Where the checkpoints of a job in ``dump`` go (its config.folder)."""
+    return os.path.join(dump, "checkpoint")
+
+
+# --------------------------------------------------------------------------- the scenarios
+# Each is a ``harness.run_ranks`` target: ``fn(rank, world_size, base)``.
+
+RESUMABLE = {"interval": 3, "keep_latest_k": 0, "last_save_model_only": False}
+
+
+def first_runs(rank: int, world: int, base: str) -> None:
+    """The uninterrupted reference (checkpointing disabled), the DCP backend to step 8, then the
+    shardckpt backend killed (SIGKILL, every rank) after step 8. The results so far go to
+    ``base/first-RANK.json``, as the ranks never return."""
+    out: dict[str, Any] = {"ref": Job(rank, world, f"{base}/ref", ckpt={"enable": False}).train()}
+    out["ref_written"] = os.path.exists(root_of(f"{base}/ref"))
+    out["dcp_first"] = Job(rank, world, f"{base}/dcp", "dcp", RESUMABLE).train(stop=8,
+                                                                               digest_at=6)
+    with open(f"{base}/first-{rank}.json", "w") as f:
+        json.dump(out, f)
+    dist.barrier()
+    Job(rank, world, f"{base}/shard", ckpt=RESUMABLE).train(kill_after=8)
+
+
+def resumed_runs(rank: int, world: int, base: str) -> dict[str, Any]:
+    """Both backends resume their run to the end; then step 6 of the DCP backend's folder is the
+    ``initial_load_path`` of fresh shardckpt jobs (refused without ``trust_dcp_pickle``)."""
+    from shardckpt.integrations.torchtitan_io import TitanLoadError
+
+    out: dict[str, Any] = {"shard": Job(rank, world, f"{base}/shard", ckpt=RESUMABLE).train(),
+                           "dcp": Job(rank, world, f"{base}/dcp", "dcp", RESUMABLE).train()}
+    path = os.path.join(root_of(f"{base}/dcp"), "step-6")
+    refused = Job(rank, world, f"{base}/refused", ckpt={"initial_load_path": path})
+    try:
+        refused.checkpointer.load()
+    except TitanLoadError as exc:
+        out["refused"] = str(exc)
+    refused.checkpointer.close()
+    for name, model_only in (("from_dcp", True), ("from_dcp_full", False)):
+        job = Job(rank, world, f"{base}/{name}", ckpt={
+            "initial_load_path": path, "trust_dcp_pickle": True,
+            "initial_load_model_only": model_only})
+        out[name] = {"loaded": job.checkpointer.load(), **job.result()}
+        job.checkpointer.close()
+    return out
+
+
+def seed_run(rank: int, world: int, base: str) -> dict[str, Any]:
+    """``create_seed_checkpoint``: torchtitan's ``train.py`` saves step 0 as the last step, in
+    one process, from an unsharded model."""
+    job = Job(rank, world, f"{base}/seed", ckpt={"create_seed_checkpoint": True}, shard=False)
+    job.checkpointer.save(curr_step=0, last_step=True)
+    job.checkpointer.close()
+    return job.result()
+
+
+def field_runs(rank: int, world: int, base: str) -> dict[str, Any]:
+    """One short job per base Config field (and shardckpt's own options)."""
+    out: dict[str, Any] = {}
+    out["keep"] = Job(rank, world, f"{base}/keep", ckpt={
+        "interval": 2, "keep_latest_k": 2, "last_save_model_only": False,
+        "replicas": [f"{base}/keep-replica"], "compression": "zstd", "snapshot": "lazy",
+        "on_error": "warn", "async_save": True}).train()
+    out["first"] = Job(rank, world, f"{base}/first", ckpt={
+        "interval": 4, "enable_first_step_checkpoint": True, "async_save": False}).train(stop=5)
+    out["load_only"] = Job(rank, world, f"{base}/first",
+                           ckpt={"interval": 1, "load_only": True}).train(stop=7)
+    out["load_step"] = Job(rank, world, f"{base}/first",
+                           ckpt={"load_step": 1, "load_only": True}).train(stop=1)
+    out["no_loader"] = Job(rank, world, f"{base}/first", ckpt={
+        "exclude_from_loading": ["dataloader"], "load_only": True}).train(stop=4)
+    out["no_optim"] = Job(rank, world, f"{base}/first", ckpt={
+        "exclude_from_loading": ["optimizer", "lr_scheduler"], "load_only": True}).train(stop=4)
+    fresh = Job(rank, world, f"{base}/fresh", ckpt={"enable": False})
+    out["fresh"] = fresh.result()
+    job = Job(rank, world, f"{base}/from_root", ckpt={"initial_load_path": root_of(f"{base}/keep")})
+    out["from_root"] = {"loaded": job.checkpointer.load(), **job.result()}
+    job.checkpointer.close()
+    out["last"] = Job(rank, world, f"{base}/last",
+                      ckpt={"interval": 5, "export_dtype": "bfloat16"}).train()
+    out["seed"] = Job(rank, world, f"{base}/seed", ckpt={"load_only": True}).train(stop=0)
+    if rank == 0:
+        hf_config().save_pretrained(f"{base}/hf/assets")
+    dist.barrier()
+    out["hf"] = Job(rank, world, f"{base}/hf", ckpt={"interval": 5,
+                                                     "last_save_in_hf": True}).train()
+    hf_dir = os.path.join(root_of(f"{base}/hf"), "hf", f"step-{TOTAL}")
+    job = Job(rank, world, f"{base}/from_hf", ckpt={
+        "initial_load_path": hf_dir, "initial_load_in_hf": True})
+    out["from_hf"] = {"loaded": job.checkpointer.load(), **job.result()}
+    job.checkpointer.close()
+    return out
