@@ -47,7 +47,7 @@ def _load(mgr: Any, dest: dict[str, Any], step: int | None = 1) -> dict[str, Any
 def ddp_load(rank: int, world: int, root: str, storage_options: dict | None = None,
              modes: tuple[str, ...] = ("",)) -> dict[str, Any]:
     """Save a replicated state, then load it once per ``SHARDCKPT_READ_ONCE`` mode ("": the
-    environment's); report each load's byte counts and whether every value came back."""
+    default); report each load's byte counts and whether every value came back."""
     import os
 
     state = replicated()
@@ -57,8 +57,7 @@ def ddp_load(rank: int, world: int, root: str, storage_options: dict | None = No
         size = mgr.manifest(1).nbytes
         loads = {}
         for mode in modes:
-            if mode:
-                os.environ["SHARDCKPT_READ_ONCE"] = mode
+            os.environ["SHARDCKPT_READ_ONCE"] = mode  # "": the default (auto)
             dest = replicated(zero=True)
             loads[mode] = {**_load(mgr, dest), "exact": _equal(state, dest)}
     return {"size": size, "loads": loads}
