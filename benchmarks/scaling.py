@@ -16,6 +16,11 @@ number of shard headers each loading rank read, and the single-process subset lo
 Each world size runs under ``torchrun --standalone`` (this script relaunches itself with
 ``--child``). Absolute times on a shared 2-core machine are noise; the shape of the growth is
 the result.
+
+``--simulate 1024 4096`` measures instead rank 0's (and one other rank's) real save planning and
+commit against synthetic messages of that many ranks, in one process (``planning_sim.py``):
+
+    .venv/bin/python benchmarks/scaling.py --simulate 1024 4096 --tensors 3000 --out sim.json
 """
 
 from __future__ import annotations
@@ -221,12 +226,22 @@ def main() -> None:
     ap.add_argument("--out", help="write the JSON here too")
     ap.add_argument("--plot", help="write a PNG plot here")
     ap.add_argument("--timeout", type=float, default=1800)
+    ap.add_argument("--simulate", type=int, nargs="+", metavar="RANKS",
+                    help="simulate rank 0's planning and commit at these world sizes instead")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--root", help=argparse.SUPPRESS)
     ap.add_argument("--child-out", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         child(args)
+        return
+    if args.simulate:
+        from planning_sim import simulate
+
+        sims = [simulate(w, args.tensors, args.rows, args.cols, f"{args.dir}/sim{w}")
+                for w in args.simulate]
+        write_outputs({"mode": "simulate", "torch": torch.__version__, "results": sims},
+                      out=args.out)
         return
     rows = [run_world(w, args) for w in args.worlds]
     base = rows[0]

@@ -33,6 +33,24 @@ class Knob:
         return value
 
 
+@dataclass(frozen=True)
+class ChoiceKnob:
+    """A knob that takes one of a few words."""
+
+    env: str
+    default: str
+    choices: tuple[str, ...]
+    doc: str = ""
+
+    def get(self) -> str:
+        raw = os.environ.get(self.env, "").strip().lower()
+        if raw == "":
+            return self.default
+        if raw not in self.choices:
+            raise ValueError(f"{self.env}={raw!r} is not one of {', '.join(self.choices)}")
+        return raw
+
+
 def _parse_size(text: str) -> int:
     text = text.strip().upper().removesuffix("B").removesuffix("I")
     scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
@@ -87,8 +105,14 @@ MAX_FAILED_SAVES = Knob("SHARDCKPT_MAX_FAILED_SAVES", 3, 1,
                         "background saves that may fail in a row under on_error='warn' before the "
                         "next save() raises on every rank")
 
-ALL_KNOBS = (CHUNK_SIZE, IO_THREADS, FILES_PER_RANK, MEMORY_BUDGET, ENCODE_THREADS,
+READ_ONCE = ChoiceKnob("SHARDCKPT_READ_ONCE", "auto", ("auto", "1", "0"),
+                       "1: bytes several loading ranks need are read from storage by one of them "
+                       "and sent to the others; 0: every rank reads its own; auto: on for object "
+                       "stores and network filesystems, off for local disks")
+
+ALL_KNOBS: tuple[Knob | ChoiceKnob, ...] = (
+             CHUNK_SIZE, IO_THREADS, FILES_PER_RANK, MEMORY_BUDGET, ENCODE_THREADS,
              COLLECTIVE_TIMEOUT_S, FSYNC, DIRECT_IO, CONNECT_TIMEOUT_S, CONNECT_ATTEMPTS,
              UNREACHABLE_TTL_S, STORAGE_ATTEMPTS, STORAGE_RETRY_SECONDS, S3_BLOCK_SIZE,
              LEASE_TTL_S, PRUNE_LOCK_TTL_S, LOCK_SETTLE_MS, EXIT_WAIT_S,
-             SAVE_NICE, MAX_FAILED_SAVES)
+             SAVE_NICE, MAX_FAILED_SAVES, READ_ONCE)

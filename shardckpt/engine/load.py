@@ -32,6 +32,7 @@ from .comm import Comm
 from .failures import describe, raise_failures
 from .index import PieceIndex
 from .reader import CheckpointReader
+from .readonce import bytes_read, share_reads
 
 
 @dataclass
@@ -241,11 +242,14 @@ def load_step(comm: Comm, reader: CheckpointReader, state: dict[str, Any],
         error = exc
     agree(comm, error, "plan", manifest.step)
     try:
+        # read-once (engine/readonce.py): bytes several ranks need come from one reader
+        source = share_reads(comm, reader, planner.requests, threads, profile)
         with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-            for f in [pool.submit(_execute, reader, r) for r in planner.requests]:
+            for f in [pool.submit(_execute, source, r) for r in planner.requests]:
                 f.result()
     except Exception as exc:
         error = exc
+    profile["bytes_read"] = float(bytes_read(reader))
     agree(comm, error, "read", manifest.step)
     try:
         for apply in ctx.appliers:

@@ -25,6 +25,7 @@ from ..storage.lease import StepLease
 from .comm import Comm
 from .load import CorruptLoadError, IncompleteLoadError, load_step
 from .reader import CheckpointReader
+from .readonce import counted
 
 BAD_DATA = (CorruptLoadError, IncompleteLoadError)
 
@@ -76,7 +77,7 @@ def _load_one(comm: Comm, found: Survey, state: dict[str, Any], step: int, stric
         manifest = entry.manifest
     else:
         manifest, _ = find_manifest(locations, step)
-    reader = CheckpointReader(locations, step_dirname(step), manifest)
+    reader = CheckpointReader(counted(locations), step_dirname(step), manifest)  # bytes_read
     same_world = manifest.world_size == comm.world_size
     wants_rng = restore_rng and has_key(manifest, RNG_KEY)
     target = {**state, RNG_KEY: {}} if wants_rng and same_world else dict(state)

@@ -34,6 +34,7 @@ from ..format import manifest as M
 from ..format.refs import referenced_bytes
 from ..format.shard import Codec, checksum
 from ..planning.assign import LeafSpec, assign
+from ..planning.fastplan import uniform_plan
 from ..planning.plancache import PlanCache
 from ..planning.statedict import Collected, TensorLeaf, collect
 from ..storage import Location, step_dirname
@@ -142,6 +143,7 @@ class _SaveRun:
         self.loc_failures: dict[int, str] = {}  # rank 0: locations that missed the save
         self.plans: list[RankPlan] = []  # rank 0: every rank's plan
         self.tensors: dict[str, M.TensorEntry] = {}  # rank 0: the manifest's tensor entries
+        self.trees: list[Any] = []  # rank 0: every rank's state tree
         self.manifest: M.Manifest | None = None
         self.base: M.Manifest | None = None  # rank 0: the base of an incremental save
         self.counts: dict[str, float] = {}
@@ -163,9 +165,9 @@ class _SaveRun:
             specs = [leaf_spec(leaf, world) for leaf in collected.leaves]
         except Exception as exc:
             self.error = exc
-        mine = RankPlan(describe(self.error) if self.error else None,
-                        collected.tree if isinstance(collected, Collected) else None,
-                        self.cache.outgoing(specs), self.req.step)
+        tree = collected.tree if isinstance(collected, Collected) else None
+        mine = RankPlan(describe(self.error) if self.error else None, None,  # tree: packed
+                        self.cache.outgoing(specs, tree), self.req.step)
         self.counts["leaves_sent"] = float(mine.leaves["leaves"] is not None)
         # Rank 0 alone sees every rank's leaves (only when their structure changed), plans, and
         # sends each rank its writes as index runs: what a rank receives does not grow with
@@ -244,12 +246,19 @@ class _SaveRun:
         parts = [dict(p.leaves) for p in self.plans]
         if not failures:
             try:
-                all_specs = self.cache.resolve(parts)
+                resolved = self.cache.resolve_compact(parts)
+                self.trees = self.cache.trees_of(parts)
                 key = self.cache.plan_key(parts)
                 self.counts["plan_reused"] = float(key == self.cache.key)
+                fast = None if key == self.cache.key else \
+                    uniform_plan(resolved, self.comm.world_size)  # planning/fastplan.py
                 if key == self.cache.key:
                     self.tensors, writes = self.cache.plan
+                elif fast is not None:
+                    self.tensors, writes = fast[0], list(fast[1])
+                    self.cache.key, self.cache.plan = key, (self.tensors, writes)
                 else:
+                    all_specs = resolved.specs()
                     plan = assign(all_specs)
                     self.tensors = directory(all_specs, plan)
                     for r, rank_specs in enumerate(all_specs):
@@ -325,7 +334,7 @@ class _SaveRun:
             try:
                 manifest = finish_manifest(build_manifest(
                     self.req, assignment.save_id, self.comm.world_size,
-                    [p.tree for p in self.plans], self.tensors, reports),
+                    self.trees, self.tensors, reports),
                     self.base, (r for rep in reports for r in rep.refs))
                 committed, commit_failures, manifest, size = commit_all(
                     self.locations, good, self.step_dir, manifest, self.min_replicas,
