@@ -26,7 +26,7 @@ from ..engine.comm import make_comm
 from ..engine.lazy import LazySnapshot
 from ..engine.load import CorruptLoadError, IncompleteLoadError
 from ..engine.snapshot import Snapshot, StagingPool
-from ..errors import IncompleteCheckpointError
+from ..errors import IncompleteCheckpointError, ShardckptError
 from ..extras import with_extras
 from ..format import manifest as M
 from ..golden import GOLDEN_KEY
@@ -143,7 +143,7 @@ class LocalTierRunner:
         ``manager.last_load_profile`` and returns the step restored. ``verify_golden``: each
         candidate must also reproduce its golden outputs (:mod:`.goldencheck`)."""
         manager.wait()
-        steps = self.store.comm.broadcast_json(manager.steps(), "load: persistent steps")
+        steps = persistent_steps(manager, self.store.comm)
 
         def load_persistent(step: int) -> Mapping[str, float]:
             return load_checked(manager, self.store.comm, state, step, strict, restore_rng,
@@ -162,6 +162,23 @@ class LocalTierRunner:
         finally:
             self._pool.shutdown(wait=True)
             self._staging.release()
+
+
+def persistent_steps(manager: Any, comm: Any) -> list[int]:
+    """The persistent tier's committed steps, listed by rank 0 alone (one listing of the
+    store per job, not one per rank) and sent to every rank; a listing that fails raises on
+    every rank alike."""
+    listed: Any = None
+    if comm.rank == 0:
+        try:
+            listed = manager.steps()
+        except ShardckptError as exc:
+            listed = {"error": f"{type(exc).__name__}: {exc}"}
+    listed = comm.broadcast_json(listed, "load: persistent steps")
+    if isinstance(listed, dict):
+        raise ShardckptError(f"load: listing the persistent tier failed on rank 0: "
+                             f"{listed['error']}")
+    return [int(s) for s in listed]
 
 
 # -------------------------------------------------------------- the manager's thin calls
@@ -243,8 +260,8 @@ def load_tiers(manager: Any, runner: LocalTierRunner | NoLocalTier, state: dict[
     if step is None and isinstance(runner, LocalTierRunner):
         return runner.load_for(manager, state, strict, restore_rng, verify_golden)
     comm = manager._comm
-    steps = [step] if step is not None else comm.broadcast_json(
-        sorted(manager.steps(), reverse=True), "load: persistent steps")
+    steps = [step] if step is not None else sorted(persistent_steps(manager, comm),
+                                                   reverse=True)
     if not steps:
         raise IncompleteCheckpointError(f"{manager.location.display}: no committed checkpoint "
                                         f"to load")
