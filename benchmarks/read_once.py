@@ -155,10 +155,10 @@ def worker(args: argparse.Namespace) -> None:
             per_rank = [dict(zip(FIELDS, row)) for row in rows]
             for r in per_rank:
                 r["exact"] = bool(r["exact"])
-            log(f"{setup} round {rep} READ_ONCE={mode}: max {max(r['seconds'] for r in per_rank):.2f}"
-                f" s, bytes_read {[int(r['bytes_read']) for r in per_rank]}")
-            return {"round": rep, "ranks": per_rank,
-                    "max_seconds": max(r["seconds"] for r in per_rank)}
+            slowest = max(r["seconds"] for r in per_rank)
+            log(f"{setup} round {rep} READ_ONCE={mode}: {slowest:.2f} s (slowest rank), "
+                f"bytes_read {[int(r['bytes_read']) for r in per_rank]}")
+            return {"round": rep, "ranks": per_rank, "max_seconds": slowest}
 
         rounds = interleaved_rounds(list(MODES[setup]), args.reps, run)
     if rank == 0:
@@ -268,21 +268,25 @@ def draw(doc: dict[str, Any], path: str) -> None:
         width = 0.8 / len(modes)
         for j, mode in enumerate(modes):
             ranks = res["loads"][mode][0]["ranks"]
-            xs = [k + j * width for k in range(len(ranks))]
-            ax.bar(xs, [r["bytes_read"] / size for r in ranks], width, label=f"{mode}: read")
-            ax.bar(xs, [r["bytes_received"] / size for r in ranks], width,
-                   bottom=[r["bytes_read"] / size for r in ranks], alpha=0.4,
-                   label=f"{mode}: received")
-        ax.axhline(RANK_MAX, color="grey", ls=":", lw=1)
+            xs = [k + (j - (len(modes) - 1) / 2) * width for k in range(len(ranks))]
+            read = [r["bytes_read"] / size for r in ranks]
+            ax.bar(xs, read, width, color=f"C{j}", label=f"{mode}: read")
+            ax.bar(xs, [r["bytes_received"] / size for r in ranks], width, bottom=read,
+                   color=f"C{j}", alpha=0.35, label=f"{mode}: received")
+        if setup == "ddp":
+            ax.axhline(RANK_MAX, color="grey", ls=":", lw=1, label=f"{RANK_MAX}x target")
+        ax.set_xticks(range(len(ranks)))
+        ax.set_ylim(0, 1.3)
         ax.set_xlabel("rank")
         ax.set_ylabel("bytes / checkpoint size (round 0)")
         ax.set_title(f"{setup}: per-rank bytes")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, ncol=2)
         ax = axes[0][2 * i + 1]
         for j, mode in enumerate(modes):
             ts = [ld["max_seconds"] for ld in res["loads"][mode]]
-            ax.scatter([j] * len(ts), ts)
-            ax.bar([j], [res["summary"][mode]["median_load_seconds"]], 0.5, alpha=0.3)
+            ax.scatter([j] * len(ts), ts, color=f"C{j}", zorder=3)
+            ax.bar([j], [res["summary"][mode]["median_load_seconds"]], 0.5, color=f"C{j}",
+                   alpha=0.3)
         ax.set_xticks(range(len(modes)), [f"READ_ONCE={m}" for m in modes])
         ax.set_ylabel("load seconds (slowest rank)")
         ax.set_title(f"{setup}: load time ({res['ranks']} ranks)")
