@@ -119,7 +119,7 @@ def worker(args: argparse.Namespace) -> None:
     from common.pagecache import PageCache
     from common.rounds import interleaved_rounds
 
-    init_process_group()
+    _, backend = init_process_group()
     rank, world = dist.get_rank(), dist.get_world_size()
     setup = args.worker
     options = None
@@ -163,7 +163,8 @@ def worker(args: argparse.Namespace) -> None:
         rounds = interleaved_rounds(list(MODES[setup]), args.reps, run)
     if rank == 0:
         Path(args.result).write_text(json.dumps({
-            "setup": setup, "ranks": world, "checkpoint_bytes": size, "state_sha256": digest,
+            "setup": setup, "ranks": world, "backend": backend, "checkpoint_bytes": size,
+            "state_sha256": digest,
             "save_seconds": save_s, "page_cache": page.note if local else
             "moto keeps objects in memory: no page cache to evict", "loads": rounds}))
     dist.barrier()
