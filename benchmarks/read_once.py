@@ -173,22 +173,23 @@ def worker(args: argparse.Namespace) -> None:
 
 # ---------------------------------------------------------------- the driver
 
-def run_setup(setup: str, args: argparse.Namespace, base: Path) -> dict[str, Any]:
+def run_setup(setup: str, args: argparse.Namespace, base: Path, moto: Any) -> dict[str, Any]:
+    """Run one setup's torchrun job and return its rank 0's result; ``moto`` (started, maybe not
+    yet ready) serves the ``s3`` setup."""
     from common.distributed import run_torchrun
     from common.output import log
 
     result = base / f"{setup}.json"
     nproc = args.ranks if setup == "ddp" else args.s3_ranks
     extra: list[str] = []
-    moto = None
     if setup == "ddp":
         root = str(base / "ddp")
     else:
-        from recovery_parts.launch import Moto, worker_env
+        from recovery_parts.launch import worker_env
 
         os.environ.clear()
         os.environ.update(worker_env())  # loopback credentials, no profile or real endpoint
-        moto = Moto(base / "moto.log").wait_ready()
+        moto.wait_ready()
         root = f"s3://{moto.bucket(f'readonce-{uuid.uuid4().hex[:8]}')}/ckpt"
         extra = ["--endpoint", moto.url]
     log(f"{setup}: {nproc} ranks, {args.size_mb} MB, {args.reps} rounds, root {root}")
@@ -196,11 +197,7 @@ def run_setup(setup: str, args: argparse.Namespace, base: Path) -> dict[str, Any
            "--size-mb", str(args.size_mb), "--reps", str(args.reps), *extra]
     if args.no_drop_caches:
         cmd.append("--no-drop-caches")
-    try:
-        run_torchrun(os.path.abspath(__file__), nproc, cmd, timeout=args.timeout)
-    finally:
-        if moto is not None:
-            moto.stop()
+    run_torchrun(os.path.abspath(__file__), nproc, cmd, timeout=args.timeout)
     return json.loads(result.read_text())
 
 
@@ -310,15 +307,22 @@ def driver(args: argparse.Namespace) -> int:
                            "reps": args.reps, "machine": machine_info(str(base)),
                            "git": git_info(), "setups": {}, "targets": []}
     env = dict(os.environ)
+    moto = None
+    if "s3" in setups:  # starts while the ddp job runs
+        from recovery_parts.launch import Moto
+
+        moto = Moto(base / "moto.log")
     try:
         for setup in setups:
-            res = run_setup(setup, args, base)
+            res = run_setup(setup, args, base, moto)
             os.environ.clear()
             os.environ.update(env)
             res["summary"], targets = summarize(res)
             doc["setups"][setup] = res
             doc["targets"] += targets
     finally:
+        if moto is not None:
+            moto.stop()
         shutil.rmtree(base, ignore_errors=True)
     doc["all_pass"] = all(t["pass"] for t in doc["targets"])
     write_outputs(doc, out=args.out, plot=args.plot, draw=draw)
