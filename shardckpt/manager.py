@@ -85,7 +85,8 @@ class CheckpointManager:
         self._codec = Codec(compression)
         self._incremental = incremental_options(incremental, full_every)  # engine/incremental.py
         self._comm = make_comm(process_group, knobs.COLLECTIVE_TIMEOUT_S.get())
-        self._local = local_tier(local, process_group, compression, file_mode, async_save)
+        self._local = local_tier(local, process_group, compression, file_mode, async_save,
+                                 self.locations)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shardckpt-save")
         self._pending: list[SaveHandle] = []
         self._lock = threading.Lock()

@@ -168,6 +168,21 @@ def _survey(location: Location, cache: Mapping[int, M.Manifest]
     return committed, uncommitted, corrupt, sorted(name for _, name in found.aside)
 
 
+def _records(location: Location, committed: Mapping[int, M.Manifest]
+             ) -> tuple[list[CheckpointRecord], dict[int, str]]:
+    """Retention's view of the committed steps, with their tags now (``shardckpt tag``, issue
+    32); a step whose ``tags.json`` cannot be read (step -> why) is never deleted: a lost
+    ``pinned`` must not let it go."""
+    records, bad = [], {}
+    for s, m in committed.items():
+        try:
+            tags = effective_tags(location, m)
+        except StorageError as exc:
+            bad[s], tags = f"tags.json is unreadable: {exc}", tuple(m.tags)
+        records.append(CheckpointRecord(s, m.unix_time, dict(m.metrics), tags))
+    return records, bad
+
+
 def _aside_time(name: str) -> float:
     stamp = catalog.ASIDE_DIR.fullmatch(name)
     assert stamp is not None
@@ -234,9 +249,8 @@ def _prune(location: Location, policy: RetentionPolicy, dry_run: bool, grace: fl
     writing = {d for d, recs in by_dir.items()
                if any(r.kind == WRITER and r.live(now) for r in recs)}
 
-    records = [CheckpointRecord(s, m.unix_time, dict(m.metrics),
-                                effective_tags(location, m))  # `shardckpt tag` (issue 32)
-               for s, m in committed.items()]
+    records, bad_tags = _records(location, committed)
+    corrupt = {**corrupt, **bad_tags}  # reported (exit 2) and kept, whatever the policy says
     plan = plan_retention(policy, records, now,
                           in_progress=[s for s in committed if step_dirname(s) in writing])
     if _check_metric(location, policy, records, unknown_metric):  # a misspelt metric, say
@@ -267,6 +281,7 @@ def _prune(location: Location, policy: RetentionPolicy, dry_run: bool, grace: fl
             old_aside.append(d)
     guard = retention_guard(location)  # S3 Object Lock: locked steps stay (issue 32)
     held = guard.held(plan.deleted) if guard is not None else {}
+    held.update({s: f"kept: its {why}" for s, why in bad_tags.items() if s in plan.deleted})
     kept = {**plan.kept, **{s: (why,) for s, why in held.items()}}
     dropped = tuple(s for s in plan.deleted if s not in held)  # no delete marker on those
     if dry_run:

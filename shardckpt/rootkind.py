@@ -21,7 +21,7 @@ from .storage.location import STEP_DIR
 from .storage.records import CONTROL_DIR
 
 MISSING, EMPTY, ROOT = "missing", "empty", "root"
-_MARKERS = frozenset({CONTROL_DIR, ".shardckpt-root"})
+_MARKERS = frozenset({CONTROL_DIR, ".shardckpt-root", "audit"})  # audit/: issue 32
 _ASIDE_PREFIX = "step-"
 
 

@@ -58,9 +58,17 @@ def effective_tags(location: Location, manifest: M.Manifest, strict: bool = True
 
 
 def check_tag(name: str) -> str:
+    """``name``, or ``ValueError``: an empty tag, one with spaces around it (``"pinned "``
+    would not protect anything) or another case of ``pinned`` are refused."""
     if not isinstance(name, str) or not name.strip() or len(name) > 200 or \
             any(c in name for c in "\n\r\x00"):
         raise ValueError(f"invalid tag {name!r}: a non-empty line of at most 200 characters")
+    if name != name.strip():
+        raise ValueError(f"invalid tag {name!r}: it has spaces around it (did you mean "
+                         f"{name.strip()!r}?)")
+    if name.lower() == "pinned" and name != "pinned":
+        raise ValueError(f"invalid tag {name!r}: the tag that protects from pruning is "
+                         f"'pinned', in lower case")
     return name
 
 
@@ -72,7 +80,7 @@ def change_tags(location: Location, manifest: M.Manifest, add: Iterable[str] = (
     from .audit import append
 
     add = [check_tag(t) for t in add]
-    remove = [check_tag(t) for t in remove]
+    remove = [str(t) for t in remove]  # any tag there may go, even one refused now
     doc = _read(location, manifest)
     before = tuple(manifest.tags) if doc is None else tuple(str(t) for t in doc["tags"])
     after = tuple(dict.fromkeys([*(t for t in before if t not in remove),

@@ -352,3 +352,20 @@ def golden_fallback(rank: int, world: int, root: str) -> dict[str, Any]:
             "exact": all(torch.equal(p.to_local(), w)
                          for p, w in zip(model.parameters(), weights[1])),
             "warnings": [str(w.message) for w in caught]}
+
+
+def path_check(rank: int, world: int, root: str, template: str, nodes: list[str]) -> str:
+    """Build a manager whose local tier path is ``template`` (``{root}`` filled in); returns
+    the ValueError's text, or "ok"."""
+    import shardckpt
+
+    try:
+        mgr = shardckpt.CheckpointManager(
+            os.path.join(root, "persistent"), save_every=5, capture_rng=False,
+            local=shardckpt.LocalTier(template.replace("{root}", root), every=1,
+                                      copies=min(2, len(set(nodes))), keep=2,
+                                      node=nodes[rank]))
+    except ValueError as exc:
+        return str(exc)
+    mgr.close()
+    return "ok"

@@ -133,6 +133,8 @@ def _local_audit_dir(location: Location) -> tuple[int, int, int] | None:
     run as another user than training); returns the (mode, uid, gid) that a record takes: the
     root marker's, else None (the location's own file mode then)."""
     root = location.root  # type: ignore[attr-defined]
+    if not os.path.isdir(root):  # a root with no save yet (a restore from the local tier)
+        location.makedirs("")
     st = os.stat(root)
     path = os.path.join(root, AUDIT_DIR)
     try:

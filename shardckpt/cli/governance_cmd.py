@@ -33,8 +33,10 @@ def _manifest(loc: Any, step: int) -> Any:
 # ------------------------------------------------------------------------------------ log
 def cmd_log(args: argparse.Namespace) -> int:
     from ..audit import read_trail
+    from ..rootkind import classify_root
 
     loc = _locations(args)[0]
+    classify_root(loc)  # a folder that is not a checkpoint root: exit 2, naming it
     records, bad = read_trail(loc, args.step)
     if args.json:
         emit(records)
@@ -71,6 +73,9 @@ def cmd_tag(args: argparse.Namespace) -> int:
         except ValueError as exc:
             raise UsageError(str(exc)) from None
         out.append({"url": loc.display, "before": list(before), "after": list(after)})
+        for name in (t for t in args.remove if t not in before):
+            print(f"shardckpt tag: note: {loc.display}: step {args.step} had no tag {name!r}",
+                  file=sys.stderr)
     if args.json:
         emit({"step": args.step, "tags": out[0]["after"], "locations": out})
     else:
@@ -115,7 +120,7 @@ def cmd_sign(args: argparse.Namespace) -> int:
             if not check.ok:
                 loc.remove(rel)
                 problems.append(f"{loc.display}: not signed: {check.detail()}")
-    detail = {"key_hint": hint, "nbytes": nbytes, "seconds": round(seconds, 6),
+    detail = {"signer": hint, "nbytes": nbytes, "seconds": round(seconds, 6),
               "signature": f"{step_dirname(args.step)}/{SIGNATURE_NAME}",
               "replica_problems": problems}
     for loc in locs:

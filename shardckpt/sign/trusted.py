@@ -55,11 +55,31 @@ def _check_everywhere(locations: list[Any], step: int, keys: tuple[Any, ...]) ->
     return nbytes
 
 
+def _refuse_signed_but_broken(locations: list[Any], committed: list[int]) -> None:
+    """A step directory holding a signature whose manifest is missing or corrupt (a step
+    swapped or overwritten in place) is tampering or damage, never skipped quietly: it raises
+    :class:`SignatureError` naming it."""
+    good = set(committed)
+    for loc in locations:
+        try:
+            listed = loc.list_step_dirs()
+        except (ShardckptError, OSError):
+            continue
+        for s in sorted(set(listed) - good, reverse=True):
+            if loc.size(f"{step_dirname(s)}/{SIGNATURE_NAME}") is not None:
+                raise SignatureError(
+                    f"refusing to load: {loc.display}/{step_dirname(s)} is signed but its "
+                    f"manifest is missing or does not match the step (replaced, swapped or "
+                    f"damaged since it was signed); run 'shardckpt verify ROOT --step {s} "
+                    f"--public-key PUB.pem', or load an explicit older step")
+
+
 def choose_signed_step(locations: list[Any], committed: list[int], step: int | None,
                        keys: tuple[Any, ...]) -> tuple[int, int]:
     """The step to load and the bytes hashed to check it (see the module docstring)."""
     if step is not None:
         return step, _check_everywhere(locations, step, keys)
+    _refuse_signed_but_broken(locations, committed)
     unsigned: list[int] = []
     for s in reversed(committed):
         try:

@@ -36,6 +36,7 @@ from .choice import Candidate
 from .config import LocalTier
 from .goldencheck import GoldenMismatchError, check_golden, with_golden
 from .local import LocalTierStore
+from .pathcheck import check_paths
 from .recover import recover
 
 TIERS = ("local", "persistent", "both")
@@ -196,14 +197,24 @@ class NoLocalTier:
 
 
 def local_tier(config: LocalTier | None, process_group: Any, compression: str | None,
-               file_mode: int | None, async_save: bool) -> LocalTierRunner | NoLocalTier:
-    """The manager's local tier (collective when there is one)."""
+               file_mode: int | None, async_save: bool, persistent: Sequence[Any] = ()
+               ) -> LocalTierRunner | NoLocalTier:
+    """The manager's local tier (collective when there is one); ``ValueError`` on every rank
+    if a node's path overlaps a ``persistent`` location or is shared by two nodes."""
     if config is None:
         return NoLocalTier()
     if not isinstance(config, LocalTier):
         raise TypeError("local must be a shardckpt.LocalTier or None")
-    return LocalTierRunner(config, process_group, compression=compression,
-                           file_mode=file_mode, async_save=async_save)
+    runner = LocalTierRunner(config, process_group, compression=compression,
+                             file_mode=file_mode, async_save=async_save)
+    store = runner.store
+    try:
+        check_paths(store.comm, store.location, store.node, store.node_map.nodes,
+                    store.is_leader, persistent)
+    except BaseException:
+        runner.close()
+        raise
+    return runner
 
 
 def save_tiers(runner: LocalTierRunner | NoLocalTier, step: int, state: dict[str, Any],
