@@ -298,7 +298,9 @@ class CheckpointManager:
         if self._trusted:  # signature and SHA-256 checked first; never the local tier
             if verify_golden:
                 raise ValueError("load(verify_golden=True) with trusted_keys is not supported")
-            return trusted_load(self, state, step, strict, restore_rng, self._trusted)
+            step = trusted_load(self, state, step, strict, restore_rng, self._trusted)
+            self._local.abandon_newer(step)  # the local tier is not used: its newer steps go
+            return step
         if verify_golden or (step is None and isinstance(self._local, LocalTierRunner)):
             return load_tiers(self, self._local, state, step, strict, restore_rng, verify_golden)
         self.wait()

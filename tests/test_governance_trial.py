@@ -90,3 +90,22 @@ def test_an_audit_record_at_a_root_with_no_save_yet_is_written(tmp_path: Path) -
         mgr.save(9, state(9.0))
         assert mgr.steps() == [9]
     shutil.rmtree(root)
+
+
+def test_a_trusted_load_deletes_the_local_steps_it_abandons(tmp_path: Path) -> None:
+    key, pub = make_keys(tmp_path)
+    root = str(tmp_path / "run")
+    tier = shardckpt.LocalTier(str(tmp_path / "local" / "{node}"), every=1, copies=1, keep=3)
+    with pytest.warns(UserWarning, match="single node"):
+        with shardckpt.CheckpointManager(root, async_save=False, save_every=5,
+                                         local=tier) as mgr:
+            for step in (5, 6, 7):
+                mgr.save(step, state(float(step)))
+            assert mgr.steps(tier="local") == [5, 6, 7]
+    assert main(["sign", root, "--step", "5", "--key", key]) == 0
+    got = state(0.0)
+    with pytest.warns(UserWarning, match=r"deleting the newer local step\(s\) 6, 7"):
+        with shardckpt.CheckpointManager(root, trusted_keys=[pub], local=tier) as mgr:
+            assert mgr.load(got) == 5
+            assert mgr.steps(tier="local") == [5]
+    assert torch.equal(got["w"], state(5.0)["w"])

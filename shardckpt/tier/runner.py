@@ -157,6 +157,20 @@ class LocalTierRunner:
             record_restore(manager.location, cand.step, profile)
         return cand.step
 
+    def abandon_newer(self, step: int) -> None:
+        """A load that did not use the local tier (``trusted_keys``) restored ``step``: this
+        node's newer local steps belong to a timeline the job abandons; its leader deletes
+        them, with a warning, so that a later restart never resumes from them."""
+        if not self.store.is_leader:
+            return
+        newer = [s for s in self.store.location.list_step_dirs() if s > step]
+        if newer:
+            warnings.warn(f"local tier {self.store.location.display}: restored step {step} "
+                          f"without the local tier (trusted_keys); deleting the newer local "
+                          f"step(s) {', '.join(map(str, sorted(newer)))}, a timeline the job "
+                          f"abandons", stacklevel=3)
+            self.store.drop_newer(step)
+
     def close(self) -> None:
         try:
             self.wait()
@@ -190,6 +204,9 @@ class NoLocalTier:
         return False
 
     def wait(self) -> None:
+        pass
+
+    def abandon_newer(self, step: int) -> None:
         pass
 
     def close(self) -> None:
