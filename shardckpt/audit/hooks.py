@@ -132,7 +132,8 @@ def record_import(location: Location, result: Any) -> None:
 
 @_safely
 def record_restore(location: Location, step: int, profile: Mapping[str, Any]) -> None:
-    """A load served by the local tier (rank 0 records it at the persistent root)."""
+    """A load served by the local tier (rank 0 records it at the persistent root, with the
+    bytes every rank received from peers)."""
     if profile.get("tier") in (None, "persistent"):
         return
     append(location, "restore_local", step, "ok",

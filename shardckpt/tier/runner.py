@@ -153,8 +153,11 @@ class LocalTierRunner:
         cand, profile = self.load(state, strict, steps, load_persistent, restore_rng,
                                   verify_golden)
         manager.last_load_profile = profile
+        received = self.store.comm.all_gather_json(  # the job's, for the audit record
+            float(profile.get("bytes_received", 0) or 0), "load: bytes received")
         if manager.rank == 0:  # issue 32: a restore from the local tier is audited
-            record_restore(manager.location, cand.step, profile)
+            record_restore(manager.location, cand.step,
+                           {**profile, "bytes_received": sum(received)})
         return cand.step
 
     def abandon_newer(self, step: int) -> None:
