@@ -89,6 +89,12 @@ def test_a_job_resumes_from_the_local_tier_after_losing_a_node(tmp_path: Path) -
         assert (rep["step"], rep["tier"], rep["exact"], rep["rng"]) == (7, "local", True, True), \
             rep["warnings"]
         assert (rep["bytes_received"] > 0) == (rank >= 2)
+    from shardckpt.audit import read_trail
+    from shardckpt.storage import open_location
+
+    records, _ = read_trail(open_location(str(tmp_path / "persistent")), 7)
+    restores = [r for r in records if r["event"] == "restore_local"]
+    assert restores[-1]["detail"]["bytes_received"] == sum(r["bytes_received"] for r in out)
     shutil.rmtree(tmp_path / "0")
     shutil.rmtree(tmp_path / "1")
     out = run_ranks(T.manager_resume, 4, str(tmp_path), nodes, env=ENV, timeout=150)
