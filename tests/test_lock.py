@@ -32,7 +32,9 @@ def test_a_locked_step_survives_deletion_and_prune(s3: Any, monkeypatch: pytest.
     bucket = f"lock-{os.urandom(6).hex()}"
     client.create_bucket(Bucket=bucket, ObjectLockEnabledForBucket=True)
     root = f"s3://{bucket}/run"
-    monkeypatch.setenv("FSSPEC_S3_ENDPOINT_URL", s3.endpoint_url)
+    import fsspec.config  # it reads FSSPEC_S3_* variables once, at import: set it itself
+
+    monkeypatch.setitem(fsspec.config.conf, "s3", {"endpoint_url": s3.endpoint_url})
     with shardckpt.CheckpointManager(root, storage_options=s3.storage_options,
                                      async_save=False) as mgr:
         for step in (1, 2, 3):

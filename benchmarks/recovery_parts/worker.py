@@ -169,7 +169,10 @@ def train(cfg: dict[str, Any], trainer: Trainer, options: dict[str, Any], run: P
     step_s = []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        planned = cfg["hold_step"] - cfg["hold_step"] % cfg["local_every"]  # step K
         for step in range(1, cfg["hold_step"] + 1):
+            if step == planned:  # K's local save is never skipped for a slow earlier one
+                mgr.wait()
             t0 = time.perf_counter()
             trainer.step()
             saved = False

@@ -13,6 +13,7 @@ from typing import Any
 
 from ..redact import redact_url
 from ..storage import Location
+from ..storage.marker import MARKER
 from .trail import append
 
 
@@ -57,8 +58,9 @@ class SaveAuditor:
                       "write_s": round(event.write_s, 6)}
             append(self.location, "commit", event.step, "ok", detail, rev)
         else:
-            try:  # a failed save never creates a root (nor writes into a folder not one)
-                if not self.location.root_exists():
+            try:  # a failed save never creates a root, nor writes into a folder that is
+                # not one yet (no root marker: nothing was ever committed there)
+                if self.location.size(MARKER) is None:
                     return
             except Exception:
                 return
