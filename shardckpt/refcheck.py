@@ -65,6 +65,15 @@ def resolve_targets(location: Location, manifest: M.Manifest) -> dict[tuple[int,
                                                                  r.header_xxh3):
             raise CorruptCheckpointError(f"{what}: step {r.step} lists another file of that "
                                          f"name ({rec.nbytes} bytes, header {rec.header_xxh3})")
+        found = location.size(f"{step_dirname(r.step)}/{r.file}")
+        if found is None:  # as a missing file of the step's own: the load falls back
+            raise IncompleteCheckpointError(f"{what}: the file "
+                                            f"{location.display}/{step_dirname(r.step)}/{r.file}"
+                                            f" is missing")
+        if found != rec.nbytes:
+            raise CorruptCheckpointError(f"{what}: the file "
+                                         f"{location.display}/{step_dirname(r.step)}/{r.file} "
+                                         f"holds {found} bytes, not {rec.nbytes}")
         out[(r.step, r.file)] = r
     return out
 

@@ -42,6 +42,7 @@ from ..format.shard import Chunk, EncodedChunk
 from ..retired import retired_steps
 from ..storage import Location, step_dirname
 from ..storage.lease import REAPER, WRITER, Lease, live_leases
+from .badfiles import is_bad
 from .reader import CheckpointReader
 
 Box = tuple[str, tuple[int, ...], tuple[int, ...]]
@@ -189,6 +190,14 @@ def load_base(location: Location, base_step: int, rank: int,
                     table[(p.key, p.offsets, p.lengths)] = [
                         c if c.ref is not None else replace(c, ref=(base_step, name))
                         for c in p.chunks]
+        bad = sorted({f"{step_dirname(c.ref[0])}/{c.ref[1]}" for cs in table.values()
+                      for c in cs if c.ref is not None
+                      and is_bad(location.display, f"{step_dirname(c.ref[0])}/{c.ref[1]}")})
+        if bad:
+            warnings.warn(f"incremental save: base step {base_step} holds bytes in "
+                          f"{location.display}/{bad[0]}, which a read in this process found "
+                          f"corrupt; writing in full", stacklevel=3)
+            return None
         return BaseChunks(base_step, table)
     except (ShardckptError, OSError) as exc:
         warnings.warn(f"incremental save: base step {base_step} cannot be read ({exc}); "

@@ -16,9 +16,10 @@ import torch
 from ..errors import CorruptCheckpointError, IncompleteCheckpointError, StorageError
 from ..format.dtypes import itemsize, torch_dtype
 from ..format.manifest import Manifest, TensorMeta
-from ..format.shard import Piece, ShardHeader, checksum, decode_chunk, read_header
+from ..format.shard import Chunk, Piece, ShardHeader, checksum, decode_chunk, read_header
 from ..refcheck import RefTargets, ref_path
 from ..storage import Location
+from .badfiles import note_bad
 from .tensorbytes import byte_view
 
 
@@ -160,19 +161,11 @@ class CheckpointReader:
             lo, hi = max(start, c_start), min(end, c_end)
             dst = out[lo - start:hi - start]
             c_rel, c_where = (rel, where) if chunk.ref is None else ref_path(location, chunk.ref)
-            if chunk.codec == "raw" and lo == c_start and hi == c_end and \
-                    hasattr(location, "read_into"):
-                n = location.read_into(c_rel, chunk.offset, dst)
-                if n != chunk.stored:
-                    raise CorruptCheckpointError(f"{c_where}: chunk at offset {chunk.offset}: "
-                                                 f"read {n} of {chunk.stored} bytes")
-                if checksum(dst) != chunk.xxh3:
-                    raise CorruptCheckpointError(
-                        f"{c_where}: checksum mismatch in chunk at offset {chunk.offset}")
-                continue
-            stored = location.read_range(c_rel, chunk.offset, chunk.stored)
-            raw = memoryview(decode_chunk(stored, chunk, c_where))
-            dst[:] = raw[lo - c_start:hi - c_start]
+            try:
+                _read_chunk(location, chunk, c_rel, c_where, dst, lo - c_start, hi - c_start)
+            except CorruptCheckpointError:  # an incremental save never bases on it again
+                note_bad(location.display, c_rel)
+                raise
 
     def read_box(self, meta: TensorMeta, offsets: tuple[int, ...], lengths: tuple[int, ...],
                  out: torch.Tensor) -> None:
@@ -205,3 +198,19 @@ class CheckpointReader:
             raise IncompleteCheckpointError(f"{self.location.display}/{self.step_dir}: "
                                             f"tensor has no pieces")
 
+
+def _read_chunk(location: Location, chunk: Chunk, rel: str, where: str, dst: memoryview,
+                lo: int, hi: int) -> None:
+    """Bytes ``lo:hi`` of ``chunk`` (in file ``rel``) into ``dst``, checked on the way."""
+    if chunk.codec == "raw" and lo == 0 and hi == chunk.raw and hasattr(location, "read_into"):
+        n = location.read_into(rel, chunk.offset, dst)
+        if n != chunk.stored:
+            raise CorruptCheckpointError(f"{where}: chunk at offset {chunk.offset}: "
+                                         f"read {n} of {chunk.stored} bytes")
+        if checksum(dst) != chunk.xxh3:
+            raise CorruptCheckpointError(
+                f"{where}: checksum mismatch in chunk at offset {chunk.offset}")
+        return
+    stored = location.read_range(rel, chunk.offset, chunk.stored)
+    raw = memoryview(decode_chunk(stored, chunk, where))
+    dst[:] = raw[lo:hi]
