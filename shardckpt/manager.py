@@ -26,6 +26,7 @@ from .engine.incremental import incremental_options
 from .engine.index import full_manifest
 from .engine.lazy import LazySnapshot
 from .engine.reader import CheckpointReader
+from .engine.readonce import check_read_once
 from .engine.resume import load_state
 from .engine.save import SaveOptions, SaveRequest, agree_on_state, save_step
 from .engine.saveargs import check_manager_args, check_save_args
@@ -295,6 +296,7 @@ class CheckpointManager:
         ``verify_golden``: replay the golden batches after the restore; fall back if they differ.
         """
         self._check_open()
+        check_read_once(self._comm)  # a bad SHARDCKPT_READ_ONCE: ValueError on every rank
         if self._trusted:  # signature and SHA-256 checked first; never the local tier
             if verify_golden:
                 raise ValueError("load(verify_golden=True) with trusted_keys is not supported")
@@ -319,6 +321,9 @@ class CheckpointManager:
         finish, then raises ``PruneLockedError``. ``ValueError`` (naming the metrics that
         exist) if ``keep_best`` ranks by a metric no checkpoint has, before anything is deleted.
         """
+        if not isinstance(dry_run, bool):  # prune(RetentionPolicy(...)) would be a dry run
+            raise TypeError(f"prune(dry_run=) takes a bool, got {type(dry_run).__name__}; the "
+                            f"policy is CheckpointManager(retention=...)")
         report = self._prune(dry_run or self.rank != 0, DEFAULT_LOCK_WAIT_S, "raise")
         for step in report.deleted:
             self._finder.manifests.pop(step, None)

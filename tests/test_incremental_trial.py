@@ -69,3 +69,26 @@ def test_a_base_found_corrupt_by_a_load_is_not_used(tmp_path: Path) -> None:
         got = zeros_like(lora_state(0))
         assert mgr.load(got, step=4) == 4
     assert_bit_equal(got, lora_state(4))
+
+
+def test_full_every_needs_incremental(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="needs incremental=True"):
+        shardckpt.CheckpointManager(str(tmp_path / "run"), full_every=3)
+
+
+def test_prune_refuses_a_policy_given_as_dry_run(tmp_path: Path) -> None:
+    with shardckpt.CheckpointManager(str(tmp_path / "run")) as mgr:
+        with pytest.raises(TypeError, match="takes a bool"):
+            mgr.prune(shardckpt.RetentionPolicy(keep_last=1))  # type: ignore[arg-type]
+
+
+def test_a_bad_read_once_value_fails_before_anything_is_loaded(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = str(tmp_path / "run")
+    _saves(root, range(1, 2))
+    monkeypatch.setenv("SHARDCKPT_READ_ONCE", "yes")
+    got = zeros_like(lora_state(0))
+    with shardckpt.CheckpointManager(root) as mgr:
+        with pytest.raises(ValueError, match="SHARDCKPT_READ_ONCE='yes'.*nothing was loaded"):
+            mgr.load(got)
+    assert_bit_equal(got, zeros_like(lora_state(0)))

@@ -42,6 +42,7 @@ from typing import Any
 import torch
 import xxhash
 
+from .. import knobs
 from ..errors import CollectiveError, CorruptCheckpointError, IncompleteCheckpointError
 from ..format.manifest import expand, to_ranges
 from ..format.shard import Piece
@@ -270,3 +271,18 @@ def _exchange(comm: Comm, units: list[Unit], buffers: dict[int, torch.Tensor],
 
 def _on(t: torch.Tensor, device: torch.device | None) -> torch.Tensor:
     return t if device is None else t.to(device)
+
+
+def check_read_once(comm: Any) -> None:
+    """Collective, at the start of a load: ``ValueError`` on every rank if any rank's
+    ``SHARDCKPT_READ_ONCE`` is not a valid value (before anything is read or loaded)."""
+    error: str | None = None
+    try:
+        knobs.READ_ONCE.get()
+    except ValueError as exc:
+        error = f"rank {comm.rank}: {exc}"
+    errors = comm.all_gather_json(error, "load: check SHARDCKPT_READ_ONCE") \
+        if comm.world_size > 1 else [error]
+    first = next((e for e in errors if e), None)
+    if first is not None:
+        raise ValueError(f"{first} (nothing was loaded)")
