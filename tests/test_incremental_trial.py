@@ -89,6 +89,6 @@ def test_a_bad_read_once_value_fails_before_anything_is_loaded(
     monkeypatch.setenv("SHARDCKPT_READ_ONCE", "yes")
     got = zeros_like(lora_state(0))
     with shardckpt.CheckpointManager(root) as mgr:
-        with pytest.raises(ValueError, match="SHARDCKPT_READ_ONCE='yes'.*nothing was loaded"):
+        with pytest.raises(ValueError, match=r"SHARDCKPT_READ_ONCE='yes'.*nothing was loaded"):
             mgr.load(got)
     assert_bit_equal(got, zeros_like(lora_state(0)))
