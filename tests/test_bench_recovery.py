@@ -62,7 +62,11 @@ def test_the_recovery_benchmark_resumes_the_newest_local_step_after_a_node_loss(
         assert 0 < stamps["process_started"] <= stamps["loaded"] <= stamps["first_step_done"]
     received = resume["local"]["reps"][0]["bytes_received_per_rank"]
     assert received[:2] == [0, 0] and min(received[2:]) > 0  # the new node's ranks, from peers
-    assert resume["persistent_s3"]["reps"][0]["bytes_received_per_rank"] == [0] * 4
+    s3_rep = resume["persistent_s3"]["reps"][0]
+    # on S3, read-once (issue 31) shares only what several ranks need (RNG states, replicated
+    # values): each rank's FSDP shards come from storage, read by that rank
+    for got, read in zip(s3_rep["bytes_received_per_rank"], s3_rep["bytes_read_per_rank"]):
+        assert got < 0.05 * read, (s3_rep["bytes_received_per_rank"], s3_rep["bytes_read_per_rank"])
 
     med = doc["overhead"]["per_save_median"]
     assert set(med) == {"none", "local", "persistent_disk", "persistent_s3"}
