@@ -7,11 +7,14 @@ do (the plan: files to copy, manifests to restore, and what cannot be repaired),
 what the real run does. Copies are verified the same way after writing. A location's missing or
 corrupt manifest is recreated (from a healthy location's bytes) only when every shard file there
 is good or copied in by the same plan, and is written after those copies succeeded, so repair
-never makes a damaged checkpoint look committed.
+never makes a damaged checkpoint look committed. A retired step (incremental saves) is
+repaired as one (:mod:`.repair_refs`): only the files kept steps reference are expected, and
+its retired record is written, before anything else, at each location that gets a file of it.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -21,12 +24,14 @@ from .engine.reader import CheckpointReader
 from .errors import CorruptCheckpointError, IncompleteCheckpointError, StorageError
 from .format import manifest as M
 from .format.shard import checksum
-from .refcheck import RefTargets, with_references, with_retired
+from .refcheck import RefTargets
+from .repair_refs import Target, repair_targets, steps_to_repair
+from .retired import retire, retired_name
 from .storage import Location, step_dirname
 
 COPY_BLOCK = 16 << 20
 _PROBLEMS = (CorruptCheckpointError, IncompleteCheckpointError, StorageError, FileNotFoundError)
-COPY, RESTORE = "copy", "restore_manifest"
+COPY, RESTORE, RETIRE = "copy", "restore_manifest", "write_retired_record"
 
 
 @dataclass(frozen=True)
@@ -45,6 +50,9 @@ class Action:
                 "source": self.source, "problem": self.problem}
 
     def describe(self, step: int) -> str:
+        if self.kind == RETIRE:
+            return (f"step {step}: write {self.location}/{self.file}, as at {self.source} "
+                    f"({self.problem})")
         verb = "copy" if self.kind == COPY else "restore"
         return (f"step {step}: {verb} {self.location}/{step_dirname(step)}/{self.file} from "
                 f"{self.source} ({self.problem})")
@@ -58,11 +66,16 @@ class StepRepair:
     ``manifests_restored`` are the plan's copies and restores (dry run: those that would be
     done; real run: those done and verified); ``unrepairable`` what no location could supply,
     plus, in a real run, actions that failed. ``healthy_before``: nothing needed doing;
-    ``ok``: every location holds a good copy after the repair (dry run: would).
+    ``ok``: every location holds a good copy after the repair (dry run: would). ``retired``:
+    a retired step (only the files kept steps reference are expected; ``note`` says so);
+    ``retired_records``: the locations where its retired record is (would be) written.
     """
 
     step: int
     dry_run: bool = False
+    retired: bool = False
+    note: str = ""
+    retired_records: list[str] = field(default_factory=list)
     plan: list[Action] = field(default_factory=list)
     repaired: list[dict[str, str]] = field(default_factory=list)
     unrepairable: list[dict[str, str]] = field(default_factory=list)
@@ -81,7 +94,9 @@ class StepRepair:
         return {"step": self.step, "dry_run": self.dry_run,
                 "plan": [a.to_json() for a in self.plan], "repaired": self.repaired,
                 "unrepairable": self.unrepairable, "manifests_restored": self.manifests_restored,
-                "failed": self.failed, "healthy_before": self.healthy_before, "ok": self.ok}
+                "failed": self.failed, "healthy_before": self.healthy_before, "ok": self.ok,
+                **({"retired": True, "note": self.note,
+                    "retired_records": self.retired_records} if self.retired else {})}
 
 
 def verify_file(location: Location, step: int, manifest: M.Manifest, file: str,
@@ -129,11 +144,12 @@ class _Survey:
 
 
 def plan_step(locations: Sequence[Location], step: int,
-              only: Mapping[str, Collection[int]] | None = None
-              ) -> tuple[StepRepair, _Survey | None]:
+              only: Mapping[str, Collection[int]] | None = None, retired: bool = False,
+              note: str = "") -> tuple[StepRepair, _Survey | None]:
     """Look at ``step`` everywhere and plan its repair (of the files ``only``, if given: those
-    other steps reference); changes nothing."""
-    report = StepRepair(step, dry_run=True)
+    other steps reference; ``retired``: a retired step, see :mod:`.repair_refs`); changes
+    nothing."""
+    report = StepRepair(step, dry_run=True, retired=retired, note=note)
     survey: _Survey | None = None
     states: list[str | None] = []
     for loc in locations:
@@ -177,9 +193,33 @@ def plan_step(locations: Sequence[Location], step: int,
             report.unrepairable.append({**entry, "problem": problem + " (and shards are not "
                                         "all good there, so it is not recreated)"})
             continue
+        if retired and not files and problem.endswith("is not committed"):
+            continue  # a retired step nothing references: not recreated where it is gone
         report.plan.append(Action(RESTORE, loc.display, M.MANIFEST_NAME, source, problem))
         report.manifests_restored.append(loc.display)
+    if retired:
+        _plan_records(locations, report)
     return report, survey
+
+
+def _plan_records(locations: Sequence[Location], report: StepRepair) -> None:
+    """A retired step: its record first, at each location that gets a file of it or holds its
+    directory without the record (so that it is hidden there too, as it is at ``holder``)."""
+    name, d = retired_name(report.step), step_dirname(report.step)
+    touched = {a.location for a in report.plan}
+    have: dict[str, tuple[bool, bool]] = {}
+    for loc in locations:
+        try:
+            names = set(loc.listdir(""))
+            have[loc.display] = (name in names, d in names)
+        except (StorageError, OSError):
+            continue  # unreachable: its copies (if any) fail and are reported
+    holder = next((where for where, (rec, _) in have.items() if rec), "ROOT")
+    first = [Action(RETIRE, loc.display, name, holder, "retired there, not here")
+             for loc in locations if loc.display in have and not have[loc.display][0]
+             and (have[loc.display][1] or loc.display in touched)]
+    report.plan[:0] = first
+    report.retired_records += [a.location for a in first]
 
 
 def execute(locations: Sequence[Location], planned: StepRepair,
@@ -190,7 +230,8 @@ def execute(locations: Sequence[Location], planned: StepRepair,
     (not recreated). Failures are recorded in ``failed`` and ``unrepairable``, never raised.
     """
     done = StepRepair(planned.step, dry_run=False, plan=list(planned.plan),
-                      unrepairable=list(planned.unrepairable))
+                      unrepairable=list(planned.unrepairable), retired=planned.retired,
+                      note=planned.note)
     if survey is None:
         return done
     by_name = {loc.display: loc for loc in locations}
@@ -200,7 +241,10 @@ def execute(locations: Sequence[Location], planned: StepRepair,
         loc = by_name[action.location]
         entry = {"location": action.location, "file": action.file, "problem": action.problem}
         try:
-            if action.kind == COPY:
+            if action.kind == RETIRE:  # before any file of it there (see plan_step)
+                retire(loc, planned.step, survey.manifest.save_id, time.time())
+                done.retired_records.append(action.location)
+            elif action.kind == COPY:
                 size = survey.manifest.files[action.file].nbytes
                 loc.makedirs(step_dir)
                 copy_file(by_name[action.source], loc, f"{step_dir}/{action.file}", size)
@@ -225,14 +269,16 @@ def execute(locations: Sequence[Location], planned: StepRepair,
     return done
 
 
-def repair_step(locations: Sequence[Location], step: int, dry_run: bool = False,
+def repair_step(locations: Sequence[Location], step: int | Target, dry_run: bool = False,
                 only: Mapping[str, Collection[int]] | None = None) -> StepRepair:
-    """Make every location hold a good copy of ``step`` (of its files ``only``, if given)
+    """Make every location hold a good copy of ``step`` (of its files ``only``, if given; a
+    :class:`~shardckpt.repair_refs.Target` says which files, and whether it is retired)
     where some location has one.
 
     ``dry_run`` returns the plan alone; otherwise the plan is executed. Both report the same
     ``plan``."""
-    planned, survey = plan_step(locations, step, only)
+    t = step if isinstance(step, Target) else Target(step, only)
+    planned, survey = plan_step(locations, t.step, t.only, t.retired, t.note)
     if dry_run:
         return planned
     done = execute(locations, planned, survey)
@@ -240,38 +286,17 @@ def repair_step(locations: Sequence[Location], step: int, dry_run: bool = False,
     return done
 
 
-def steps_to_repair(locations: Sequence[Location]) -> tuple[list[int], dict[int, list[str]]]:
-    """The steps a repair without ``--step`` looks at, and those it leaves alone.
-
-    It looks at every step that has a directory at the first location (ROOT): the checkpoints
-    committed there, damaged or not. A step found only at the other locations is one that
-    ROOT's retention (or a prune) deleted while a replica kept it, or that never reached ROOT:
-    a repair does not bring it back, and it is returned in the second item (step -> the
-    locations holding it) for the report. ``repair --step N`` restores such a step on
-    request."""
-    at_root = set(locations[0].list_step_dirs())
-    elsewhere: dict[int, list[str]] = {}
-    for loc in locations[1:]:
-        for s in loc.list_step_dirs():
-            if s not in at_root:
-                elsewhere.setdefault(s, []).append(loc.display)
-    return sorted(at_root), dict(sorted(elsewhere.items()))
-
-
 def repair(locations: Sequence[Location], step: int | None = None,
            dry_run: bool = False) -> list[StepRepair]:
     """Repair one step, or every step that has a directory at the first location (ROOT; see
     :func:`steps_to_repair`)."""
-    if step is not None:  # and the files of earlier steps it references (refcheck.py)
-        return [repair_step(locations, s, dry_run, only)
-                for s, only in with_references(locations, step)]
-    steps, _ = steps_to_repair(locations)
+    targets, _ = repair_targets(locations, step)  # incremental: referenced and retired steps
     out = []
-    for s, only in with_retired(locations, steps):  # retired steps: referenced files only
-        r = repair_step(locations, s, dry_run, only)
-        if not committed_nowhere(r):  # a crashed save, not damage
+    for t in targets:
+        r = repair_step(locations, t, dry_run)
+        if step is not None or not committed_nowhere(r):  # else a crashed save, not damage
             out.append(r)
-    if not dry_run and all(r.ok for r in out):
+    if step is None and not dry_run and all(r.ok for r in out):
         restore_markers(locations)
     return out
 
@@ -318,5 +343,5 @@ def summary(reports: Sequence[StepRepair], dry_run: bool) -> str:
             f"everywhere")
 
 
-__all__ = ["Action", "StepRepair", "execute", "plan_step", "repair", "repair_step",
-           "restore_markers", "steps_to_repair", "summary"]
+__all__ = ["Action", "StepRepair", "Target", "execute", "plan_step", "repair", "repair_step",
+           "repair_targets", "restore_markers", "steps_to_repair", "summary"]

@@ -41,7 +41,7 @@ def _damage(locs: list[Location], m: M.Manifest) -> list[str]:
     (missing, wrong size, replaced header); a location without that step is not damage."""
     from ..catalog import read_manifest
     from ..errors import ShardckptError
-    from .health import file_health
+    from .health import file_health, ref_health, ref_state
 
     out = []
     for loc in locs:
@@ -51,6 +51,8 @@ def _damage(locs: list[Location], m: M.Manifest) -> list[str]:
             continue
         try:
             state = file_health(loc, m.step, m)
+            if state == "ok" and (refs := ref_health(loc, m)):  # incremental: its references
+                state = ref_state(refs)
         except ShardckptError as exc:
             state = f"unreadable: {exc}"
         if state != "ok":
@@ -113,7 +115,9 @@ def cmd_ls(args: argparse.Namespace) -> int:
                      "locations": [{"url": loc.display, "health": entry.health[i]}
                                    for i, loc in enumerate(locs)],
                      "problems": [f"{where}: {state}" for where, state in bad]
-                     + ([note] if note else []), **summary(m.extra, step, m.nbytes)})
+                     + ([note] if note else []),
+                     "reference_problems": entry.ref_problems,
+                     **summary(m.extra, step, m.nbytes)})
     for step, error in report.corrupt.items():
         rows.append({"step": step, "time": None, "nbytes": None, "metrics": {}, "tags": [],
                      "world_size": None, "verified": None, "health": "corrupt",
@@ -283,24 +287,19 @@ def _repair_locations(args: argparse.Namespace) -> list[Location]:
 
 
 def cmd_repair(args: argparse.Namespace) -> int:
-    from ..repair import committed_nowhere, repair_step, restore_markers, steps_to_repair, summary
+    from ..repair import committed_nowhere, repair_step, repair_targets, restore_markers, summary
     from ..storage import step_dirname
     from .common import UsageError, emit
 
     locs = _repair_locations(args)
     if len(locs) < 2:
         raise UsageError("repair needs at least one --replica URL to copy from or to")
-    left: dict[int, list[str]] = {}  # steps ROOT does not hold (pruned there): not brought back
-    from ..refcheck import with_references, with_retired  # incremental: referenced files too
-    if args.step is not None:
-        steps = with_references(locs, args.step)
-    else:
-        found, left = steps_to_repair(locs)
-        steps = with_retired(locs, found)
+    # incremental: the steps referenced too, retired ones as such; ``left``: steps ROOT does
+    # not hold (pruned there), not brought back
+    steps, left = repair_targets(locs, args.step)
     reports = []
-    for s, only in bar(steps, desc="repair", total=len(steps), enabled=wanted(args),
-                       unit="step"):
-        r = repair_step(locs, s, args.dry_run, only)
+    for t in bar(steps, desc="repair", total=len(steps), enabled=wanted(args), unit="step"):
+        r = repair_step(locs, t, args.dry_run)
         if args.step is not None or not committed_nowhere(r):  # else a crashed save: no damage
             reports.append(r)
     ok = all(r.ok for r in reports)
@@ -316,6 +315,8 @@ def cmd_repair(args: argparse.Namespace) -> int:
                   f"{', '.join(where)}: not restored (repair --step {s} restores it)",
                   file=sys.stderr)
         for r in reports:
+            if r.retired and r.step == args.step:
+                print(r.note)
             for action in r.plan:
                 print(action.describe(r.step))
             for e in r.failed:

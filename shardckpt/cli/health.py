@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from .. import catalog
 from ..errors import StorageError
 from ..format import manifest as M
+from ..format.refs import references
 from ..format.shard import TRAILER, TRAILER_SIZE
 from ..storage import Location, step_dirname
 
@@ -21,6 +22,8 @@ NOT_DAMAGE = frozenset({"ok", "absent", "unreachable"})
 class StepHealth:
     manifest: M.Manifest
     health: list[str] = field(default_factory=list)  # per location: ok / missing / corrupt / ...
+    # incremental: each damaged file of an earlier step it references, where
+    ref_problems: list[dict[str, object]] = field(default_factory=list)
 
 
 @dataclass
@@ -52,6 +55,53 @@ def file_health(loc: Location, step: int, m: M.Manifest) -> str:
     return "ok"
 
 
+def _file_state(loc: Location, rel: str, nbytes: int, header_offset: int, header_xxh3: str
+                ) -> str:
+    size = loc.size(rel)
+    if size is None:
+        return "missing"
+    if size != nbytes:
+        return f"{size} bytes, not {nbytes}"
+    tail = loc.read_range(rel, size - TRAILER_SIZE, TRAILER_SIZE)
+    if len(tail) != TRAILER_SIZE or (TRAILER.unpack(tail)[0], f"{TRAILER.unpack(tail)[2]:016x}"
+                                     ) != (header_offset, header_xxh3):
+        return "header mismatch"
+    return "ok"
+
+
+def ref_health(loc: Location, m: M.Manifest, cache: dict[tuple[str, str], str] | None = None
+               ) -> list[dict[str, object]]:
+    """Incremental saves: each file of an earlier step that ``m`` references and that is not
+    whole at ``loc`` (that step not committed there, the file missing, of another size, or
+    with another header than the one ``m`` recorded: the checks of :func:`file_health`), as
+    ``{"step", "file", "problem"}``, ``file`` named as ``verify`` names it
+    (``step-NNNNNNNNNN/<file>``). ``cache`` (location, path) -> state spares reading a base
+    again for each step that references it."""
+    cache = {} if cache is None else cache
+    out: list[dict[str, object]] = []
+    for r in references(m.extra, m.step):
+        d = step_dirname(r.step)
+        rel = f"{d}/{r.file}"
+        for path in (f"{d}/{M.MANIFEST_NAME}", rel):
+            key = (loc.display, path)
+            if key not in cache:
+                cache[key] = ("ok" if loc.size(path) is not None else "not committed here "
+                              "(no manifest)") if path.endswith(M.MANIFEST_NAME) else \
+                    _file_state(loc, rel, r.nbytes, r.header_offset, r.header_xxh3)
+            if cache[key] != "ok":
+                out.append({"step": r.step, "file": rel, "problem": cache[key]})
+                break
+    return out
+
+
+def ref_state(problems: list[dict[str, object]]) -> str:
+    """The health word of a location whose own files are whole but ``problems`` (of
+    :func:`ref_health`) are not: names the first damaged step and file."""
+    p = problems[0]
+    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    return f"depends on damaged step {p['step']}: {p['file']} {p['problem']}{more}"
+
+
 def survey(locations: list[Location], progress: bool = False) -> Survey:
     """Every step of every location, read and sized; ``progress``: a bar on stderr (TTY).
 
@@ -72,6 +122,7 @@ def survey(locations: list[Location], progress: bool = False) -> Survey:
                  aside=[(locations[i].display, name) for i, name in found.aside])
     out.problems += [f"{locations[i].display}: cannot be listed: unreachable: {why}"
                      for i, why in sorted(found.unreachable.items())]
+    cache: dict[tuple[str, str], str] = {}
     for step, entry in sorted(found.steps.items()):
         out.problems += [msg for i, msg in sorted(entry.errors.items())
                          if entry.state[i] in ("corrupt", "unreadable")]
@@ -80,5 +131,10 @@ def survey(locations: list[Location], progress: bool = False) -> Survey:
         health = [file_health(loc, step, entry.manifest) if state == "ok"
                   else _SHOWN.get(state, state)
                   for loc, state in zip(locations, entry.state)]
-        out.steps[step] = StepHealth(entry.manifest, health)
+        found_refs: list[dict[str, object]] = []
+        for i, loc in enumerate(locations):  # incremental: the files it references, too
+            if health[i] == "ok" and (bad := ref_health(loc, entry.manifest, cache)):
+                health[i] = ref_state(bad)
+                found_refs += [{**b, "location": loc.display} for b in bad]
+        out.steps[step] = StepHealth(entry.manifest, health, found_refs)
     return out

@@ -10,6 +10,7 @@ import math
 import threading
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -39,6 +40,35 @@ def intersect(a_off: tuple[int, ...], a_len: tuple[int, ...], b_off: tuple[int, 
     if any(h <= low for low, h in zip(lo, hi)):
         return None
     return lo, tuple(h - low for low, h in zip(lo, hi))
+
+
+@dataclass(frozen=True)
+class PieceSpan:
+    """Where a global box meets a piece: the common box (global offsets ``lo``, ``size``), the
+    piece's contiguous element ``strides``, and the piece's raw bytes ``[start, end)`` that
+    hold the common box (the first to the last element of it, in the piece's row-major order)."""
+
+    lo: tuple[int, ...]
+    size: tuple[int, ...]
+    strides: tuple[int, ...]
+    start: int
+    end: int
+
+
+def piece_span(piece: Piece, isz: int, offsets: tuple[int, ...], lengths: tuple[int, ...]
+               ) -> PieceSpan | None:
+    """The bytes of ``piece`` (elements of ``isz`` bytes) that the global box ``offsets`` /
+    ``lengths`` needs, or None if they do not overlap: what :meth:`CheckpointReader.read_box`
+    reads and read-once plans (:func:`shardckpt.engine.readunits.spans`)."""
+    common = intersect(piece.offsets, piece.lengths, offsets, lengths)
+    if common is None:
+        return None
+    lo, size = common
+    rel = tuple(a - b for a, b in zip(lo, piece.offsets))
+    strides = contiguous_strides(piece.lengths)
+    first = sum(r * s for r, s in zip(rel, strides))
+    last = sum((r + n - 1) * s for r, n, s in zip(rel, size, strides))
+    return PieceSpan(lo, size, strides, first * isz, (last + 1) * isz)
 
 
 class CheckpointReader:
@@ -174,25 +204,19 @@ class CheckpointReader:
         out = out.detach()  # same memory; a Parameter (leaf requiring grad) is filled in place
         dtype = out.dtype
         for piece in meta.pieces:
-            common = intersect(piece.offsets, piece.lengths, offsets, lengths)
-            if common is None:
+            span = piece_span(piece, isz, offsets, lengths)
+            if span is None:
                 continue
-            lo, size = common
-            rel = tuple(a - b for a, b in zip(lo, piece.offsets))
-            strides = contiguous_strides(piece.lengths)
-            first = sum(r * s for r, s in zip(rel, strides))
-            last = sum((r + n - 1) * s for r, n, s in zip(rel, size, strides))
-            span = (last - first + 1) * isz
             dst_region = out[tuple(slice(a - b, a - b + n)
-                                   for a, b, n in zip(lo, offsets, size))]
-            whole = size == piece.lengths and size == lengths
+                                   for a, b, n in zip(span.lo, offsets, span.size))]
+            whole = span.size == piece.lengths and span.size == lengths
             if whole and out.is_contiguous() and out.device.type == "cpu" and \
                     out.dtype == torch_dtype(meta.dtype):
                 self.read_span(piece, 0, byte_view(out))
                 continue
-            buf = torch.empty(span, dtype=torch.uint8)
-            self.read_span(piece, first * isz, byte_view(buf))
-            src = buf.view(torch_dtype(meta.dtype)).as_strided(size, strides, 0)
+            buf = torch.empty(span.end - span.start, dtype=torch.uint8)
+            self.read_span(piece, span.start, byte_view(buf))
+            src = buf.view(torch_dtype(meta.dtype)).as_strided(span.size, span.strides, 0)
             dst_region.copy_(src.to(dtype) if src.dtype != dtype else src)
         if math.prod(lengths) and not meta.pieces:
             raise IncompleteCheckpointError(f"{self.location.display}/{self.step_dir}: "

@@ -20,7 +20,10 @@ agreed, with this rank's read requests. In step, on every rank:
    reader's error (of the unit it wanted, if any), which names the file, and nothing is sent.
    The load's read phase then fails on every rank alike (:func:`~shardckpt.engine.load.agree`):
    bad data is a ``CorruptLoadError`` everywhere, and the fallback to an older step applies on
-   all ranks alike;
+   all ranks alike. The same gather carries each rank's notes of files found corrupt
+   (:mod:`.badfiles`), and every rank notes them all: a later incremental save bases on those
+   bytes on no rank, not only on the one that read them (also when a good copy at another
+   location let the read succeed);
 5. the readers send each receiver its span as a raw ``uint8`` tensor, after its XXH3-64 (an
    ``int64`` tensor), checked on arrival; all sends and receives of a batch are posted at once.
    With a NCCL training backend and CUDA, the bytes travel through the device over a private
@@ -46,6 +49,7 @@ from .. import knobs
 from ..errors import CollectiveError, CorruptCheckpointError, IncompleteCheckpointError
 from ..format.manifest import expand, to_ranges
 from ..format.shard import Piece
+from .badfiles import note_all, noted
 from .comm import Comm
 from .failures import describe
 from .reader import CheckpointReader
@@ -154,7 +158,11 @@ def share_reads(comm: Comm, reader: CheckpointReader, requests: Sequence[Any], t
     sizes = [reader.manifest.files[n].nbytes for n in needs.names]
     units, _ = plan_units(comm.world_size, sizes, files_of, spans_of)
     buffers, failed = _read_units(comm.rank, reader, needs, units, threads)
-    failures = comm.all_gather_json(failed, "load: shared reads")
+    outcomes = comm.all_gather_json({"failed": failed, "bad_files": noted()},
+                                    "load: shared reads")
+    for outcome in outcomes:  # every rank notes what any reader found corrupt (badfiles.py)
+        note_all(outcome["bad_files"])
+    failures = [o["failed"] for o in outcomes]
     bad = {int(k): (r, v) for r, f in enumerate(failures) for k, v in f.items()}
     if bad and error is None:  # every rank fails alike: the first unit it wanted, else the first
         i = min(bad, key=lambda i: (comm.rank not in units[i].spans, i))

@@ -16,7 +16,7 @@ from .. import knobs
 from ..format.dtypes import itemsize
 from ..format.shard import Piece
 from ..storage import Location
-from .reader import CheckpointReader, contiguous_strides, intersect
+from .reader import CheckpointReader, piece_span
 
 # statfs f_type of filesystems reached over a network (linux/magic.h and the vendors' own)
 NETWORK_FS_MAGIC = {0x6969: "nfs", 0x0BD00BD0: "lustre", 0x47504653: "gpfs",
@@ -118,15 +118,9 @@ def spans(meta: Any, offsets: tuple[int, ...], lengths: tuple[int, ...]
     isz = itemsize(meta.dtype)
     out = []
     for piece in meta.pieces:
-        common = intersect(piece.offsets, piece.lengths, offsets, lengths)
-        if common is None:
-            continue
-        lo, size = common
-        rel = tuple(a - b for a, b in zip(lo, piece.offsets))
-        strides = contiguous_strides(piece.lengths)
-        first = sum(r * s for r, s in zip(rel, strides))
-        last = sum((r + n - 1) * s for r, n, s in zip(rel, size, strides))
-        out.append((piece, first * isz, (last + 1) * isz))
+        span = piece_span(piece, isz, offsets, lengths)  # as read_box reads it
+        if span is not None:
+            out.append((piece, span.start, span.end))
     return out
 
 

@@ -58,8 +58,8 @@ def integrity(locations: Sequence[Location], step: int, manifest: M.Manifest, co
     bad: list[dict[str, str]] = []
     degraded: list[dict[str, str]] = []
     # incremental: the files of earlier steps it references are checked as its own
-    todo = [(step, name, manifest, None) for name in names] + referenced_todo(locations,
-                                                                             manifest)
+    referenced = referenced_todo(locations, manifest)
+    todo = [(step, name, manifest, None) for name in names] + referenced
     for s, name, m, only in todo[comm.rank::comm.world_size]:
         step_dir = step_dirname(s)
         problems = [_verify_file(loc, s, m, name, only) for loc in locations]
@@ -83,16 +83,19 @@ def integrity(locations: Sequence[Location], step: int, manifest: M.Manifest, co
     bad = sorted((b for p in parts for b in p["bad"]), key=lambda b: b["file"])
     degraded = [d for p in parts for d in p["degraded"]]
     where = f"{len(locations)} location{'s' * (len(locations) > 1)}"
-    data = {"files": len(names), "nbytes": manifest.nbytes, "bad_files": bad,
+    data = {"files": len(names), "referenced_files": len(referenced),
+            "files_checked": len(todo), "nbytes": manifest.nbytes, "bad_files": bad,
             "degraded": degraded, "depends_on": depends_on(manifest.extra, step)}
+    files = f"{len(todo)} files"
+    if referenced:  # incremental: its own files and those of earlier steps it references
+        files += f" ({len(names)} of its own, {len(referenced)} referenced from step(s) " \
+                 f"{data['depends_on']})"
     if bad:
         more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
-        return Check("integrity", False, f"{len(bad)} of {len(names)} files have no good copy: "
+        return Check("integrity", False, f"{len(bad)} of {files} have no good copy: "
                      f"{bad[0]['problem']}{more}", code=EXIT_INTEGRITY, data=data)
-    detail = f"{len(names)} files, each with a good copy (every chunk checksum checked at " \
+    detail = f"{files}, each with a good copy (every chunk checksum checked at " \
              f"{where}, read by {comm.world_size} rank{'s' * (comm.world_size > 1)})"
-    if data["depends_on"]:
-        detail += f"; references files of step(s) {data['depends_on']}, checked too"
     if degraded:
         n = len(degraded)
         detail += f"; {n} damaged cop{'ies' if n > 1 else 'y'} elsewhere (shardckpt repair " \
