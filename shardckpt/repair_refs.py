@@ -59,20 +59,23 @@ def _look(locations: Sequence[Location]) -> _Root:
 def referenced_by_kept(locations: Sequence[Location], kept: Mapping[int, M.Manifest],
                        step: int) -> tuple[dict[str, set[int]], list[int]]:
     """The files of ``step`` the ``kept`` steps reference, each with the offsets of the chunks
-    they reference (read from their headers at the first location where those read; where
-    none does, the files their manifests list, with no chunk to check), and those steps."""
+    they reference (read from each one's headers at the first location where those read;
+    where none does, the files its manifest lists, with no chunk to check), and those steps."""
     users = {s: m for s, m in kept.items()
              if any(r.step == step for r in references(m.extra, s))}
-    if not users:
-        return {}, []
-    for loc in locations:
-        try:
-            ranges = referenced_ranges(loc, users, step)
-            return {f: {a for a, _ in rs} for f, rs in ranges.items()}, sorted(users)
-        except (ShardckptError, OSError):
-            continue
-    return ({r.file: set() for s, m in users.items() for r in references(m.extra, s)
-             if r.step == step}, sorted(users))
+    out: dict[str, set[int]] = {}
+    for s, m in sorted(users.items()):
+        for r in references(m.extra, s):
+            if r.step == step:
+                out.setdefault(r.file, set())
+        for loc in locations:
+            try:
+                for f, rs in referenced_ranges(loc, {s: m}, step).items():
+                    out.setdefault(f, set()).update(a for a, _ in rs)
+                break
+            except (ShardckptError, OSError):
+                continue
+    return out, sorted(users)
 
 
 def _retired_target(locations: Sequence[Location], root: _Root, step: int) -> Target:
@@ -80,7 +83,8 @@ def _retired_target(locations: Sequence[Location], root: _Root, step: int) -> Ta
     if users:
         note = (f"step {step} is retired (pruned, kept only for the files later steps "
                 f"reference): checking the {len(only)} file{'s' * (len(only) != 1)} that "
-                f"step{'s' * (len(users) != 1)} {', '.join(map(str, users))} reference; the "
+                f"step{'s' * (len(users) != 1)} {', '.join(map(str, users))} "
+                f"reference{'s' * (len(users) == 1)}; the "
                 f"files the prune deleted are not missing")
     else:
         note = (f"step {step} is retired and no kept step references it any more: nothing to "

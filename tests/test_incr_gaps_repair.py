@@ -112,3 +112,17 @@ def test_repair_step_of_a_retired_step_nothing_references(
     code, out, err = cli(capsys, "repair", a, "--replica", b, "--step", "1")
     assert code == 0 and "no kept step references it" in out, out + err
     assert not (Path(b) / step_dirname(1)).exists()  # not recreated where it is gone
+
+
+def test_repair_onto_root_that_lost_a_retired_step_its_checkpoints_reference(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """ROOT itself lacks the retired step (its directory and record): its kept step 4 needs
+    it, so a repair without --step brings it back, retired."""
+    a, b = pruned_pair(tmp_path)
+    shutil.rmtree(Path(b) / step_dirname(1))
+    (Path(b) / RECORD).unlink()
+    code, out, err = cli(capsys, "repair", b, "--replica", a)
+    assert code == 0, out + err
+    assert _listing(b) == [step_dirname(1), RECORD, step_dirname(4)]
+    code, out, _ = cli(capsys, "verify", b, "--step", "4", "--json")
+    assert code == 0, out
