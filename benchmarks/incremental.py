@@ -16,6 +16,10 @@ Writers (each save goes through the writer's ordinary blocking call, files synce
 
 * ``shardckpt_incremental``: ``CheckpointManager(incremental=True)``;
 * ``shardckpt_full``: ``CheckpointManager()`` (the default, every save full);
+* ``shardckpt_incremental_nocache`` (not run unless named): as ``shardckpt_incremental``, with
+  the session-8 caches of engine/incremental.py switched off, so that each save reads and parses
+  its base's manifest and shard headers again (what every save did before): the before/after
+  of that change in one run;
 * ``dcp_save``: ``torch.distributed.checkpoint.save`` to a directory per save;
 * ``torch_checkpointing``: Meta's torch_checkpointing 0.1.1, when it is installed and runs here
   (else the document says why not).
@@ -38,12 +42,14 @@ the chunk size (``SHARDCKPT_CHUNK_SIZE``, default here ``--chunk-mb`` 4 MiB) and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -134,13 +140,16 @@ class Writer:
         self.mgr = None
         if name.startswith("shardckpt"):
             self.mgr = shardckpt.CheckpointManager(str(root), async_save=False,
-                                                   incremental=name.endswith("incremental"),
+                                                   incremental="incremental" in name,
                                                    capture_rng=False)
         elif name == "torch_checkpointing":
             self.tc = TorchCheckpointing(root)
 
     def save(self, step: int, state: dict[str, Any]) -> None:
-        if self.mgr is not None:
+        if self.name.endswith("nocache"):
+            with uncached():
+                self.mgr.save(step, state)
+        elif self.mgr is not None:
             self.mgr.save(step, state)
         elif self.name == "dcp_save":
             import torch.distributed.checkpoint as dcp
@@ -170,6 +179,26 @@ class Writer:
             self.mgr.close()
         elif self.name == "torch_checkpointing":
             self.tc.close()
+
+
+@contextlib.contextmanager
+def uncached() -> Iterator[None]:
+    """Incremental saves as before session 8: no kept base table or manifest, none kept."""
+    from shardckpt.catalog import read_manifest
+    from shardckpt.engine import incremental as inc
+    from shardckpt.engine import save as save_mod
+
+    names = ("_cached_table", "_read_manifest")
+    saved = [getattr(inc, n) for n in names]
+    kept = (save_mod.remember_manifest, save_mod.remember_written)
+    inc._cached_table, inc._read_manifest = (lambda *a, **k: None), read_manifest
+    save_mod.remember_manifest = save_mod.remember_written = lambda *a, **k: None
+    try:
+        yield
+    finally:
+        for n, f in zip(names, saved):
+            setattr(inc, n, f)
+        save_mod.remember_manifest, save_mod.remember_written = kept
 
 
 class TorchCheckpointing:
