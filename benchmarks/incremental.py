@@ -16,6 +16,10 @@ Writers (each save goes through the writer's ordinary blocking call, files synce
 
 * ``shardckpt_incremental``: ``CheckpointManager(incremental=True)``;
 * ``shardckpt_full``: ``CheckpointManager()`` (the default, every save full);
+* ``shardckpt_incremental_nocache`` (not run unless named): as ``shardckpt_incremental``, with
+  the session-8 caches of engine/incremental.py switched off, so that each save reads and parses
+  its base's manifest and shard headers again (what every save did before): the before/after
+  of that change in one run;
 * ``dcp_save``: ``torch.distributed.checkpoint.save`` to a directory per save;
 * ``torch_checkpointing``: Meta's torch_checkpointing 0.1.1, when it is installed and runs here
   (else the document says why not).
@@ -23,9 +27,12 @@ Writers (each save goes through the writer's ordinary blocking call, files synce
 Each round runs every writer once per workload (the order rotated per round): ``--saves``
 saves of the evolving state, then a load of the last save into a zeroed state (checked bit for
 bit against what was saved). Per save after the first: the bytes the save added to its
-directory tree, and its wall time; per writer: the median of those over saves and rounds, and
-the median load time. The report states the chunk size (``SHARDCKPT_CHUNK_SIZE``, default here
-``--chunk-mb`` 4 MiB) and checks issue 30's targets, printed PASS/MISS on stderr:
+directory tree, its wall time (the writer's blocking call, the same for every shardckpt writer:
+``mgr.save()`` with ``async_save=False`` returns once the step is committed) and, for shardckpt,
+the save's phases (``phases_s``: collect, plan incl. the base lookup, write, commit); per
+writer: the median of those over saves and rounds, and the median load time. The report states
+the chunk size (``SHARDCKPT_CHUNK_SIZE``, default here ``--chunk-mb`` 4 MiB) and checks issue
+30's targets, printed PASS/MISS on stderr:
 
 * lora: incremental bytes per save <= 1.2 x (adapter + optimizer bytes + 1 MB); incremental
   save time <= 0.3 x shardckpt full and <= 0.3 x ``dcp.save``, in the same run;
@@ -35,12 +42,14 @@ the median load time. The report states the chunk size (``SHARDCKPT_CHUNK_SIZE``
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +64,7 @@ from common.rounds import rotate
 WRITERS = ["shardckpt_incremental", "shardckpt_full", "dcp_save", "torch_checkpointing"]
 WORKLOADS = ["lora", "embed_contiguous", "embed_random"]
 ROW = 256  # floats per embedding row
+PHASES = ("collect", "plan", "write", "commit", "decision")
 
 
 def make_state(workload: str, size_mb: int, seed: int) -> dict[str, Any]:
@@ -130,13 +140,16 @@ class Writer:
         self.mgr = None
         if name.startswith("shardckpt"):
             self.mgr = shardckpt.CheckpointManager(str(root), async_save=False,
-                                                   incremental=name.endswith("incremental"),
+                                                   incremental="incremental" in name,
                                                    capture_rng=False)
         elif name == "torch_checkpointing":
             self.tc = TorchCheckpointing(root)
 
     def save(self, step: int, state: dict[str, Any]) -> None:
-        if self.mgr is not None:
+        if self.name.endswith("nocache"):
+            with uncached():
+                self.mgr.save(step, state)
+        elif self.mgr is not None:
             self.mgr.save(step, state)
         elif self.name == "dcp_save":
             import torch.distributed.checkpoint as dcp
@@ -155,11 +168,37 @@ class Writer:
         else:
             self.tc.load(step, state)
 
+    def phases(self) -> dict[str, float]:
+        """shardckpt: the last save's phases (seconds; the save's own ``last_save_profile``):
+        plan (incl. the base lookup of an incremental save), write, commit."""
+        prof = self.mgr.last_save_profile if self.mgr is not None else {}
+        return {k: float(prof[k]) for k in PHASES if k in prof}
+
     def close(self) -> None:
         if self.mgr is not None:
             self.mgr.close()
         elif self.name == "torch_checkpointing":
             self.tc.close()
+
+
+@contextlib.contextmanager
+def uncached() -> Iterator[None]:
+    """Incremental saves as before session 8: no kept base table or manifest, none kept."""
+    from shardckpt.catalog import read_manifest
+    from shardckpt.engine import incremental as inc
+    from shardckpt.engine import save as save_mod
+
+    names = ("_cached_table", "_read_manifest")
+    saved = [getattr(inc, n) for n in names]
+    kept = (save_mod.remember_manifest, save_mod.remember_written)
+    inc._cached_table, inc._read_manifest = (lambda *a, **k: None), read_manifest
+    save_mod.remember_manifest = save_mod.remember_written = lambda *a, **k: None
+    try:
+        yield
+    finally:
+        for n, f in zip(names, saved):
+            setattr(inc, n, f)
+        save_mod.remember_manifest, save_mod.remember_written = kept
 
 
 class TorchCheckpointing:
@@ -204,8 +243,9 @@ def run_one(writer: str, workload: str, args: argparse.Namespace, base: Path) ->
             before = tree_bytes(root)
             t0 = time.perf_counter()
             w.save(step, state)
-            per_save.append({"step": step, "seconds": time.perf_counter() - t0,
-                             "bytes": tree_bytes(root) - before})
+            seconds = time.perf_counter() - t0
+            per_save.append({"step": step, "seconds": seconds,
+                             "bytes": tree_bytes(root) - before, "phases_s": w.phases()})
         got = zeros(state)
         t0 = time.perf_counter()
         w.load(args.saves, got)
@@ -248,6 +288,8 @@ def summarize(results: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, 
                 "bytes_per_save": statistics.median(s["bytes"] for s in later),
                 "save_s": statistics.median(s["seconds"] for s in later),
                 "load_s": statistics.median(r["load_s"] for r in runs),
+                "phases_s": {k: statistics.median(s["phases_s"].get(k, 0.0) for s in later)
+                             for k in PHASES if any(k in s["phases_s"] for s in later)},
                 "bit_identical": all(r["bit_identical"] for r in runs),
             }
     return out

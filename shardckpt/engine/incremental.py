@@ -17,17 +17,31 @@ The save protocol calls in here at three points (``CheckpointManager(incremental
    recorded as that reference (:func:`reuse`). Reuse is decided by those digests alone.
 3. **commit** (rank 0): :func:`finish_manifest` lists every (step, file) referenced, with the
    target file's record and the bytes referenced (the manifest's ``references`` section).
+
+**Between saves of one process** (session 8: a LoRA save spent most of its time parsing the
+base's manifest and shard headers again): each rank keeps the chunk table of what it just wrote
+(:func:`remember_written`, keyed by the save id and rank), and rank 0 the bytes of the manifest
+it just committed (:func:`remember_manifest`). A later save uses them only when they are
+provably the base's: rank 0 reuses a parsed manifest only when the manifest's bytes at the
+location are equal to the ones it committed, and a rank reuses its table only when rank 0's
+base (read from storage at every location, under the writer lease) carries the same save id,
+the table covers every box the rank writes, and every file the table names still has its size
+and was not found corrupt in this process (one size request per file). Anything else takes the
+reading path above. Reuse of a chunk is still decided by its XXH3-128 alone, every byte is
+still hashed, and references still name the file that physically holds the bytes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import threading
 import warnings
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
-from ..catalog import read_manifest
+from ..catalog import MAX_MANIFEST_BYTES, read_manifest
 from ..errors import ShardckptError
 from ..format import manifest as M
 from ..format.refs import (
@@ -46,6 +60,11 @@ from .badfiles import is_bad
 from .reader import CheckpointReader
 
 Box = tuple[str, tuple[int, ...], tuple[int, ...]]
+Files = Mapping[tuple[int, str], int]  # (step, file) -> the file's size in bytes
+_KEEP = 8  # cached tables and manifests kept per process (a few ranks in threads, in tests)
+_lock = threading.Lock()
+_tables: OrderedDict[tuple[str, int], BaseChunks] = OrderedDict()  # (save id, rank)
+_manifests: OrderedDict[tuple[str, int], tuple[bytes, M.Manifest]] = OrderedDict()
 
 
 def incremental_options(incremental: bool, full_every: int) -> dict[str, Any]:
@@ -63,9 +82,11 @@ def incremental_options(incremental: bool, full_every: int) -> dict[str, Any]:
 class BaseChunks:
     """The base step's chunks by (key, box), as references to their physical holders."""
 
-    def __init__(self, step: int, table: Mapping[Box, Sequence[Chunk]]) -> None:
+    def __init__(self, step: int, table: Mapping[Box, Sequence[Chunk]],
+                 files: Files | None = None) -> None:
         self.step = step
         self.table = table
+        self.files: Files = files or {}  # every physical holder the table names, and its size
 
     def chunks_of(self, key: str, offsets: tuple[int, ...], lengths: tuple[int, ...],
                   nbytes: int, size: int) -> list[Chunk | None]:
@@ -106,13 +127,36 @@ def _newest_common(locations: Sequence[Location], step: int) -> M.Manifest | Non
         if s >= step:
             continue
         try:
-            found = [read_manifest(loc, s) for loc in locations]
+            found = [_read_manifest(loc, s) for loc in locations]
         except (ShardckptError, OSError):
             continue  # not committed everywhere (a save in progress, a corrupt copy)
         if any(m.save_id != found[0].save_id for m in found):
             continue
         return found[0]
     return None
+
+
+def _read_manifest(location: Location, step: int) -> M.Manifest:
+    """:func:`read_manifest`, without parsing again the bytes this process committed."""
+    with _lock:
+        hit = _manifests.get((location.display, step))
+    if hit is not None:
+        data = location.read_file(f"{step_dirname(step)}/{M.MANIFEST_NAME}", MAX_MANIFEST_BYTES)
+        if data == hit[0]:
+            return hit[1]
+    return read_manifest(location, step)
+
+
+def remember_manifest(locations: Iterable[Location], manifest: M.Manifest) -> None:
+    """Rank 0, after committing ``manifest`` at ``locations``: its bytes, so that the next save
+    of this process takes it as a base without parsing it again."""
+    data = M.serialize(manifest)
+    with _lock:
+        for loc in locations:
+            _manifests[(loc.display, manifest.step)] = (data, manifest)
+            _manifests.move_to_end((loc.display, manifest.step))
+        while len(_manifests) > _KEEP:
+            _manifests.popitem(last=False)
 
 
 def is_full(manifest: M.Manifest) -> bool:
@@ -130,7 +174,7 @@ def _full_due(location: Location, base: M.Manifest, full_every: int) -> bool:
     since = 0  # committed incremental steps newer than the newest full one
     for s in older:
         try:
-            m = base if s == base.step else read_manifest(location, s)
+            m = base if s == base.step else _read_manifest(location, s)
         except (ShardckptError, OSError):
             continue
         if is_full(m):
@@ -169,12 +213,18 @@ def _release(lease: Lease) -> None:
         lease.release()
 
 
-def load_base(location: Location, base_step: int, rank: int,
-              boxes: Iterable[Box]) -> BaseChunks | None:
+def load_base(location: Location, base_step: int, rank: int, boxes: Iterable[Box],
+              base_id: str = "") -> BaseChunks | None:
     """Every rank: the base's chunks for this rank's ``boxes``, read from the headers of the
-    files of the ranks that wrote them (checked as any reader checks them). None (a full
-    write) if the base cannot be read."""
+    files of the ranks that wrote them (checked as any reader checks them); or, if this rank
+    wrote every one of those boxes in the save ``base_id`` (the base's save id, as rank 0 read
+    it), the table it kept then (see the module). None (a full write) if the base cannot be
+    read."""
+    boxes = list(boxes)
     try:
+        cached = _cached_table(location, base_step, rank, boxes, base_id)
+        if cached is not None:
+            return cached
         manifest = read_manifest(location, base_step)
         reader = CheckpointReader(location, step_dirname(base_step), manifest)
         allowed: dict[str, set[int]] = {}
@@ -201,11 +251,60 @@ def load_base(location: Location, base_step: int, rank: int,
                           f"{location.display}/{bad[0]}, which a read in this process found "
                           f"corrupt; writing in full", stacklevel=3)
             return None
-        return BaseChunks(base_step, table)
+        files = {(base_step, n): f.nbytes for n, f in manifest.files.items()}
+        files.update({(r.step, r.file): r.nbytes
+                      for r in references(manifest.extra, manifest.step)})
+        return BaseChunks(base_step, table, files)
     except (ShardckptError, OSError) as exc:
         warnings.warn(f"incremental save: base step {base_step} cannot be read ({exc}); "
                       f"writing in full", stacklevel=3)
         return None
+
+
+def _cached_table(location: Location, base_step: int, rank: int, boxes: list[Box],
+                  base_id: str) -> BaseChunks | None:
+    """The table this rank kept from the save ``base_id`` of ``base_step``, if it covers every
+    box and every file it names is there with its size and was not found corrupt here."""
+    with _lock:
+        found = _tables.get((base_id, rank)) if base_id else None
+    if found is None or found.step != base_step or \
+            any((b[0], tuple(b[1]), tuple(b[2])) not in found.table for b in boxes):
+        return None
+    for (step, name), nbytes in found.files.items():
+        rel = f"{step_dirname(step)}/{name}"
+        if is_bad(location.display, rel) or location.size(rel) != nbytes:
+            return None  # the reading path decides (and warns)
+    return found
+
+
+def remember_written(save_id: str, rank: int, step: int, base: BaseChunks | None,
+                     written: Iterable[Any]) -> None:
+    """Every rank, after writing its files for the save ``save_id`` of ``step``: the chunk
+    table of what it wrote (``written``: the writer's ``WrittenFile`` s), each chunk as a
+    reference to the file that physically holds it, for the next save's :func:`load_base`."""
+    table: dict[Box, list[Chunk]] = {}
+    files: dict[tuple[int, str], int] = {}
+    used: set[tuple[int, str]] = set()
+    for w in written:
+        own = (step, w.record.name)
+        files[own] = w.record.nbytes
+        for p in w.pieces:
+            chunks = []
+            for c in p.chunks:
+                if c.ref is None:
+                    c = Chunk(c.offset, c.stored, c.raw, c.xxh3, c.codec, c.xxh128, own)
+                else:
+                    used.add(c.ref)
+                chunks.append(c)
+            table[(p.key, tuple(p.offsets), tuple(p.lengths))] = chunks
+    if used:
+        if base is None or not used <= base.files.keys():
+            return  # a holder whose size is unknown here: the next save reads the base
+        files.update({k: base.files[k] for k in used})
+    with _lock:
+        _tables[(save_id, rank)] = BaseChunks(step, table, files)
+        while len(_tables) > _KEEP:
+            _tables.popitem(last=False)
 
 
 def finish_manifest(manifest: M.Manifest, base: M.Manifest | None,
@@ -228,4 +327,4 @@ def finish_manifest(manifest: M.Manifest, base: M.Manifest | None,
 
 
 __all__ = ["BaseChunks", "finish_manifest", "incremental_options", "is_full", "load_base",
-           "pick_base", "reuse"]
+           "pick_base", "remember_manifest", "remember_written", "reuse"]

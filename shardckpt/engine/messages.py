@@ -53,19 +53,21 @@ class Assignment:
     known: list[str | None] | None = None  # the structure hash rank 0 holds for each rank
     cause: str = ""  # of a refusal: "" (a rank's state), STORAGE or RIVAL (see Outcome)
     base: int | None = None  # incremental: the base step (engine/incremental.py)
+    base_id: str = ""  # incremental: the base's save id, as rank 0 read it
 
     def to_json(self) -> dict[str, Any]:
         return {"failures": _wire(self.failures), "save_id": self.save_id,
                 "prepared": list(self.prepared),
                 "writes": [[list(run) for run in w] for w in self.writes], "known": self.known,
-                "cause": self.cause, "base": self.base}
+                "cause": self.cause, "base": self.base, "base_id": self.base_id}
 
     @classmethod
     def from_json(cls, doc: Mapping[str, Any]) -> Assignment:
         base = doc.get("base")
         return cls(_ranks(doc["failures"]), doc["save_id"], tuple(doc["prepared"]),
                    tuple(tuple((a, b) for a, b in w) for w in doc["writes"]), doc["known"],
-                   str(doc.get("cause", "")), int(base) if base is not None else None)
+                   str(doc.get("cause", "")), int(base) if base is not None else None,
+                   str(doc.get("base_id", "")))
 
 
 @dataclass(frozen=True)

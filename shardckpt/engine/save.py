@@ -43,7 +43,7 @@ from ..storage.writers import may_remove
 from .comm import Comm
 from .failpolicy import mark_agreed
 from .failures import agree_on_state, describe, raise_failures
-from .incremental import finish_manifest, load_base, pick_base
+from .incremental import finish_manifest, load_base, pick_base, remember_manifest, remember_written
 from .messages import RIVAL, STORAGE, Assignment, FileEntry, Outcome, RankPlan, WriteReport
 from .pipeline import PipelineConfig
 from .stepdir import SaveRequest, build_manifest, commit_all, directory, prepare_all
@@ -276,7 +276,8 @@ class _SaveRun:
         return Assignment(failures, uuid.uuid4().hex, tuple(prepared), tuple(writes),
                           None if failures else self.cache.known(self.comm.world_size),
                           self.cause if failures else "",
-                          self.base.step if self.base is not None else None)
+                          self.base.step if self.base is not None else None,
+                          self.base.save_id if self.base is not None else "")
 
     def write(self, assignment: Assignment, collected: Collected) -> WriteReport:
         """Phase 2: write this rank's pieces to every prepared location; report to rank 0."""
@@ -293,12 +294,15 @@ class _SaveRun:
             config = PipelineConfig.plan(opts.codec, opts.chunk_size, opts.memory_budget,
                                          opts.files_per_rank)
             base = None if assignment.base is None else load_base(
-                targets[0][1], assignment.base, rank, ((p.key, p.offsets, p.lengths) for p in todo))
+                targets[0][1], assignment.base, rank, ((p.key, p.offsets, p.lengths) for p in todo),
+                assignment.base_id)
             self.clock.lap("plan")
             written = write_rank(targets, self.step_dir, todo, save_id=assignment.save_id,
                                  step=self.req.step, rank=rank, config=config,
                                  nfiles=opts.files_per_rank, threads=opts.io_threads,
                                  encoders=opts.encode_threads, nice=opts.nice, base=base)
+            if opts.incremental:  # the next save's base table (engine/incremental.py)
+                remember_written(assignment.save_id, rank, self.req.step, base, written)
             report = WriteReport(None, tuple(
                 FileEntry(w.record.name, w.record.nbytes, w.record.header_offset,
                           w.record.header_xxh3, tuple(w.stored_at)) for w in written),
@@ -343,6 +347,8 @@ class _SaveRun:
                 self.loc_failures.update(commit_failures)
                 if committed:
                     self.manifest = manifest
+                    if self.opts.incremental:  # the next save's base, not parsed again
+                        remember_manifest([self.locations[i] for i in committed], manifest)
                 else:
                     storage = True
                     failures = {0: f"commit succeeded at fewer than {self.min_replicas} "

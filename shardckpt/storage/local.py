@@ -24,7 +24,7 @@ from typing import Any, BinaryIO
 from .. import knobs
 from ..errors import StorageError
 from .base import Location, Sink, check_relpath
-from .direct import DIRECT_MIN, DirectWriter
+from .direct import DIRECT_WRITE_MIN, DirectWriter
 from .records import claim_path
 
 WRITE_BUFFER = 1 << 20
@@ -107,12 +107,12 @@ class _LocalSink(Sink):
         return StorageError(f"{self.path}: {op} failed: {type(exc).__name__}: {exc}")
 
     def write(self, data: Any) -> int:
-        """Large aligned buffers go straight to the disk (storage/direct.py), the rest through
-        the page cache."""
+        """Large aligned buffers (``DIRECT_WRITE_MIN`` bytes and more) go straight to the disk
+        (storage/direct.py), the rest through the page cache."""
         try:
             view = data if isinstance(data, memoryview) else memoryview(data)
             done = 0
-            if self._direct is not None and view.nbytes >= DIRECT_MIN:
+            if self._direct is not None and view.nbytes >= DIRECT_WRITE_MIN:
                 try:
                     done = self._direct.write(view, self._pos)
                 except OSError:  # a filesystem that took O_DIRECT at open but not here
