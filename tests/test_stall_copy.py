@@ -101,12 +101,18 @@ def test_a_routine_that_cannot_be_trusted_falls_back_to_memmove(
 
 
 class _NoExec:
-    class mprotect:  # noqa: N801 - stands in for libc's function
-        argtypes: list[object] = []
-        restype: object = None
+    """libc whose ``mprotect`` refuses to make a page executable."""
 
-        def __new__(cls, *args: object) -> int:  # type: ignore[misc]
-            return -1
+    def __init__(self) -> None:
+        self.mprotect = _Refused()
+
+
+class _Refused:
+    argtypes: object = None
+    restype: object = None
+
+    def __call__(self, *args: object) -> int:
+        return -1
 
 
 def test_save_commits_the_state_at_save_when_every_tensor_is_overwritten_at_once(
