@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     model, optim, shape = build(args.size_gb, None, device)
     state = {"model": model, "optim": optim}
     buffers = rawio.HostBuffers(local_tensors(model, optim), pin=False)
-    root = os.path.join(args.dir, f"run-{int(time.time())}")
+    root = gathered_path(os.path.join(args.dir, f"run-{time.time_ns()}"))
     mgr = shardckpt.CheckpointManager(os.path.join(root, "shardckpt"), async_save=True)
     clock = PartClock()
     clock.wrap(manager_module, "collect", "collect")
@@ -110,8 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         return {"stall_s": time.perf_counter() - t, "stall_cpu_s": time.thread_time() - c}
 
     def dcp() -> dict[str, float]:
-        path = os.path.join(root, f"dcp-{step}-{time.monotonic_ns()}")
-        path = gathered_path(path)
+        path = gathered_path(os.path.join(root, f"dcp-{time.monotonic_ns()}"))
         t = time.perf_counter()
         pending = dcp_modes.start_async_save(dcp_modes.state_dict(model, optim), path,
                                              process=False, fsync=True)
