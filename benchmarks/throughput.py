@@ -29,6 +29,8 @@ from typing import Any
 
 import torch.distributed as dist
 
+from shardckpt.engine import streamcopy
+
 from common.distributed import init_process_group, under_torchrun
 from common.machine import git_info, load_average, machine_info
 from common.output import capture_stdout, log, write_outputs
@@ -174,6 +176,7 @@ def config(bench: Bench, dropped: dict[str, str], orders: list[list[str]], devic
         "manager_held_bytes_per_rank": bench.held,
         "device": device,
         "backend": backend,
+        "stream_copy": streamcopy.why_not if streamcopy.routine() is None else "available",
     }
 
 

@@ -110,9 +110,13 @@ READ_ONCE = ChoiceKnob("SHARDCKPT_READ_ONCE", "auto", ("auto", "1", "0"),
                        "and sent to the others; 0: every rank reads its own; auto: on for object "
                        "stores and network filesystems, off for local disks")
 
+STREAM_COPY = Knob("SHARDCKPT_STREAM_COPY", 1, 0,
+                   "1: an eager snapshot's large CPU copies use streaming stores (x86-64 Linux, "
+                   "where the kernel allows the routine: engine/streamcopy.py); 0: memmove")
+
 ALL_KNOBS: tuple[Knob | ChoiceKnob, ...] = (
              CHUNK_SIZE, IO_THREADS, FILES_PER_RANK, MEMORY_BUDGET, ENCODE_THREADS,
              COLLECTIVE_TIMEOUT_S, FSYNC, DIRECT_IO, CONNECT_TIMEOUT_S, CONNECT_ATTEMPTS,
              UNREACHABLE_TTL_S, STORAGE_ATTEMPTS, STORAGE_RETRY_SECONDS, S3_BLOCK_SIZE,
              LEASE_TTL_S, PRUNE_LOCK_TTL_S, LOCK_SETTLE_MS, EXIT_WAIT_S,
-             SAVE_NICE, MAX_FAILED_SAVES, READ_ONCE)
+             SAVE_NICE, MAX_FAILED_SAVES, READ_ONCE, STREAM_COPY)

@@ -172,7 +172,9 @@ def notes(bench: Bench) -> list[str]:
         "committed (wait()/result() returned)",
         "shardckpt_async runs the manager's default snapshot mode, eager: every tensor is "
         "copied inside save() (the guarantee dcp.async_save gives), so its stall is one copy of "
-        "the rank's state into reused staging buffers; shardckpt_blocking writes from the live "
+        "the rank's state into reused staging buffers (from 2 MiB on with streaming stores, "
+        "where config.stream_copy says available: engine/streamcopy.py); shardckpt_blocking "
+        "writes from the live "
         "tensors through aligned bounce buffers, copied by the encoder threads ahead of the "
         "writes",
         "dcp_* times include get_state_dict (and dcp_load includes set_state_dict), which "
@@ -180,8 +182,8 @@ def notes(bench: Bench) -> list[str]:
         "raw_write/raw_read move the rank's exact state bytes (copied into one flat CPU buffer) "
         "to/from one file per rank in io_chunk_bytes writes; raw_write fsyncs the file and its "
         "directory when fsync is on",
-        "memcpy copies every local tensor into preallocated, pre-faulted CPU buffers (one thread "
-        "per rank under torchrun's OMP_NUM_THREADS=1)",
+        "memcpy copies every local tensor into preallocated, pre-faulted CPU buffers with "
+        "Tensor.copy_ (one thread per rank under torchrun's OMP_NUM_THREADS=1; plain stores)",
         "loads: the state is zeroed (untimed) before each load and compared with the saved "
         "values after it (verified)",
         "rss: sampled every ~5 ms per rank; gc + malloc_trim(0) run (untimed) before and after "

@@ -3,12 +3,12 @@ tensors the moment it is allowed to.
 
 Buffers are kept per leaf key between saves (a training state has the same keys and shapes at
 every save), so after the first save a snapshot is a plain memory copy into warm pages: no
-allocation, no page faults (large CPU copies are one ``memcpy`` each, into buffers on huge
-pages: engine/hostcopy.py). A save reuses them only once the previous save has finished: the
-manager waits for it before staging. Buffers for CUDA tensors are pinned and filled on a side
-stream that is ordered after the current stream's work. Large CPU buffers are page-aligned
-(anonymous ``mmap``) so that the writer can hand them to the disk without the page cache
-(storage/direct.py); pinned buffers already are.
+allocation, no page faults (large CPU copies are one streamed copy or ``memmove`` each, into
+buffers on huge pages: engine/hostcopy.py). A save reuses them only once the previous save has
+finished: the manager waits for it before staging. Buffers for CUDA tensors are pinned and
+filled on a side stream that is ordered after the current stream's work. Large CPU buffers are
+page-aligned (anonymous ``mmap``) so that the writer can hand them to the disk without the page
+cache (storage/direct.py); pinned buffers already are.
 
 * **Eager** (``snapshot="eager"``, the default): every tensor is copied inside ``save``, so the
   checkpoint is the state at ``save()`` whatever writes it later; for CUDA tensors the training
