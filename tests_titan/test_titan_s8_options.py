@@ -123,9 +123,11 @@ def test_bad_option_values_are_refused_naming_the_field(bad: dict[str, Any]) -> 
 
 
 def test_what_only_the_manager_can_check_is_refused_when_it_is_built(tmp_path: Path) -> None:
-    """A trusted key that is no PEM file, a local path inside the checkpoint folder, a bad
-    compression: TitanConfigError when the backend is built, nothing written."""
+    """A trusted key that is missing or no PEM key, a local path inside the checkpoint folder,
+    a bad compression: TitanConfigError when the backend is built, nothing written."""
+    (tmp_path / "junk.pem").write_text("not a key")
     for bad, says in (({"trusted_keys": [str(tmp_path / "missing.pem")]}, "missing.pem"),
+                      ({"trusted_keys": [str(tmp_path / "junk.pem")]}, "not a PEM public key"),
                       ({"local_path": "checkpoint/local", "local_every": 2,
                         "local_copies": 1}, "overlaps"),
                       ({"compression": "gzip"}, "gzip")):
@@ -142,3 +144,62 @@ def test_the_new_options_default_to_what_checkpoint_manager_does() -> None:
         (False, 0, None, [])
     assert cfg.async_mode == "disabled"  # the DCP backend's default: saves block
     assert Config(async_mode="ASYNC").async_mode == "async"  # case folded, as DCP's
+
+
+def _keys(where: Path) -> tuple[str, str]:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    private, public = where / "key.pem", where / "key.pub.pem"
+    private.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                          serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()))
+    public.write_bytes(key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    return str(private), str(public)
+
+
+def _job(tmp_path: Path, name: str, model: torch.nn.Module, **ckpt: Any
+         ) -> ShardckptCheckpointManager:
+    return Config(enable=True, interval=2, keep_latest_k=0, last_save_model_only=False,
+                  **ckpt).build(dataloader=None, model_parts=[model], optimizers=None,
+                                lr_schedulers=None, states={},
+                                base_folder=str(tmp_path / name))
+
+
+def test_trusted_keys_load_only_signed_steps(tmp_path: Path) -> None:
+    """Step 2 signed, step 4 not: a job with trusted_keys resumes from step 2 (its own folder)
+    and starts from it (a shardckpt root as initial_load_path); a DCP or Hugging Face folder as
+    initial_load_path, which cannot be signed, is refused."""
+    from shardckpt.cli.main import main
+    from shardckpt.integrations.torchtitan import TitanLoadError
+
+    private, public = _keys(tmp_path)
+    model = torch.nn.Linear(4, 4)
+    job = _job(tmp_path, "run", model)
+    values = {}
+    for step in (2, 4):
+        with torch.no_grad():
+            model.weight.fill_(float(step))
+        values[step] = model.weight.clone()
+        job.save(step)
+    job.close()
+    root = str(tmp_path / "run" / "checkpoint")
+    assert main(["sign", root, "--step", "2", "--key", private]) == 0
+    for name, ckpt in (("run", {}), ("fresh", {"initial_load_path": root})):
+        resumed = torch.nn.Linear(4, 4)
+        job = _job(tmp_path, name, resumed, trusted_keys=[public], **ckpt)
+        with pytest.warns(UserWarning, match="unsigned"):
+            assert job.load() is True
+        assert torch.equal(resumed.weight, values[2]), name  # not step 4: unsigned
+        job.close()
+    dcp = tmp_path / "dcp" / "step-6"
+    dcp.mkdir(parents=True)
+    (dcp / ".metadata").write_bytes(b"")
+    for ckpt in ({"initial_load_path": str(dcp), "trust_dcp_pickle": True},
+                 {"initial_load_path": str(dcp.parent), "initial_load_in_hf": True}):
+        job = _job(tmp_path, "refused", torch.nn.Linear(4, 4), trusted_keys=[public], **ckpt)
+        with pytest.raises(TitanLoadError, match="cannot be signed"):
+            job.load()
+        job.close()

@@ -9,7 +9,10 @@ torchtitan's ``Trainer`` builds it as it builds its DCP ``CheckpointManager`` (s
 arguments) and makes the same calls: ``load`` when training starts, ``save`` after every step,
 ``maybe_wait_for_staging`` before the optimizer step, ``maybe_wait_for_saving`` and ``close``.
 Every field of torchtitan's base checkpoint config means what it means for DCP (see
-docs/integrations.md for the table); the fields below the base ones are shardckpt's.
+docs/integrations.md for the table); the fields below the base ones are shardckpt's, with the
+meaning of :class:`~shardckpt.CheckpointManager`'s keyword arguments of the same names
+(``local_*``: its ``LocalTier``), plus ``async_mode`` as the DCP backend's (checked and mapped
+in :mod:`.torchtitan_options`).
 
 What a checkpoint holds, with no pickle (``ROOT = dump_folder/folder``, a shardckpt root):
 
