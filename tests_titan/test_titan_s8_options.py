@@ -162,10 +162,10 @@ def _keys(where: Path) -> tuple[str, str]:
 
 def _job(tmp_path: Path, name: str, model: torch.nn.Module, **ckpt: Any
          ) -> ShardckptCheckpointManager:
-    return Config(enable=True, interval=2, keep_latest_k=0, last_save_model_only=False,
-                  **ckpt).build(dataloader=None, model_parts=[model], optimizers=None,
-                                lr_schedulers=None, states={},
-                                base_folder=str(tmp_path / name))
+    cfg = Config(**{"enable": True, "interval": 2, "keep_latest_k": 0,
+                    "last_save_model_only": False, **ckpt})
+    return cfg.build(dataloader=None, model_parts=[model], optimizers=None, lr_schedulers=None,
+                     states={}, base_folder=str(tmp_path / name))
 
 
 def test_trusted_keys_load_only_signed_steps(tmp_path: Path) -> None:
@@ -203,3 +203,19 @@ def test_trusted_keys_load_only_signed_steps(tmp_path: Path) -> None:
         with pytest.raises(TitanLoadError, match="cannot be signed"):
             job.load()
         job.close()
+
+
+def test_the_first_step_checkpoint_is_persistent_with_a_local_tier(tmp_path: Path) -> None:
+    """enable_first_step_checkpoint with local_every=1: step 1 goes to both tiers (the manager
+    alone would write only the local one, the only one due); step 2 to the local tier only."""
+    with warnings.catch_warnings(action="ignore"):  # a local tier on a single node
+        job = _job(tmp_path, "first", torch.nn.Linear(4, 4), interval=5,
+                   enable_first_step_checkpoint=True, local_path=str(tmp_path / "local"),
+                   local_every=1, local_copies=1)
+        try:
+            assert job.save(1) and job.save(2)
+            job.maybe_wait_for_saving()
+            assert job.manager.steps() == [1]
+            assert job.manager.steps(tier="local") == [1, 2]
+        finally:
+            job.close()

@@ -195,11 +195,15 @@ class ShardckptCheckpointManager(BaseCheckpointManager):
             return False
         # no wait here: the manager's save waits for the previous one itself, and settles its
         # outcome by on_error (a failure raises on every rank, or is warned about); it writes
-        # the tiers that are due (neither: the persistent one, e.g. step 1)
+        # the tiers that are due, and the first step's checkpoint is persistent too
         if last_step:
             self._save_last_step(curr_step)
             return True
-        self.save_future = self.manager.save(curr_step, self._state())
+        tier = None
+        if curr_step == 1 and self.config.enable_first_step_checkpoint and \
+                self.config.local_path is not None:
+            tier = "both" if self.config.local_every == 1 else "persistent"
+        self.save_future = self.manager.save(curr_step, self._state(), tier=tier)
         return True
 
     def _save_last_step(self, step: int) -> None:
