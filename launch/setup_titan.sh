@@ -2,7 +2,8 @@
 # Create (or reuse) ./.venv-titan for the torchtitan backend's tests (tests_titan/): torch first,
 # then torchtitan 0.3.0 and its dependencies under a constraint that keeps that torch (torchtitan
 # pins datasets and pulls wandb and tensorboard, so it stays out of .venv and of shardckpt's own
-# dependencies), then shardckpt itself (-e) and the test tools.
+# dependencies), then shardckpt itself (-e, with the export and sign extras: safetensors for the
+# HF export, cryptography for trusted_keys) and the test tools.
 # SHARDCKPT_TORCH overrides the torch requirement (default: torch==2.13.0, a CPU build where a
 # local wheel is configured), as for launch/setup.sh.
 set -euo pipefail
@@ -28,7 +29,7 @@ WANT="$TITAN $(cat pyproject.toml "$0" | sha256sum)"
 if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ] || \
     ! "$VENV/bin/python" -c "import torchtitan, transformers, shardckpt, pytest" 2>/dev/null; then
   "$VENV/bin/python" -m pip install -q -c "$VENV/constraints.txt" "$TITAN" "transformers>=4.46" \
-    -e ".[export]" "pytest>=8" "pytest-timeout>=2.2" "psutil>=5.9" 2>&1 | quiet
+    -e ".[export,sign]" "pytest>=8" "pytest-timeout>=2.2" "psutil>=5.9" 2>&1 | quiet
   echo "$WANT" > "$STAMP"
 fi
 "$VENV/bin/python" - <<'PY'

@@ -114,10 +114,13 @@ class Job:
     backend: str = "shardckpt"
     ckpt: dict[str, Any] = field(default_factory=dict)
     shard: bool = True  # FSDP2 over all ranks (False: a plain model, e.g. a seed checkpoint)
+    freeze: bool = False  # the first decoder layer frozen: bytes an incremental save reuses
 
     def __post_init__(self) -> None:
         torch.manual_seed(0)
         self.model = LlamaForCausalLM(hf_config())
+        if self.freeze:
+            self.model.model.layers[0].requires_grad_(False)
         if self.shard:
             mesh = init_device_mesh("cpu", (self.world,))
             for layer in self.model.model.layers:
@@ -193,6 +196,7 @@ def root_of(dump: str) -> str:
 # Each is a ``harness.run_ranks`` target: ``fn(rank, world_size, base)``.
 
 RESUMABLE = {"interval": 3, "keep_latest_k": 0, "last_save_model_only": False}
+SHARD_RESUMABLE = {**RESUMABLE, "async_mode": "async"}  # shardckpt: killed mid-write maybe
 
 
 def first_runs(rank: int, world: int, base: str) -> None:
@@ -206,7 +210,7 @@ def first_runs(rank: int, world: int, base: str) -> None:
     with open(f"{base}/first-{rank}.json", "w") as f:
         json.dump(out, f)
     dist.barrier()
-    Job(rank, world, f"{base}/shard", ckpt=RESUMABLE).train(kill_after=8)
+    Job(rank, world, f"{base}/shard", ckpt=SHARD_RESUMABLE).train(kill_after=8)
 
 
 def resumed_runs(rank: int, world: int, base: str) -> dict[str, Any]:
@@ -214,7 +218,8 @@ def resumed_runs(rank: int, world: int, base: str) -> dict[str, Any]:
     ``initial_load_path`` of fresh shardckpt jobs (refused without ``trust_dcp_pickle``)."""
     from shardckpt.integrations.torchtitan_io import TitanLoadError
 
-    out: dict[str, Any] = {"shard": Job(rank, world, f"{base}/shard", ckpt=RESUMABLE).train(),
+    out: dict[str, Any] = {"shard": Job(rank, world, f"{base}/shard",
+                                        ckpt=SHARD_RESUMABLE).train(),
                            "dcp": Job(rank, world, f"{base}/dcp", "dcp", RESUMABLE).train()}
     path = os.path.join(root_of(f"{base}/dcp"), "step-6")
     refused = Job(rank, world, f"{base}/refused", ckpt={"initial_load_path": path})
@@ -247,9 +252,10 @@ def field_runs(rank: int, world: int, base: str) -> dict[str, Any]:
     out["keep"] = Job(rank, world, f"{base}/keep", ckpt={
         "interval": 2, "keep_latest_k": 2, "last_save_model_only": False,
         "replicas": [f"{base}/keep-replica"], "compression": "zstd", "snapshot": "lazy",
-        "on_error": "warn", "async_save": True}).train()
+        "on_error": "warn", "async_mode": "async"}).train()
     out["first"] = Job(rank, world, f"{base}/first", ckpt={
-        "interval": 4, "enable_first_step_checkpoint": True, "async_save": False}).train(stop=5)
+        "interval": 4, "enable_first_step_checkpoint": True, "async_mode": "disabled"}).train(
+            stop=5)
     out["load_only"] = Job(rank, world, f"{base}/first",
                            ckpt={"interval": 1, "load_only": True}).train(stop=7)
     out["load_step"] = Job(rank, world, f"{base}/first",
@@ -276,4 +282,36 @@ def field_runs(rank: int, world: int, base: str) -> dict[str, Any]:
         "initial_load_path": hf_dir, "initial_load_in_hf": True})
     out["from_hf"] = {"loaded": job.checkpointer.load(), **job.result()}
     job.checkpointer.close()
+    return out
+
+
+# ------------------------------------------- the backend's shardckpt options (session 8)
+
+INCREMENTAL = {"interval": 3, "keep_latest_k": 0, "incremental": True, "full_every": 0,
+               "async_mode": "async"}
+
+
+def local_tier(base: str, rank: int) -> dict[str, Any]:
+    """Persistent every 5 steps, node-local every 2; each rank its own node (local_node), so
+    that each rank's files have a copy on the other node. Blocking saves: an async local save
+    due while the previous one still runs is skipped, which would make the steps vary."""
+    return {"interval": 5, "keep_latest_k": 0, "local_path": f"{base}/local/{{node}}",
+            "local_every": 2, "local_keep": 2, "local_node": str(rank),
+            "async_mode": "disabled"}
+
+
+def option_runs(rank: int, world: int, base: str) -> dict[str, Any]:
+    """The uninterrupted reference (first layer frozen); an incremental job stopped after
+    step 7 (saves at 3 and 6) and resumed; a job with a node-local tier stopped after step 7
+    (persistent step 5, local steps 4 and 6) and resumed, from local step 6."""
+    out: dict[str, Any] = {"ref": Job(rank, world, f"{base}/ref", ckpt={"enable": False},
+                                      freeze=True).train()}
+    for name, ckpt in (("inc", INCREMENTAL), ("local", local_tier(base, rank))):
+        out[f"{name}_first"] = Job(rank, world, f"{base}/{name}", ckpt=ckpt,
+                                   freeze=True).train(stop=7)
+        job = Job(rank, world, f"{base}/{name}", ckpt=ckpt, freeze=True)
+        if name == "local":
+            out["local_steps"] = job.checkpointer.manager.steps(tier="local")
+            out["persistent_steps"] = job.checkpointer.manager.steps()
+        out[name] = job.train()
     return out

@@ -2,13 +2,17 @@
 
     from shardckpt.integrations.torchtitan import ShardckptCheckpointManager
 
-    checkpoint=ShardckptCheckpointManager.Config(enable=True, interval=500, keep_latest_k=3)
+    checkpoint=ShardckptCheckpointManager.Config(enable=True, interval=500, keep_latest_k=3,
+                                                 async_mode="async")
 
 torchtitan's ``Trainer`` builds it as it builds its DCP ``CheckpointManager`` (same keyword
 arguments) and makes the same calls: ``load`` when training starts, ``save`` after every step,
 ``maybe_wait_for_staging`` before the optimizer step, ``maybe_wait_for_saving`` and ``close``.
 Every field of torchtitan's base checkpoint config means what it means for DCP (see
-docs/integrations.md for the table); the fields below the base ones are shardckpt's.
+docs/integrations.md for the table); the fields below the base ones are shardckpt's, with the
+meaning of :class:`~shardckpt.CheckpointManager`'s keyword arguments of the same names
+(``local_*``: its ``LocalTier``), plus ``async_mode`` as the DCP backend's (checked and mapped
+in :mod:`.torchtitan_options`).
 
 What a checkpoint holds, with no pickle (``ROOT = dump_folder/folder``, a shardckpt root):
 
@@ -36,13 +40,14 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError("shardckpt.integrations.torchtitan needs torchtitan >= 0.3 "
                       "(pip install torchtitan)") from exc
 
-from ..engine.failpolicy import check_on_error
 from ..errors import ShardckptError
 from ..manager import CheckpointManager
-from ..policy import RetentionPolicy
 from . import torchtitan_io as io
+from . import torchtitan_options as options
+from .torchtitan_io import TitanLoadError
+from .torchtitan_options import TitanConfigError
 
-__all__ = ["MODEL_ONLY", "ShardckptCheckpointManager"]
+__all__ = ["MODEL_ONLY", "ShardckptCheckpointManager", "TitanConfigError", "TitanLoadError"]
 
 MODEL, OPTIMIZER, LR_SCHEDULER, DATALOADER = "model", "optimizer", "lr_scheduler", "dataloader"
 MODEL_ONLY = "model-only"  # the tag of a step holding the model only (seed, last save)
@@ -93,19 +98,45 @@ class ShardckptCheckpointManager(BaseCheckpointManager):
         on_error: Literal["raise", "warn"] = "raise"
         """"warn": a failed background save is warned about and training goes on."""
 
-        async_save: bool = True
-        """Write in the background once the state is snapshotted (False: save blocks)."""
+        async_mode: Literal["disabled", "async", "async_with_pinned_mem"] = "disabled"
+        """As the DCP backend's field: "disabled", save blocks until committed; "async" and
+        "async_with_pinned_mem" (the same here), save returns once the state is snapshotted
+        and the write goes on in the background."""
 
         trust_dcp_pickle: bool = False
         """A DCP folder as initial_load_path is read only when True: its index is a pickle."""
 
+        incremental: bool = False
+        """A save writes only the chunks whose bytes changed since its base step (the newest
+        step committed everywhere) and references the rest (CheckpointManager's)."""
+
+        full_every: int = 0
+        """With incremental: a save is full when the newest full step is K saves old (0: never
+        forced). Bounds how many steps share one base's bytes."""
+
+        local_path: str | None = None
+        """The node-local tier (off when None): each node's path, ``{node}`` its node id;
+        relative to dump_folder when relative, as ``folder``."""
+
+        local_every: int = 0
+        """A local save every N steps (needed with local_path)."""
+
+        local_copies: int = 2
+        """Each rank's local files on this many distinct nodes (its own and the next ones)."""
+
+        local_keep: int = 2
+        """The newest local steps each node keeps."""
+
+        local_node: str | None = None
+        """This node's id (default: $GROUP_RANK, then $SLURM_NODEID, then the host name)."""
+
+        trusted_keys: list[str] = field(default_factory=list)
+        """PEM public keys: only checkpoints one of them signed are loaded (also a shardckpt
+        root as initial_load_path; DCP and HF folders are then refused)."""
+
         def __post_init__(self) -> None:
             BaseCheckpointManager.Config.__post_init__(self)
-            if self.snapshot not in ("eager", "lazy"):
-                raise ValueError(f"snapshot must be 'eager' or 'lazy', got {self.snapshot!r}")
-            check_on_error(self.on_error)
-            if self.export_dtype not in io.DTYPES:
-                raise ValueError(f"export_dtype must be one of {', '.join(io.DTYPES)}")
+            options.check(self, io.DTYPES)
 
     def __init__(self, config: Config, *, dataloader: Any, model_parts: list[Any],
                  optimizers: Any, lr_schedulers: Any, states: dict[str, Any],
@@ -127,13 +158,8 @@ class ShardckptCheckpointManager(BaseCheckpointManager):
         self.states.update({MODEL: ModelWrapper(model_parts), OPTIMIZER: optimizers,
                             DATALOADER: dataloader, LR_SCHEDULER: lr_schedulers})
         to_dict = getattr(config, "to_dict", None)
-        self.manager = CheckpointManager(
-            self.folder, replicas=config.replicas, min_replicas=config.min_replicas,
-            retention=RetentionPolicy(keep_last=config.keep_latest_k)
-            if config.keep_latest_k else None,
-            save_every=config.interval, async_save=config.async_save,
-            compression=config.compression, snapshot=config.snapshot,
-            on_error=config.on_error,
+        self.manager = options.build_manager(
+            CheckpointManager, self.folder, config, base_folder,
             config={"torchtitan_checkpoint": to_dict()} if callable(to_dict) else None)
 
     # ------------------------------------------------------------------------------- state
@@ -162,33 +188,39 @@ class ShardckptCheckpointManager(BaseCheckpointManager):
         if self.config.load_only:
             return False
         return (step == 1 and self.config.enable_first_step_checkpoint) or last_step or \
-            step % self.interval == 0
+            self.manager.should_save(step)  # every interval steps, or local_every
 
     def _save(self, curr_step: int, last_step: bool = False) -> bool:
         if not self._due(curr_step, last_step):
             return False
         # no wait here: the manager's save waits for the previous one itself, and settles its
-        # outcome by on_error (a failure raises on every rank, or is warned about)
+        # outcome by on_error (a failure raises on every rank, or is warned about); it writes
+        # the tiers that are due, and the first step's checkpoint is persistent too
         if last_step:
             self._save_last_step(curr_step)
             return True
-        self.save_future = self.manager.save(curr_step, self._state())
+        tier = None
+        if curr_step == 1 and self.config.enable_first_step_checkpoint and \
+                self.config.local_path is not None:
+            tier = "both" if self.config.local_every == 1 else "persistent"
+        self.save_future = self.manager.save(curr_step, self._state(), tier=tier)
         return True
 
     def _save_last_step(self, step: int) -> None:
-        """Blocking, as torchtitan's last save: the model only (cast to ``export_dtype``, or
-        under Hugging Face names and then exported as an HF folder), or everything."""
+        """Blocking and persistent (never only node-local), as torchtitan's last save: the
+        model only (cast to ``export_dtype``, or under Hugging Face names and then exported as
+        an HF folder), or everything."""
+        last = {"blocking": True, "tier": "persistent"}
         if not self.config.last_save_model_only:
-            self.manager.save(step, self._state(), blocking=True)
+            self.manager.save(step, self._state(), **last)
             return
         dtype = io.DTYPES[self.config.export_dtype]
         sd = self.states[MODEL].state_dict()
         if not self.config.last_save_in_hf:
-            self.manager.save(step, {MODEL: io.cast(sd, dtype)}, tags=(MODEL_ONLY,),
-                              blocking=True)
+            self.manager.save(step, {MODEL: io.cast(sd, dtype)}, tags=(MODEL_ONLY,), **last)
             return
         self.manager.save(step, {MODEL: self.sd_adapter.to_hf(sd)}, tags=(MODEL_ONLY, HF),
-                          blocking=True)
+                          **last)
         error: Exception | None = None
         if self.manager.rank == 0:
             try:
@@ -228,6 +260,11 @@ class ShardckptCheckpointManager(BaseCheckpointManager):
                 raise FileNotFoundError(f"--checkpoint.load_step={step} not found: "
                                         f"{self.folder} holds steps {self.manager.steps()}")
             load_step: int | None = step
+        elif self._local_is_newer():  # the newest step recoverable from either tier
+            state = self._state(self._loadable())
+            self.manager.load(state)
+            self._restore_loader(state)
+            return True
         else:
             load_step = self._find_load_step()
         if load_step is None:
@@ -239,9 +276,22 @@ class ShardckptCheckpointManager(BaseCheckpointManager):
         newest = step == -1 and load_step == self.manager.latest_step()
         self.manager.load(state, step=None if newest else load_step,
                           restore_rng=not model_only)
+        self._restore_loader(state)
+        return True
+
+    def _local_is_newer(self) -> bool:
+        """Collective: whether some node holds a local step newer than every persistent step
+        (then ``manager.load`` restores across tiers: local steps, newest first, then the
+        persistent ones). Never under ``trusted_keys``: local copies are not signed."""
+        if self.config.local_path is None or self.config.trusted_keys:
+            return False
+        local, persistent = self.manager.steps(tier="local"), self.manager.latest_step()
+        newer = bool(local) and (persistent is None or local[-1] > persistent)
+        return self.manager._comm.any_true(newer, "torchtitan: newer local steps")
+
+    def _restore_loader(self, state: dict[str, Any]) -> None:
         if DATALOADER in state and self.dataloader is not None:
             io.load_loader_state(self.dataloader, state[DATALOADER])
-        return True
 
     def _initial_load(self) -> bool:
         cfg, model = self.config, self.states[MODEL]
@@ -255,6 +305,11 @@ class ShardckptCheckpointManager(BaseCheckpointManager):
             return False  # a fresh start
         if not os.path.isdir(path):
             raise ValueError(f"checkpoint.initial_load_path is not a folder: {path}")
+        if cfg.trusted_keys and (cfg.initial_load_in_hf or io.is_dcp_folder(path)):
+            raise TitanLoadError(f"checkpoint.initial_load_path {path}: a "
+                                 f"{'Hugging Face' if cfg.initial_load_in_hf else 'DCP'} "
+                                 "folder cannot be signed, and checkpoint.trusted_keys is set: "
+                                 "only signed shardckpt checkpoints load")
         if cfg.initial_load_in_hf:
             io.load_hf_folder(path, model, self.sd_adapter, cfg.initial_load_in_hf_quantized)
         elif io.is_dcp_folder(path):
@@ -268,11 +323,11 @@ class ShardckptCheckpointManager(BaseCheckpointManager):
             model.load_state_dict(states)
         else:  # another shardckpt root (its newest step)
             keys = [MODEL] if cfg.initial_load_model_only else self._loadable()
-            with CheckpointManager(path, async_save=False) as source:
+            with CheckpointManager(path, async_save=False,
+                                   trusted_keys=cfg.trusted_keys) as source:
                 state = self._state(keys)
                 source.load(state, restore_rng=False)
-            if DATALOADER in state and self.dataloader is not None:
-                io.load_loader_state(self.dataloader, state[DATALOADER])
+            self._restore_loader(state)
         return True
 
     # ------------------------------------------------------------------------------- close
