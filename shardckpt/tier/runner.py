@@ -26,7 +26,7 @@ from ..engine.comm import make_comm
 from ..engine.lazy import LazySnapshot
 from ..engine.load import CorruptLoadError, IncompleteLoadError
 from ..engine.snapshot import Snapshot, StagingPool
-from ..errors import IncompleteCheckpointError, ShardckptError
+from ..errors import IncompleteCheckpointError
 from ..extras import with_extras
 from ..format import manifest as M
 from ..golden import GOLDEN_KEY
@@ -37,6 +37,7 @@ from .config import LocalTier
 from .goldencheck import GoldenMismatchError, check_golden, with_golden
 from .local import LocalTierStore
 from .pathcheck import check_paths
+from .persistentlist import PersistentSteps, full_listing
 from .recover import recover
 
 TIERS = ("local", "persistent", "both")
@@ -127,7 +128,8 @@ class LocalTierRunner:
         """This node's complete local steps."""
         return self.store.steps()
 
-    def load(self, state: dict[str, Any], strict: bool, persistent_steps: Sequence[int],
+    def load(self, state: dict[str, Any], strict: bool,
+             persistent_steps: Sequence[int] | PersistentSteps,
              load_persistent: Callable[[int], Mapping[str, float]], restore_rng: bool = True,
              verify_golden: bool = False) -> tuple[Candidate, dict[str, Any]]:
         """Collective: restore from the newest step recoverable from either tier
@@ -142,16 +144,21 @@ class LocalTierRunner:
         """Collective: ``manager.load(state)`` across tiers (issue 28). The persistent tier's
         steps and loads are the manager's own (``steps()``, ``load(step=...)``); sets
         ``manager.last_load_profile`` and returns the step restored. ``verify_golden``: each
-        candidate must also reproduce its golden outputs (:mod:`.goldencheck`)."""
+        candidate must also reproduce its golden outputs (:mod:`.goldencheck`). The persistent
+        tier is listed while the holdings are surveyed, and validated only where it can change
+        the choice (:mod:`.persistentlist`)."""
         manager.wait()
-        steps = persistent_steps(manager, self.store.comm)
+        steps = PersistentSteps(manager, self.store.comm)
 
         def load_persistent(step: int) -> Mapping[str, float]:
             return load_checked(manager, self.store.comm, state, step, strict, restore_rng,
                                 verify_golden)
 
-        cand, profile = self.load(state, strict, steps, load_persistent, restore_rng,
-                                  verify_golden)
+        try:
+            cand, profile = self.load(state, strict, steps, load_persistent, restore_rng,
+                                      verify_golden)
+        finally:
+            steps.close()
         manager.last_load_profile = profile
         received = self.store.comm.all_gather_json(  # the job's, for the audit record
             float(profile.get("bytes_received", 0) or 0), "load: bytes received")
@@ -180,23 +187,6 @@ class LocalTierRunner:
         finally:
             self._pool.shutdown(wait=True)
             self._staging.release()
-
-
-def persistent_steps(manager: Any, comm: Any) -> list[int]:
-    """The persistent tier's committed steps, listed by rank 0 alone (one listing of the
-    store per job, not one per rank) and sent to every rank; a listing that fails raises on
-    every rank alike."""
-    listed: Any = None
-    if comm.rank == 0:
-        try:
-            listed = manager.steps()
-        except ShardckptError as exc:
-            listed = {"error": f"{type(exc).__name__}: {exc}"}
-    listed = comm.broadcast_json(listed, "load: persistent steps")
-    if isinstance(listed, dict):
-        raise ShardckptError(f"load: listing the persistent tier failed on rank 0: "
-                             f"{listed['error']}")
-    return [int(s) for s in listed]
 
 
 # -------------------------------------------------------------- the manager's thin calls
@@ -291,8 +281,8 @@ def load_tiers(manager: Any, runner: LocalTierRunner | NoLocalTier, state: dict[
     if step is None and isinstance(runner, LocalTierRunner):
         return runner.load_for(manager, state, strict, restore_rng, verify_golden)
     comm = manager._comm
-    steps = [step] if step is not None else sorted(persistent_steps(manager, comm),
-                                                   reverse=True)
+    steps = [step] if step is not None else sorted(full_listing(manager, comm),
+                                                  reverse=True)
     if not steps:
         raise IncompleteCheckpointError(f"{manager.location.display}: no committed checkpoint "
                                         f"to load")
