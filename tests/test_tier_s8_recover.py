@@ -72,7 +72,7 @@ def corrupt_rank_0(root: Path, step: int) -> None:
         name = max(holdings.ranks[0], key=lambda n: holdings.ranks[0][n].nbytes)
         path = root / node / f"step-{step:010d}" / name
         data = bytearray(path.read_bytes())
-        header = read_header(lambda off, n: bytes(data[off:off + n]), len(data), name)
+        header = read_header(lambda off, n, data=data: bytes(data[off:off + n]), len(data), name)
         chunk = max((c for p in header.pieces for c in p.chunks), key=lambda c: c.stored)
         data[chunk.offset + chunk.stored // 2] ^= 0x01
         path.write_bytes(bytes(data))
