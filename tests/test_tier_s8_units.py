@@ -20,7 +20,7 @@ from shardckpt.planning.fastplan import uniform_plan
 from shardckpt.planning.localcopies import SelfSufficientPlanCache, copied_keys
 from shardckpt.planning.plancache import PlanCache
 from shardckpt.storage import open_location
-from shardckpt.tier.persistentlist import KnownSteps, PersistentSteps, step_names
+from shardckpt.tier.persistentlist import KnownSteps, PersistentSteps, step_names, warm_up
 
 WORLD = 4
 RNG = f"{RNG_KEY}/torch"
@@ -168,3 +168,20 @@ def test_a_failing_full_listing_raises(tmp_path: Path) -> None:
 def test_known_steps_are_a_plain_list() -> None:
     known = KnownSteps([10, 5, 5])
     assert known.newer_than(5) == [10] and known.all() == [5, 10]
+
+
+def test_the_remote_store_is_warmed_up_once_at_construction(tmp_path: Path) -> None:
+    assert warm_up([open_location(str(tmp_path))]) is None  # a local disk: nothing to make
+    remote = open_location(f"memory://s8-warm-{tmp_path.name}")
+    remote.makedirs("step-0000000003")
+    remote.write_atomic("step-0000000003/x", b"x")
+    thread = warm_up([remote])
+    assert thread is not None and thread.daemon
+    mgr = CountingManager(tmp_path, [3])
+    mgr.locations = [remote]
+    steps = PersistentSteps(mgr, LocalComm(), after=thread)  # lists once the warm-up is done
+    try:
+        assert steps.newer_than(2) == [3] and mgr.full == 1
+        assert not thread.is_alive()
+    finally:
+        steps.close()

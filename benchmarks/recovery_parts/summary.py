@@ -11,7 +11,8 @@ from common.rounds import median
 
 RESUMES = ("local", "persistent_disk", "persistent_s3")
 SAVES = ("none", "local", "persistent_disk", "persistent_s3")
-PHASES = ("survey_s", "manifest_s", "receive_s", "read_s", "total_s")
+PHASES = ("survey_s", "holdings_s", "gather_s", "persistent_s", "manifest_s", "receive_s",
+          "read_s", "total_s")
 STAMPS = ("process_started", "process_group_ready", "model_built", "manager_ready", "loaded",
           "first_step_done")
 
@@ -31,7 +32,8 @@ DEFINITIONS = {
                       "what load() does around it (rank 0 records the restore in the audit "
                       "trail at the persistent root)",
     "phases_s_per_rank": "the local restore's phases on each rank (the load profile): "
-                         "survey_s (holdings, the persistent step names, the choice), "
+                         "survey_s (holdings_s: this node's holdings; gather_s: every "
+                         "rank's; persistent_s: the persistent step names from rank 0), "
                          "manifest_s (manifest, which files each rank reads), receive_s (peer "
                          "transfers), read_s (the load from the node's path), total_s",
     "since_launch_s": "each phase's end, slowest rank, in seconds after the launch",

@@ -8,7 +8,8 @@ saves are the more frequent ones. So :class:`PersistentSteps`:
 
 * starts, on rank 0 alone, a listing of the step directory *names* of the manager's locations
   (a probe and one listing each, no manifest read) on a thread, as soon as the load begins: it
-  runs while every rank surveys its node's holdings;
+  runs while every rank surveys its node's holdings. (The store's client was made already:
+  :func:`warm_up` listed the names once while the manager was constructed);
 * :meth:`~PersistentSteps.newer_than` (collective): the valid persistent steps newer than a
   given step. Only when some listed name is newer (or the names cannot be listed: a location
   unreachable, say) does rank 0 list and validate the tier in full, as ``manager.steps()`` does
@@ -23,6 +24,8 @@ is not newer than the best local step cannot win over it, and the fallback lists
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -42,6 +45,24 @@ def step_names(locations: Sequence[Location]) -> set[int]:
             raise ShardckptError(f"{loc.display}: unreachable: {loc.why}")
         names.update(loc.list_step_dirs())
     return names
+
+
+def warm_up(locations: Sequence[Location]) -> threading.Thread | None:
+    """List the step names of the remote ``locations`` once, on a daemon thread, and forget the
+    answer: the store's client (s3fs: its session and event loop, botocore's service model;
+    most of a first request's second or so) is then made while the manager is constructed,
+    beside the local tier's collectives, not on a resume's critical path. Failures are
+    ignored (the load lists again, and reports them). None if every location is local."""
+    if all(loc.is_local for loc in locations):
+        return None
+
+    def run() -> None:
+        with contextlib.suppress(Exception):
+            step_names(locations)
+
+    thread = threading.Thread(target=run, name="shardckpt-warm", daemon=True)
+    thread.start()
+    return thread
 
 
 class KnownSteps:
@@ -65,14 +86,14 @@ class PersistentSteps:
     ``comm`` constructs it at the start of the load and calls the same methods in the same
     order; :meth:`close` (every rank) ends rank 0's listing thread."""
 
-    def __init__(self, manager: Any, comm: Any) -> None:
+    def __init__(self, manager: Any, comm: Any, after: threading.Thread | None = None) -> None:
         self._manager, self._comm = manager, comm
         self._all: list[int] | None = None
         self._pool: ThreadPoolExecutor | None = None
         self._names: Future[set[int]] | None = None
         if comm.rank == 0:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shardckpt-plist")
-            self._names = self._pool.submit(step_names, list(manager.locations))
+            self._names = self._pool.submit(_names_after, after, list(manager.locations))
 
     def newer_than(self, step: int) -> list[int]:
         """Collective: the valid persistent steps newer than ``step``, ascending."""
@@ -101,6 +122,12 @@ class PersistentSteps:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
+
+
+def _names_after(warming: threading.Thread | None, locations: list[Location]) -> set[int]:
+    if warming is not None:  # the client it makes is the one to use: one at a time
+        warming.join()
+    return step_names(locations)
 
 
 def full_listing(manager: Any, comm: Any) -> list[int]:

@@ -86,8 +86,10 @@ def recover(store: LocalTierStore, state: dict[str, Any], strict: bool, *,
         warnings.warn(f"local tier {store.location.display}: cannot list its steps: "
                       f"{describe(exc)}", stacklevel=2)
         mine = NodeReport(store.node)
+    t_report = time.perf_counter()
     reports = [NodeReport.from_json(r) for r in comm.all_gather_json(
         mine.to_json(), "load: gather the nodes' holdings")]
+    t_gathered = time.perf_counter()
     persistent = KnownSteps(()) if load_persistent is None else persistent_steps \
         if isinstance(persistent_steps, PersistentSteps) else KnownSteps(persistent_steps)
     # only a persistent step newer than the best local one can come first: the others are
@@ -96,6 +98,8 @@ def recover(store: LocalTierStore, state: dict[str, Any], strict: bool, *,
     plan = plan_recovery(reports, store.node_map, persistent.newer_than(best))
     listed_all = best < 0
     survey_s = time.perf_counter() - t0
+    phases = {"holdings_s": t_report - t0, "gather_s": t_gathered - t_report,
+              "persistent_s": t0 + survey_s - t_gathered}
     failed: list[str] = []
     queue, retried = list(plan.candidates), False
     while queue:
@@ -137,7 +141,7 @@ def recover(store: LocalTierStore, state: dict[str, Any], strict: bool, *,
             warnings.warn(f"restored {cand.tier} step {cand.step}; newer candidates were "
                           f"skipped: " + " | ".join(why), stacklevel=3)
         return cand, {**profile, "tier": cand.tier, "step": cand.step, "survey_s": survey_s,
-                      "total_s": time.perf_counter() - t0}
+                      **phases, "total_s": time.perf_counter() - t0}
     raise IncompleteCheckpointError(
         "no step can be restored from either tier: " + (
             " | ".join(plan.why_not_newer(Candidate(LOCAL, -1)) + failed) or "nothing saved"))

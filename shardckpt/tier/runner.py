@@ -37,7 +37,7 @@ from .config import LocalTier
 from .goldencheck import GoldenMismatchError, check_golden, with_golden
 from .local import LocalTierStore
 from .pathcheck import check_paths
-from .persistentlist import PersistentSteps, full_listing
+from .persistentlist import PersistentSteps, full_listing, warm_up
 from .recover import recover
 
 TIERS = ("local", "persistent", "both")
@@ -67,6 +67,7 @@ class LocalTierRunner:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shardckpt-local")
         self._staging = StagingPool(lazy=False)
         self._inflight: SaveHandle | None = None
+        self.warming: Any = None  # rank 0: the persistent tier's client being made (warm_up)
         self.async_save = async_save
         self.skipped: list[int] = []  # steps whose local save was skipped (previous one busy)
 
@@ -148,7 +149,7 @@ class LocalTierRunner:
         tier is listed while the holdings are surveyed, and validated only where it can change
         the choice (:mod:`.persistentlist`)."""
         manager.wait()
-        steps = PersistentSteps(manager, self.store.comm)
+        steps = PersistentSteps(manager, self.store.comm, self.warming)
 
         def load_persistent(step: int) -> Mapping[str, float]:
             return load_checked(manager, self.store.comm, state, step, strict, restore_rng,
@@ -215,8 +216,12 @@ def local_tier(config: LocalTier | None, process_group: Any, compression: str | 
         return NoLocalTier()
     if not isinstance(config, LocalTier):
         raise TypeError("local must be a shardckpt.LocalTier or None")
+    # rank 0 makes the persistent store's client while the tier's groups are created: a
+    # resume then lists its step names in a few milliseconds (tier/persistentlist.py)
+    warming = warm_up(persistent) if _group_rank(process_group) == 0 else None
     runner = LocalTierRunner(config, process_group, compression=compression,
                              file_mode=file_mode, async_save=async_save)
+    runner.warming = warming
     store = runner.store
     try:
         check_paths(store.comm, store.location, store.node, store.node_map.nodes,
@@ -225,6 +230,14 @@ def local_tier(config: LocalTier | None, process_group: Any, compression: str | 
         runner.close()
         raise
     return runner
+
+
+def _group_rank(process_group: Any) -> int:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(process_group)
+    return 0
 
 
 def save_tiers(runner: LocalTierRunner | NoLocalTier, step: int, state: dict[str, Any],
