@@ -11,21 +11,31 @@ from common.rounds import median
 
 RESUMES = ("local", "persistent_disk", "persistent_s3")
 SAVES = ("none", "local", "persistent_disk", "persistent_s3")
+PHASES = ("survey_s", "holdings_s", "gather_s", "persistent_s", "manifest_s", "receive_s",
+          "read_s", "total_s")
 STAMPS = ("process_started", "process_group_ready", "model_built", "manager_ready", "loaded",
           "first_step_done")
 
 DEFINITIONS = {
     "load_s": "seconds inside mgr.load(state), slowest rank: for the local tier (a manager on "
-              "S3 with a local tier) listing the S3 tier, the holdings survey, the lost node's "
-              "files received from their peer copies and the reads; "
+              "S3 with a local tier) the holdings survey (rank 0 lists the S3 tier's step "
+              "names beside it), the lost node's files received from their peer copies and "
+              "the reads; "
               "for a persistent tier listing and reading its newest step. The targets use it.",
     "relaunch_to_first_step_s": "from the driver starting the two torchrun agents to the end "
                                 "of the first training step after the load, slowest rank: "
                                 "process start, imports, rendezvous, process groups, model "
                                 "build, manager construction, the load and one step",
     "tier_restore_s": "the local resume's restore itself (shardckpt.tier.recover.recover: "
-                      "holdings survey, transfers, reads), slowest rank; load_s minus it is "
-                      "what load() does first (every rank lists the persistent tier)",
+                      "holdings survey, with rank 0's listing of the persistent tier's step "
+                      "names beside it, transfers, reads), slowest rank; load_s minus it is "
+                      "what load() does around it (rank 0 records the restore in the audit "
+                      "trail at the persistent root)",
+    "phases_s_per_rank": "the local restore's phases on each rank (the load profile): "
+                         "survey_s (holdings_s: this node's holdings; gather_s: every "
+                         "rank's; persistent_s: the persistent step names from rank 0), "
+                         "manifest_s (manifest, which files each rank reads), receive_s (peer "
+                         "transfers), read_s (the load from the node's path), total_s",
     "since_launch_s": "each phase's end, slowest rank, in seconds after the launch",
     "steps_lost": "steps done when the node was killed minus the step resumed from",
     "extra_loop_s": "per save, slowest rank: the steps run while the save was in flight (at "
@@ -33,6 +43,10 @@ DEFINITIONS = {
                     "minus as many steps of the window before it (no save); 'none' is the "
                     "noise floor",
 }
+
+
+def tiers_of(ranks: list[dict[str, Any]]) -> set[str]:
+    return {r["tier"] for r in ranks}
 
 
 def _resume_rep(ranks: list[dict[str, Any]], t_launch: float) -> dict[str, Any]:
@@ -45,9 +59,12 @@ def _resume_rep(ranks: list[dict[str, Any]], t_launch: float) -> dict[str, Any]:
         "load_s": max(r["load_s"] for r in ranks),
         "load_s_per_rank": [r["load_s"] for r in ranks],
         # the local tier's restore itself (recover(): survey, transfers, reads); the rest of
-        # load_s is what load() does first (on every rank: list the persistent tier)
+        # load_s is what load() does around it (rank 0: the audit record)
         "tier_restore_s": max(r["profile"]["total_s"] for r in ranks)
         if all(r["tier"] == "local" and "total_s" in r["profile"] for r in ranks) else None,
+        # where the local restore's time went, per rank (recover()'s profile)
+        "phases_s_per_rank": [{k: r["profile"][k] for k in PHASES if k in r["profile"]}
+                              for r in ranks] if "local" in tiers_of(ranks) else None,
         "relaunch_to_first_step_s": max(r["stamps"]["first_step_done"] for r in ranks) - t_launch,
         "since_launch_s": {k: max(r["stamps"][k] for r in ranks) - t_launch for k in STAMPS},
         "first_step_s": max(r["first_step_s"] for r in ranks),

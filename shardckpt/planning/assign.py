@@ -4,7 +4,9 @@ Input: each rank's list of tensor leaves (key, dtype, global shape, local box, w
 shard of a DTensor, and for replicated tensors a digest of their bytes). Output: for every piece,
 the one rank that writes it. Replicated data (DDP parameters, ``Replicate`` placements, equal
 tensors) is written once for the whole job, spread over ranks by size; a plain tensor whose bytes
-differ between ranks is per-rank state and every rank writes its own.
+differ between ranks (or that has no digest) is per-rank state and every rank writes its own.
+The node-local tier drops the digests of its small replicated plain tensors, so that each rank's
+files hold all it restores (:mod:`.localcopies`).
 
 Ranks may hold different keys (rank-local state): the plan covers the union. A key that one rank
 alone holds, or that all its holders hold with equal bytes, is written once by one of them; one

@@ -13,7 +13,7 @@ directory are a few tensor operations instead of a Python loop over every (rank,
 - a box held by one rank is written by it; a box held by several ranks (replicas) and a plain
   tensor with equal digests on every rank are written once, largest first, by the holder with
   the fewest bytes so far (the forced writes counted first); a plain tensor whose digests
-  differ is per-rank state, written by every rank.
+  differ (or that has no digest: :mod:`.localcopies`) is per-rank state, written by every rank.
 
 Every check of the general path is made; the plan is the same wherever no rank has a choice.
 """

@@ -11,7 +11,9 @@ A local save of step ``s`` (:meth:`LocalTierStore.save`), every rank of the tier
    save's, or a step saved again after a resume from an older one);
 2. the ordinary save protocol (:func:`shardckpt.engine.save.save_step`) runs against this
    rank's node location: every rank writes its own files under its node's path, durably;
-   rank 0 builds the manifest of the whole step;
+   rank 0 builds the manifest of the whole step. Small replicated tensors (RNG streams) are
+   written by every rank (:mod:`shardckpt.planning.localcopies`): a rank's own files hold all
+   it reads back;
 3. every rank gets the manifest and sends its files to one rank of each peer node
    (:mod:`shardckpt.engine.peer`, checked on arrival), and every rank reports what it received;
 4. each node's local rank 0 writes the manifest, then ``holdings.json`` (the ranks whose files
@@ -39,9 +41,10 @@ from ..engine.failures import describe, gather_failures, raise_failures
 from ..engine.peer import Transfer, run_transfers
 from ..engine.save import SaveOptions, SaveRequest, save_step
 from ..errors import ShardckptError
+from ..extras import RNG_KEY
 from ..format import manifest as M
 from ..format.shard import Codec
-from ..planning.plancache import PlanCache
+from ..planning.localcopies import SelfSufficientPlanCache
 from ..storage import open_location, step_dirname
 from .choice import NodeReport, StepReport
 from .config import LocalTier
@@ -70,7 +73,8 @@ class LocalTierStore:
         self.location = open_location(config.path_for(self.node), file_mode=file_mode)
         self.is_leader = self.node_map.leader(self.node) == self.comm.rank
         self._codec = Codec(compression)
-        self._plan_cache = PlanCache()
+        # small replicated tensors (RNG streams) on every rank: its files suffice to restore it
+        self._plan_cache = SelfSufficientPlanCache(always=(RNG_KEY,))
         self.last_save_profile: dict[str, float] = {}
 
     @property

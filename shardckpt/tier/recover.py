@@ -36,11 +36,12 @@ from ..golden import GOLDEN_KEY
 from ..planning.statedict import collect
 from ..repro import restore_rng_state
 from ..storage import Location, step_dirname
-from .choice import LOCAL, Candidate, NodeReport, plan_recovery
+from .choice import LOCAL, PERSISTENT, Candidate, NodeReport, plan_recovery
 from .fetchplan import planned_ranks, providers, read_pieces
 from .goldencheck import check_golden, with_golden
 from .local import PEER_CHUNK, LocalTierStore
 from .needs import needed_ranks
+from .persistentlist import KnownSteps, PersistentSteps
 from .secondcopy import bad_copies, without
 
 
@@ -65,13 +66,14 @@ class _CountingLocation:
 
 
 def recover(store: LocalTierStore, state: dict[str, Any], strict: bool, *,
-            persistent_steps: Sequence[int] = (),
+            persistent_steps: Sequence[int] | PersistentSteps = (),
             load_persistent: Callable[[int], Mapping[str, float]] | None = None,
             restore_rng: bool = False, verify_golden: bool = False
             ) -> tuple[Candidate, dict[str, Any]]:
     """Collective (see the module): fill ``state`` from the best candidate that restores on
     every rank. ``persistent_steps`` (the same on every rank) are the persistent tier's valid
-    steps; ``load_persistent(step)`` loads one of them (collectively) and returns its profile.
+    steps, or a :class:`~shardckpt.tier.persistentlist.PersistentSteps` that lists them when
+    needed; ``load_persistent(step)`` loads one of them (collectively) and returns its profile.
     Returns the candidate used and this rank's profile (``tier``, ``step``, ``bytes_read``,
     ``bytes_received`` and each phase's seconds). ``restore_rng``: a local step saved at this
     world size restores each rank's RNG streams too. ``verify_golden``: a local step must also
@@ -84,11 +86,20 @@ def recover(store: LocalTierStore, state: dict[str, Any], strict: bool, *,
         warnings.warn(f"local tier {store.location.display}: cannot list its steps: "
                       f"{describe(exc)}", stacklevel=2)
         mine = NodeReport(store.node)
+    t_report = time.perf_counter()
     reports = [NodeReport.from_json(r) for r in comm.all_gather_json(
         mine.to_json(), "load: gather the nodes' holdings")]
-    plan = plan_recovery(reports, store.node_map,
-                         persistent_steps if load_persistent is not None else ())
+    t_gathered = time.perf_counter()
+    persistent = KnownSteps(()) if load_persistent is None else persistent_steps \
+        if isinstance(persistent_steps, PersistentSteps) else KnownSteps(persistent_steps)
+    # only a persistent step newer than the best local one can come first: the others are
+    # listed when a fallback needs them (:mod:`.persistentlist`), the order is the same
+    best = next((c.step for c in plan_recovery(reports, store.node_map).candidates), -1)
+    plan = plan_recovery(reports, store.node_map, persistent.newer_than(best))
+    listed_all = best < 0
     survey_s = time.perf_counter() - t0
+    phases = {"holdings_s": t_report - t0, "gather_s": t_gathered - t_report,
+              "persistent_s": t0 + survey_s - t_gathered}
     failed: list[str] = []
     queue, retried = list(plan.candidates), False
     while queue:
@@ -111,6 +122,10 @@ def recover(store: LocalTierStore, state: dict[str, Any], strict: bool, *,
         if failures:
             failed.append(f"{cand.tier} step {cand.step}: " + "; ".join(
                 f"rank {r}: {m}" for r, m in sorted(failures.items())))
+            if not listed_all:  # the older persistent steps join the queue, in plan order
+                listed_all = True
+                queue += [Candidate(PERSISTENT, s) for s in persistent.all() if s <= best]
+                queue.sort(key=lambda c: (-c.step, c.tier != LOCAL))
             if cand.tier == LOCAL and not retried:  # a bad copy: is there another one?
                 retry = _other_copies(store, cand, reports)
                 if retry is not None:
@@ -120,13 +135,13 @@ def recover(store: LocalTierStore, state: dict[str, Any], strict: bool, *,
                     failed[-1] += " (restored from the other copies of the bad files)"
             continue
         why = plan.why_not_newer(cand) + failed
-        if not why and cand.tier != LOCAL:
+        if not why and cand.tier != LOCAL and best < 0:
             why = ["the local tier holds no recoverable step"]
         if why and comm.rank == 0:
             warnings.warn(f"restored {cand.tier} step {cand.step}; newer candidates were "
                           f"skipped: " + " | ".join(why), stacklevel=3)
         return cand, {**profile, "tier": cand.tier, "step": cand.step, "survey_s": survey_s,
-                      "total_s": time.perf_counter() - t0}
+                      **phases, "total_s": time.perf_counter() - t0}
     raise IncompleteCheckpointError(
         "no step can be restored from either tier: " + (
             " | ".join(plan.why_not_newer(Candidate(LOCAL, -1)) + failed) or "nothing saved"))

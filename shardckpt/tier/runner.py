@@ -26,7 +26,7 @@ from ..engine.comm import make_comm
 from ..engine.lazy import LazySnapshot
 from ..engine.load import CorruptLoadError, IncompleteLoadError
 from ..engine.snapshot import Snapshot, StagingPool
-from ..errors import IncompleteCheckpointError, ShardckptError
+from ..errors import IncompleteCheckpointError
 from ..extras import with_extras
 from ..format import manifest as M
 from ..golden import GOLDEN_KEY
@@ -37,6 +37,7 @@ from .config import LocalTier
 from .goldencheck import GoldenMismatchError, check_golden, with_golden
 from .local import LocalTierStore
 from .pathcheck import check_paths
+from .persistentlist import PersistentSteps, full_listing, warm_up
 from .recover import recover
 
 TIERS = ("local", "persistent", "both")
@@ -66,6 +67,7 @@ class LocalTierRunner:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shardckpt-local")
         self._staging = StagingPool(lazy=False)
         self._inflight: SaveHandle | None = None
+        self.warming: Any = None  # rank 0: the persistent tier's client being made (warm_up)
         self.async_save = async_save
         self.skipped: list[int] = []  # steps whose local save was skipped (previous one busy)
 
@@ -127,7 +129,8 @@ class LocalTierRunner:
         """This node's complete local steps."""
         return self.store.steps()
 
-    def load(self, state: dict[str, Any], strict: bool, persistent_steps: Sequence[int],
+    def load(self, state: dict[str, Any], strict: bool,
+             persistent_steps: Sequence[int] | PersistentSteps,
              load_persistent: Callable[[int], Mapping[str, float]], restore_rng: bool = True,
              verify_golden: bool = False) -> tuple[Candidate, dict[str, Any]]:
         """Collective: restore from the newest step recoverable from either tier
@@ -142,16 +145,21 @@ class LocalTierRunner:
         """Collective: ``manager.load(state)`` across tiers (issue 28). The persistent tier's
         steps and loads are the manager's own (``steps()``, ``load(step=...)``); sets
         ``manager.last_load_profile`` and returns the step restored. ``verify_golden``: each
-        candidate must also reproduce its golden outputs (:mod:`.goldencheck`)."""
+        candidate must also reproduce its golden outputs (:mod:`.goldencheck`). The persistent
+        tier is listed while the holdings are surveyed, and validated only where it can change
+        the choice (:mod:`.persistentlist`)."""
         manager.wait()
-        steps = persistent_steps(manager, self.store.comm)
+        steps = PersistentSteps(manager, self.store.comm, self.warming)
 
         def load_persistent(step: int) -> Mapping[str, float]:
             return load_checked(manager, self.store.comm, state, step, strict, restore_rng,
                                 verify_golden)
 
-        cand, profile = self.load(state, strict, steps, load_persistent, restore_rng,
-                                  verify_golden)
+        try:
+            cand, profile = self.load(state, strict, steps, load_persistent, restore_rng,
+                                      verify_golden)
+        finally:
+            steps.close()
         manager.last_load_profile = profile
         received = self.store.comm.all_gather_json(  # the job's, for the audit record
             float(profile.get("bytes_received", 0) or 0), "load: bytes received")
@@ -182,23 +190,6 @@ class LocalTierRunner:
             self._staging.release()
 
 
-def persistent_steps(manager: Any, comm: Any) -> list[int]:
-    """The persistent tier's committed steps, listed by rank 0 alone (one listing of the
-    store per job, not one per rank) and sent to every rank; a listing that fails raises on
-    every rank alike."""
-    listed: Any = None
-    if comm.rank == 0:
-        try:
-            listed = manager.steps()
-        except ShardckptError as exc:
-            listed = {"error": f"{type(exc).__name__}: {exc}"}
-    listed = comm.broadcast_json(listed, "load: persistent steps")
-    if isinstance(listed, dict):
-        raise ShardckptError(f"load: listing the persistent tier failed on rank 0: "
-                             f"{listed['error']}")
-    return [int(s) for s in listed]
-
-
 # -------------------------------------------------------------- the manager's thin calls
 class NoLocalTier:
     """A manager without a local tier: nothing is ever due, nothing to wait for."""
@@ -225,8 +216,12 @@ def local_tier(config: LocalTier | None, process_group: Any, compression: str | 
         return NoLocalTier()
     if not isinstance(config, LocalTier):
         raise TypeError("local must be a shardckpt.LocalTier or None")
+    # rank 0 makes the persistent store's client while the tier's groups are created: a
+    # resume then lists its step names in a few milliseconds (tier/persistentlist.py)
+    warming = warm_up(persistent) if _group_rank(process_group) == 0 else None
     runner = LocalTierRunner(config, process_group, compression=compression,
                              file_mode=file_mode, async_save=async_save)
+    runner.warming = warming
     store = runner.store
     try:
         check_paths(store.comm, store.location, store.node, store.node_map.nodes,
@@ -235,6 +230,14 @@ def local_tier(config: LocalTier | None, process_group: Any, compression: str | 
         runner.close()
         raise
     return runner
+
+
+def _group_rank(process_group: Any) -> int:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(process_group)
+    return 0
 
 
 def save_tiers(runner: LocalTierRunner | NoLocalTier, step: int, state: dict[str, Any],
@@ -291,8 +294,8 @@ def load_tiers(manager: Any, runner: LocalTierRunner | NoLocalTier, state: dict[
     if step is None and isinstance(runner, LocalTierRunner):
         return runner.load_for(manager, state, strict, restore_rng, verify_golden)
     comm = manager._comm
-    steps = [step] if step is not None else sorted(persistent_steps(manager, comm),
-                                                   reverse=True)
+    steps = [step] if step is not None else sorted(full_listing(manager, comm),
+                                                  reverse=True)
     if not steps:
         raise IncompleteCheckpointError(f"{manager.location.display}: no committed checkpoint "
                                         f"to load")
