@@ -12,11 +12,15 @@ object must be gone right after ``close()``, ``destroy_process_group()`` or the 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import exit_group_targets as T
 import pytest
 from harness import run_ranks
+
+import shardckpt
+from shardckpt import exit_wait
 
 ENV = {"SHARDCKPT_COLLECTIVE_TIMEOUT": "60", "OMP_NUM_THREADS": "1"}
 
@@ -28,3 +32,16 @@ def test_private_group_is_freed_before_interpreter_teardown(tmp_path: Path, how:
     for rank, rep in enumerate(out):
         assert rep["alive"] is False, (rank, how)  # freed now, its worker threads joined
         assert rep["steps"] == [1], (rank, how)  # the save in flight committed first
+
+
+def test_a_forked_child_forgets_its_parent_s_managers(tmp_path: Path) -> None:
+    """A DataLoader worker is a fork that runs the exit hooks when it ends: it must not finish
+    (or free the groups of) managers that are its parent's, whose threads it does not have."""
+    mgr = shardckpt.CheckpointManager(str(tmp_path))
+    pid = os.fork()
+    if pid == 0:  # the child: nothing tracked, so its exit hook touches nothing
+        os._exit(0 if len(exit_wait._tracked) == 0 else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert mgr in exit_wait._tracked  # the parent's own tracking is untouched
+    mgr.close()

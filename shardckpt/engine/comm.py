@@ -2,14 +2,16 @@
 
 :class:`Comm` is what the protocols need. :class:`GlooComm` runs on its own gloo group (created
 once per manager, collectively), so the checkpoint protocol never touches training's process
-group or stream; :meth:`GlooComm.close` destroys that group (see there for why it must not be left
-to the interpreter's exit). :class:`LocalComm` is the single-process stand-in; :class:`ThreadComm` runs N
-ranks as threads of one process, so unit tests can drive multi-rank logic without processes.
+group or stream; :meth:`GlooComm.close` destroys that group (see there for why it must not be
+left to the interpreter's exit). :class:`LocalComm` is the single-process stand-in;
+:class:`ThreadComm` runs N ranks as threads of one process, so unit tests can drive multi-rank
+logic without processes.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import threading
 from datetime import timedelta
 from typing import Any, Protocol
@@ -90,6 +92,7 @@ class GlooComm:
         self.world_size = dist.get_world_size(self.group)
         self._global = ranks
         self.closed = False
+        self._pid = os.getpid()
 
     def close(self, destroy: bool = True) -> None:
         """Destroy this comm's private groups (gloo, and read-once's NCCL group) now, on the
@@ -107,6 +110,8 @@ class GlooComm:
         if self.closed:
             return
         self.closed = True
+        if os.getpid() != self._pid:  # a forked child: the group's threads are the parent's
+            return  # (freeing it would join threads that do not exist here)
         groups = [g for g in (getattr(self, "_read_once_nccl", None), self.group) if g is not None]
         self.group, self._read_once_nccl = None, None
         destroy_group = self._dist.destroy_process_group
