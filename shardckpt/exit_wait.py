@@ -20,6 +20,7 @@ import atexit
 import concurrent.futures.thread  # noqa: F401  (registers its exit hook before ours, see above)
 import functools
 import logging
+import os
 import sys
 import threading
 import time
@@ -144,6 +145,18 @@ def wait_for_saves(where: str, handles: Sequence[Any], timeout: float) -> bool:
                 logger.warning("shardckpt: the save of step %d at %s committed at exit",
                                h.step, where)
     return True
+
+
+def _forget_in_child() -> None:
+    """After a fork: a child (a DataLoader worker) runs the exit hooks too when it ends, but the
+    tracked managers and their groups are its parent's, with threads that do not exist in it
+    (finishing them there would join those threads and abort). The child forgets them."""
+    global _lock, _tracked
+    _lock = threading.Lock()
+    _tracked = weakref.WeakSet()
+
+
+os.register_at_fork(after_in_child=_forget_in_child)
 
 
 def _at_exit() -> None:

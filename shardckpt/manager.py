@@ -19,7 +19,7 @@ from typing import Any
 from . import catalog, exit_wait, knobs
 from .audit import SaveAuditor
 from .engine.background import background_options
-from .engine.comm import make_comm
+from .engine.comm import make_comm, release_comm
 from .engine.failpolicy import FailurePolicy, check_on_error
 from .engine.failures import describe
 from .engine.incremental import incremental_options
@@ -353,6 +353,7 @@ class CheckpointManager:
             self._staging.release()
             self._retention_runner.close()  # the last commit's retention finishes first
             self._local.close()
+            release_comm(self._comm)  # its gloo group dies now, not at interpreter teardown
 
     def _finish_at_exit(self, timeout: float) -> None:
         """The interpreter is exiting and ``close()`` was not called: let the saves in flight
@@ -371,12 +372,16 @@ class CheckpointManager:
         self._closed = True
         self._pool.shutdown(wait=False)
         self._staging.release()
+        release_comm(self._comm)
 
     def _before_teardown(self, group: Any) -> None:
         """``destroy_process_group(group)`` was called (see :func:`exit_wait.guard_teardown`):
         saves in flight finish first, on the group the protocol runs on; raises their error."""
         if not self._closed and (group is None or group is getattr(self._comm, "group", None)):
-            self.wait()
+            try:
+                self.wait()
+            finally:  # ours is destroyed here or next: never left to interpreter teardown
+                release_comm(self._comm, destroy=group is None)
 
     def __enter__(self) -> CheckpointManager:
         return self

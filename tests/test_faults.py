@@ -33,6 +33,7 @@ from typing import Any
 
 import pytest
 import torch
+from incremental_helpers import zeros_like
 
 import shardckpt
 from shardckpt.format import manifest as M
@@ -53,14 +54,6 @@ def make_state(step: int, scale: int = 1) -> dict[str, Any]:
         "ids": torch.randint(-(2**62), 2**62, (777,), generator=g, dtype=torch.int64),
         "step": step,
     }
-
-
-def zeros_like(state: Any) -> Any:
-    if isinstance(state, torch.Tensor):
-        return torch.zeros_like(state)
-    if isinstance(state, dict):
-        return {k: zeros_like(v) for k, v in state.items()}
-    return type(state)(0)
 
 
 def assert_bit_equal(got: Any, want: Any, path: str = "") -> None:

@@ -67,6 +67,17 @@ def test_a_replaced_node_receives_its_files_from_its_peer(saved: Path, tmp_path:
     assert not any(w.startswith("restored") for w in out[0]["warnings"])  # the newest: no word
 
 
+def recover_rank_2_from_node_0(root: Path) -> list[dict]:
+    """The 4-rank recovery, node 1's copy of rank 2's files being bad: local step 3 restored
+    exactly, rank 2 receiving exactly its files from node 0 (the second holder)."""
+    out = run_ranks(T.recover_job, 4, str(root), NODES, env=ENV, timeout=120)
+    for rep in out:
+        assert (rep["tier"], rep["step"], rep["exact"]) == ("local", 3, True)
+        assert rep["sources"] == ["0", "0", "0", "1"]
+    assert [r["bytes_received"] for r in out] == [0, 0, files_of(root, "0", 3, {2}), 0]
+    return out
+
+
 def test_a_damaged_copy_is_fetched_from_the_second_holder(saved: Path, tmp_path: Path) -> None:
     """Both nodes are there, but node 1's own copy of rank 2's files fails its holdings check:
     the plan takes node 0's copy, and rank 2 receives exactly its files from there."""
@@ -77,11 +88,7 @@ def test_a_damaged_copy_is_fetched_from_the_second_holder(saved: Path, tmp_path:
     data = bytearray(path.read_bytes())
     data[-1] ^= 0xFF  # the trailer: the header can no longer be found
     path.write_bytes(bytes(data))
-    out = run_ranks(T.recover_job, 4, str(root), NODES, env=ENV, timeout=120)
-    for rep in out:
-        assert (rep["tier"], rep["step"], rep["exact"]) == ("local", 3, True)
-        assert rep["sources"] == ["0", "0", "0", "1"]
-    assert [r["bytes_received"] for r in out] == [0, 0, files_of(root, "0", 3, {2}), 0]
+    out = recover_rank_2_from_node_0(root)
     assert path.read_bytes() == (root / "0" / "step-0000000003" / name).read_bytes()
     assert not any(w.startswith("restored") for w in out[0]["warnings"])
 
@@ -100,11 +107,7 @@ def test_a_copy_with_damaged_data_is_replaced_from_the_second_holder(saved: Path
     chunk = max((c for p in header.pieces for c in p.chunks), key=lambda c: c.stored)
     data[chunk.offset + 3] ^= 0x01
     path.write_bytes(bytes(data))
-    out = run_ranks(T.recover_job, 4, str(root), NODES, env=ENV, timeout=120)
-    for rep in out:
-        assert (rep["tier"], rep["step"], rep["exact"]) == ("local", 3, True)
-        assert rep["sources"] == ["0", "0", "0", "1"]
-    assert [r["bytes_received"] for r in out] == [0, 0, files_of(root, "0", 3, {2}), 0]
+    out = recover_rank_2_from_node_0(root)
     (warning,) = [w for w in out[0]["warnings"] if w.startswith("restored")]
     assert warning.startswith("restored local step 3;") and name in warning
     assert "restored from the other copies of the bad files" in warning

@@ -2,13 +2,16 @@
 
 :class:`Comm` is what the protocols need. :class:`GlooComm` runs on its own gloo group (created
 once per manager, collectively), so the checkpoint protocol never touches training's process
-group or stream. :class:`LocalComm` is the single-process stand-in; :class:`ThreadComm` runs N
-ranks as threads of one process, so unit tests can drive multi-rank logic without processes.
+group or stream; :meth:`GlooComm.close` destroys that group (see there for why it must not be
+left to the interpreter's exit). :class:`LocalComm` is the single-process stand-in;
+:class:`ThreadComm` runs N ranks as threads of one process, so unit tests can drive multi-rank
+logic without processes.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import threading
 from datetime import timedelta
 from typing import Any, Protocol
@@ -88,6 +91,44 @@ class GlooComm:
         self.rank = dist.get_rank(self.group)
         self.world_size = dist.get_world_size(self.group)
         self._global = ranks
+        self.closed = False
+        self._pid = os.getpid()
+
+    def close(self, destroy: bool = True) -> None:
+        """Destroy this comm's private groups (gloo, and read-once's NCCL group) now, on the
+        calling thread, and drop the last references to them; idempotent.
+
+        Left alive, a group is freed only by the garbage collection of a finalizing interpreter
+        (a manager sits in reference cycles). Its C++ destructor then releases the GIL and joins
+        its worker threads, and a worker that still has to free a Python object (the tensor of
+        a finished collective whose Python wrapper died first) takes the GIL to do so; in a
+        finalizing interpreter that thread is ended with ``pthread_exit``, whose unwinding
+        through a ``noexcept`` frame aborts the process ("terminate called without an active
+        exception", SIGABRT at exit). Destroyed here, the workers finish while Python is alive.
+        A group that ``destroy_process_group()`` already unregistered is only let go, and so is
+        every group with ``destroy=False`` (the caller is about to destroy it)."""
+        if self.closed:
+            return
+        self.closed = True
+        if os.getpid() != self._pid:  # a forked child: the group's threads are the parent's
+            return  # (freeing it would join threads that do not exist here)
+        groups = [g for g in (getattr(self, "_read_once_nccl", None), self.group) if g is not None]
+        self.group, self._read_once_nccl = None, None
+        destroy_group = self._dist.destroy_process_group
+        destroy_group = getattr(destroy_group, "__wrapped__", destroy_group)  # not the guard
+        while groups:
+            group = groups.pop()
+            try:
+                if destroy:
+                    destroy_group(group)
+            except ValueError:  # already destroyed (destroy_process_group() with no argument)
+                pass
+            del group  # the last reference: the group is freed here, its threads joined
+
+    def _check_open(self, what: str) -> None:
+        if self.closed:
+            raise CollectiveError(f"rank {self.rank}: collective {what!r} on a closed comm "
+                                  f"(its private group was destroyed)")
 
     def _fail(self, what: str, exc: BaseException) -> CollectiveError:
         return CollectiveError(
@@ -100,6 +141,7 @@ class GlooComm:
 
     def _pad_to_largest(self, obj: Any) -> tuple[list[int], torch.Tensor]:
         """Every rank's payload size, and this rank's payload padded to the largest of them."""
+        self._check_open("all_gather sizes")
         payload = self._encode(obj)
         sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(self.world_size)]
         self._dist.all_gather(sizes, torch.tensor([payload.numel()]), group=self.group)
@@ -130,6 +172,7 @@ class GlooComm:
 
     def broadcast_json(self, obj: Any, what: str = "broadcast", src: int = 0) -> Any:
         dist = self._dist
+        self._check_open(what)
         try:
             payload = self._encode(obj) if self.rank == src else None
             size = torch.tensor([payload.numel() if payload is not None else 0])
@@ -144,6 +187,7 @@ class GlooComm:
     def any_true(self, flag: bool, what: str = "any") -> bool:
         """Whether ``flag`` is true on any rank: one all-reduce of one integer, cheaper than
         gathering JSON when all that matters is whether anything went wrong."""
+        self._check_open(what)
         try:
             value = torch.tensor([int(bool(flag))], dtype=torch.int64)
             self._dist.all_reduce(value, op=self._dist.ReduceOp.MAX, group=self.group)
@@ -199,6 +243,13 @@ class ThreadComm:
 
     def any_true(self, flag: bool, what: str = "any") -> bool:
         return any(self._exchange(bool(flag), what))
+
+
+def release_comm(comm: Any, destroy: bool = True) -> None:
+    """Destroy ``comm``'s private groups now (:meth:`GlooComm.close`); nothing for others."""
+    close = getattr(comm, "close", None)
+    if close is not None:
+        close(destroy)
 
 
 def make_comm(process_group: Any, timeout_s: float) -> LocalComm | GlooComm:
