@@ -53,6 +53,19 @@ def test_relaunching_a_finished_run_refuses_its_model_only_last_step(
         assert "optimizer" in msg and "train_state" in msg  # what the step lacks
 
 
+def test_relaunching_a_run_finished_with_last_save_in_hf_is_refused(
+        runs: list[dict[str, Any]], base: str) -> None:
+    """last_save_in_hf: the last step (10) holds HF names; the relaunch is refused rather than
+    resuming silently from the older full step 5 (whose next save, 10, would collide)."""
+    root = T.root_of(f"{base}/hf")
+    for out in runs:
+        got = out["hf"]
+        assert got["type"] == "TitanLoadError" and got["step"] == 0
+        assert "last_save_in_hf" in got["msg"] and "newest full step is 5" in got["msg"]
+        assert f"initial_load_path={os.path.join(root, 'hf', f'step-{T.TOTAL}')}" in got["msg"]
+        assert "initial_load_in_hf=True" in got["msg"]
+
+
 def test_load_step_naming_a_model_only_step_is_refused_unless_the_rest_is_excluded(
         runs: list[dict[str, Any]]) -> None:
     """load_step=10 (model-only): refused; with exclude_from_loading naming all the state the

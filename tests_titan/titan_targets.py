@@ -344,7 +344,8 @@ def _refusal(job_or_build: Any, load: bool = True) -> dict[str, Any] | None:
 def trial_runs(rank: int, world: int, base: str) -> dict[str, Any]:
     """A finished run (last step 10 model-only, bfloat16) relaunched, resumed at it by
     load_step, loaded model-only on purpose, fine-tuned from; resumed from an older step into
-    the same folder; a DCP run's folder as checkpoint.folder and as initial_load_path."""
+    the same folder; a finished run with last_save_in_hf relaunched; a DCP run's folder as
+    checkpoint.folder and as initial_load_path."""
     from shardckpt.integrations.torchtitan_guard import TitanSaveError
 
     out: dict[str, Any] = {}
@@ -368,6 +369,12 @@ def trial_runs(rank: int, world: int, base: str) -> dict[str, Any]:
     except TitanSaveError as exc:
         out["older"] = {"msg": str(exc), "step": job.train_state.step}
     job.checkpointer.close()
+    if rank == 0:
+        hf_config().save_pretrained(f"{base}/hf/assets")
+    dist.barrier()
+    hf = {"interval": 5, "keep_latest_k": 0, "last_save_in_hf": True}
+    Job(rank, world, f"{base}/hf", ckpt=hf).train()
+    out["hf"] = _refusal(Job(rank, world, f"{base}/hf", ckpt=hf))
     Job(rank, world, f"{base}/dcp", "dcp", RESUMABLE).train(stop=3)
     out["dcp_folder"] = _refusal(lambda: Job(rank, world, f"{base}/dcp"), load=False)
     out["dcp_root"] = _refusal(Job(rank, world, f"{base}/dcp_root", ckpt={
