@@ -25,6 +25,9 @@ What a checkpoint holds, with no pickle (``ROOT = dump_folder/folder``, a shardc
 - each rank's RNG states (restored when the world size is unchanged; torchtitan's DCP backend
   does not save them).
 
+What it refuses rather than resuming from the wrong state (a finished run's model-only last
+step, a folder of DCP checkpoints, a save below newer committed steps): :mod:`.torchtitan_guard`.
+
 Importing this module imports torchtitan; ``import shardckpt`` never does.
 """
 
@@ -85,10 +88,11 @@ class ShardckptCheckpointManager(BaseCheckpointManager):
     @dataclass(kw_only=True, slots=True)
     class Config(BaseCheckpointManager.Config):
         replicas: list[str] = field(default_factory=list)
-        """More locations (paths or fsspec URLs); each gets a full copy of every checkpoint."""
+        """A list of more locations (paths or fsspec URLs; a plain string is refused); each
+        gets a full copy of every checkpoint."""
 
         min_replicas: int | None = None
-        """Locations that must succeed for a commit (default: all of them)."""
+        """Locations (folder and replicas) that must succeed for a commit (default: all)."""
 
         compression: str | None = None
         """None, "zstd" or "zstd:LEVEL"."""
