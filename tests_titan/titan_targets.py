@@ -315,3 +315,68 @@ def option_runs(rank: int, world: int, base: str) -> dict[str, Any]:
             out["persistent_steps"] = job.checkpointer.manager.steps()
         out[name] = job.train()
     return out
+
+
+# ------------------------------------------- a user trial of the backend (session 8, issue 29)
+
+FINISHED = {"interval": 3, "keep_latest_k": 0, "export_dtype": "bfloat16"}  # last: model-only
+NOT_MODEL = ["dataloader", "lr_scheduler", "optimizer", "train_state"]
+
+
+def _refusal(job_or_build: Any, load: bool = True) -> dict[str, Any] | None:
+    """The ShardckptError of building a job (a callable) or of its load (a Job), or None."""
+    from shardckpt.errors import ShardckptError
+
+    job = None
+    try:
+        job = job_or_build() if callable(job_or_build) else job_or_build
+        if load:
+            job.checkpointer.load(step=job.config.load_step)
+    except ShardckptError as exc:
+        return {"type": type(exc).__name__, "msg": str(exc),
+                "step": None if job is None else job.train_state.step}
+    finally:
+        if job is not None:
+            job.checkpointer.close()
+    return None
+
+
+def trial_runs(rank: int, world: int, base: str) -> dict[str, Any]:
+    """A finished run (last step 10 model-only, bfloat16) relaunched, resumed at it by
+    load_step, loaded model-only on purpose, fine-tuned from; resumed from an older step into
+    the same folder; a finished run with last_save_in_hf relaunched; a DCP run's folder as
+    checkpoint.folder and as initial_load_path."""
+    from shardckpt.integrations.torchtitan_guard import TitanSaveError
+
+    out: dict[str, Any] = {}
+    fin = Job(rank, world, f"{base}/fin", ckpt=FINISHED)
+    out["fin"] = fin.train()
+    out["fin_bf16"] = digest({k: v.to(torch.bfloat16).to(torch.float32)
+                              for k, v in fin.model.state_dict().items()})
+    out["relaunch"] = _refusal(Job(rank, world, f"{base}/fin", ckpt=FINISHED))
+    out["explicit"] = _refusal(Job(rank, world, f"{base}/fin",
+                                   ckpt={**FINISHED, "load_step": TOTAL}))
+    job = Job(rank, world, f"{base}/fin", ckpt={**FINISHED, "load_step": TOTAL,
+                                                "exclude_from_loading": NOT_MODEL})
+    out["excluded"] = {"loaded": job.checkpointer.load(step=TOTAL), **job.result()}
+    job.checkpointer.close()
+    job = Job(rank, world, f"{base}/tune", ckpt={"initial_load_path": root_of(f"{base}/fin")})
+    out["tune"] = {"loaded": job.checkpointer.load(), **job.result()}
+    job.checkpointer.close()
+    job = Job(rank, world, f"{base}/fin", ckpt={**FINISHED, "load_step": 6})
+    try:
+        job.train()
+    except TitanSaveError as exc:
+        out["older"] = {"msg": str(exc), "step": job.train_state.step}
+    job.checkpointer.close()
+    if rank == 0:
+        hf_config().save_pretrained(f"{base}/hf/assets")
+    dist.barrier()
+    hf = {"interval": 5, "keep_latest_k": 0, "last_save_in_hf": True}
+    Job(rank, world, f"{base}/hf", ckpt=hf).train()
+    out["hf"] = _refusal(Job(rank, world, f"{base}/hf", ckpt=hf))
+    Job(rank, world, f"{base}/dcp", "dcp", RESUMABLE).train(stop=3)
+    out["dcp_folder"] = _refusal(lambda: Job(rank, world, f"{base}/dcp"), load=False)
+    out["dcp_root"] = _refusal(Job(rank, world, f"{base}/dcp_root", ckpt={
+        "initial_load_path": root_of(f"{base}/dcp"), "trust_dcp_pickle": True}))
+    return out

@@ -25,6 +25,9 @@ What a checkpoint holds, with no pickle (``ROOT = dump_folder/folder``, a shardc
 - each rank's RNG states (restored when the world size is unchanged; torchtitan's DCP backend
   does not save them).
 
+What it refuses rather than resuming from the wrong state (a finished run's model-only last
+step, a folder of DCP checkpoints, a save below newer committed steps): :mod:`.torchtitan_guard`.
+
 Importing this module imports torchtitan; ``import shardckpt`` never does.
 """
 
@@ -42,12 +45,15 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 from ..errors import ShardckptError
 from ..manager import CheckpointManager
+from . import torchtitan_guard as guard
 from . import torchtitan_io as io
 from . import torchtitan_options as options
+from .torchtitan_guard import TitanSaveError
 from .torchtitan_io import TitanLoadError
 from .torchtitan_options import TitanConfigError
 
-__all__ = ["MODEL_ONLY", "ShardckptCheckpointManager", "TitanConfigError", "TitanLoadError"]
+__all__ = ["MODEL_ONLY", "ShardckptCheckpointManager", "TitanConfigError", "TitanLoadError",
+           "TitanSaveError"]
 
 MODEL, OPTIMIZER, LR_SCHEDULER, DATALOADER = "model", "optimizer", "lr_scheduler", "dataloader"
 MODEL_ONLY = "model-only"  # the tag of a step holding the model only (seed, last save)
@@ -82,10 +88,11 @@ class ShardckptCheckpointManager(BaseCheckpointManager):
     @dataclass(kw_only=True, slots=True)
     class Config(BaseCheckpointManager.Config):
         replicas: list[str] = field(default_factory=list)
-        """More locations (paths or fsspec URLs); each gets a full copy of every checkpoint."""
+        """A list of more locations (paths or fsspec URLs; a plain string is refused); each
+        gets a full copy of every checkpoint."""
 
         min_replicas: int | None = None
-        """Locations that must succeed for a commit (default: all of them)."""
+        """Locations (folder and replicas) that must succeed for a commit (default: all)."""
 
         compression: str | None = None
         """None, "zstd" or "zstd:LEVEL"."""
@@ -147,6 +154,10 @@ class ShardckptCheckpointManager(BaseCheckpointManager):
             return
         self.config = config
         self.folder = _join(base_folder, config.folder)
+        dcp_steps = guard.dcp_steps(self.folder)
+        if dcp_steps:  # torchtitan DCP checkpoints: never mistaken for an empty folder
+            raise guard.dcp_folder_error(self.folder, dcp_steps)
+        self._newest: int | None = None  # the newest committed step, known once needed
         self.interval = config.interval
         self.keep_latest_k = config.keep_latest_k
         self.sd_adapter = sd_adapter
@@ -196,6 +207,10 @@ class ShardckptCheckpointManager(BaseCheckpointManager):
         # no wait here: the manager's save waits for the previous one itself, and settles its
         # outcome by on_error (a failure raises on every rank, or is warned about); it writes
         # the tiers that are due, and the first step's checkpoint is persistent too
+        if self._newest is None:
+            self._newest = self.manager.latest_step()
+        guard.check_new_step(self.folder, curr_step, self._newest)
+        self._newest = curr_step
         if last_step:
             self._save_last_step(curr_step)
             return True
@@ -247,18 +262,35 @@ class ShardckptCheckpointManager(BaseCheckpointManager):
         self.manager.wait()
 
     # ------------------------------------------------------------------------------- load
-    def _find_load_step(self) -> int | None:
-        """The newest committed step that resumes this job (HF-named steps never do)."""
-        for step in reversed(self.manager.steps()):
-            if HF not in self.manager.info(step).tags:
+    def _newest_full(self, steps: list[int]) -> int | None:
+        for step in reversed(steps):
+            if MODEL_ONLY not in self.manager.info(step).tags:
                 return step
         return None
 
+    def _keys_of(self, step: int, steps: list[int], explicit: bool) -> tuple[list[str], bool]:
+        """What loading ``step`` restores: everything asked for (not in exclude_from_loading),
+        or the model alone from a seed checkpoint (step 0). A model-only step (the last save
+        of a finished run) that lacks state asked for is refused, as any HF-named step.
+        Returns the keys, and whether the step is model-only (its RNG states are not loaded)."""
+        tags = self.manager.info(step).tags
+        if step == 0 and HF not in tags:
+            return [MODEL], True  # torchtitan's rule: step 0 is a seed checkpoint
+        keys = self._loadable()
+        if MODEL_ONLY not in tags:
+            return keys, False
+        missing = sorted(k for k in self._state(keys) if k != MODEL)
+        if HF in tags or missing:
+            raise guard.partial_step_error(self.folder, step, HF in tags, missing,
+                                           self._newest_full(steps), explicit)
+        return [MODEL], True
+
     def _load(self, step: int = -1) -> bool:
+        steps = self.manager.steps()
         if step != -1:
-            if step not in self.manager.steps():
+            if step not in steps:
                 raise FileNotFoundError(f"--checkpoint.load_step={step} not found: "
-                                        f"{self.folder} holds steps {self.manager.steps()}")
+                                        f"{self.folder} holds steps {steps}")
             load_step: int | None = step
         elif self._local_is_newer():  # the newest step recoverable from either tier
             state = self._state(self._loadable())
@@ -266,18 +298,31 @@ class ShardckptCheckpointManager(BaseCheckpointManager):
             self._restore_loader(state)
             return True
         else:
-            load_step = self._find_load_step()
+            load_step = steps[-1] if steps else None
         if load_step is None:
             return self._initial_load()
         # torchtitan's rule: the options initial_* apply only to a job without checkpoints
-        model_only = load_step == 0 or MODEL_ONLY in self.manager.info(load_step).tags
-        keys = [MODEL] if model_only else self._loadable()
+        keys, model_only = self._keys_of(load_step, steps, explicit=step != -1)
+        newest = step == -1 and load_step == steps[-1]
+        if model_only:  # in the step's dtypes (export_dtype), then into the model
+            self._load_model_only(self.manager, load_step, None if newest else load_step)
+            return True
         state = self._state(keys)
-        newest = step == -1 and load_step == self.manager.latest_step()
-        self.manager.load(state, step=None if newest else load_step,
-                          restore_rng=not model_only)
+        self.manager.load(state, step=None if newest else load_step)
         self._restore_loader(state)
         return True
+
+    def _load_model_only(self, manager: CheckpointManager, step: int,
+                         load_step: int | None) -> None:
+        """The model from ``step`` of ``manager``, whatever dtype it was saved in
+        (``load_step``: ``step``, or None for the newest loadable one, ``manager.load``'s)."""
+        prefix = MODEL + "/"
+        saved = {k[len(prefix):]: e.meta.dtype for k, e in manager.manifest(step).tensors.items()
+                 if k.startswith(prefix)}
+        model = self.states[MODEL]
+        sd = io.as_saved(model.state_dict(), saved)
+        manager.load({MODEL: sd}, step=load_step, restore_rng=False)
+        model.load_state_dict(sd)
 
     def _local_is_newer(self) -> bool:
         """Collective: whether some node holds a local step newer than every persistent step
@@ -321,10 +366,17 @@ class ShardckptCheckpointManager(BaseCheckpointManager):
                 states.update(model.state_dict())
             io.load_dcp_folder(path, states, trusted=cfg.trust_dcp_pickle)
             model.load_state_dict(states)
+        elif guard.dcp_steps(path):
+            raise guard.dcp_run_error(path, guard.dcp_steps(path))
         else:  # another shardckpt root (its newest step)
-            keys = [MODEL] if cfg.initial_load_model_only else self._loadable()
             with CheckpointManager(path, async_save=False,
                                    trusted_keys=cfg.trusted_keys) as source:
+                newest = source.latest_step()
+                if cfg.initial_load_model_only and newest is not None and \
+                        MODEL_ONLY in source.info(newest).tags:  # maybe in export_dtype
+                    self._load_model_only(source, newest, None)
+                    return True
+                keys = [MODEL] if cfg.initial_load_model_only else self._loadable()
                 state = self._state(keys)
                 source.load(state, restore_rng=False)
             self._restore_loader(state)

@@ -144,6 +144,19 @@ def cast(sd: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
             and v.dtype != dtype else v for k, v in sd.items()}
 
 
+def as_saved(sd: dict[str, Any], saved: dict[str, str]) -> dict[str, Any]:
+    """``sd`` with each tensor in the dtype ``saved`` names for its key (a model-only step
+    written with ``export_dtype``), so that it loads in place; the others as they are."""
+    out = {}
+    for key, value in sd.items():
+        dtype = getattr(torch, saved.get(key, ""), None)
+        if isinstance(value, torch.Tensor) and isinstance(dtype, torch.dtype) and \
+                value.dtype != dtype:
+            value = value.to(dtype)
+        out[key] = value
+    return out
+
+
 def export_hf(folder: str, step: int, out: str, dtype: torch.dtype, sd_adapter: Any) -> None:
     """Rank 0: the model-only ``step`` of the shardckpt root ``folder`` as a Hugging Face
     folder ``out`` (``config.json`` copied from the adapter's ``hf_assets_path`` when it has

@@ -16,6 +16,7 @@ manager's ``async_save`` (:data:`ASYNC_MODES`):
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable
 from typing import Any
@@ -56,8 +57,22 @@ def _positive(cfg: Any, name: str) -> None:
         raise TitanConfigError(f"checkpoint.{name} must be a positive int, got {value!r}")
 
 
+def _check_types(cfg: Any) -> None:
+    """Every bool field (the base Config's too) is a bool: ``"no"`` would count as True;
+    ``load_step`` is a step or -1 (the newest)."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.type in (bool, "bool") and not isinstance(value, bool):
+            raise TitanConfigError(f"checkpoint.{f.name} must be True or False, got {value!r}")
+    if type(cfg.load_step) is not int or cfg.load_step < -1:
+        raise TitanConfigError(f"checkpoint.load_step must be a step (an int >= 0) or -1 (the "
+                               f"newest), got {cfg.load_step!r}")
+
+
 def check(cfg: Any, dtypes: Any) -> None:
-    """Every shardckpt field of ``cfg`` (and ``async_mode``, ``export_dtype``)."""
+    """Every shardckpt field of ``cfg`` (and ``async_mode``, ``export_dtype``, the bool
+    fields' types, ``load_step``)."""
+    _check_types(cfg)
     if cfg.snapshot not in ("eager", "lazy"):
         raise TitanConfigError(f"checkpoint.snapshot must be 'eager' or 'lazy', got "
                                f"{cfg.snapshot!r}")
@@ -71,13 +86,18 @@ def check(cfg: Any, dtypes: Any) -> None:
         raise TitanConfigError(f"checkpoint.async_mode must be one of "
                                f"{', '.join(map(repr, ASYNC_MODES))}, got {cfg.async_mode!r}")
     if not isinstance(cfg.replicas, (list, tuple)) or \
-            not all(isinstance(r, str) and r for r in cfg.replicas):
-        raise TitanConfigError(f"checkpoint.replicas must be a list of paths or URLs, got "
-                               f"{cfg.replicas!r}")
+            not all(isinstance(r, str) and r for r in cfg.replicas):  # a plain str: refused
+        raise TitanConfigError(f"checkpoint.replicas must be a list of locations (paths or "
+                               f"URLs), e.g. ['/other/ckpt'], got {cfg.replicas!r}")
     if cfg.min_replicas is not None and (type(cfg.min_replicas) is not int or
                                          cfg.min_replicas < 1):
         raise TitanConfigError(f"checkpoint.min_replicas must be None or a positive int, got "
                                f"{cfg.min_replicas!r}")
+    if cfg.min_replicas is not None and cfg.min_replicas > 1 + len(cfg.replicas):
+        raise TitanConfigError(f"checkpoint.min_replicas={cfg.min_replicas} is more than the "
+                               f"{1 + len(cfg.replicas)} locations (checkpoint.folder and "
+                               f"{len(cfg.replicas)} in checkpoint.replicas): no save could "
+                               "commit")
     if not (cfg.compression is None or isinstance(cfg.compression, str)):
         raise TitanConfigError(f"checkpoint.compression must be None, 'zstd' or "
                                f"'zstd:LEVEL', got {cfg.compression!r}")
