@@ -129,6 +129,11 @@ def main() -> None:
         save_file({k: v.contiguous() for k, v in tensors.items()}, f"{args.out}.safetensors")
     _write_losses(args.out, rank, losses)
     if distributed:
+        # Every rank's collectives (the full-state-dict gathers above) finish before any rank
+        # tears down: a gloo worker still completing one while its interpreter finalizes can
+        # abort the process at exit (seen as SIGABRT, "terminate called without an active
+        # exception"), after the run's own results were written.
+        dist.barrier()
         dist.destroy_process_group()
 
 
