@@ -163,11 +163,28 @@ def is_full(manifest: M.Manifest) -> bool:
     return not references(manifest.extra, manifest.step)
 
 
+SINCE_FULL = "saves_since_full"  # manifest extra: incremental saves along the chain of bases
+
+
+def _since_full(manifest: M.Manifest) -> int | None:
+    """Incremental saves from the newest full step to ``manifest``'s step along its chain of
+    bases (0 for a full step), as its commit recorded it; None for a step written before the
+    count was recorded."""
+    if is_full(manifest):
+        return 0
+    since = manifest.extra.get(SINCE_FULL)
+    return since if type(since) is int and since > 0 else None
+
+
 def _full_due(location: Location, base: M.Manifest, full_every: int) -> bool:
-    """Whether the newest full step is at least ``full_every`` saves old (from the manifests
-    of the committed steps up to the base)."""
+    """Whether the newest full step is at least ``full_every`` saves old: counted along the
+    chain of bases, as each commit recorded it (pruning never changes it); for a base written
+    before the count was recorded, from the manifests of the committed steps up to the base."""
     if full_every <= 0:
         return False
+    recorded = _since_full(base)
+    if recorded is not None:
+        return recorded + 1 >= full_every
     retired = retired_steps(location.listdir(""))
     older = [s for s in sorted(location.list_step_dirs(), reverse=True)
              if s <= base.step and s not in retired]
@@ -323,6 +340,9 @@ def finish_manifest(manifest: M.Manifest, base: M.Manifest | None,
                         for r in references(base.extra, base.step)})
         extra[REFERENCES] = [Reference(s, f, *records[(s, f)], total[(s, f)]).to_json()
                              for s, f in sorted(total)]
+        since = _since_full(base)
+        if since is not None:
+            extra[SINCE_FULL] = since + 1
     return replace(manifest, extra=extra)
 
 
