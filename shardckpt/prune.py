@@ -49,12 +49,13 @@ from .policy import (
     plan_retention,
 )
 from .prune_background import BackgroundPrune
-from .prune_refs import referenced_files, retire_step, sweep_retired
+from .prune_refs import referenced_files, retire_step, sweep_plan, sweep_retired
 from .steptags import effective_tags
 from .storage import Location, step_dirname
 from .storage.lease import (
     CONTROL_DIR,
     LEASE_DIR,
+    LOCK_PATH,
     WRITER,
     PruneLock,
     Record,
@@ -91,6 +92,35 @@ def _check_metric(location: Location, policy: RetentionPolicy, records: list[Che
         _warned_metric.add(policy)
     warnings.warn(f"retention: {text}", UserWarning, stacklevel=4)
     return True
+
+
+_lost_locks: dict[str, set[str]] = {}  # location -> tokens of our prune locks not removed
+
+
+def _release(location: Location, lock: PruneLock) -> None:
+    """Release ``lock``; if its record could not be removed (the store failed), remember its
+    token, so that our next prune of ``location`` removes it instead of waiting for it."""
+    try:
+        lock.release()
+    except BaseException:
+        with _warned_lock:
+            _lost_locks.setdefault(location.display, set()).add(lock.record.token)
+        raise
+
+
+def drop_lost_locks(location: Location) -> None:
+    """Remove a prune lock of ours that a failed release left at ``location``: its renewals
+    stopped, no one in this process holds it, and it must not block our own later prunes for
+    its whole TTL. Another holder's lock is never touched (read, compare token, remove)."""
+    with _warned_lock:
+        tokens = set(_lost_locks.get(location.display, ()))
+    if not tokens:
+        return
+    current = read_record(location, LOCK_PATH)
+    if current is not None and current.token in tokens:
+        location.remove(LOCK_PATH)
+    with _warned_lock:  # gone, or someone else's now: either way not ours to remove any more
+        _lost_locks.pop(location.display, None)
 
 
 @dataclass(frozen=True)
@@ -219,16 +249,18 @@ def prune_location(location: Location, policy: RetentionPolicy, *, dry_run: bool
         return PruneReport(location.display, False, {}, ())
     if not dry_run:
         make_control_dirs(location)
+    if not dry_run:
+        drop_lost_locks(location)
     lock = None if dry_run else PruneLock.acquire(location, wait=lock_wait)
     try:
         report = _prune(location, policy, dry_run, grace, lock, manifests or {}, unknown_metric)
     except BaseException:
         if lock is not None:
             with contextlib.suppress(Exception):  # the first error is the one to report
-                lock.release()
+                _release(location, lock)
         raise
     if lock is not None:
-        lock.release()
+        _release(location, lock)
     record_prune(location, policy, report)  # issue 32: the audit trail (never raises)
     return report
 
@@ -284,9 +316,11 @@ def _prune(location: Location, policy: RetentionPolicy, dry_run: bool, grace: fl
     held.update({s: f"kept: its {why}" for s, why in bad_tags.items() if s in plan.deleted})
     kept = {**plan.kept, **{s: (why,) for s, why in held.items()}}
     dropped = tuple(s for s in plan.deleted if s not in held)  # no delete marker on those
-    if dry_run:
+    if dry_run:  # what the real run would do, retired steps included (nothing is claimed)
+        referenced = referenced_files(location, {**cache, **committed}, dropped)
         return PruneReport(location.display, True, kept, dropped,
-                           (*stale, *old_aside), skipped, corrupt)
+                           (*stale, *old_aside, *sweep_plan(location, referenced)), skipped,
+                           corrupt, retired=tuple(s for s in dropped if s in referenced))
 
     assert lock is not None
     claim, blocked = claim_for_deletion(location, [*map(step_dirname, dropped), *stale])
