@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -51,6 +50,7 @@ from .policy import (
 from .prune_background import BackgroundPrune
 from .prune_refs import referenced_files, retire_step, sweep_plan, sweep_retired
 from .steptags import effective_tags
+from .warnsite import warn_user
 from .storage import Location, step_dirname
 from .storage.lease import (
     CONTROL_DIR,
@@ -90,7 +90,7 @@ def _check_metric(location: Location, policy: RetentionPolicy, records: list[Che
         if policy in _warned_metric:
             return True
         _warned_metric.add(policy)
-    warnings.warn(f"retention: {text}", UserWarning, stacklevel=4)
+    warn_user(f"retention: {text}", UserWarning)  # the user's call, or the last save()
     return True
 
 
