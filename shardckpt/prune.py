@@ -50,7 +50,6 @@ from .policy import (
 from .prune_background import BackgroundPrune
 from .prune_refs import referenced_files, retire_step, sweep_plan, sweep_retired
 from .steptags import effective_tags
-from .warnsite import warn_user
 from .storage import Location, step_dirname
 from .storage.lease import (
     CONTROL_DIR,
@@ -64,6 +63,7 @@ from .storage.lease import (
     read_leases,
     read_record,
 )
+from .warnsite import warn_user
 
 DEFAULT_GRACE_S = 3600.0
 DEFAULT_LOCK_WAIT_S = 60.0
