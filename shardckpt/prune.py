@@ -48,13 +48,13 @@ from .policy import (
     plan_retention,
 )
 from .prune_background import BackgroundPrune
+from .prune_lostlock import drop_lost_locks, release_lock
 from .prune_refs import referenced_files, retire_step, sweep_plan, sweep_retired
 from .steptags import effective_tags
 from .storage import Location, step_dirname
 from .storage.lease import (
     CONTROL_DIR,
     LEASE_DIR,
-    LOCK_PATH,
     WRITER,
     PruneLock,
     Record,
@@ -92,35 +92,6 @@ def _check_metric(location: Location, policy: RetentionPolicy, records: list[Che
         _warned_metric.add(policy)
     warn_user(f"retention: {text}", UserWarning)  # the user's call, or the last save()
     return True
-
-
-_lost_locks: dict[str, set[str]] = {}  # location -> tokens of our prune locks not removed
-
-
-def _release(location: Location, lock: PruneLock) -> None:
-    """Release ``lock``; if its record could not be removed (the store failed), remember its
-    token, so that our next prune of ``location`` removes it instead of waiting for it."""
-    try:
-        lock.release()
-    except BaseException:
-        with _warned_lock:
-            _lost_locks.setdefault(location.display, set()).add(lock.record.token)
-        raise
-
-
-def drop_lost_locks(location: Location) -> None:
-    """Remove a prune lock of ours that a failed release left at ``location``: its renewals
-    stopped, no one in this process holds it, and it must not block our own later prunes for
-    its whole TTL. Another holder's lock is never touched (read, compare token, remove)."""
-    with _warned_lock:
-        tokens = set(_lost_locks.get(location.display, ()))
-    if not tokens:
-        return
-    current = read_record(location, LOCK_PATH)
-    if current is not None and current.token in tokens:
-        location.remove(LOCK_PATH)
-    with _warned_lock:  # gone, or someone else's now: either way not ours to remove any more
-        _lost_locks.pop(location.display, None)
 
 
 @dataclass(frozen=True)
@@ -257,10 +228,10 @@ def prune_location(location: Location, policy: RetentionPolicy, *, dry_run: bool
     except BaseException:
         if lock is not None:
             with contextlib.suppress(Exception):  # the first error is the one to report
-                _release(location, lock)
+                release_lock(location, lock)
         raise
     if lock is not None:
-        _release(location, lock)
+        release_lock(location, lock)
     record_prune(location, policy, report)  # issue 32: the audit trail (never raises)
     return report
 
