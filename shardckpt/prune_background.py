@@ -11,6 +11,16 @@ from concurrent.futures import ThreadPoolExecutor
 from .errors import PruneLockedError
 from .warnsite import Site, user_site, warn_user
 
+_totals = {"failures": 0}  # location prunes of background retention that failed, this process
+_totals_lock = threading.Lock()
+
+
+def retention_failures() -> int:
+    """Location prunes of background retention that failed in this process (every manager),
+    warned or not: for a metrics counter (like ``audit.write_failures``)."""
+    with _totals_lock:
+        return _totals["failures"]
+
 
 def _cause(where: str, exc: BaseException) -> tuple[str, str, str]:
     """A failure's cause, for "warn once per cause": numbers (steps, times) do not count."""
@@ -79,6 +89,8 @@ class BackgroundPrune:
             real = True
             self.last_error = err
             self.failures_by_location[where] = self.failures_by_location.get(where, 0) + 1
+            with _totals_lock:
+                _totals["failures"] += 1
             cause = _cause(where, err)
             causes.add(cause)
             if cause not in self._warned:

@@ -13,6 +13,7 @@ import torch
 
 import shardckpt
 import shardckpt.prune as P
+from shardckpt.prune_background import retention_failures
 from shardckpt.storage.lease import LOCK_PATH
 
 
@@ -50,6 +51,7 @@ def test_replica_outage_during_background_retention(tmp_path, monkeypatch):
     mgr = shardckpt.CheckpointManager(root, replicas=[rep], min_replicas=1, async_save=False,
                                       retention=shardckpt.RetentionPolicy(keep_last=1))
     runner = mgr._retention_runner
+    before = retention_failures()
     state_dict = {"w": torch.zeros(8)}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -71,6 +73,7 @@ def test_replica_outage_during_background_retention(tmp_path, monkeypatch):
     assert len(failed) == 1, [str(w.message) for w in caught]
     assert "prune.lock" in str(failed[0].message)
     assert runner.failures == 1 and runner.failures_by_location == {str(rep): 1}
+    assert retention_failures() == before + 1
     # the warning names the test's save() call, not the library
     assert failed[0].filename == __file__
 
