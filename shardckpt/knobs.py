@@ -51,6 +51,42 @@ class ChoiceKnob:
         return raw
 
 
+@dataclass(frozen=True)
+class SwitchKnob:
+    """A knob that is on or off: 1/0, true/false, on/off, yes/no (any case)."""
+
+    env: str
+    default: int
+    doc: str = ""
+
+    def get(self) -> int:
+        raw = os.environ.get(self.env, "").strip().lower()
+        if raw == "":
+            return self.default
+        if raw in _ON:
+            return 1
+        if raw in _OFF:
+            return 0
+        raise ValueError(f"{self.env}={os.environ.get(self.env)!r} is not a switch: use 1 or 0 "
+                         f"(or true/false, on/off, yes/no)")
+
+
+_ON, _OFF = ("1", "true", "on", "yes"), ("0", "false", "off", "no")
+
+
+def check_switches() -> None:
+    """Refuse a malformed switch knob now (at manager construction), not at the first save:
+    ``ShardckptError`` naming the variable."""
+    from .errors import ShardckptError  # errors never imports knobs; kept local all the same
+
+    for knob in ALL_KNOBS:
+        if isinstance(knob, SwitchKnob):
+            try:
+                knob.get()
+            except ValueError as exc:
+                raise ShardckptError(str(exc)) from None
+
+
 def _parse_size(text: str) -> int:
     text = text.strip().upper().removesuffix("B").removesuffix("I")
     scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
@@ -110,11 +146,11 @@ READ_ONCE = ChoiceKnob("SHARDCKPT_READ_ONCE", "auto", ("auto", "1", "0"),
                        "and sent to the others; 0: every rank reads its own; auto: on for object "
                        "stores and network filesystems, off for local disks")
 
-STREAM_COPY = Knob("SHARDCKPT_STREAM_COPY", 1, 0,
+STREAM_COPY = SwitchKnob("SHARDCKPT_STREAM_COPY", 1,
                    "1: an eager snapshot's large CPU copies use streaming stores (x86-64 Linux, "
                    "where the kernel allows the routine: engine/streamcopy.py); 0: memmove")
 
-ALL_KNOBS: tuple[Knob | ChoiceKnob, ...] = (
+ALL_KNOBS: tuple[Knob | ChoiceKnob | SwitchKnob, ...] = (
              CHUNK_SIZE, IO_THREADS, FILES_PER_RANK, MEMORY_BUDGET, ENCODE_THREADS,
              COLLECTIVE_TIMEOUT_S, FSYNC, DIRECT_IO, CONNECT_TIMEOUT_S, CONNECT_ATTEMPTS,
              UNREACHABLE_TTL_S, STORAGE_ATTEMPTS, STORAGE_RETRY_SECONDS, S3_BLOCK_SIZE,

@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -49,7 +48,8 @@ from .policy import (
     plan_retention,
 )
 from .prune_background import BackgroundPrune
-from .prune_refs import referenced_files, retire_step, sweep_retired
+from .prune_lostlock import drop_lost_locks, release_lock
+from .prune_refs import referenced_files, retire_step, sweep_plan, sweep_retired
 from .steptags import effective_tags
 from .storage import Location, step_dirname
 from .storage.lease import (
@@ -63,6 +63,7 @@ from .storage.lease import (
     read_leases,
     read_record,
 )
+from .warnsite import warn_user
 
 DEFAULT_GRACE_S = 3600.0
 DEFAULT_LOCK_WAIT_S = 60.0
@@ -89,7 +90,7 @@ def _check_metric(location: Location, policy: RetentionPolicy, records: list[Che
         if policy in _warned_metric:
             return True
         _warned_metric.add(policy)
-    warnings.warn(f"retention: {text}", UserWarning, stacklevel=4)
+    warn_user(f"retention: {text}", UserWarning)  # the user's call, or the last save()
     return True
 
 
@@ -219,16 +220,18 @@ def prune_location(location: Location, policy: RetentionPolicy, *, dry_run: bool
         return PruneReport(location.display, False, {}, ())
     if not dry_run:
         make_control_dirs(location)
+    if not dry_run:
+        drop_lost_locks(location)
     lock = None if dry_run else PruneLock.acquire(location, wait=lock_wait)
     try:
         report = _prune(location, policy, dry_run, grace, lock, manifests or {}, unknown_metric)
     except BaseException:
         if lock is not None:
             with contextlib.suppress(Exception):  # the first error is the one to report
-                lock.release()
+                release_lock(location, lock)
         raise
     if lock is not None:
-        lock.release()
+        release_lock(location, lock)
     record_prune(location, policy, report)  # issue 32: the audit trail (never raises)
     return report
 
@@ -284,9 +287,11 @@ def _prune(location: Location, policy: RetentionPolicy, dry_run: bool, grace: fl
     held.update({s: f"kept: its {why}" for s, why in bad_tags.items() if s in plan.deleted})
     kept = {**plan.kept, **{s: (why,) for s, why in held.items()}}
     dropped = tuple(s for s in plan.deleted if s not in held)  # no delete marker on those
-    if dry_run:
+    if dry_run:  # what the real run would do, retired steps included (nothing is claimed)
+        referenced = referenced_files(location, {**cache, **committed}, dropped)
         return PruneReport(location.display, True, kept, dropped,
-                           (*stale, *old_aside), skipped, corrupt)
+                           (*stale, *old_aside, *sweep_plan(location, referenced)), skipped,
+                           corrupt, retired=tuple(s for s in dropped if s in referenced))
 
     assert lock is not None
     claim, blocked = claim_for_deletion(location, [*map(step_dirname, dropped), *stale])

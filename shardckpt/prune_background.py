@@ -3,21 +3,45 @@ the training loop that asked for it."""
 
 from __future__ import annotations
 
+import re
 import threading
-import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from .errors import PruneLockedError
+from .warnsite import Site, user_site, warn_user
+
+_totals = {"failures": 0}  # location prunes of background retention that failed, this process
+_totals_lock = threading.Lock()
+
+
+def retention_failures() -> int:
+    """Location prunes of background retention that failed in this process (every manager),
+    warned or not: for a metrics counter (like ``audit.write_failures``)."""
+    with _totals_lock:
+        return _totals["failures"]
+
+
+def _cause(where: str, exc: BaseException) -> tuple[str, str, str]:
+    """A failure's cause, for "warn once per cause": numbers (steps, times) do not count."""
+    return where, type(exc).__name__, re.sub(r"\d+", "N", str(exc))
 
 
 class BackgroundPrune:
     """Runs ``run`` on one worker thread, one call at a time, never blocking the caller.
 
     A :meth:`request` made while a run is in progress queues exactly one more (so the last
-    request is always followed by a full run); more requests meanwhile coalesce into it. A run
-    that finds another prune holding the lock is skipped (the next request tries again); other
-    errors become a warning and :attr:`last_error`, never an exception in the caller.
+    request is always followed by a full run); more requests meanwhile coalesce into it.
+
+    A run's failure never reaches the caller, and never stops later runs: each request prunes
+    every location again. A location whose prune fails (``run`` raises; the error's
+    ``failures`` lists ``(location, error)`` per location, see :mod:`.prune_all`) is counted in
+    :attr:`failures` (runs) and :attr:`failures_by_location`, kept in :attr:`last_error`, and
+    warned about (``RuntimeWarning``) once per distinct cause (location, error type, message
+    with numbers ignored) while it keeps failing that way: a new cause, or the same one after a
+    run in which it did not occur, warns again. A location held by another prune (cron, a
+    second job: :class:`PruneLockedError`) is skipped quietly, counted in :attr:`locked`; the
+    next request tries again. The warning names the ``save()`` call that requested the run.
     """
 
     def __init__(self, run: Callable[[], object], name: str = "shardckpt-retention") -> None:
@@ -25,10 +49,17 @@ class BackgroundPrune:
         self._lock = threading.Lock()
         self._queued = False
         self._pool: ThreadPoolExecutor | None = None
+        self._site: Site | None = None
+        self._warned: set[tuple[str, str, str]] = set()
         self.last_error: BaseException | None = None
+        self.failures = 0  # runs in which some location failed
+        self.failures_by_location: dict[str, int] = {}
+        self.locked = 0  # location prunes skipped: another prune held the lock
 
     def request(self) -> None:
+        site = user_site()  # None on the save thread: then the last save() call (warnsite.py)
         with self._lock:
+            self._site = site or self._site
             if self._queued:
                 return
             self._queued = True
@@ -39,14 +70,35 @@ class BackgroundPrune:
     def _job(self) -> None:
         with self._lock:
             self._queued = False
+            site = self._site
         try:
             self._run()
-        except PruneLockedError:
-            pass  # another prune (cron, a second job) is at it right now
         except Exception as exc:
-            self.last_error = exc
-            warnings.warn(f"background retention failed: {type(exc).__name__}: {exc}",
-                          RuntimeWarning, stacklevel=1)
+            self._failed(exc, site)
+        else:
+            self._warned.clear()
+
+    def _failed(self, exc: Exception, site: Site | None) -> None:
+        failures = getattr(exc, "failures", None) or [("", exc)]
+        causes: set[tuple[str, str, str]] = set()
+        real = False
+        for where, err in failures:
+            if isinstance(err, PruneLockedError):
+                self.locked += 1
+                continue
+            real = True
+            self.last_error = err
+            self.failures_by_location[where] = self.failures_by_location.get(where, 0) + 1
+            with _totals_lock:
+                _totals["failures"] += 1
+            cause = _cause(where, err)
+            causes.add(cause)
+            if cause not in self._warned:
+                warn_user(f"background retention failed: {type(err).__name__}: {err} (later "
+                          f"prunes go on; this cause is not repeated while it lasts)",
+                          RuntimeWarning, site)
+        self.failures += real
+        self._warned = causes
 
     def close(self, timeout: float | None = None) -> bool:
         """Wait for the running and queued runs (at most ``timeout`` s), then stop the thread.

@@ -109,6 +109,13 @@ def sweep_retired(location: Location, referenced: Referenced,
     return gone
 
 
+def sweep_plan(location: Location, referenced: Referenced) -> list[str]:
+    """What :func:`sweep_retired` would delete whole now (for a dry run; changes nothing)."""
+    present = set(location.list_step_dirs())
+    return [f"{step_dirname(s)} (retired)" for s in sorted(retired_steps(location.listdir("")))
+            if s in present and s not in referenced]
+
+
 def manifest_for(location: Location, step: int, cache: Mapping[int, M.Manifest]
                  ) -> M.Manifest | None:
     try:
@@ -117,4 +124,5 @@ def manifest_for(location: Location, step: int, cache: Mapping[int, M.Manifest]
         return None
 
 
-__all__ = ["Referenced", "manifest_for", "referenced_files", "retire_step", "sweep_retired"]
+__all__ = ["Referenced", "manifest_for", "referenced_files", "retire_step", "sweep_plan",
+           "sweep_retired"]

@@ -166,10 +166,13 @@ def _complain(args: argparse.Namespace, errors: list[tuple[str, Any]],
 def _print_prune(report: Any) -> None:
     verb = "would delete" if report.dry_run else "deleted"
     print(f"{report.location}{' (dry run)' if report.dry_run else ''}: kept {len(report.kept)}, "
-          f"{verb} {len(report.deleted)}, "
+          f"{verb} {len(report.deleted)}"
+          f"{f' ({len(report.retired)} retired)' if report.retired else ''}, "
           f"{'would reap' if report.dry_run else 'reaped'} {len(report.reaped)}")
     rows = [(s, "keep", ", ".join(r)) for s, r in report.kept.items()]
-    rows += [(s, "delete", "") for s in report.deleted]
+    rows += [(s, "retire", "kept steps reference its files: hidden, its manifest and those "
+              "files stay") if s in report.retired else (s, "delete", "")
+             for s in report.deleted]
     for step, action, why in sorted(rows):
         print(f"{step:>12}  {action:<8} {why}".rstrip())
     for d in report.reaped:

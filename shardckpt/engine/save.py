@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import time
 import uuid
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -40,6 +39,7 @@ from ..planning.statedict import Collected, TensorLeaf, collect
 from ..storage import Location, step_dirname
 from ..storage.lease import StepLease
 from ..storage.writers import may_remove
+from ..warnsite import warn_user
 from .comm import Comm
 from .failpolicy import mark_agreed
 from .failures import agree_on_state, describe, raise_failures
@@ -373,8 +373,8 @@ class _SaveRun:
                 self._remove_step_dir(i)
         for i, m in self.loc_failures.items():
             if not failed:
-                warnings.warn(f"step {self.req.step}: location {self.locations[i].display} "
-                              f"missed this checkpoint (degraded): {m}", stacklevel=2)
+                warn_user(f"step {self.req.step}: location {self.locations[i].display} "
+                          f"missed this checkpoint (degraded): {m}")
 
     def decide(self, outcome: Outcome) -> SaveResult:
         """Phase 4: every rank learns the outcome; the same error everywhere on failure."""

@@ -6,13 +6,16 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from .. import knobs
 from ..format import manifest as M
 from ..golden import Golden
+from ..warnsite import note_caller
 
 
 def check_save_args(step: Any, state: Any, metrics: Mapping[str, float] | None,
                     tags: Iterable[str], golden: Any) -> tuple[dict[str, float], tuple[str, ...]]:
     """``ValueError`` / ``TypeError`` for a bad argument; the metrics and tags normalised."""
+    note_caller()  # the user's save() call: where warnings from our threads point (warnsite.py)
     if type(step) is not int or not 0 <= step <= M.MAX_STEP:
         raise ValueError(f"step must be an int in [0, {M.MAX_STEP}], got {step!r}")
     if not isinstance(state, dict):
@@ -45,4 +48,5 @@ def check_manager_args(urls: list[str], min_replicas: int | None, save_every: in
         raise TypeError("retention must be a shardckpt.RetentionPolicy")
     if snapshot not in ("lazy", "eager"):
         raise ValueError(f"snapshot must be 'lazy' or 'eager', got {snapshot!r}")
+    knobs.check_switches()  # SHARDCKPT_STREAM_COPY=yes: refused now, not at the first save
     return min_replicas
