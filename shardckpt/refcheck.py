@@ -152,8 +152,9 @@ class RefTargets:
             assert first is not None
             raise first
         check_pieces(pieces, found, where)
-        for pair in () if not self.presence else sorted({c.ref for p in pieces for c in p.chunks if c.ref is not None}):
-            self.sources(pair, location)
+        if self.presence:
+            for pair in sorted({c.ref for p in pieces for c in p.chunks if c.ref is not None}):
+                self.sources(pair, location)
 
     def sources(self, pair: tuple[int, str], first: Location) -> list[Location]:
         """The locations holding a usable copy of the referenced file ``pair`` (checked
