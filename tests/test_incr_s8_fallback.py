@@ -151,3 +151,27 @@ def test_verify_counts_only_the_files_with_no_good_copy(
     assert [b["file"] for b in check["bad_files"]] == [f"{step_dirname(7)}/{A}"]
     assert check["detail"].startswith(f"1 of {own + 2} files"), check["detail"]
     assert f"without a good copy: 1 of step 7 ({step_dirname(7)}/{A})" in check["detail"]
+
+
+def test_two_chunks_of_one_referenced_file_bad_at_different_locations_load(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SHARDCKPT_CHUNK_SIZE", str(64 << 10))  # several chunks a piece
+    root, rep = tmp_path / "root", tmp_path / "rep"
+    _save(root, rep, 8)
+    with shardckpt.CheckpointManager(str(root), async_save=False) as mgr:
+        full = mgr.manifest(8, pieces=True)
+    piece = next(p for e in full.tensors.values() if e.meta is not None for p in e.meta.pieces
+                 if sum(c.ref is not None for c in p.chunks) >= 2)  # one piece, two chunks
+    refs = [c for c in piece.chunks if c.ref is not None]
+    name = refs[0].ref[1]
+    offsets = [c.offset for c in refs if c.ref[1] == name]
+    assert len(offsets) >= 2, refs
+    for loc, offset in ((root, offsets[0]), (rep, offsets[-1])):
+        path = _file(loc, 7, name)
+        data = bytearray(path.read_bytes())
+        data[offset + 3] ^= 0x10
+        path.write_bytes(bytes(data))
+    loaded, got, _ = _load(root, rep)
+    assert loaded == 8
+    assert_bit_equal(got, lora_state(8))
+    assert _aside(root, rep) == []
