@@ -8,7 +8,9 @@ import os
 import warnings
 from pathlib import Path
 
+import incr_s8_targets as S
 import pytest
+from harness import run_ranks
 from incremental_helpers import assert_bit_equal, lora_state, zeros_like
 
 import shardckpt
@@ -174,4 +176,26 @@ def test_two_chunks_of_one_referenced_file_bad_at_different_locations_load(
     loaded, got, _ = _load(root, rep)
     assert loaded == 8
     assert_bit_equal(got, lora_state(8))
+    assert _aside(root, rep) == []
+
+
+def test_two_ranks_load_when_each_location_lost_another_referenced_file(
+        tmp_path: Path) -> None:
+    env = {"SHARDCKPT_COLLECTIVE_TIMEOUT": "60", "OMP_NUM_THREADS": "1",
+           "SHARDCKPT_FSYNC": "0", "SHARDCKPT_CHUNK_SIZE": str(64 << 10)}
+    root, rep = tmp_path / "root", tmp_path / "rep"
+    run_ranks(S.save_with_replica, 2, str(root), str(rep), [1, 2], timeout=240, env=env)
+    names = sorted(os.listdir(root / step_dirname(1)))
+    r0, r1 = (next(n for n in names if n.startswith(f"rank{r:05d}")) for r in (0, 1))
+    with shardckpt.CheckpointManager(str(root), async_save=False) as mgr:
+        full = mgr.manifest(2, pieces=True)
+    offset = next(c.offset for e in full.tensors.values() if e.meta is not None
+                  for p in e.meta.pieces for c in p.chunks if c.ref == (1, r1))
+    _file(root, 1, r0).unlink()
+    path = _file(rep, 1, r1)
+    data = bytearray(path.read_bytes())
+    data[offset + 3] ^= 0x10  # a chunk step 2 references
+    path.write_bytes(bytes(data))
+    results = run_ranks(S.load_newest, 2, str(root), str(rep), timeout=240, env=env)
+    assert results == [[2, []], [2, []]]
     assert _aside(root, rep) == []
