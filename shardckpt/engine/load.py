@@ -28,7 +28,6 @@ from ..format.dtypes import torch_dtype
 from ..format.manifest import TensorMeta
 from ..planning.restore import LoadContext, restore
 from ..planning.statedict import local_box
-from ..refcheck import DeadReference
 from .comm import Comm
 from .failures import describe, raise_failures
 from .index import PieceIndex
@@ -153,8 +152,6 @@ class LoadError(CollectiveError):
     def __init__(self, message: str, failures: dict[int, str], phase: str) -> None:
         super().__init__(message, failures)
         self.phase = phase
-        # every failing rank failed on a referenced file no location holds a good copy of
-        self.references_only = False
 
 
 class CorruptLoadError(LoadError, CorruptCheckpointError):
@@ -185,16 +182,15 @@ def agree(comm: Comm, error: BaseException | None, phase: str, step: int) -> Non
     failure: one process, or the only failing rank, raises its own error; every other rank a
     ``CollectiveError``. Messages say whether the state was changed.
     """
-    mine = None if error is None else [describe(error), _kind(error),
-                                       isinstance(error, DeadReference)]
     if comm.world_size == 1:
         if error is None:
             return
-        outcomes: list[Any] = [mine]
+        outcomes: list[Any] = [[describe(error), _kind(error)]]
     else:
         if not comm.any_true(error is not None, f"load: {phase}"):
             return
-        outcomes = comm.all_gather_json(mine, f"load: {phase}")
+        outcomes = comm.all_gather_json(
+            [describe(error), _kind(error)] if error is not None else None, f"load: {phase}")
     failures = {r: o[0] for r, o in enumerate(outcomes) if o}
     kinds = {o[1] for o in outcomes if o}
     if phase == "plan":
@@ -206,9 +202,7 @@ def agree(comm: Comm, error: BaseException | None, phase: str, step: int) -> Non
     message = f"load of step {step} failed on rank(s) {sorted(failures)} ({after}): {lines}"
     if kinds <= {"corrupt", "incomplete"}:
         cls = IncompleteLoadError if kinds == {"incomplete"} else CorruptLoadError
-        bad = cls(message, failures, phase)
-        bad.references_only = all(o[2] for o in outcomes if o)  # the step's own files are fine
-        raise bad from error
+        raise cls(message, failures, phase) from error
     if error is not None and phase != "plan":
         error.add_note(f"shardckpt: {after}")
     if error is not None and comm.world_size == 1:

@@ -175,11 +175,6 @@ class CheckpointReader:
             first = type(known)(str(known))
         raise first
 
-    def bad_files(self) -> list[tuple[int, str]]:
-        """(location index, file) of each file of the step's own found bad by this reader."""
-        with self._lock:
-            return sorted(self._bad)
-
     def _mark_bad(self, index: int, file: str, exc: BaseException) -> None:
         with self._lock:
             self._bad[(index, file)] = exc

@@ -44,12 +44,12 @@ def load_state(comm: Comm, finder: Finder, state: dict[str, Any], step: int | No
     if not candidates:
         raise IncompleteCheckpointError(
             f"{finder.locations[0].display}: no committed checkpoint to load")
-    bad: dict[int, set[int] | None] = {}  # step -> the locations whose own copy is bad
+    bad: list[int] = []
     for i, candidate in enumerate(candidates):
         try:
             profile = _load_one(comm, found, state, candidate, strict, restore_rng, threads)
         except BAD_DATA as exc:
-            bad[candidate] = bad_locations(found, candidate, exc) if comm.rank == 0 else None
+            bad.append(candidate)
             if i + 1 == len(candidates):
                 raise
             if comm.rank == 0:
@@ -59,8 +59,8 @@ def load_state(comm: Comm, finder: Finder, state: dict[str, Any], step: int | No
                               stacklevel=3)
             continue
         if bad and comm.rank == 0:
-            for s, where in bad.items():
-                move_aside(found, s, where)
+            for s in bad:
+                move_aside(found, s)
         for s in bad:
             finder.manifests.pop(s, None)
         return candidate, profile
@@ -81,11 +81,7 @@ def _load_one(comm: Comm, found: Survey, state: dict[str, Any], step: int, stric
     same_world = manifest.world_size == comm.world_size
     wants_rng = restore_rng and has_key(manifest, RNG_KEY)
     target = {**state, RNG_KEY: {}} if wants_rng and same_world else dict(state)
-    try:
-        profile = load_step(comm, reader, target, strict, threads)
-    except BAD_DATA as exc:  # where this rank found the step's own files bad
-        exc.bad_at = {index for index, _ in reader.bad_files()}  # type: ignore[attr-defined]
-        raise
+    profile = load_step(comm, reader, target, strict, threads)
     rng = target.pop(RNG_KEY, None)
     state.update(target)
     if rng is not None:
@@ -99,41 +95,16 @@ def _load_one(comm: Comm, found: Survey, state: dict[str, Any], step: int, stric
     return profile
 
 
-def bad_locations(found: Survey, step: int, exc: BaseException) -> set[int] | None:
-    """Rank 0, after ``step`` failed to load with ``exc``: the locations whose own copy of the
-    step is bad (a file of its own missing or of another size there, or found bad by this
-    rank's reads); none found: every location (None), unless every failing rank failed only
-    on a referenced file of another step that no location holds a good copy of (the step's
-    own copies are intact: nothing of it is moved aside)."""
-    entry = found.steps.get(step)
-    out = set(getattr(exc, "bad_at", ()))
-    if entry is not None and entry.manifest is not None:
-        for i, location in enumerate(found.locations):
-            if i in found.unreachable or entry.state[i] in ("absent", "unreachable"):
-                continue
-            try:
-                if any(location.size(f"{step_dirname(step)}/{name}") != rec.nbytes
-                       for name, rec in entry.manifest.files.items()):
-                    out.add(i)
-            except (ShardckptError, OSError):
-                continue
-    if out or getattr(exc, "references_only", False):
-        return out
-    return None
-
-
-def move_aside(found: Survey, step: int, where: set[int] | None = None) -> list[str]:
+def move_aside(found: Survey, step: int) -> list[str]:
     """Rank 0: move the directory of ``step`` aside at every reachable location holding it
-    (``where``: at those locations only), as ``step-N.corrupt-<utc>``, under the step's writer
-    lease. Returns where it went; a location that fails is warned about and left as it is."""
+    (``step-N.corrupt-<utc>``), under the step's writer lease. Returns where it went; a
+    location that fails is warned about and left as it is."""
     entry = found.steps.get(step)
     moved: list[str] = []
     step_dir = step_dirname(step)
     for i, location in enumerate(found.locations):
         if i in found.unreachable or entry is None or entry.state[i] in ("absent",
                                                                          "unreachable"):
-            continue
-        if where is not None and i not in where:
             continue
         try:
             aside = _move(location, step_dir, step)
