@@ -119,8 +119,8 @@ class RefTargets:
         # of a step's own file: the referenced files are verified on their own)
         self.presence = presence
         self.locations = list(locations)
-        self._found: dict[int, tuple[dict[tuple[int, str], Reference],
-                                     dict[tuple[int, str], ShardckptError]]] = {}
+        self._found: dict[int, ShardckptError | tuple[dict[tuple[int, str], Reference],
+                                                      dict[tuple[int, str], ShardckptError]]] = {}
         self._lock = threading.Lock()
 
     def _resolve(self, location: Location) -> tuple[dict[tuple[int, str], Reference],
@@ -129,9 +129,14 @@ class RefTargets:
             got = self._found.get(id(location))
         if got is None:
             problems: dict[tuple[int, str], ShardckptError] = {}
-            got = (resolve_targets(location, self.manifest, problems), problems)
+            try:
+                got = (resolve_targets(location, self.manifest, problems), problems)
+            except (ShardckptError, OSError) as exc:  # remembered: raised again, not redone
+                got = exc if isinstance(exc, ShardckptError) else StorageError(str(exc))
             with self._lock:
                 self._found[id(location)] = got
+        if isinstance(got, ShardckptError):
+            raise type(got)(str(got))
         return got
 
     def check(self, location: Location, pieces: Iterable[Piece], where: str) -> None:

@@ -14,7 +14,12 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import CorruptCheckpointError, IncompleteCheckpointError, StorageError
+from ..errors import (
+    CorruptCheckpointError,
+    IncompleteCheckpointError,
+    ShardckptError,
+    StorageError,
+)
 from ..format.dtypes import itemsize, torch_dtype
 from ..format.manifest import Manifest, TensorMeta
 from ..format.shard import Chunk, Piece, ShardHeader, checksum, decode_chunk, read_header
@@ -235,10 +240,10 @@ class CheckpointReader:
                     msg = f"{exc} (reading it from another location)"
                     self.warnings.append(msg)
                     warnings.warn(msg, stacklevel=5)
-        first_error = errors[0]
-        if not isinstance(first_error, (CorruptCheckpointError, IncompleteCheckpointError)):
-            first_error = CorruptCheckpointError(str(first_error))
-        raise dead(first_error)
+        first_error = errors[0]  # a storage error stays one: it is not bad data
+        if isinstance(first_error, ShardckptError):
+            raise dead(first_error)
+        raise first_error
 
     def read_box(self, meta: TensorMeta, offsets: tuple[int, ...], lengths: tuple[int, ...],
                  out: torch.Tensor) -> None:
