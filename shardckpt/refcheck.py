@@ -31,8 +31,12 @@ from .storage import Location, step_dirname
 Targets = Mapping[tuple[int, str], Reference]
 
 
-def resolve_targets(location: Location, manifest: M.Manifest) -> dict[tuple[int, str], Reference]:
-    """Every reference of ``manifest`` checked at ``location`` (see the module)."""
+def resolve_targets(location: Location, manifest: M.Manifest,
+                    problems: dict[tuple[int, str], ShardckptError] | None = None
+                    ) -> dict[tuple[int, str], Reference]:
+    """Every reference of ``manifest`` checked at ``location`` (see the module). With
+    ``problems``, a referenced file that is missing or of another size at this location is
+    noted there (another location may hold a good copy) instead of raised."""
     here = f"{location.display}/{step_dirname(manifest.step)}/{M.MANIFEST_NAME}"
     refs = references(manifest.extra, manifest.step, here)
     if not refs:
@@ -65,40 +69,118 @@ def resolve_targets(location: Location, manifest: M.Manifest) -> dict[tuple[int,
                                                                  r.header_xxh3):
             raise CorruptCheckpointError(f"{what}: step {r.step} lists another file of that "
                                          f"name ({rec.nbytes} bytes, header {rec.header_xxh3})")
-        found = location.size(f"{step_dirname(r.step)}/{r.file}")
-        if found is None:  # as a missing file of the step's own: the load falls back
-            raise IncompleteCheckpointError(f"{what}: the file "
-                                            f"{location.display}/{step_dirname(r.step)}/{r.file}"
-                                            f" is missing")
-        if found != rec.nbytes:
-            raise CorruptCheckpointError(f"{what}: the file "
-                                         f"{location.display}/{step_dirname(r.step)}/{r.file} "
-                                         f"holds {found} bytes, not {rec.nbytes}")
         out[(r.step, r.file)] = r
+        found = location.size(f"{step_dirname(r.step)}/{r.file}")
+        bad: ShardckptError | None = None
+        if found is None:  # as a missing file of the step's own: the load falls back
+            bad = IncompleteCheckpointError(f"{what}: the file {location.display}/"
+                                            f"{step_dirname(r.step)}/{r.file} is missing")
+        elif found != rec.nbytes:
+            bad = CorruptCheckpointError(f"{what}: the file {location.display}/"
+                                         f"{step_dirname(r.step)}/{r.file} holds {found} "
+                                         f"bytes, not {rec.nbytes}")
+        if bad is not None:
+            if problems is None:
+                raise bad
+            problems[(r.step, r.file)] = bad
     return out
 
 
-class RefTargets:
-    """A reader's checked references, per location, resolved once (thread-safe)."""
+class DeadReference(ShardckptError):
+    """Marker mixed into the error raised when no location holds a usable copy of a
+    referenced file or chunk: the referencing step's own file is not to blame."""
 
-    def __init__(self, manifest: M.Manifest, enabled: bool = True) -> None:
+
+def dead(exc: ShardckptError) -> ShardckptError:
+    """``exc`` re-raised as the same kind of error, marked :class:`DeadReference`."""
+    if isinstance(exc, DeadReference):
+        return exc
+    kind = _DEAD.get(type(exc))
+    if kind is None:
+        kind = _DEAD.setdefault(type(exc), type(type(exc).__name__, (type(exc), DeadReference),
+                                                 {"__module__": type(exc).__module__}))
+    return kind(str(exc))
+
+
+_DEAD: dict[type, type] = {}
+
+
+class RefTargets:
+    """A reader's checked references, per location, resolved once (thread-safe).
+
+    A referenced file gets the same per-file, per-location fallback as a file of the step's
+    own: it is bad data only when no location holds a usable copy (:meth:`sources`)."""
+
+    def __init__(self, manifest: M.Manifest, enabled: bool = True,
+                 locations: Sequence[Location] = (), presence: bool = True) -> None:
         self.manifest = manifest
         self.enabled = enabled  # False: a file read for its own chunks only (verify, repair)
-        self._found: dict[int, dict[tuple[int, str], Reference]] = {}
+        # False: the references are checked, not that some location holds their files (verify
+        # of a step's own file: the referenced files are verified on their own)
+        self.presence = presence
+        self.locations = list(locations)
+        self._found: dict[int, ShardckptError | tuple[dict[tuple[int, str], Reference],
+                                                      dict[tuple[int, str], ShardckptError]]] = {}
         self._lock = threading.Lock()
 
+    def _resolve(self, location: Location) -> tuple[dict[tuple[int, str], Reference],
+                                                     dict[tuple[int, str], ShardckptError]]:
+        with self._lock:
+            got = self._found.get(id(location))
+        if got is None:
+            problems: dict[tuple[int, str], ShardckptError] = {}
+            try:
+                got = (resolve_targets(location, self.manifest, problems), problems)
+            except (ShardckptError, OSError) as exc:  # remembered: raised again, not redone
+                got = exc if isinstance(exc, ShardckptError) else StorageError(str(exc))
+            with self._lock:
+                self._found[id(location)] = got
+        if isinstance(got, ShardckptError):
+            raise type(got)(str(got))
+        return got
+
     def check(self, location: Location, pieces: Iterable[Piece], where: str) -> None:
-        """Check the reference chunks of ``pieces`` (a header read at ``location``)."""
+        """Check the reference chunks of ``pieces`` (a header read at ``location``): valid
+        references, each to a file that some location holds with its recorded size."""
         pieces = list(pieces)
         if not self.enabled or not any(c.ref is not None for p in pieces for c in p.chunks):
             return
-        with self._lock:
-            found = self._found.get(id(location))
-        if found is None:
-            found = resolve_targets(location, self.manifest)
-            with self._lock:
-                self._found[id(location)] = found
+        first: ShardckptError | None = None
+        for loc in [location, *(x for x in self.locations if x is not location)]:
+            try:  # the manifests of the referenced steps, where some location holds them
+                found, _ = self._resolve(loc)
+                break
+            except (ShardckptError, OSError) as exc:
+                first = first or (exc if isinstance(exc, ShardckptError)
+                                  else StorageError(str(exc)))
+        else:
+            assert first is not None
+            raise first
         check_pieces(pieces, found, where)
+        if self.presence:
+            for pair in sorted({c.ref for p in pieces for c in p.chunks if c.ref is not None}):
+                self.sources(pair, location)
+
+    def sources(self, pair: tuple[int, str], first: Location) -> list[Location]:
+        """The locations holding a usable copy of the referenced file ``pair`` (checked
+        references, the file present with its recorded size), ``first`` first; none: the first
+        location's error, marked :class:`DeadReference`."""
+        order = [first, *(loc for loc in self.locations if loc is not first)]
+        out: list[Location] = []
+        errors: list[ShardckptError] = []
+        for loc in order:
+            try:
+                _, problems = self._resolve(loc)
+            except (ShardckptError, OSError) as exc:
+                errors.append(exc if isinstance(exc, ShardckptError) else StorageError(str(exc)))
+                continue
+            if pair in problems:
+                errors.append(problems[pair])
+            else:
+                out.append(loc)
+        if not out:
+            raise dead(errors[0])
+        return out
 
 
 def referenced_todo(locations: Sequence[Location], manifest: M.Manifest
@@ -186,6 +268,6 @@ def ref_path(location: Location, ref: tuple[int, str]) -> tuple[str, str]:
     return rel, f"{location.display}/{rel}"
 
 
-__all__ = ["RefTargets", "ref_path", "referenced_todo", "resolve_targets",
+__all__ = ["DeadReference", "RefTargets", "dead", "ref_path", "referenced_todo", "resolve_targets",
            "retired_referenced", "with_references",
            "with_retired"]

@@ -108,6 +108,8 @@ def verify_file(location: Location, step: int, manifest: M.Manifest, file: str,
     reader = CheckpointReader([location], step_dir, manifest)
     if only is not None:  # a file other steps reference: its own chunks, not its references
         reader.refs = RefTargets(manifest, enabled=False)
+    else:  # the files it references are verified on their own, at every location
+        reader.refs = RefTargets(manifest, locations=[location], presence=False)
     where = f"{location.display}/{step_dir}/{file}"
     try:
         header = reader.check_file(file)

@@ -14,11 +14,16 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import CorruptCheckpointError, IncompleteCheckpointError, StorageError
+from ..errors import (
+    CorruptCheckpointError,
+    IncompleteCheckpointError,
+    ShardckptError,
+    StorageError,
+)
 from ..format.dtypes import itemsize, torch_dtype
 from ..format.manifest import Manifest, TensorMeta
 from ..format.shard import Chunk, Piece, ShardHeader, checksum, decode_chunk, read_header
-from ..refcheck import RefTargets, ref_path
+from ..refcheck import DeadReference, RefTargets, dead, ref_path
 from ..storage import Location
 from .badfiles import note_bad
 from .tensorbytes import byte_view
@@ -88,7 +93,8 @@ class CheckpointReader:
         self._bad: dict[tuple[int, str], BaseException] = {}
         self._lock = threading.Lock()
         self.warnings: list[str] = []
-        self.refs = RefTargets(manifest)  # incremental: references to earlier steps
+        self.refs = RefTargets(manifest, locations=self.locations)  # incremental saves
+        self._bad_refs: dict[tuple[int, tuple[int, str], int], BaseException] = {}
 
     @property
     def location(self) -> Location:
@@ -141,6 +147,8 @@ class CheckpointReader:
                 continue
             try:
                 return self.check_file(file, index)
+            except DeadReference:  # no location has a referenced file: not this file's fault
+                raise
             except (CorruptCheckpointError, IncompleteCheckpointError, StorageError,
                     FileNotFoundError) as exc:
                 first = first or exc
@@ -161,6 +169,8 @@ class CheckpointReader:
                 self.check_file(piece.file, index)
                 self._read_span_at(index, piece, start, out)
                 return
+            except DeadReference:  # no location has a referenced chunk: not this file's fault
+                raise
             except (CorruptCheckpointError, IncompleteCheckpointError, StorageError,
                     FileNotFoundError) as exc:
                 first = first or exc
@@ -190,12 +200,50 @@ class CheckpointReader:
                 continue
             lo, hi = max(start, c_start), min(end, c_end)
             dst = out[lo - start:hi - start]
-            c_rel, c_where = (rel, where) if chunk.ref is None else ref_path(location, chunk.ref)
+            if chunk.ref is not None:
+                self._read_ref_chunk(location, chunk, dst, lo - c_start, hi - c_start)
+                continue
             try:
-                _read_chunk(location, chunk, c_rel, c_where, dst, lo - c_start, hi - c_start)
+                _read_chunk(location, chunk, rel, where, dst, lo - c_start, hi - c_start)
             except CorruptCheckpointError:  # an incremental save never bases on it again
-                note_bad(location.display, c_rel)
+                note_bad(location.display, rel)
                 raise
+
+    def _read_ref_chunk(self, first: Location, chunk: Chunk, dst: memoryview, lo: int,
+                        hi: int) -> None:
+        """A referenced chunk, from ``first`` or else any location holding a good copy of it
+        (the same per-file fallback as the step's own files); none: the first error, marked
+        :class:`~shardckpt.refcheck.DeadReference`."""
+        assert chunk.ref is not None
+        errors: list[BaseException] = []
+        for location in self.refs.sources(chunk.ref, first):
+            index = self.locations.index(location)
+            with self._lock:  # a bad chunk there (per chunk), or the whole file unreadable (-1)
+                known = (self._bad_refs.get((index, chunk.ref, chunk.offset))
+                         or self._bad_refs.get((index, chunk.ref, -1)))
+            if known is not None:
+                errors.append(known)
+                continue
+            c_rel, c_where = ref_path(location, chunk.ref)
+            try:
+                _read_chunk(location, chunk, c_rel, c_where, dst, lo, hi)
+                return
+            except (CorruptCheckpointError, IncompleteCheckpointError, StorageError,
+                    FileNotFoundError) as exc:
+                corrupt = isinstance(exc, CorruptCheckpointError)
+                if corrupt:  # an incremental save never bases on it again
+                    note_bad(location.display, c_rel)
+                errors.append(exc)
+                with self._lock:
+                    self._bad_refs[(index, chunk.ref, chunk.offset if corrupt else -1)] = exc
+                if len(self.locations) > 1:
+                    msg = f"{exc} (reading it from another location)"
+                    self.warnings.append(msg)
+                    warnings.warn(msg, stacklevel=5)
+        first_error = errors[0]  # a storage error stays one: it is not bad data
+        if isinstance(first_error, ShardckptError):
+            raise dead(first_error)
+        raise first_error
 
     def read_box(self, meta: TensorMeta, offsets: tuple[int, ...], lengths: tuple[int, ...],
                  out: torch.Tensor) -> None:

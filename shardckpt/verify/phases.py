@@ -92,8 +92,14 @@ def integrity(locations: Sequence[Location], step: int, manifest: M.Manifest, co
                  f"{data['depends_on']})"
     if bad:
         more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        own = sum(1 for b in bad if "/" not in b["file"])
+        others = sorted({int(b["file"].split("/")[0][5:]) for b in bad if "/" in b["file"]})
+        held = ", ".join([f"{own} of step {step}'s own"] * bool(own) + [
+            f"{len(bad) - own} of step{'s' * (len(others) > 1)} "
+            f"{', '.join(map(str, others))}"] * bool(others))
         return Check("integrity", False, f"{len(bad)} of {files} have no good copy: "
-                     f"{bad[0]['problem']}{more}", code=EXIT_INTEGRITY, data=data)
+                     f"{bad[0]['problem']}{more}; without a good copy: {held} "
+                     f"({', '.join(b['file'] for b in bad)})", code=EXIT_INTEGRITY, data=data)
     detail = f"{files}, each with a good copy (every chunk checksum checked at " \
              f"{where}, read by {comm.world_size} rank{'s' * (comm.world_size > 1)})"
     if degraded:
