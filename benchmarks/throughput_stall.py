@@ -80,7 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     state = {"model": model, "optim": optim}
     buffers = rawio.HostBuffers(local_tensors(model, optim), pin=False)
     root = gathered_path(os.path.join(args.dir, f"run-{time.time_ns()}"))
-    mgr = shardckpt.CheckpointManager(os.path.join(root, "shardckpt"), async_save=True)
+    # keep_last=1: every repetition writes the whole state, and the disk must not fill up
+    mgr = shardckpt.CheckpointManager(os.path.join(root, "shardckpt"), async_save=True,
+                                      retention=shardckpt.RetentionPolicy(keep_last=1))
     clock = PartClock()
     clock.wrap(manager_module, "collect", "collect")
     clock.wrap(manager_module, "with_extras", "extras")
@@ -116,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
                                              process=False, fsync=True)
         out = {"stall_s": time.perf_counter() - t}
         pending.wait()
+        dist.barrier()
+        if rank == 0:
+            shutil.rmtree(path, ignore_errors=True)
         return out
 
     phases = {"memcpy": memcpy, "stream": lambda: eager(True), "memmove": lambda: eager(False),
