@@ -88,8 +88,10 @@ def partial_step_error(folder: str, step: int, hf: bool, missing: list[str],
             f"load_step={newest_full} in a copy of this folder without "
             f"{step_dirname(step)} (a save of step {step} would collide with it)"
             if newest_full is not None else "It holds no full step to continue training from")
-    exclude = "" if hf else (" (to load the model only into this job anyway: exclude_from_"
-                             f"loading={missing!r})")
+    exclude = "" if hf else (f" (exclude_from_loading={missing!r} would load the model "
+                             "alone, but the job would restart at step 1 in this folder and "
+                             "its first save would collide with the steps it holds: "
+                             "fine-tune in a new folder, as below)")
     return TitanLoadError(
         f"checkpoint.folder {folder}: {asked} holds {what}{lacks}; it was written by "
         f"{option} at the end of a run and cannot resume training{exclude}. {full}. "
@@ -106,6 +108,7 @@ def check_new_step(folder: str, step: int, newest: int | None) -> None:
     raise TitanSaveError(
         f"checkpoint.folder {folder}: cannot save step {step}: the folder already holds "
         f"committed steps up to {newest}, likely by an earlier run of this job, and this job "
-        "resumed from an older step (checkpoint.load_step, or the newest full step). Resume "
+        "resumed from an older step (checkpoint.load_step, the newest full step, or none: "
+        "train_state in exclude_from_loading). Resume "
         f"from step {newest}, or continue the older step in a copy of the folder or a new "
         "checkpoint.folder (initial_load_path)")
