@@ -131,6 +131,13 @@ def test_initial_load_path_at_a_dcp_run_folder_lists_its_steps(
     ({"replicas": ["/r1"], "min_replicas": 3}, "checkpoint.min_replicas=3 is more than the 2"),
     ({"min_replicas": 2}, "checkpoint.min_replicas=2 is more than the 1"),
     ({"load_step": -2}, "checkpoint.load_step must be a step"),
+    ({"keep_latest_k": "3"}, "checkpoint.keep_latest_k must be an int"),
+    ({"keep_latest_k": 2.5}, "checkpoint.keep_latest_k must be an int"),
+    ({"interval": "500"}, "checkpoint.interval must be an int"),
+    ({"interval": True}, "checkpoint.interval must be an int"),
+    ({"folder": 5}, "checkpoint.folder must be a path"),
+    ({"initial_load_path": 5}, "checkpoint.initial_load_path must be a path"),
+    ({"exclude_from_loading": "optimizer"}, "checkpoint.exclude_from_loading must be a list"),
 ])
 def test_config_values_of_the_wrong_type_are_refused(fields: dict[str, Any], says: str) -> None:
     with pytest.raises(TitanConfigError, match=says):

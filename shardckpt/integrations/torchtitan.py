@@ -142,6 +142,7 @@ class ShardckptCheckpointManager(BaseCheckpointManager):
         root as initial_load_path; DCP and HF folders are then refused)."""
 
         def __post_init__(self) -> None:
+            options.check_base_types(self)
             BaseCheckpointManager.Config.__post_init__(self)
             options.check(self, io.DTYPES)
 

@@ -69,6 +69,27 @@ def _check_types(cfg: Any) -> None:
                                f"newest), got {cfg.load_step!r}")
 
 
+def check_base_types(cfg: Any) -> None:
+    """The base Config's fields that torchtitan compares or parses without checking their
+    type (run before its own checks, so ``keep_latest_k="3"`` is named, not a ``TypeError``
+    from a comparison); ``exclude_from_loading`` as a string would be split into letters."""
+    for name, low in (("interval", 1), ("keep_latest_k", 0)):
+        value = getattr(cfg, name)
+        if type(value) is not int or value < low:
+            raise TitanConfigError(f"checkpoint.{name} must be an int >= {low}, got {value!r}")
+    if not isinstance(cfg.folder, str):
+        raise TitanConfigError(f"checkpoint.folder must be a path (a str), got {cfg.folder!r}")
+    path = cfg.initial_load_path
+    if path is not None and not isinstance(path, str):
+        raise TitanConfigError(f"checkpoint.initial_load_path must be a path (a str) or None, "
+                               f"got {path!r}")
+    names = cfg.exclude_from_loading
+    if isinstance(names, str) or not isinstance(names, (list, tuple)) or \
+            not all(isinstance(n, str) for n in names):
+        raise TitanConfigError(f"checkpoint.exclude_from_loading must be a list of state names "
+                               f"(e.g. ['dataloader']), got {names!r}")
+
+
 def check(cfg: Any, dtypes: Any) -> None:
     """Every shardckpt field of ``cfg`` (and ``async_mode``, ``export_dtype``, the bool
     fields' types, ``load_step``)."""
