@@ -35,7 +35,7 @@ from typing import Any
 from .. import knobs
 from ..format.codec import digest128
 from ..format.shard import Codec, EncodedChunk, checksum
-from ..storage.direct import BLOCK, DIRECT_MIN, address, aligned_buffer
+from ..storage.direct import BLOCK, DIRECT_WRITE_MIN, address, aligned_buffer
 from ..storage.location import _LocalSink
 from ..storage.replicas import DirectSink
 from . import pipeline
@@ -119,17 +119,15 @@ class Bounce:
         self._lent: dict[int, mmap.mmap] = {}  # id(view handed out) -> its buffer
         self._lock = threading.Lock()
 
-    def encode(self, codec: Codec, raw: memoryview, expect: str | None = None) -> EncodedChunk:
-        """A large raw chunk at an unaligned address: copied into an aligned buffer, and the
-        copy hashed and checksummed; anything else (or a chunk whose XXH3-128 is ``expect``:
-        reused from the base step, incremental saves) encoded as usual."""
+    def encode(self, codec: Codec, raw: memoryview) -> EncodedChunk:
+        """A raw chunk at an unaligned address that will be written direct (from
+        ``DIRECT_WRITE_MIN`` bytes on): copied into an aligned buffer, and the copy hashed and
+        checksummed; anything else encoded as usual (a smaller chunk is written through the
+        page cache, where a copy would gain nothing)."""
         n = len(raw)
-        src = address(raw) if codec.level is None and DIRECT_MIN <= n <= self.size else None
+        src = address(raw) if codec.level is None and DIRECT_WRITE_MIN <= n <= self.size else None
         if src is None or src % BLOCK == 0:
-            return pipeline.encode_chunk(codec, raw, expect) if expect is not None else \
-                pipeline.encode_chunk(codec, raw)
-        if expect is not None and digest128(raw) == expect:  # unchanged since the base step
-            return EncodedChunk(b"", n, "", "", expect, True)
+            return pipeline.encode_chunk(codec, raw)
         buf = self.pool.take(self.size)
         ctypes.memmove(ctypes.addressof(ctypes.c_char.from_buffer(buf)), src, n)  # no GIL
         view = memoryview(buf)[:n]

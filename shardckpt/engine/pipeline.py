@@ -1,9 +1,11 @@
 """The encode stage of the write pipeline: hash (and compress) chunks ahead of the writer.
 
 Chunks of one file are encoded in worker threads, a bounded window ahead of the thread that
-writes them, and handed back in order. zstd releases the GIL, so compression runs in parallel;
-hashing overlaps with the writer's system calls (which release the GIL too). Encoded bytes in
-flight are bounded by the memory budget; raw chunks are views of the snapshot and cost nothing.
+writes them, and handed back in order. zstd and the hashing of large chunks
+(format/nogilhash.py) release the GIL, so they run in parallel with each other and with the
+writer's system calls. Encoded bytes in flight are bounded by the memory budget; raw chunks are
+views of the snapshot and cost nothing. An incremental save hands the pipeline only the chunks
+that changed (engine/prehash.py).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 from ..format.shard import Codec, EncodedChunk, encode_chunk
 
 RAW_WINDOW = 4
+INLINE_MAX = 1 << 20  # raw chunks under this are encoded by the writer (see encode)
 
 
 @dataclass(frozen=True)
@@ -40,42 +43,49 @@ class PipelineConfig:
 class EncodePipeline:
     """Ordered, bounded-window encoding over a shared thread pool (or inline with no pool)."""
 
-    def __init__(self, config: PipelineConfig, pool: ThreadPoolExecutor | None) -> None:
+    def __init__(self, config: PipelineConfig, pool: ThreadPoolExecutor | None,
+                 workers: int = 1) -> None:
         self.config = config
         self._pool = pool
+        self.workers = workers  # the pool's threads
+
+    @property
+    def pool(self) -> ThreadPoolExecutor | None:
+        return self._pool
 
     def encode(self, chunks: Iterable[memoryview],
-               fn: Callable[..., EncodedChunk] | None = None,
-               expect: Iterable[str | None] | None = None) -> Iterator[EncodedChunk]:
-        """``fn(codec, chunk[, expect])`` of every chunk, in order (default
-        :func:`encode_chunk`; a blocking save's bounce stage passes its own: engine/bounce.py).
-        ``expect`` (incremental saves) gives, chunk by chunk, the XXH3-128 of the base step's
-        chunk at the same place: a chunk with that digest comes back ``reused``, neither
-        compressed nor checksummed again."""
+               fn: Callable[[Codec, memoryview], EncodedChunk] | None = None
+               ) -> Iterator[EncodedChunk]:
+        """``fn(codec, chunk)`` of every chunk, in order (default :func:`encode_chunk`; a
+        blocking save's bounce stage passes its own: engine/bounce.py). Raw chunks under
+        :data:`INLINE_MAX` bytes are encoded by the calling thread when their turn comes: a
+        handoff to an encoder thread and back costs more than hashing them (an incremental
+        save of a fine-tuning state has hundreds of them), and they are written buffered."""
         codec = self.config.codec
         fn = encode_chunk if fn is None else fn
-        items = zip(chunks, expect) if expect is not None else ((c, None) for c in chunks)
         if self._pool is None:
-            for c, e in items:
-                yield fn(codec, c, e) if e is not None else fn(codec, c)
+            for c in chunks:
+                yield fn(codec, c)
             return
         pool = self._pool
+        inline = codec.level is None
 
-        def submit(c: memoryview, e: str | None) -> Future[EncodedChunk]:
-            return pool.submit(fn, codec, c, e) if e is not None else pool.submit(fn, codec, c)
-        pending: deque[Future[EncodedChunk]] = deque()
-        source = iter(items)
+        def submit(c: memoryview) -> Future[EncodedChunk] | memoryview:
+            return c if inline and len(c) < INLINE_MAX else pool.submit(fn, codec, c)
+        pending: deque[Future[EncodedChunk] | memoryview] = deque()
+        source = iter(chunks)
         try:
-            for c, e in source:
-                pending.append(submit(c, e))
+            for c in source:
+                pending.append(submit(c))
                 if len(pending) >= self.config.window:
                     break
             while pending:
                 done = pending.popleft()
                 nxt = next(source, None)
                 if nxt is not None:
-                    pending.append(submit(*nxt))
-                yield done.result()
+                    pending.append(submit(nxt))
+                yield fn(codec, done) if isinstance(done, memoryview) else done.result()
         finally:
             for f in pending:
-                f.cancel()
+                if not isinstance(f, memoryview):
+                    f.cancel()

@@ -18,6 +18,7 @@ from ..storage.replicas import open_tee
 from .bounce import Bounce, fits, writes_direct
 from .incremental import BaseChunks, reuse
 from .pipeline import EncodePipeline, PipelineConfig
+from .prehash import merged, unchanged
 from .priority import lower_thread_priority
 from .tensorbytes import byte_view
 
@@ -95,13 +96,20 @@ def write_file(locations: Sequence[tuple[int, Location]], step_dir: str, name: s
     counts = [-(-len(v) // size) for v in views]  # chunks per piece: ceil(bytes / size)
     olds = [base.chunks_of(p.key, p.offsets, p.lengths, len(v), size) if base else [None] * n
             for p, v, n in zip(pieces, views, counts)]
+    chunks = [c for v in views for c in split_chunks(v, size)]
+    same: list[bool] = []
+    expects: list[str | None] = []
+    if base is not None:  # the unchanged chunks, found first, are never handed to the pipeline
+        expects = [o.xxh128 if o is not None else None for c in olds for o in c]
+        same = unchanged(chunks, expects, pipeline.pool, pipeline.workers)
+    todo = [c for c, s in zip(chunks, same) if not s] if base is not None else chunks
     sink = open_tee(locations, f"{step_dir}/{name}")
-    chunks = (c for v in views for c in split_chunks(v, size))
-    expect = (o.xxh128 if o is not None else None for c in olds for o in c) if base else None
     if bounce is not None and writes_direct(sink):
-        encoded = bounce.released(pipeline.encode(chunks, bounce.encode, expect))
+        encoded = bounce.released(pipeline.encode(todo, bounce.encode))
     else:
-        encoded = pipeline.encode(chunks, expect=expect)
+        encoded = pipeline.encode(todo)
+    if base is not None:
+        encoded = merged(chunks, same, expects, encoded)
     try:
         writer = ShardWriter(sink, name, save_id=save_id, step=step, rank=rank,
                              chunk_size=size, codec=pipeline.config.codec)
@@ -140,7 +148,8 @@ def write_rank(locations: Sequence[tuple[int, Location]], step_dir: str,
         if nice > 0 else {}
     with ThreadPoolExecutor(max_workers=max(1, encoders), **init) as encode_pool, \
             ThreadPoolExecutor(max_workers=max(1, min(threads, len(groups) or 1)), **init) as pool:
-        pipeline = EncodePipeline(config, encode_pool if encoders > 0 else None)
+        pipeline = EncodePipeline(config, encode_pool if encoders > 0 else None,
+                                  max(1, encoders))
         bounce = Bounce(config, len(groups)) if fits(config, len(groups)) else None
         futures = [pool.submit(write_file, locations, step_dir, n, g, pipeline,
                                save_id=save_id, step=step, rank=rank, base=base, bounce=bounce)

@@ -7,19 +7,20 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-import xxhash
 import zstandard
+
+from .nogilhash import xxh3_64_hex, xxh3_128_hex
 
 _CODEC_SPEC = re.compile(r"zstd(?::(-?[0-9]{1,3}))?")
 
 
 def checksum(data: Any) -> str:
-    return xxhash.xxh3_64_hexdigest(data)
+    return xxh3_64_hex(data)
 
 
 def digest128(data: Any) -> str:
     """XXH3-128 of raw bytes, 32 lowercase hex digits: what an incremental save compares."""
-    return xxhash.xxh3_128_hexdigest(data)
+    return xxh3_128_hex(data)
 
 
 class Codec:

@@ -26,6 +26,7 @@ from ..errors import StorageError
 from .base import Location, Sink, check_relpath
 from .direct import DIRECT_WRITE_MIN, DirectWriter
 from .records import claim_path
+from .writeback import KICK_BYTES, start_writeback
 
 WRITE_BUFFER = 1 << 20
 
@@ -84,6 +85,7 @@ class _LocalSink(Sink):
     def __init__(self, path: str, mode: int | None = None) -> None:
         self.path = path
         self._pos = 0
+        self._kicked = self._dirty = 0  # writeback started up to here; buffered bytes since
         self._direct: DirectWriter | None = None
         if mode is None:
             self._f: BinaryIO = open(path, "xb", buffering=WRITE_BUFFER)
@@ -122,7 +124,12 @@ class _LocalSink(Sink):
                     self._f.seek(self._pos + done)
             if done < view.nbytes:
                 self._f.write(view[done:] if done else data)
+                self._dirty += view.nbytes - done
             self._pos += view.nbytes
+            if self._dirty >= KICK_BYTES and _fsync_enabled():
+                self._f.flush()  # buffered bytes: the disk starts on them now (writeback.py)
+                start_writeback(self._f.fileno(), self._kicked, self._pos - self._kicked)
+                self._kicked, self._dirty = self._pos, 0
             return view.nbytes
         except OSError as exc:
             raise self._fail("write", exc) from exc

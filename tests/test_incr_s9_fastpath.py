@@ -1,0 +1,159 @@
+"""Issue 30, session 9: the incremental save's fast path.
+
+* format/nogilhash.py: XXH3 of large buffers through the binding's own C entry points, without
+  the GIL; the values are the binding's, for every kind of buffer a save hashes.
+* engine/prehash.py: the chunks equal to the base's are found first, in batches, and never
+  reach the encode pipeline; the others are encoded as in a full save.
+* storage/writeback.py: buffered bytes of a shard file are handed to the disk as they are
+  written, not all at the fsync of the commit.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+import xxhash
+
+import shardckpt
+from shardckpt.engine import prehash
+from shardckpt.engine.tensorbytes import byte_view
+from shardckpt.format import nogilhash
+from shardckpt.format.codec import digest128
+from shardckpt.storage import local, writeback
+
+MiB = 1 << 20
+
+
+def buffers() -> list[object]:
+    data = os.urandom(3 * MiB + 17)
+    t = torch.arange(MiB, dtype=torch.float32)
+    return [data, bytearray(data), memoryview(data)[5:], memoryview(bytearray(data))[7:],
+            byte_view(t), memoryview(bytearray(data[:3 * MiB])).cast("I"), b"",
+            os.urandom(100)]
+
+
+@pytest.mark.parametrize("i", range(8))
+def test_nogil_digests_are_the_bindings(i: int) -> None:
+    buf = buffers()[i]
+    assert nogilhash.xxh3_128_hex(buf) == xxhash.xxh3_128_hexdigest(buf)
+    assert nogilhash.xxh3_64_hex(buf) == xxhash.xxh3_64_hexdigest(buf)
+
+
+def test_large_writable_buffers_bypass_the_binding(monkeypatch) -> None:
+    assert nogilhash.available()  # x86-64 Linux with the PyPI wheel: the C entry points exist
+    want = xxhash.xxh3_128_hexdigest(big := bytearray(os.urandom(2 * MiB)))
+
+    def refuse(data: object) -> str:
+        raise AssertionError("the binding (with the GIL) was used")
+    monkeypatch.setattr(nogilhash.xxhash, "xxh3_128_hexdigest", refuse)
+    assert nogilhash.xxh3_128_hex(big) == want
+    with pytest.raises(AssertionError, match="binding"):  # small: the binding, on purpose
+        nogilhash.xxh3_128_hex(bytearray(100))
+    with pytest.raises(AssertionError, match="binding"):  # read-only, not bytes: the binding
+        nogilhash.xxh3_128_hex(memoryview(bytes(big))[1:])
+
+
+def test_a_failed_self_check_falls_back_to_the_binding(monkeypatch) -> None:
+    monkeypatch.setattr(nogilhash, "_checked", True)
+    monkeypatch.setattr(nogilhash, "_fns", None)
+    big = os.urandom(2 * MiB)
+    assert not nogilhash.available()
+    assert nogilhash.xxh3_64_hex(big) == xxhash.xxh3_64_hexdigest(big)
+
+
+def test_batches_are_contiguous_and_near_equal() -> None:
+    idx = list(range(10))
+    got = prehash._batches(idx, [1] * 10, 3)
+    assert [i for b in got for i in b] == idx and len(got) == 3
+    assert max(map(len, got)) - min(map(len, got)) <= 1
+    assert prehash._batches([4], [9], 5) == [[4]]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_unchanged_compares_digests_chunk_by_chunk(workers: int) -> None:
+    chunks = [memoryview(os.urandom(n)) for n in (MiB, 10, MiB, 300_000, 5)]
+    expects: list[str | None] = [digest128(c) for c in chunks]
+    expects[1] = "0" * 32  # changed
+    expects[3] = None  # no base chunk there
+    pool = ThreadPoolExecutor(workers) if workers else None
+    try:
+        assert prehash.unchanged(chunks, expects, pool, max(1, workers)) == \
+            [True, False, True, False, True]
+    finally:
+        if pool is not None:
+            pool.shutdown()
+
+
+def test_merged_takes_only_the_changed_from_the_pipeline() -> None:
+    chunks = [memoryview(b"a" * 4), memoryview(b"bb"), memoryview(b"c")]
+    encoded = iter(["B"])
+    out = list(prehash.merged(chunks, [True, False, True], ["x", "y", "z"],
+                              encoded))  # type: ignore[arg-type]
+    assert out[1] == "B"
+    assert [(c.reused, c.raw, c.xxh128) for c in (out[0], out[2])] == \
+        [(True, 4, "x"), (True, 1, "z")]
+
+
+def test_buffered_bytes_are_handed_to_writeback_as_they_come(tmp_path: Path,
+                                                             monkeypatch) -> None:
+    calls: list[tuple[int, int]] = []
+    monkeypatch.setattr(local, "start_writeback",
+                        lambda fd, off, n: calls.append((off, n)) or True)
+    sink = local._LocalSink(str(tmp_path / "f"))
+    piece = os.urandom(300_000)  # under DIRECT_WRITE_MIN: buffered
+    for _ in range(8):
+        sink.write(piece)
+    sink.commit()
+    assert calls and calls[0][0] == 0 and sum(n for _, n in calls) <= 8 * len(piece)
+    assert all(n >= writeback.KICK_BYTES for _, n in calls)
+    assert (tmp_path / "f").read_bytes() == piece * 8
+    calls.clear()
+    monkeypatch.setenv("SHARDCKPT_FSYNC", "0")  # no durability asked: no writeback either
+    sink = local._LocalSink(str(tmp_path / "g"))
+    for _ in range(8):
+        sink.write(piece)
+    sink.commit()
+    assert calls == []
+
+
+def test_start_writeback_on_a_real_file(tmp_path: Path) -> None:
+    with open(tmp_path / "f", "wb") as f:
+        f.write(os.urandom(2 * MiB))
+        f.flush()
+        assert writeback.start_writeback(f.fileno(), 0, 2 * MiB) is (
+            writeback._load() is not None)
+        assert writeback.start_writeback(f.fileno(), 0, 0) is False
+
+
+def test_incremental_save_hands_only_changed_chunks_to_the_pipeline(tmp_path: Path,
+                                                                    monkeypatch) -> None:
+    """A frozen tensor's chunks never reach the encoder; the changed ones do, and the steps
+    load bit for bit."""
+    from shardckpt.engine import pipeline
+
+    monkeypatch.setenv("SHARDCKPT_CHUNK_SIZE", str(MiB))
+    seen: list[int] = []
+    orig = pipeline.EncodePipeline.encode
+
+    def spy(self, chunks, fn=None):  # type: ignore[no-untyped-def]
+        chunks = list(chunks)
+        seen.append(sum(len(c) for c in chunks))
+        return orig(self, chunks, fn)
+    monkeypatch.setattr(pipeline.EncodePipeline, "encode", spy)
+    torch.manual_seed(0)
+    state = {"frozen": torch.randn(4 * MiB // 4), "adapter": torch.randn(1000)}
+    with shardckpt.CheckpointManager(str(tmp_path), async_save=False, incremental=True,
+                                     capture_rng=False) as mgr:
+        mgr.save(1, state)
+        assert sum(seen) == 4 * MiB + 4000
+        seen.clear()
+        state["adapter"].add_(1)
+        mgr.save(2, state)
+        assert sum(seen) == 4000  # only the adapter was encoded and written
+        out = {k: torch.zeros_like(v) for k, v in state.items()}
+        mgr.load(out, step=2)
+        assert all(torch.equal(out[k], state[k]) for k in state)
