@@ -65,37 +65,51 @@ def test_a_failed_self_check_falls_back_to_the_binding(monkeypatch) -> None:
     assert nogilhash.xxh3_64_hex(big) == xxhash.xxh3_64_hexdigest(big)
 
 
-def test_batches_are_contiguous_and_near_equal() -> None:
-    idx = list(range(10))
-    got = prehash._batches(idx, [1] * 10, 3)
-    assert [i for b in got for i in b] == idx and len(got) == 3
-    assert max(map(len, got)) - min(map(len, got)) <= 1
-    assert prehash._batches([4], [9], 5) == [[4]]
-
-
-@pytest.mark.parametrize("workers", [0, 2])
-def test_unchanged_compares_digests_chunk_by_chunk(workers: int) -> None:
-    chunks = [memoryview(os.urandom(n)) for n in (MiB, 10, MiB, 300_000, 5)]
+def test_large_chunks_are_hashed_in_file_order_batches(monkeypatch) -> None:
+    monkeypatch.setattr(prehash, "BATCH_BYTES", 2 * MiB)
+    chunks = [memoryview(os.urandom(n)) for n in (MiB, 10, MiB, MiB, 300_000, 5, MiB)]
     expects: list[str | None] = [digest128(c) for c in chunks]
-    expects[1] = "0" * 32  # changed
-    expects[3] = None  # no base chunk there
-    pool = ThreadPoolExecutor(workers) if workers else None
+    expects[2] = "0" * 32  # changed
+    expects[4] = None  # no base chunk there
+    pool = ThreadPoolExecutor(2)
     try:
-        assert prehash.unchanged(chunks, expects, pool, max(1, workers)) == \
-            [True, False, True, False, True]
+        same = prehash.Verdicts(chunks, expects, pool)
+        # the four large chunks with a base chunk, two batches of 2 MiB; the small ones inline
+        assert [same.needs_batch(i) for i in range(7)] == \
+            [True, False, True, True, False, False, True]
+        assert len(same._futures) == 2
+        assert [same(i) for i in range(7)] == [True, True, False, True, False, True, True]
+    finally:
+        pool.shutdown()
+
+
+def test_a_verdict_is_computed_once(monkeypatch) -> None:
+    calls: list[int] = []
+    chunk = memoryview(b"x" * 100)
+    monkeypatch.setattr(prehash, "digest128", lambda c: calls.append(1) or "a" * 32)
+    same = prehash.Verdicts([chunk], ["a" * 32], None)
+    assert same(0) and same(0) and calls == [1]  # the pipeline and the writer agree
+
+
+@pytest.mark.parametrize("with_pool", [False, True])
+def test_unchanged_chunks_never_reach_the_pipeline(with_pool: bool) -> None:
+    chunks = [memoryview(os.urandom(n)) for n in (MiB, 10, MiB)]
+    expects: list[str | None] = [digest128(chunks[0]), "0" * 32, None]
+    pool = ThreadPoolExecutor(1) if with_pool else None
+    try:
+        same = prehash.Verdicts(chunks, expects, pool)
+        todo = list(prehash.changed(chunks, same))
+        assert [len(c) for c in todo] == [10, MiB]
+        out = list(prehash.merged(chunks, same, iter(["B", "C"])))  # type: ignore[arg-type]
+        assert out[1:] == ["B", "C"]
+        assert (out[0].reused, out[0].raw, out[0].xxh128) == (True, MiB, expects[0])
     finally:
         if pool is not None:
             pool.shutdown()
 
 
-def test_merged_takes_only_the_changed_from_the_pipeline() -> None:
-    chunks = [memoryview(b"a" * 4), memoryview(b"bb"), memoryview(b"c")]
-    encoded = iter(["B"])
-    out = list(prehash.merged(chunks, [True, False, True], ["x", "y", "z"],
-                              encoded))  # type: ignore[arg-type]
-    assert out[1] == "B"
-    assert [(c.reused, c.raw, c.xxh128) for c in (out[0], out[2])] == \
-        [(True, 4, "x"), (True, 1, "z")]
+def test_pieces_without_a_batch_go_first_in_order() -> None:
+    assert prehash.order([1, 2, 3, 4, 5], lambda x: x % 2 == 1) == [2, 4, 1, 3, 5]
 
 
 def test_buffered_bytes_are_handed_to_writeback_as_they_come(tmp_path: Path,

@@ -1,77 +1,119 @@
-"""An incremental save's first pass over a shard file: which chunks equal the base step's.
+"""An incremental save's verdicts: which chunks of a shard file equal the base step's.
 
 Streaming every chunk through the encode pipeline costs a handoff to an encoder thread and back
 per chunk, plus the GIL handoffs between the encoders and the file writers; for a fine-tuning
 state (a frozen base in large chunks, many small adapters that change) that overhead was several
-times the hashing itself. So, before the file is written, the chunks that have a base chunk at
-the same place are hashed (XXH3-128 of their raw bytes, without the GIL: format/nogilhash.py) in
-a few large batches of near-equal bytes, one per encoder thread. A chunk whose digest and size
-equal the base chunk's is then known to be unchanged and is not handed to the pipeline at all;
+times the hashing itself. So the large chunks that have a base chunk at the same place are
+hashed (XXH3-128 of their raw bytes, without the GIL: format/nogilhash.py) in batches of a few
+MiB, in file order, on the encoder threads, from the moment the file's write begins; small ones
+are hashed by the writer when it gets to them (shorter than a handoff). A chunk whose digest and
+size equal the base chunk's is then known to be unchanged and is never handed to the pipeline;
 the others are encoded exactly as in a full save (copied, hashed again and checksummed: the
-digest recorded is always that of the bytes written).
+digest recorded is always that of the bytes written). The writer streams the changed chunks
+while the encoders still hash the large ones further on, and :func:`order` puts the pieces that
+need no batch first in the file, so their bytes are written while the hashing runs.
 
 Reuse is still decided by the digest of the bytes alone, and every byte is hashed: in a blocking
-save the caller waits and the tensors cannot change; an async save hashes its snapshot.
+save the caller waits and the tensors cannot change; an async save hashes its snapshot. Each
+chunk's verdict is computed once and kept, so the pipeline (which looks a window ahead) and the
+writer always agree on it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from concurrent.futures import Executor
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Executor, Future
+from typing import TypeVar
 
 from ..format.codec import digest128
+from ..format.nogilhash import MIN_BYTES
 from ..format.shard import EncodedChunk
 
-
-def unchanged(chunks: Sequence[memoryview], expects: Sequence[str | None],
-              pool: Executor | None, parts: int) -> list[bool]:
-    """For each chunk, whether its raw XXH3-128 is the one expected (None: no base chunk,
-    never unchanged), hashed in at most ``parts`` batches on ``pool`` (inline without one)."""
-    todo = [i for i, e in enumerate(expects) if e is not None]
-    if not todo:
-        return [False] * len(chunks)
-    out = [False] * len(chunks)
-
-    def run(idx: list[int]) -> list[bool]:
-        return [digest128(chunks[i]) == expects[i] for i in idx]
-
-    batches = _batches(todo, [len(chunks[i]) for i in todo], parts if pool is not None else 1)
-    if pool is None or len(batches) == 1:
-        results = [run(b) for b in batches]
-    else:
-        futures = [pool.submit(run, b) for b in batches]
-        results = [f.result() for f in futures]
-    for idx, flags in zip(batches, results):
-        for i, same in zip(idx, flags):
-            out[i] = same
-    return out
+BATCH_BYTES = 8 << 20  # bytes hashed per task of the encoder pool
+T = TypeVar("T")
 
 
-def _batches(idx: list[int], sizes: list[int], parts: int) -> list[list[int]]:
-    """``idx`` cut into at most ``parts`` contiguous runs of near-equal total size."""
-    total = sum(sizes)
-    parts = max(1, min(parts, len(idx)))
-    out: list[list[int]] = [[]]
-    acc = 0
-    for i, n in zip(idx, sizes):
-        if out[-1] and len(out) < parts and acc >= total * len(out) / parts:
-            out.append([])
-        out[-1].append(i)
-        acc += n
-    return out
+class Verdicts:
+    """Whether chunk ``i`` equals the base chunk expected at its place (``expects[i]``; None:
+    there is none, never unchanged). Large chunks are hashed on ``pool`` in file order, in
+    batches of about :data:`BATCH_BYTES` (inline without a pool); the rest on first ask."""
+
+    def __init__(self, chunks: Sequence[memoryview], expects: Sequence[str | None],
+                 pool: Executor | None) -> None:
+        self.chunks, self.expects = chunks, expects
+        self._known: list[bool | None] = [None if e is not None else False for e in expects]
+        self._batch_of: dict[int, tuple[Future[list[bool]], list[int]]] = {}
+        self._futures: list[Future[list[bool]]] = []
+        if pool is None:
+            return
+        batch: list[int] = []
+        size = 0
+        for i, (c, e) in enumerate(zip(chunks, expects)):
+            if e is None or len(c) < MIN_BYTES:
+                continue
+            batch.append(i)
+            size += len(c)
+            if size >= BATCH_BYTES:
+                self._submit(pool, batch)
+                batch, size = [], 0
+        if batch:
+            self._submit(pool, batch)
+
+    def _submit(self, pool: Executor, idx: list[int]) -> None:
+        future = pool.submit(self._hash, idx)
+        self._futures.append(future)
+        for i in idx:
+            self._batch_of[i] = (future, idx)
+
+    def _hash(self, idx: list[int]) -> list[bool]:
+        return [digest128(self.chunks[i]) == self.expects[i] for i in idx]
+
+    def __call__(self, i: int) -> bool:
+        known = self._known[i]
+        if known is not None:
+            return known
+        batch = self._batch_of.get(i)
+        if batch is None:
+            same = digest128(self.chunks[i]) == self.expects[i]
+            self._known[i] = same
+            return same
+        future, idx = batch
+        for j, same in zip(idx, future.result()):
+            self._known[j] = same
+        return bool(self._known[i])
+
+    def needs_batch(self, i: int) -> bool:
+        return i in self._batch_of
+
+    def cancel(self) -> None:
+        """Drop the batches not started (a failed or abandoned write)."""
+        for f in self._futures:
+            f.cancel()
 
 
-def merged(chunks: Sequence[memoryview], same: Sequence[bool], expects: Sequence[str | None],
+def order(items: Sequence[T], batched: Callable[[T], bool]) -> list[T]:
+    """``items`` with those that need no batch verdict first, each group in its order."""
+    return [x for x in items if not batched(x)] + [x for x in items if batched(x)]
+
+
+def changed(chunks: Sequence[memoryview], same: Verdicts) -> Iterator[memoryview]:
+    """The chunks that differ from the base's, in order (what the pipeline encodes)."""
+    return (c for i, c in enumerate(chunks) if not same(i))
+
+
+def merged(chunks: Sequence[memoryview], same: Verdicts,
            encoded: Iterator[EncodedChunk]) -> Iterator[EncodedChunk]:
     """Every chunk in order: an unchanged one as a reused :class:`EncodedChunk` (nothing to
-    write), the others taken in order from ``encoded`` (the pipeline over the changed ones)."""
+    write), the others taken in order from ``encoded`` (the pipeline over :func:`changed`)."""
     try:
-        for c, s, e in zip(chunks, same, expects):
-            if s and e is not None:
-                yield EncodedChunk(b"", len(c), "", "", e, True)
+        for i, c in enumerate(chunks):
+            expect = same.expects[i]
+            if expect is not None and same(i):
+                yield EncodedChunk(b"", len(c), "", "", expect, True)
             else:
                 yield next(encoded)
     finally:
+        same.cancel()
         close = getattr(encoded, "close", None)
         if close is not None:
             close()

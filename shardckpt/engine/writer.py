@@ -12,13 +12,14 @@ from typing import Any
 import torch
 import xxhash
 
+from ..format.nogilhash import MIN_BYTES
 from ..format.shard import FileRecord, Piece, ShardWriter, split_chunks
 from ..storage import Location
 from ..storage.replicas import open_tee
 from .bounce import Bounce, fits, writes_direct
 from .incremental import BaseChunks, reuse
 from .pipeline import EncodePipeline, PipelineConfig
-from .prehash import merged, unchanged
+from .prehash import Verdicts, changed, merged, order
 from .priority import lower_thread_priority
 from .tensorbytes import byte_view
 
@@ -96,20 +97,26 @@ def write_file(locations: Sequence[tuple[int, Location]], step_dir: str, name: s
     counts = [-(-len(v) // size) for v in views]  # chunks per piece: ceil(bytes / size)
     olds = [base.chunks_of(p.key, p.offsets, p.lengths, len(v), size) if base else [None] * n
             for p, v, n in zip(pieces, views, counts)]
+    if base is not None:  # pieces whose chunks wait for a hashing batch last (prehash.py)
+        rows = order(list(zip(pieces, views, counts, olds)), lambda r: any(
+            o is not None and o.raw >= MIN_BYTES for o in r[3]))
+        pieces, views, counts, olds = (list(x) for x in zip(*rows)) if rows else ([],) * 4
     chunks = [c for v in views for c in split_chunks(v, size)]
-    same: list[bool] = []
-    expects: list[str | None] = []
-    if base is not None:  # the unchanged chunks, found first, are never handed to the pipeline
-        expects = [o.xxh128 if o is not None else None for c in olds for o in c]
-        same = unchanged(chunks, expects, pipeline.pool, pipeline.workers)
-    todo = [c for c, s in zip(chunks, same) if not s] if base is not None else chunks
-    sink = open_tee(locations, f"{step_dir}/{name}")
+    same = Verdicts(chunks, [o.xxh128 if o is not None else None for c in olds for o in c],
+                    pipeline.pool) if base is not None else None
+    try:
+        sink = open_tee(locations, f"{step_dir}/{name}")
+    except BaseException:
+        if same is not None:
+            same.cancel()
+        raise
+    todo = chunks if same is None else changed(chunks, same)
     if bounce is not None and writes_direct(sink):
         encoded = bounce.released(pipeline.encode(todo, bounce.encode))
     else:
         encoded = pipeline.encode(todo)
-    if base is not None:
-        encoded = merged(chunks, same, expects, encoded)
+    if same is not None:  # the unchanged chunks never reach the pipeline
+        encoded = merged(chunks, same, encoded)
     try:
         writer = ShardWriter(sink, name, save_id=save_id, step=step, rank=rank,
                              chunk_size=size, codec=pipeline.config.codec)
