@@ -147,10 +147,11 @@ def _read_manifest(location: Location, step: int) -> M.Manifest:
     return read_manifest(location, step)
 
 
-def remember_manifest(locations: Iterable[Location], manifest: M.Manifest) -> None:
-    """Rank 0, after committing ``manifest`` at ``locations``: its bytes, so that the next save
-    of this process takes it as a base without parsing it again."""
-    data = M.serialize(manifest)
+def remember_manifest(locations: Iterable[Location], manifest: M.Manifest,
+                      data: bytes) -> None:
+    """Rank 0, after committing ``manifest`` (serialized: ``data``) at ``locations``: its
+    bytes, so that the next save of this process takes it as a base without parsing it
+    again."""
     with _lock:
         for loc in locations:
             _manifests[(loc.display, manifest.step)] = (data, manifest)

@@ -340,15 +340,16 @@ class _SaveRun:
                     self.req, assignment.save_id, self.comm.world_size,
                     self.trees, self.tensors, reports),
                     self.base, (r for rep in reports for r in rep.refs))
-                committed, commit_failures, manifest, size = commit_all(
+                committed, commit_failures, manifest, data = commit_all(
                     self.locations, good, self.step_dir, manifest, self.min_replicas,
                     self.leases, check_files=self.opts.shared_location)
-                self.counts["manifest_bytes"] = size
+                self.counts["manifest_bytes"] = len(data)
                 self.loc_failures.update(commit_failures)
                 if committed:
                     self.manifest = manifest
                     if self.opts.incremental:  # the next save's base, not parsed again
-                        remember_manifest([self.locations[i] for i in committed], manifest)
+                        remember_manifest([self.locations[i] for i in committed], manifest,
+                                          data)
                 else:
                     storage = True
                     failures = {0: f"commit succeeded at fewer than {self.min_replicas} "

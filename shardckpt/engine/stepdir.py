@@ -245,9 +245,9 @@ def _is_ours(location: Location, rel: str, data: bytes) -> bool:
 
 def commit_all(locations: Sequence[Location], good: list[int], step_dir: str,
                manifest: M.Manifest, min_replicas: int, leases: Mapping[int, StepLease],
-               check_files: bool = True) -> tuple[list[int], dict[int, str], M.Manifest, int]:
+               check_files: bool = True) -> tuple[list[int], dict[int, str], M.Manifest, bytes]:
     """Rank 0: commit at every good location; undo them all if fewer than ``min_replicas``.
-    Returns the committed locations, the failed ones, the manifest and its size in bytes."""
+    Returns the committed locations, the failed ones, the manifest and its bytes."""
     extra = dict(manifest.extra)
     extra["locations"] = [locations[i].display for i in good]
     extra["degraded"] = len(good) < len(locations)
@@ -277,4 +277,4 @@ def commit_all(locations: Sequence[Location], good: list[int], step_dir: str,
     if rival is not None:
         raise rival
     note_committed(locations, committed, manifest.step)
-    return committed, failed, manifest, len(data)
+    return committed, failed, manifest, data
