@@ -171,3 +171,37 @@ def test_incremental_save_hands_only_changed_chunks_to_the_pipeline(tmp_path: Pa
         out = {k: torch.zeros_like(v) for k, v in state.items()}
         mgr.load(out, step=2)
         assert all(torch.equal(out[k], state[k]) for k in state)
+
+
+def test_write_pools_are_kept_per_thread_and_never_evicted_in_use(monkeypatch) -> None:
+    from shardckpt.engine import pools
+
+    monkeypatch.setattr(pools, "KEEP", 1)
+    with pools.pool("t-encode", 2) as a:
+        with pools.pool("t-write", 3) as b:  # over KEEP, but both in use: none shut down
+            assert a.submit(lambda: 1).result() == 1 and b.submit(lambda: 2).result() == 2
+    with pools.pool("t-write", 3) as again:  # the idle one kept (KEEP=1) is the newest
+        assert again is b
+        assert again.submit(lambda: 3).result() == 3
+    other: list[object] = []
+
+    def in_thread() -> None:
+        with pools.pool("t-write", 3) as p:
+            other.append(p)
+    t = __import__("threading").Thread(target=in_thread)
+    t.start()
+    t.join()
+    assert other and other[0] is not b  # another thread (rank, manager) has its own
+
+
+def test_blocking_saves_start_no_threads_after_the_first(tmp_path: Path) -> None:
+    import threading
+
+    state = {"w": torch.randn(300_000), "b": torch.randn(10)}
+    with shardckpt.CheckpointManager(str(tmp_path), async_save=False,
+                                     capture_rng=False) as mgr:
+        mgr.save(1, state)
+        names = {t.name for t in threading.enumerate() if t.name.startswith("shardckpt-")}
+        mgr.save(2, state)
+        again = {t.name for t in threading.enumerate() if t.name.startswith("shardckpt-")}
+        assert {n for n in again if "encode" in n or "write" in n} <= names

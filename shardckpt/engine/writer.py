@@ -4,10 +4,9 @@ encode pipeline."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import wait
 from dataclasses import dataclass
 from itertools import islice
-from typing import Any
 
 import torch
 import xxhash
@@ -16,11 +15,11 @@ from ..format.nogilhash import MIN_BYTES
 from ..format.shard import FileRecord, Piece, ShardWriter, split_chunks
 from ..storage import Location
 from ..storage.replicas import open_tee
+from . import pools
 from .bounce import Bounce, fits, writes_direct
 from .incremental import BaseChunks, reuse
 from .pipeline import EncodePipeline, PipelineConfig
 from .prehash import Verdicts, changed, merged, order
-from .priority import lower_thread_priority
 from .tensorbytes import byte_view
 
 
@@ -151,14 +150,13 @@ def write_rank(locations: Sequence[tuple[int, Location]], step_dir: str,
     groups = split_files(pieces, nfiles)
     spread = not all(loc.is_local for _, loc in locations)
     names = [shard_name(rank, i, spread) for i in range(len(groups))]
-    init: dict[str, Any] = {"initializer": lower_thread_priority, "initargs": (nice,)} \
-        if nice > 0 else {}
-    with ThreadPoolExecutor(max_workers=max(1, encoders), **init) as encode_pool, \
-            ThreadPoolExecutor(max_workers=max(1, min(threads, len(groups) or 1)), **init) as pool:
+    with pools.pool("encode", max(1, encoders), nice) as encode_pool, \
+            pools.pool("write", max(1, min(threads, len(groups) or 1)), nice) as pool:
         pipeline = EncodePipeline(config, encode_pool if encoders > 0 else None,
                                   max(1, encoders))
         bounce = Bounce(config, len(groups)) if fits(config, len(groups)) else None
         futures = [pool.submit(write_file, locations, step_dir, n, g, pipeline,
                                save_id=save_id, step=step, rank=rank, base=base, bounce=bounce)
                    for n, g in zip(names, groups)]
+        wait(futures)  # every file done (or failed) before this returns or raises
         return [f.result() for f in futures]
