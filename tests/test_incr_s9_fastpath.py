@@ -23,7 +23,7 @@ from shardckpt.engine import prehash
 from shardckpt.engine.tensorbytes import byte_view
 from shardckpt.format import nogilhash
 from shardckpt.format.codec import digest128
-from shardckpt.storage import local, writeback
+from shardckpt.storage import localsink, writeback
 
 MiB = 1 << 20
 
@@ -115,9 +115,10 @@ def test_pieces_without_a_batch_go_first_in_order() -> None:
 def test_buffered_bytes_are_handed_to_writeback_as_they_come(tmp_path: Path,
                                                              monkeypatch) -> None:
     calls: list[tuple[int, int]] = []
-    monkeypatch.setattr(local, "start_writeback",
+    monkeypatch.setattr(localsink, "start_writeback",
                         lambda fd, off, n: calls.append((off, n)) or True)
-    sink = local._LocalSink(str(tmp_path / "f"))
+    monkeypatch.setenv("SHARDCKPT_DIRECT_IO", "0")  # no direct descriptor: the page cache
+    sink = localsink._LocalSink(str(tmp_path / "f"))
     piece = os.urandom(300_000)  # under DIRECT_WRITE_MIN: buffered
     for _ in range(8):
         sink.write(piece)
@@ -127,7 +128,7 @@ def test_buffered_bytes_are_handed_to_writeback_as_they_come(tmp_path: Path,
     assert (tmp_path / "f").read_bytes() == piece * 8
     calls.clear()
     monkeypatch.setenv("SHARDCKPT_FSYNC", "0")  # no durability asked: no writeback either
-    sink = local._LocalSink(str(tmp_path / "g"))
+    sink = localsink._LocalSink(str(tmp_path / "g"))
     for _ in range(8):
         sink.write(piece)
     sink.commit()

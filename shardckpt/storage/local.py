@@ -19,16 +19,12 @@ import os
 import posixpath
 import stat
 import uuid
-from typing import Any, BinaryIO
 
-from .. import knobs
 from ..errors import StorageError
 from .base import Location, Sink, check_relpath
-from .direct import DIRECT_WRITE_MIN, DirectWriter
+from .localsink import _LocalSink, drop_world_write
+from .localsink import fsync_enabled as _fsync_enabled
 from .records import claim_path
-from .writeback import KICK_BYTES, start_writeback
-
-WRITE_BUFFER = 1 << 20
 
 
 def check_file_mode(file_mode: int | None) -> int | None:
@@ -50,14 +46,6 @@ def dir_mode_for(file_mode: int) -> int:
     return 0o700 | file_mode | ((file_mode & 0o444) >> 2)
 
 
-def drop_world_write(fd: int) -> None:
-    """Default modes (umask): clear ``o+w`` if a permissive umask (e.g. 000) let it through."""
-    with contextlib.suppress(OSError):  # a filesystem without modes: nothing to drop
-        mode = stat.S_IMODE(os.fstat(fd).st_mode)
-        if mode & 0o002:
-            os.fchmod(fd, mode & ~0o002)
-
-
 def _set_dir_mode(path: str, mode: int | None) -> None:
     """Give a directory we just created its mode (through an fd: never follows a symlink)."""
     try:
@@ -73,91 +61,6 @@ def _set_dir_mode(path: str, mode: int | None) -> None:
             os.fchmod(fd, mode | (os.fstat(fd).st_mode & stat.S_ISGID))
     finally:
         os.close(fd)
-
-
-def _fsync_enabled() -> bool:
-    return knobs.FSYNC.get() != 0
-
-
-class _LocalSink(Sink):
-    """A new file (exclusive create): mode from the umask (less ``o+w``), or exactly ``mode``."""
-
-    def __init__(self, path: str, mode: int | None = None) -> None:
-        self.path = path
-        self._pos = 0
-        self._kicked = self._dirty = 0  # writeback started up to here; buffered bytes since
-        self._direct: DirectWriter | None = None
-        if mode is None:
-            self._f: BinaryIO = open(path, "xb", buffering=WRITE_BUFFER)
-            drop_world_write(self._f.fileno())
-            self._direct = DirectWriter.open(path)
-            return
-        # Created with the umask applied (never more open than asked, not even for a moment),
-        # then given exactly ``mode``.
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-        try:
-            os.fchmod(fd, mode)
-            self._f = open(fd, "wb", buffering=WRITE_BUFFER)
-            self._direct = DirectWriter.open(path)
-        except BaseException:
-            os.close(fd)
-            with contextlib.suppress(OSError):
-                os.unlink(path)
-            raise
-
-    def _fail(self, op: str, exc: OSError) -> StorageError:
-        return StorageError(f"{self.path}: {op} failed: {type(exc).__name__}: {exc}")
-
-    def write(self, data: Any) -> int:
-        """Large aligned buffers (``DIRECT_WRITE_MIN`` bytes and more) go straight to the disk
-        (storage/direct.py), the rest through the page cache."""
-        try:
-            view = data if isinstance(data, memoryview) else memoryview(data)
-            done = 0
-            if self._direct is not None and view.nbytes >= DIRECT_WRITE_MIN:
-                try:
-                    done = self._direct.write(view, self._pos)
-                except OSError:  # a filesystem that took O_DIRECT at open but not here
-                    self._direct.close()
-                    self._direct = None
-                if done:  # seek flushes what the buffered file holds before it (no overlap)
-                    self._f.seek(self._pos + done)
-            if done < view.nbytes:
-                self._f.write(view[done:] if done else data)
-                self._dirty += view.nbytes - done
-            self._pos += view.nbytes
-            if self._dirty >= KICK_BYTES and _fsync_enabled():
-                self._f.flush()  # buffered bytes: the disk starts on them now (writeback.py)
-                start_writeback(self._f.fileno(), self._kicked, self._pos - self._kicked)
-                self._kicked, self._dirty = self._pos, 0
-            return view.nbytes
-        except OSError as exc:
-            raise self._fail("write", exc) from exc
-
-    def commit(self) -> None:
-        """Flush, fsync and close; on any failure the file is closed and removed. A failed
-        fsync is final: the data may be lost, so it is never retried into a success."""
-        try:
-            self._f.flush()
-            if _fsync_enabled():
-                os.fsync(self._f.fileno())  # the direct writes' size and extents too
-            self._close_direct()
-            self._f.close()
-        except OSError as exc:
-            self.abort()
-            raise self._fail("flush/fsync", exc) from exc
-
-    def _close_direct(self) -> None:
-        if self._direct is not None:
-            self._direct.close()
-            self._direct = None
-
-    def abort(self) -> None:
-        self._close_direct()
-        with contextlib.suppress(OSError):
-            self._f.close()
-        with contextlib.suppress(OSError):
-            os.unlink(self.path)
 
 
 class LocalLocation(Location):
