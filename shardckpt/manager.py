@@ -100,7 +100,8 @@ class CheckpointManager:
         self._config, self._data = config, data
         self._provenance: dict[str, Any] | None = None
         self._closed = False
-        self._retention_runner = BackgroundPrune(lambda: self._prune(False, lock_wait=0.0))
+        self._retention_runner = BackgroundPrune(lambda: self._prune(False, lock_wait=0.0),
+                                                 on_failure=lambda: self._observer.publish())
         # rank 0 logs each save, keeps the metrics textfile and calls the callbacks
         self._observer = SaveObserver(enabled=self.rank == 0, root=self.location.display,
                                       world_size=self.world_size, metrics_path=metrics_path,

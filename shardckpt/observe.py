@@ -13,13 +13,7 @@ records go. A committed save gives one INFO record, a failed save one WARNING re
 
 ``CheckpointManager(..., metrics_path="/var/lib/node_exporter/textfile/train.prom")`` keeps a
 file in the text exposition format of node_exporter's textfile collector, replaced atomically
-after every save attempt, and first when the manager starts: every family is present from then
-on (counters at 0, the times of events that have not happened yet at 0, other values at NaN), so
-that alerts need no ``absent()``. ``shardckpt_last_save_success`` describes the last attempt;
-``shardckpt_last_commit_timestamp_seconds`` and ``shardckpt_last_commit_step`` the last commit.
-Counters count the saves of this manager (they start again at 0 with the process, as Prometheus
-counters may). Every sample carries a ``root`` label (the redacted
-checkpoint root), so that several jobs can share one textfile directory.
+after every save attempt (its families: :mod:`.metrics_text`).
 
 ``CheckpointManager(..., callbacks=[fn, ...])`` calls each ``fn(event)`` with a frozen
 :class:`SaveEvent` after every save attempt, on rank 0, from the background save thread (or from
@@ -42,9 +36,9 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .audit import write_failures
+from .metrics_text import SaveTotals, job_metrics_text
 from .redact import scrub_urls
-from .textfile import human_bytes, render_textfile, write_textfile
+from .textfile import human_bytes, write_textfile
 
 LOGGER_NAME = "shardckpt"
 logger = logging.getLogger(f"{LOGGER_NAME}.save")
@@ -105,21 +99,6 @@ class SaveEvent:
 
 
 # ---------------------------------------------------------------------------- the observer
-@dataclass
-class _Totals:
-    saves: int = 0
-    failures: int = 0
-    failures_in_a_row: int = 0  # since the last commit (on_error="warn" goes on through them)
-    committed: int = 0
-    degraded: int = 0
-    bytes: int = 0
-    stall_s: float = 0.0
-    write_s: float = 0.0
-    last_ok: SaveEvent | None = None
-    last_failed: SaveEvent | None = None
-    last: SaveEvent | None = None
-
-
 class SaveObserver:
     """Turns finished saves into a log record, the metrics textfile and callback calls.
 
@@ -135,19 +114,23 @@ class SaveObserver:
         self.metrics_path = metrics_path
         self.callbacks = tuple(callbacks)
         self.urls = tuple(urls)
-        self.totals = _Totals()
+        self.totals = SaveTotals()
         self.started = time.time()
         self._lock = threading.Lock()
+        self._write_lock = threading.Lock()
         self._version = _version()
 
     def start(self, step: int, *, metrics: Mapping[str, float], tags: Sequence[str],
               blocking: bool, t0: float) -> SaveTracker:
         return SaveTracker(self, step, dict(metrics), tuple(tags), blocking, t0)
 
-    def publish_initial(self) -> None:
-        """Write the metrics file before any save (so that the job shows up at once)."""
+    def publish(self) -> None:
+        """Rewrite the metrics file now, if there is one (rank 0): when the manager starts (so
+        that the job shows up at once), and when background retention fails between saves."""
         if self.enabled and self.metrics_path is not None:
             self._write_metrics()
+
+    publish_initial = publish
 
     # -- one save done
     def emit(self, event: SaveEvent) -> None:
@@ -200,83 +183,17 @@ class SaveObserver:
 
     # -- the textfile
     def metrics_text(self) -> str:
-        """The textfile. Every family is there from the manager's start: counters at 0, times
-        of events that have not happened at 0 (the Unix epoch) and other values at NaN, so that
-        alerts need no ``absent()``."""
+        """The textfile (see :mod:`.metrics_text`)."""
         with self._lock:
-            t = _Totals(**vars(self.totals))
-        lab = {"root": self.root}
-        ok, bad, last = t.last_ok, t.last_failed, t.last
-        nan = float("nan")
-
-        def one(value: float) -> list[tuple[Mapping[str, str], float]]:
-            return [(lab, value)]
-
-        def of_ok(attr: str, never: float = nan) -> list[tuple[Mapping[str, str], float]]:
-            return one(never if ok is None else getattr(ok, attr))
-
-        families: list[tuple[str, str, str, list[tuple[Mapping[str, str], float]]]] = [
-            ("shardckpt_info", "gauge", "Always 1; labels name the checkpoint root and the "
-             "shardckpt version.", [({**lab, "version": self._version}, 1)]),
-            ("shardckpt_world_size", "gauge", "Ranks of the job that saves.",
-             one(self.world_size)),
-            ("shardckpt_start_timestamp_seconds", "gauge", "Unix time the manager started (for "
-             "staleness alerts before the first commit).", one(self.started)),
-            ("shardckpt_saves_total", "counter", "Save attempts finished (committed or failed) "
-             "by this process.", one(t.saves)),
-            ("shardckpt_save_failures_total", "counter", "Save attempts that failed.",
-             one(t.failures)),
-            ("shardckpt_save_failures_in_a_row", "gauge", "Save attempts that failed since the "
-             "last commit (0 after a commit).", one(t.failures_in_a_row)),
-            ("shardckpt_checkpoints_committed_total", "counter", "Checkpoints committed.",
-             one(t.committed)),
-            ("shardckpt_degraded_saves_total", "counter", "Checkpoints committed while some "
-             "location missed them (min_replicas allowed it).", one(t.degraded)),
-            ("shardckpt_committed_bytes_total", "counter", "Bytes of the committed checkpoints "
-             "(sum of their sizes).", one(t.bytes)),
-            ("shardckpt_save_stall_seconds_total", "counter", "Time save() blocked the training "
-             "loop, summed over all attempts.", one(t.stall_s)),
-            ("shardckpt_save_write_seconds_total", "counter", "Time from snapshot to commit (or "
-             "failure), summed over all attempts.", one(t.write_s)),
-            ("shardckpt_last_save_success", "gauge", "1 if the most recent save attempt "
-             "committed, 0 if it failed; NaN before the first attempt.",
-             one(nan if last is None else int(last.ok))),
-            ("shardckpt_last_commit_timestamp_seconds", "gauge", "Unix time of the last commit "
-             "(0: none yet).", of_ok("unix_time", 0.0)),
-            ("shardckpt_last_commit_step", "gauge", "Step of the last committed checkpoint (NaN: "
-             "none yet).", of_ok("step")),
-            ("shardckpt_last_save_step", "gauge", "Step of the last committed checkpoint (same "
-             "as shardckpt_last_commit_step).", of_ok("step")),
-            ("shardckpt_last_save_bytes", "gauge", "Size in bytes of the last committed "
-             "checkpoint.", of_ok("nbytes")),
-            ("shardckpt_last_save_stall_seconds", "gauge", "Time save() blocked the caller for "
-             "the last committed checkpoint.", of_ok("stall_s")),
-            ("shardckpt_last_save_write_seconds", "gauge", "Time from snapshot to commit of the "
-             "last committed checkpoint.", of_ok("write_s")),
-            ("shardckpt_last_save_duration_seconds", "gauge", "Time from the save() call to the "
-             "commit of the last committed checkpoint.", of_ok("total_s")),
-            ("shardckpt_last_save_throughput_bytes_per_second", "gauge", "Bytes per second of "
-             "the last committed checkpoint's write (bytes / write seconds).",
-             of_ok("throughput")),
-            ("shardckpt_last_save_timestamp_seconds", "gauge", "Unix time of the last commit "
-             "(same as shardckpt_last_commit_timestamp_seconds).", of_ok("unix_time", 0.0)),
-            ("shardckpt_last_save_locations", "gauge", "Locations that committed the last "
-             "checkpoint.", one(0 if ok is None else len(ok.locations))),
-            ("shardckpt_last_save_degraded", "gauge", "1 if some location missed the last "
-             "committed checkpoint.", one(0 if ok is None else int(ok.degraded))),
-            ("shardckpt_last_failure_step", "gauge", "Step of the last failed save attempt (NaN: "
-             "none).", one(nan if bad is None else bad.step)),
-            ("shardckpt_last_failure_timestamp_seconds", "gauge", "Unix time of the last failed "
-             "save attempt (0: none).", one(0.0 if bad is None else bad.unix_time)),
-            ("shardckpt_audit_write_failures_total", "counter", "Audit records this process could "
-             "not write (each warned about; issue 32).", one(write_failures())),
-        ]
-        return render_textfile(families)
+            totals = SaveTotals(**vars(self.totals))
+        return job_metrics_text(totals, root=self.root, world_size=self.world_size,
+                                started=self.started, version=self._version)
 
     def _write_metrics(self) -> None:
         assert self.metrics_path is not None
         try:
-            write_textfile(self.metrics_path, self.metrics_text())
+            with self._write_lock:  # rendered and written in turn: the newest text lands last
+                write_textfile(self.metrics_path, self.metrics_text())
         except Exception as exc:
             logger.warning("shardckpt: could not write the metrics file %s: %s: %s",
                            self.metrics_path, type(exc).__name__, exc)

@@ -3,6 +3,7 @@ the training loop that asked for it."""
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
 from collections.abc import Callable
@@ -11,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from .errors import PruneLockedError
 from .warnsite import Site, user_site, warn_user
 
+logger = logging.getLogger("shardckpt.retention")
 _totals = {"failures": 0}  # location prunes of background retention that failed, this process
 _totals_lock = threading.Lock()
 
@@ -42,10 +44,13 @@ class BackgroundPrune:
     run in which it did not occur, warns again. A location held by another prune (cron, a
     second job: :class:`PruneLockedError`) is skipped quietly, counted in :attr:`locked`; the
     next request tries again. The warning names the ``save()`` call that requested the run.
+    After a run in which some location failed, ``on_failure()`` is called on the worker thread
+    (to publish the count at once, see :func:`retention_failures`); its errors are logged.
     """
 
-    def __init__(self, run: Callable[[], object], name: str = "shardckpt-retention") -> None:
-        self._run, self._name = run, name
+    def __init__(self, run: Callable[[], object], name: str = "shardckpt-retention",
+                 on_failure: Callable[[], object] | None = None) -> None:
+        self._run, self._name, self._on_failure = run, name, on_failure
         self._lock = threading.Lock()
         self._queued = False
         self._pool: ThreadPoolExecutor | None = None
@@ -99,6 +104,11 @@ class BackgroundPrune:
                           RuntimeWarning, site)
         self.failures += real
         self._warned = causes
+        if real and self._on_failure is not None:
+            try:
+                self._on_failure()
+            except Exception:  # a broken hook must not stop later prunes
+                logger.exception("shardckpt: %s: on_failure raised (ignored)", self._name)
 
     def close(self, timeout: float | None = None) -> bool:
         """Wait for the running and queued runs (at most ``timeout`` s), then stop the thread.

@@ -5,8 +5,7 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-import torch
-from incremental_helpers import lora_state
+from incremental_helpers import lora_state, mismatched_keys
 from incremental_targets import _shard
 
 import shardckpt
@@ -26,11 +25,4 @@ def load_newest(rank: int, world: int, root: str, rep: str) -> list[Any]:
         with shardckpt.CheckpointManager(root, replicas=[rep], async_save=False) as mgr:
             step = mgr.load(got)
     want = lora_state(step)
-    bad = []
-    for k, v in want["model"].items():
-        g = got["model"][k]
-        g = g.full_tensor() if hasattr(g, "full_tensor") else g
-        if not torch.equal(g.view(torch.uint8), v.view(torch.uint8)):
-            bad.append(k)
-    bad += [k for k, v in want["optim"].items() if not torch.equal(got["optim"][k], v)]
-    return [step, bad]
+    return [step, mismatched_keys(got, want)]

@@ -51,6 +51,18 @@ def assert_bit_equal(got: Any, want: Any, path: str = "") -> None:
         assert got == want, path
 
 
+def mismatched_keys(got: dict[str, Any], want: dict[str, Any]) -> list[str]:
+    """Keys of ``want["model"]`` and ``want["optim"]`` whose loaded tensor in ``got`` differs
+    bit for bit (a DTensor is compared whole)."""
+    bad = []
+    for k, v in want["model"].items():
+        g = got["model"][k]
+        g = g.full_tensor() if hasattr(g, "full_tensor") else g
+        if not torch.equal(g.view(torch.uint8), v.view(torch.uint8)):
+            bad.append(k)
+    return bad + [k for k, v in want["optim"].items() if not torch.equal(got["optim"][k], v)]
+
+
 def load_step(root: str, step: int, want: dict[str, Any], **kw: Any) -> None:
     with shardckpt.CheckpointManager(root, async_save=False, **kw) as mgr:
         got = zeros_like(want)

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-from incremental_helpers import lora_state
+from incremental_helpers import lora_state, mismatched_keys
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Shard, distribute_tensor
 
@@ -35,11 +34,4 @@ def load_and_compare(rank: int, world: int, root: str, step: int) -> list[str]:
     got = _shard(lora_state(0), world)
     with shardckpt.CheckpointManager(root, async_save=False) as mgr:
         assert mgr.load(got, step=step) == step
-    bad = []
-    for k, v in want["model"].items():
-        g = got["model"][k]
-        g = g.full_tensor() if hasattr(g, "full_tensor") else g
-        if not torch.equal(g.view(torch.uint8), v.view(torch.uint8)):
-            bad.append(k)
-    bad += [k for k, v in want["optim"].items() if not torch.equal(got["optim"][k], v)]
-    return bad + ([] if got["step"] == step else ["step"])
+    return mismatched_keys(got, want) + ([] if got["step"] == step else ["step"])

@@ -9,24 +9,11 @@ import json
 from pathlib import Path
 
 import pytest
+from incremental_cli_helpers import _small_chunks, cli  # noqa: F401 (an autouse fixture)
 from incremental_helpers import lora_state
 
 import shardckpt
-from shardckpt.cli.main import main
 from shardckpt.storage import step_dirname
-
-
-@pytest.fixture(autouse=True)
-def _small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("SHARDCKPT_FSYNC", "0")
-    monkeypatch.setenv("SHARDCKPT_CHUNK_SIZE", str(64 << 10))
-
-
-def cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    capsys.readouterr()
-    code = main(list(args))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def saves(root: str, steps: range) -> None:

@@ -9,26 +9,13 @@ import shutil
 from pathlib import Path
 
 import pytest
+from incremental_cli_helpers import _small_chunks, cli  # noqa: F401 (an autouse fixture)
 from incremental_helpers import load_step, lora_state
 
 import shardckpt
-from shardckpt.cli.main import main
 from shardckpt.storage import step_dirname
 
 RECORD = "step-0000000001.retired"
-
-
-@pytest.fixture(autouse=True)
-def _small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("SHARDCKPT_FSYNC", "0")
-    monkeypatch.setenv("SHARDCKPT_CHUNK_SIZE", str(64 << 10))
-
-
-def cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    capsys.readouterr()
-    code = main(list(args))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def pruned_pair(tmp_path: Path) -> tuple[str, str]:

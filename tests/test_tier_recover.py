@@ -6,26 +6,19 @@ hook in every worker fails any open() under another node's path."""
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import tier_targets as T
 from harness import run_ranks
+from tier_helpers import NODES, _fast_ranks, rank_env  # noqa: F401 (an autouse fixture)
 
 from shardckpt import catalog
 from shardckpt.format.shard import read_header
 from shardckpt.storage import open_location
 from shardckpt.tier.holdings import read_holdings
 
-ENV = {"OMP_NUM_THREADS": "1", "SHARDCKPT_COLLECTIVE_TIMEOUT": "30"}
-NODES = ["0", "0", "1", "1"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _fast_ranks() -> Iterator[None]:
-    with T.forked_ranks():
-        yield
+ENV = rank_env(30)
 
 
 @pytest.fixture(scope="module")

@@ -8,26 +8,19 @@ Real processes on gloo; an audit hook records every persistent manifest a rank o
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import tier_s8_targets as S
 import tier_targets as T
 from harness import run_ranks
+from tier_helpers import NODES, _fast_ranks, rank_env  # noqa: F401 (an autouse fixture)
 
 from shardckpt.format.shard import read_header
 from shardckpt.storage import open_location
 from shardckpt.tier.holdings import read_holdings
 
-ENV = {"OMP_NUM_THREADS": "1", "SHARDCKPT_COLLECTIVE_TIMEOUT": "60"}
-NODES = ["0", "0", "1", "1"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _fast_ranks() -> Iterator[None]:
-    with T.forked_ranks():
-        yield
+ENV = rank_env(60)
 
 
 @pytest.fixture(scope="module")

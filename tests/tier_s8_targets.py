@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import sys
-import warnings
 from typing import Any
 
 import tier_targets as T
@@ -24,11 +23,6 @@ def persistent_save(rank: int, world: int, root: str, step: int) -> None:
 def resume_watching(rank: int, world: int, root: str, nodes: list[str]) -> dict[str, Any]:
     """``mgr.load(state)`` with a local tier; which persistent manifests this rank opened
     during the load (an audit hook), and what it restored."""
-    import torch
-
-    import shardckpt
-
-    T.forbid_other_nodes(root, nodes[rank], nodes)
     persistent = os.path.join(root, "persistent") + os.sep
     opened: list[str] = []
     watching = [False]
@@ -40,17 +34,14 @@ def resume_watching(rank: int, world: int, root: str, nodes: list[str]) -> dict[
                 opened.append(os.path.relpath(path, persistent))
 
     sys.addaudithook(hook)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        with shardckpt.CheckpointManager(
-                os.path.join(root, "persistent"), save_every=5,
-                local=shardckpt.LocalTier(os.path.join(root, "{node}"), every=1, copies=2,
-                                          keep=2, node=nodes[rank])) as mgr:
-            state = {k: torch.zeros_like(v) for k, v in T.tier_state(0, rank).items()}
-            watching[0] = True
-            step = mgr.load(state)
+
+    def load(mgr: Any, state: dict[str, Any]) -> int:
+        watching[0] = True
+        try:
+            return mgr.load(state)
+        finally:
             watching[0] = False
-            profile = dict(mgr.last_load_profile)
-    return {"step": step, "tier": profile["tier"], "opened": sorted(set(opened)),
-            "exact": all(torch.equal(state[k], v) for k, v in T.tier_state(step, rank).items()),
-            "warnings": [str(w.message) for w in caught]}
+
+    got = T.resume_with_tier(rank, root, nodes, load)
+    return {"step": got["step"], "tier": got["profile"]["tier"], "opened": sorted(set(opened)),
+            "exact": got["exact"], "warnings": got["warnings"]}

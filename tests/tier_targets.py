@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -285,8 +285,11 @@ def manager_train(rank: int, world: int, root: str, nodes: list[str], steps: lis
                 mgr.save(step, tier_state(step, rank), blocking=True)
 
 
-def manager_resume(rank: int, world: int, root: str, nodes: list[str]) -> dict[str, Any]:
-    """A restarted job resumes through the manager's local tier (``load_for``)."""
+def resume_with_tier(rank: int, root: str, nodes: list[str],
+                     load: Callable[[Any, dict[str, Any]], int]) -> dict[str, Any]:
+    """A restarted job on node ``nodes[rank]`` (other nodes' folders forbidden) opens the
+    manager with a local tier and resumes with ``load(mgr, state)``: the step, the load profile,
+    whether the state is bit-exact, and every warning raised meanwhile."""
     import warnings
 
     import torch
@@ -301,14 +304,24 @@ def manager_resume(rank: int, world: int, root: str, nodes: list[str]) -> dict[s
                 local=shardckpt.LocalTier(os.path.join(root, "{node}"), every=1, copies=2,
                                           keep=2, node=nodes[rank])) as mgr:
             state = {k: torch.zeros_like(v) for k, v in tier_state(0, rank).items()}
-            step = mgr._local.load_for(mgr, state)
-            profile = mgr.last_load_profile
+            step = load(mgr, state)
+            profile = dict(mgr.last_load_profile)
+    return {"step": step, "profile": profile,
+            "exact": all(torch.equal(state[k], v) for k, v in tier_state(step, rank).items()),
+            "warnings": [str(w.message) for w in caught]}
+
+
+def manager_resume(rank: int, world: int, root: str, nodes: list[str]) -> dict[str, Any]:
+    """A restarted job resumes through the manager's local tier (``load_for``)."""
+    import torch
+
+    got = resume_with_tier(rank, root, nodes, lambda mgr, state: mgr._local.load_for(mgr, state))
+    step, profile = got["step"], got["profile"]
     drawn = torch.rand(1).item()
     torch.manual_seed(100 * rank + step)
     return {"step": step, "tier": profile["tier"], "bytes_received": profile["bytes_received"],
-            "exact": all(torch.equal(state[k], v) for k, v in tier_state(step, rank).items()),
-            "rng": drawn == torch.rand(1).item(),
-            "warnings": [str(w.message) for w in caught]}
+            "exact": got["exact"], "rng": drawn == torch.rand(1).item(),
+            "warnings": got["warnings"]}
 
 
 # ------------------------------------------------------------------------------ golden replay

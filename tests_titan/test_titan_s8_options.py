@@ -11,7 +11,6 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import harness
 import pytest
 import titan_targets as T
 import torch
@@ -20,18 +19,8 @@ import shardckpt
 from shardckpt.errors import ShardckptError
 from shardckpt.integrations.torchtitan import ShardckptCheckpointManager, TitanConfigError
 
-TIMEOUT = 240.0
+JOBS = T.option_runs  # the module's 2-rank jobs, run once: the ``runs`` fixture (conftest.py)
 Config = ShardckptCheckpointManager.Config
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return str(tmp_path_factory.mktemp("titan-s8"))
-
-
-@pytest.fixture(scope="module")
-def runs(base: str) -> list[dict[str, Any]]:
-    return harness.run_ranks(T.option_runs, 2, base, timeout=TIMEOUT)
 
 
 def _same_as_reference(out: dict[str, Any], name: str, loaded: int) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import harness
 import pytest
 import titan_targets as T
 
@@ -20,18 +19,8 @@ from shardckpt.integrations.torchtitan import (
     TitanConfigError,
 )
 
-TIMEOUT = 240.0
+JOBS = T.trial_runs  # the module's 2-rank jobs, run once: the ``runs`` fixture (conftest.py)
 Config = ShardckptCheckpointManager.Config
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory: pytest.TempPathFactory) -> str:
-    return str(tmp_path_factory.mktemp("titan-trial"))
-
-
-@pytest.fixture(scope="module")
-def runs(base: str) -> list[dict[str, Any]]:
-    return harness.run_ranks(T.trial_runs, 2, base, timeout=TIMEOUT)
 
 
 def test_relaunching_a_finished_run_refuses_its_model_only_last_step(
