@@ -287,8 +287,14 @@ def _repair_locations(args: argparse.Namespace) -> list[Location]:
 
 
 def cmd_repair(args: argparse.Namespace) -> int:
-    from ..repair import (committed_nowhere, repair_step, repair_targets, restore_command,
-                          restore_markers, summary)
+    from ..repair import (
+        committed_nowhere,
+        repair_step,
+        repair_targets,
+        restore_command,
+        restore_markers,
+        summary,
+    )
     from ..storage import step_dirname
     from .common import UsageError, emit
 
