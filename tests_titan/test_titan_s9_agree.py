@@ -134,3 +134,15 @@ def test_on_every_rank_raises_the_lowest_failing_ranks_error_everywhere() -> Non
         return on_every_rank(c, "w", mine)
 
     assert _threads(some_fail) == [("ValueError", "bad on rank 1")] * 3
+
+
+def test_a_dcp_folder_that_one_rank_sees_is_refused_on_every_rank_alike(
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Rank 1 sees a DCP step in checkpoint.folder, rank 0 does not: before, rank 1 refused
+    before the manager's group was made and rank 0 waited to make it with rank 1; now both
+    make it, then both raise the same TitanConfigError, naming the DCP step rank 1 saw."""
+    base = str(tmp_path_factory.mktemp("titan-agree-dcp"))
+    got = harness.run_ranks(S.dcp_folder_runs, 2, base, timeout=120.0, env=ENV)
+    assert got[0] == got[1], got
+    assert got[0]["type"] == "TitanConfigError" and "holds torchtitan DCP checkpoints (step-3)" \
+        in got[0]["msg"]

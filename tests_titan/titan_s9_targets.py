@@ -98,3 +98,19 @@ def local_runs(rank: int, world: int, base: str) -> dict[str, Any]:
         return {"type": type(exc).__name__, "msg": str(exc)}
     finally:
         job.checkpointer.close()
+
+
+def dcp_folder_runs(rank: int, world: int, base: str) -> dict[str, Any]:
+    """checkpoint.folder holds a torchtitan DCP step as rank 1 sees it, not as rank 0 does (a
+    node-local folder, or a DCP job writing there meanwhile): building the backend is refused
+    on both ranks alike, and neither is left creating a group the other never joins."""
+    from shardckpt.integrations import torchtitan_guard as guard
+
+    if rank == 1:
+        found = [(3, f"{base}/dump/checkpoint/step-3")]
+        guard.dcp_steps = lambda folder: found if folder.endswith("checkpoint") else []
+    try:
+        T.Job(rank, world, f"{base}/dump").checkpointer.close()
+        return {"type": None, "msg": ""}
+    except Exception as exc:
+        return {"type": type(exc).__name__, "msg": str(exc)}

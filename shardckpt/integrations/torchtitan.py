@@ -155,9 +155,6 @@ class ShardckptCheckpointManager(BaseCheckpointManager):
             return
         self.config = config
         self.folder = _join(base_folder, config.folder)
-        dcp_steps = guard.dcp_steps(self.folder)
-        if dcp_steps:  # torchtitan DCP checkpoints: never mistaken for an empty folder
-            raise guard.dcp_folder_error(self.folder, dcp_steps)
         self._newest: int | None = None  # the newest committed step, known once needed
         self.interval = config.interval
         self.keep_latest_k = config.keep_latest_k
@@ -173,6 +170,11 @@ class ShardckptCheckpointManager(BaseCheckpointManager):
         self.manager = options.build_manager(
             CheckpointManager, self.folder, config, base_folder,
             config={"torchtitan_checkpoint": to_dict()} if callable(to_dict) else None)
+        try:  # a folder of DCP checkpoints is refused (on every rank alike, after the manager's
+            resume.refuse_dcp_folder(self.manager._comm, self.folder)  # group is made)
+        except BaseException:
+            self.manager.close()
+            raise
 
     # ------------------------------------------------------------------------------- state
     def _state(self, keys: Any = None) -> dict[str, Any]:

@@ -11,8 +11,8 @@ same refusal (a user trial, session 9). So every decision before a collective lo
 * :func:`on_rank0`: rank 0 decides from its reads (what to load: :func:`plan_load`, the newest
   committed step before the first save) and gives the decision, or its error, to every rank;
 * :func:`on_every_rank`: each rank answers from its own view (this node's local steps, whether
-  an ``initial_load_path`` is there), the answers are gathered, and an error anywhere is raised
-  on every rank.
+  an ``initial_load_path`` is there, whether ``checkpoint.folder`` holds DCP checkpoints), the
+  answers are gathered, and an error anywhere is raised on every rank.
 
 Either way every rank returns the same value or raises the same error (type and message), and
 none is left waiting in a collective. Costs one small collective on the manager's private group
@@ -26,7 +26,8 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from ..engine.comm import Comm
-from .torchtitan_guard import TitanSaveError, dcp_run_error, dcp_steps, partial_step_error
+from . import torchtitan_guard as guard
+from .torchtitan_guard import TitanSaveError, partial_step_error
 from .torchtitan_io import TitanLoadError, is_dcp_folder
 from .torchtitan_options import TitanConfigError
 
@@ -162,8 +163,8 @@ def initial_source(comm: Comm, path: str, in_hf: bool, trusted: bool) -> str:
                                  f"{'Hugging Face' if in_hf else 'DCP'} folder cannot be "
                                  "signed, and checkpoint.trusted_keys is set: only signed "
                                  "shardckpt checkpoints load")
-        if not in_hf and not dcp and dcp_steps(path):
-            raise dcp_run_error(path, dcp_steps(path))
+        if not in_hf and not dcp and guard.dcp_steps(path):
+            raise guard.dcp_run_error(path, guard.dcp_steps(path))
         return "hf" if in_hf else "dcp" if dcp else "root"
 
     kinds = on_every_rank(comm, "torchtitan: initial_load_path", kind)
@@ -183,3 +184,13 @@ def source_plan(source: Any, model_only: bool) -> dict[str, Any]:
     if model_only and newest is not None and MODEL_ONLY in source.info(newest).tags:
         return {"step": newest, "saved": saved_dtypes(source, newest)}
     return {"step": newest, "saved": None}
+
+
+def refuse_dcp_folder(comm: Comm, folder: str) -> None:
+    """Collective: ``checkpoint.folder`` holding torchtitan DCP checkpoints on some rank's view
+    is refused on every rank (:func:`.torchtitan_guard.dcp_folder_error`, from the lowest such
+    rank's view), rather than by that rank alone while the others go on."""
+    seen = on_every_rank(comm, "torchtitan: checkpoint.folder", lambda: guard.dcp_steps(folder))
+    found = next((steps for steps in seen if steps), None)
+    if found:
+        raise guard.dcp_folder_error(folder, [(int(n), str(p)) for n, p in found])
