@@ -71,6 +71,16 @@ def test_an_error_while_rank_0_decides_is_raised_on_every_rank(
     assert "read failed: timed out" in got["msg"]
 
 
+def test_a_save_below_newer_steps_is_refused_on_every_rank_alike(
+        runs: list[dict[str, Any]]) -> None:
+    """Resumed from step 6 by load_step, the save of step 9 meets committed steps up to 10;
+    rank 1's listing lags (up to 6). Before, rank 0 refused while rank 1 went into the save's
+    collectives; now the newest step is rank 0's, for both, and both refuse alike."""
+    got = _same(runs, "older")
+    assert got["type"] == "TitanSaveError" and got["step"] == 9
+    assert "cannot save step 9" in got["msg"] and f"up to {T.TOTAL}" in got["msg"]
+
+
 def test_a_local_tier_that_one_rank_cannot_list_fails_every_rank_alike(
         tmp_path_factory: pytest.TempPathFactory) -> None:
     """The automatic resume with a node-local tier: rank 1 cannot list its local steps (an

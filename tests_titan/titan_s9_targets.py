@@ -73,7 +73,24 @@ def agree_runs(rank: int, world: int, base: str) -> dict[str, Any]:
         out[f"explicit-{inject}"] = _attempt(rank, world, base, inject, T.TOTAL)
     for inject in ("lagging", "stale"):
         out[f"auto-{inject}"] = _attempt(rank, world, base, inject, -1)
+    out["older"] = _older(rank, world, base)
     return out
+
+
+def _older(rank: int, world: int, base: str) -> dict[str, Any]:
+    """Resumed from step 6 (load_step) in the folder that holds steps up to 10, rank 1 listing
+    only up to 6 (a lagging listing): the save of step 9 is refused on both ranks alike."""
+    job = T.Job(rank, world, f"{base}/fin", ckpt={**T.FINISHED, "load_step": 6})
+    if rank == 1:
+        steps = job.checkpointer.manager.steps
+        job.checkpointer.manager.steps = lambda tier=None: [s for s in steps(tier) if s <= 6]
+    try:
+        job.train()
+        return {"type": None, "msg": "", "step": job.train_state.step}
+    except Exception as exc:
+        return {"type": type(exc).__name__, "msg": str(exc), "step": job.train_state.step}
+    finally:
+        job.checkpointer.close()
 
 
 def local_runs(rank: int, world: int, base: str) -> dict[str, Any]:

@@ -26,7 +26,8 @@ What a checkpoint holds, with no pickle (``ROOT = dump_folder/folder``, a shardc
   does not save them).
 
 What it refuses rather than resuming from the wrong state (a finished run's model-only last
-step, a folder of DCP checkpoints, a save below newer committed steps): :mod:`.torchtitan_guard`.
+step, a folder of DCP checkpoints, a save below newer committed steps): :mod:`.torchtitan_guard`,
+on every rank alike (decided from the same data before any collective: :mod:`.torchtitan_resume`).
 
 Importing this module imports torchtitan; ``import shardckpt`` never does.
 """
