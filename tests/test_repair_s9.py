@@ -82,3 +82,13 @@ def test_the_summary_is_unchanged_when_root_holds_every_step(
     assert code == 0 and doc["not_restored"] == [] and doc["not_at_root"] == []
     assert doc["summary"] == ("1 checkpoint checked: 1 already healthy everywhere, 0 repaired, "
                               "0 still damaged; 1 of 1 now healthy everywhere")
+
+
+def test_many_steps_only_at_a_replica_are_counted_and_abbreviated() -> None:
+    from shardckpt.repair import summary
+
+    left = {s: ["/r1"] if s % 2 else ["/r1", "/r2"] for s in range(1, 21)}
+    line = summary([], False, left, "shardckpt repair /a --replica /r1 --replica /r2")
+    assert ("NOT RESTORED: 20 steps exist only at /r1, /r2, not at ROOT (1, 2, 3, 4, 5, ..., "
+            "16, 17, 18, 19, 20), and were not restored: `shardckpt repair /a --replica /r1 "
+            "--replica /r2 --step N` restores step N") in line
