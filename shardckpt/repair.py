@@ -14,6 +14,7 @@ its retired record is written, before anything else, at each location that gets 
 
 from __future__ import annotations
 
+import shlex
 import time
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -330,20 +331,48 @@ def committed_nowhere(report: StepRepair) -> bool:
     return bool(report.unrepairable) and report.unrepairable[0]["location"] == "*"
 
 
-def summary(reports: Sequence[StepRepair], dry_run: bool) -> str:
-    """One line on the state *after* the repair (for a dry run: after the planned repair)."""
+def summary(reports: Sequence[StepRepair], dry_run: bool,
+            left: Mapping[int, Sequence[str]] | None = None, command: str = "") -> str:
+    """One line on the state *after* the repair (for a dry run: after the planned repair).
+
+    ``left``: the steps found only at other locations than ROOT (step -> those locations,
+    :func:`steps_to_repair`), which this repair does not restore: the line says how many, names
+    them and ``command`` (the repair command without ``--step``), which restores one with
+    ``--step N``; so that "N of N healthy" never reads as "everything is there"."""
     n = len(reports)
     before = sum(1 for r in reports if r.healthy_before)
     fixed = sum(1 for r in reports if not r.healthy_before and r.ok)
     damaged = n - before - fixed
     if dry_run:
-        return (f"{n} checkpoint{'s' * (n != 1)} checked: {before} healthy everywhere, {fixed} "
+        line = (f"{n} checkpoint{'s' * (n != 1)} checked: {before} healthy everywhere, {fixed} "
                 f"would be repaired, {damaged} cannot be; after this repair {before + fixed} of "
                 f"{n} would be healthy everywhere (dry run: nothing was changed)")
-    return (f"{n} checkpoint{'s' * (n != 1)} checked: {before} already healthy everywhere, "
-            f"{fixed} repaired, {damaged} still damaged; {before + fixed} of {n} now healthy "
-            f"everywhere")
+    else:
+        line = (f"{n} checkpoint{'s' * (n != 1)} checked: {before} already healthy everywhere, "
+                f"{fixed} repaired, {damaged} still damaged; {before + fixed} of {n} now healthy "
+                f"everywhere")
+    return line + _not_restored(left or {}, dry_run, command)
+
+
+def _not_restored(left: Mapping[int, Sequence[str]], dry_run: bool, command: str) -> str:
+    if not left:
+        return ""
+    k = len(left)
+    steps = [str(s) for s in sorted(left)]
+    named = ", ".join(steps if k <= 12 else [*steps[:5], "...", *steps[-5:]])
+    where = sorted({w for locs in left.values() for w in locs})
+    how = f"{command} --step N" if command else "repair --step N"
+    return (f"; NOT RESTORED: {k} step{'s' * (k != 1)} exist{'s' * (k == 1)} only at "
+            f"{', '.join(where)}, not at ROOT ({named}), and "
+            f"{'would not be' if dry_run else 'were not'} restored: `{how}` restores step N")
+
+
+def restore_command(root: Location, replicas: Sequence[Location]) -> str:
+    """The repair command (locations redacted, without ``--step``) that the summary names."""
+    args = [root.display, *(a for r in replicas for a in ("--replica", r.display))]
+    return " ".join(["shardckpt", "repair", *(shlex.quote(a) for a in args)])
 
 
 __all__ = ["Action", "StepRepair", "Target", "execute", "plan_step", "repair", "repair_step",
-           "repair_targets", "restore_markers", "steps_to_repair", "summary"]
+           "repair_targets", "restore_command", "restore_markers", "steps_to_repair",
+           "summary"]

@@ -287,7 +287,14 @@ def _repair_locations(args: argparse.Namespace) -> list[Location]:
 
 
 def cmd_repair(args: argparse.Namespace) -> int:
-    from ..repair import committed_nowhere, repair_step, repair_targets, restore_markers, summary
+    from ..repair import (
+        committed_nowhere,
+        repair_step,
+        repair_targets,
+        restore_command,
+        restore_markers,
+        summary,
+    )
     from ..storage import step_dirname
     from .common import UsageError, emit
 
@@ -305,10 +312,13 @@ def cmd_repair(args: argparse.Namespace) -> int:
     ok = all(r.ok for r in reports)
     if ok and not args.dry_run:  # healthy everywhere: a refilled replica gets its marker back
         restore_markers(locs)
+    again = restore_command(locs[0], locs[1:])  # + --step N: restores a step ROOT lacks
+    line = summary(reports, args.dry_run, left, again)
     if args.json:
-        emit({"ok": ok, "dry_run": args.dry_run, "summary": summary(reports, args.dry_run),
+        emit({"ok": ok, "dry_run": args.dry_run, "summary": line,
               "steps": [r.to_json() for r in reports],
-              "not_at_root": [{"step": s, "locations": w} for s, w in left.items()]})
+              "not_at_root": [{"step": s, "locations": w} for s, w in left.items()],
+              "not_restored": [{"step": s, "command": f"{again} --step {s}"} for s in left]})
     else:  # the plan, the same lines for a dry run and the run that carries it out
         for s, where in left.items():
             print(f"step {s}: not at {locs[0].display} (pruned there?), only at "
@@ -329,7 +339,7 @@ def cmd_repair(args: argparse.Namespace) -> int:
                     where = "" if e["location"] == "*" else f"{e['location']}/"
                     print(f"step {r.step}: CANNOT repair {where}{step_dirname(r.step)}/"
                           f"{e['file']}: {e['problem']}", file=sys.stderr)
-        print(summary(reports, args.dry_run))
+        print(line)
     return 0 if ok else 2
 
 

@@ -26,7 +26,8 @@ What a checkpoint holds, with no pickle (``ROOT = dump_folder/folder``, a shardc
   does not save them).
 
 What it refuses rather than resuming from the wrong state (a finished run's model-only last
-step, a folder of DCP checkpoints, a save below newer committed steps): :mod:`.torchtitan_guard`.
+step, a folder of DCP checkpoints, a save below newer committed steps): :mod:`.torchtitan_guard`,
+on every rank alike (decided from the same data before any collective: :mod:`.torchtitan_resume`).
 
 Importing this module imports torchtitan; ``import shardckpt`` never does.
 """
@@ -48,16 +49,16 @@ from ..manager import CheckpointManager
 from . import torchtitan_guard as guard
 from . import torchtitan_io as io
 from . import torchtitan_options as options
+from . import torchtitan_resume as resume
 from .torchtitan_guard import TitanSaveError
 from .torchtitan_io import TitanLoadError
 from .torchtitan_options import TitanConfigError
+from .torchtitan_resume import HF, MODEL_ONLY
 
 __all__ = ["MODEL_ONLY", "ShardckptCheckpointManager", "TitanConfigError", "TitanLoadError",
            "TitanSaveError"]
 
 MODEL, OPTIMIZER, LR_SCHEDULER, DATALOADER = "model", "optimizer", "lr_scheduler", "dataloader"
-MODEL_ONLY = "model-only"  # the tag of a step holding the model only (seed, last save)
-HF = "hf"  # the tag of a model-only step holding Hugging Face names (never loaded back)
 
 
 class _Flat:
@@ -155,9 +156,6 @@ class ShardckptCheckpointManager(BaseCheckpointManager):
             return
         self.config = config
         self.folder = _join(base_folder, config.folder)
-        dcp_steps = guard.dcp_steps(self.folder)
-        if dcp_steps:  # torchtitan DCP checkpoints: never mistaken for an empty folder
-            raise guard.dcp_folder_error(self.folder, dcp_steps)
         self._newest: int | None = None  # the newest committed step, known once needed
         self.interval = config.interval
         self.keep_latest_k = config.keep_latest_k
@@ -173,6 +171,11 @@ class ShardckptCheckpointManager(BaseCheckpointManager):
         self.manager = options.build_manager(
             CheckpointManager, self.folder, config, base_folder,
             config={"torchtitan_checkpoint": to_dict()} if callable(to_dict) else None)
+        try:  # a folder of DCP checkpoints is refused (on every rank alike, after the manager's
+            resume.refuse_dcp_folder(self.manager._comm, self.folder)  # group is made)
+        except BaseException:
+            self.manager.close()
+            raise
 
     # ------------------------------------------------------------------------------- state
     def _state(self, keys: Any = None) -> dict[str, Any]:
@@ -208,8 +211,9 @@ class ShardckptCheckpointManager(BaseCheckpointManager):
         # no wait here: the manager's save waits for the previous one itself, and settles its
         # outcome by on_error (a failure raises on every rank, or is warned about); it writes
         # the tiers that are due, and the first step's checkpoint is persistent too
-        if self._newest is None:
-            self._newest = self.manager.latest_step()
+        if self._newest is None:  # rank 0's listing, so that a refusal is every rank's
+            self._newest = resume.on_rank0(self.manager._comm, "torchtitan: newest step",
+                                           self.manager.latest_step)
         guard.check_new_step(self.folder, curr_step, self._newest)
         self._newest = curr_step
         if last_step:
@@ -263,77 +267,36 @@ class ShardckptCheckpointManager(BaseCheckpointManager):
         self.manager.wait()
 
     # ------------------------------------------------------------------------------- load
-    def _newest_full(self, steps: list[int]) -> int | None:
-        for step in reversed(steps):
-            if MODEL_ONLY not in self.manager.info(step).tags:
-                return step
-        return None
-
-    def _keys_of(self, step: int, steps: list[int], explicit: bool) -> tuple[list[str], bool]:
-        """What loading ``step`` restores: everything asked for (not in exclude_from_loading),
-        or the model alone from a seed checkpoint (step 0). A model-only step (the last save
-        of a finished run) that lacks state asked for is refused, as any HF-named step.
-        Returns the keys, and whether the step is model-only (its RNG states are not loaded)."""
-        tags = self.manager.info(step).tags
-        if step == 0 and HF not in tags:
-            return [MODEL], True  # torchtitan's rule: step 0 is a seed checkpoint
-        keys = self._loadable()
-        if MODEL_ONLY not in tags:
-            return keys, False
-        missing = sorted(k for k in self._state(keys) if k != MODEL)
-        if HF in tags or missing:
-            raise guard.partial_step_error(self.folder, step, HF in tags, missing,
-                                           self._newest_full(steps), explicit)
-        return [MODEL], True
-
     def _load(self, step: int = -1) -> bool:
-        steps = self.manager.steps()
-        if step != -1:
-            if step not in steps:
-                raise FileNotFoundError(f"--checkpoint.load_step={step} not found: "
-                                        f"{self.folder} holds steps {steps}")
-            load_step: int | None = step
-        elif self._local_is_newer():  # the newest step recoverable from either tier
-            state = self._state(self._loadable())
+        """Every decision before the collective load is the same on every rank, from the
+        same data, and so is every refusal (:mod:`.torchtitan_resume`)."""
+        if step == -1 and resume.local_is_newer(self.manager, self.config):
+            state = self._state(self._loadable())  # the newest step of either tier
             self.manager.load(state)
             self._restore_loader(state)
             return True
-        else:
-            load_step = steps[-1] if steps else None
-        if load_step is None:
+        plan = resume.on_rank0(self.manager._comm, "torchtitan: what to load", lambda:
+                               resume.plan_load(self.manager, self.folder, step,
+                                                self._loadable, self.states))
+        if plan["step"] is None:
             return self._initial_load()
-        # torchtitan's rule: the options initial_* apply only to a job without checkpoints
-        keys, model_only = self._keys_of(load_step, steps, explicit=step != -1)
-        newest = step == -1 and load_step == steps[-1]
-        if model_only:  # in the step's dtypes (export_dtype), then into the model
-            self._load_model_only(self.manager, load_step, None if newest else load_step)
+        at = plan["step"] if plan["pinned"] else None  # None: the newest loadable
+        if plan["saved"] is not None:  # model-only: in the step's dtypes, then into the model
+            self._load_model_only(self.manager, plan["saved"], at)
             return True
-        state = self._state(keys)
-        self.manager.load(state, step=None if newest else load_step)
+        state = self._state(plan["keys"])
+        self.manager.load(state, step=at)
         self._restore_loader(state)
         return True
 
-    def _load_model_only(self, manager: CheckpointManager, step: int,
-                         load_step: int | None) -> None:
-        """The model from ``step`` of ``manager``, whatever dtype it was saved in
-        (``load_step``: ``step``, or None for the newest loadable one, ``manager.load``'s)."""
-        prefix = MODEL + "/"
-        saved = {k[len(prefix):]: e.meta.dtype for k, e in manager.manifest(step).tensors.items()
-                 if k.startswith(prefix)}
+    def _load_model_only(self, manager: CheckpointManager, saved: dict[str, str],
+                         step: int | None) -> None:
+        """The model from ``step`` of ``manager`` (None: the newest loadable one), whatever
+        dtypes it was saved in (``saved``, by key: :func:`.torchtitan_resume.saved_dtypes`)."""
         model = self.states[MODEL]
         sd = io.as_saved(model.state_dict(), saved)
-        manager.load({MODEL: sd}, step=load_step, restore_rng=False)
+        manager.load({MODEL: sd}, step=step, restore_rng=False)
         model.load_state_dict(sd)
-
-    def _local_is_newer(self) -> bool:
-        """Collective: whether some node holds a local step newer than every persistent step
-        (then ``manager.load`` restores across tiers: local steps, newest first, then the
-        persistent ones). Never under ``trusted_keys``: local copies are not signed."""
-        if self.config.local_path is None or self.config.trusted_keys:
-            return False
-        local, persistent = self.manager.steps(tier="local"), self.manager.latest_step()
-        newer = bool(local) and (persistent is None or local[-1] > persistent)
-        return self.manager._comm.any_true(newer, "torchtitan: newer local steps")
 
     def _restore_loader(self, state: dict[str, Any]) -> None:
         if DATALOADER in state and self.dataloader is not None:
@@ -349,16 +312,11 @@ class ShardckptCheckpointManager(BaseCheckpointManager):
                                  "model's hf_assets_path")
         if not path:
             return False  # a fresh start
-        if not os.path.isdir(path):
-            raise ValueError(f"checkpoint.initial_load_path is not a folder: {path}")
-        if cfg.trusted_keys and (cfg.initial_load_in_hf or io.is_dcp_folder(path)):
-            raise TitanLoadError(f"checkpoint.initial_load_path {path}: a "
-                                 f"{'Hugging Face' if cfg.initial_load_in_hf else 'DCP'} "
-                                 "folder cannot be signed, and checkpoint.trusted_keys is set: "
-                                 "only signed shardckpt checkpoints load")
-        if cfg.initial_load_in_hf:
+        kind = resume.initial_source(self.manager._comm, path, cfg.initial_load_in_hf,
+                                     bool(cfg.trusted_keys))
+        if kind == "hf":
             io.load_hf_folder(path, model, self.sd_adapter, cfg.initial_load_in_hf_quantized)
-        elif io.is_dcp_folder(path):
+        elif kind == "dcp":
             if cfg.initial_load_model_only:
                 states = model.state_dict()
             else:
@@ -367,15 +325,14 @@ class ShardckptCheckpointManager(BaseCheckpointManager):
                 states.update(model.state_dict())
             io.load_dcp_folder(path, states, trusted=cfg.trust_dcp_pickle)
             model.load_state_dict(states)
-        elif guard.dcp_steps(path):
-            raise guard.dcp_run_error(path, guard.dcp_steps(path))
         else:  # another shardckpt root (its newest step)
             with CheckpointManager(path, async_save=False,
                                    trusted_keys=cfg.trusted_keys) as source:
-                newest = source.latest_step()
-                if cfg.initial_load_model_only and newest is not None and \
-                        MODEL_ONLY in source.info(newest).tags:  # maybe in export_dtype
-                    self._load_model_only(source, newest, None)
+                got = resume.on_rank0(source._comm, "torchtitan: initial_load_path's step",
+                                      lambda: resume.source_plan(source,
+                                                                 cfg.initial_load_model_only))
+                if got["saved"] is not None:  # model-only, maybe in export_dtype
+                    self._load_model_only(source, got["saved"], None)
                     return True
                 keys = [MODEL] if cfg.initial_load_model_only else self._loadable()
                 state = self._state(keys)

@@ -8,13 +8,15 @@ gloo groups: the store's for the save protocol, a gate for deciding on the calle
   "both"`` overrides.
 * A local save never waits for a persistent one (separate pipelines and groups). A local save
   due while the previous local save is still running on any rank is skipped on every rank,
-  warned about and counted (``skipped``), never queued.
+  never queued, and counted (``skipped``): warned about at the 1st, 10th, 100th... skip (not
+  at every step of a fast loop), and summed up at ``close`` (a log record, rank 0).
 
 Construction is collective (the manager's ranks, in the same order on every rank).
 """
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -39,6 +41,8 @@ from .local import LocalTierStore
 from .pathcheck import check_paths
 from .persistentlist import PersistentSteps, full_listing, warm_up
 from .recover import recover
+
+logger = logging.getLogger("shardckpt.tier")
 
 TIERS = ("local", "persistent", "both")
 BAD_DATA = (GoldenMismatchError, CorruptLoadError, IncompleteLoadError)
@@ -88,8 +92,11 @@ class LocalTierRunner:
             busy = self._gate.any_true(busy, "local save: is the previous one still running")
         if busy:
             self.skipped.append(step)
-            warnings.warn(f"local save of step {step} skipped: the previous local save is "
-                          f"still running ({len(self.skipped)} skipped so far)", stacklevel=3)
+            n = len(self.skipped)
+            if _power_of_ten(n):  # the 1st, 10th, 100th...: not every step; close() sums up
+                warnings.warn(f"local save of step {step} skipped: the previous local save is "
+                              f"still running ({n} skipped so far; warned again at the "
+                              f"{10 * n}th, all counted at close)", stacklevel=3)
             return None
         self.wait()  # the previous one is done: raise its error here, once
         blocking = (not self.async_save) if blocking is None else blocking
@@ -188,6 +195,21 @@ class LocalTierRunner:
         finally:
             self._pool.shutdown(wait=True)
             self._staging.release()
+            if self.skipped and self._gate.rank == 0:  # the same count on every rank
+                logger.warning("local tier %s: %d local save(s) skipped in this run, the "
+                               "previous one still running (steps %s)", self.store.location
+                               .display, len(self.skipped), _steps(self.skipped))
+
+
+def _power_of_ten(n: int) -> bool:
+    while n % 10 == 0:
+        n //= 10
+    return n == 1
+
+
+def _steps(steps: Sequence[int]) -> str:
+    shown = [str(s) for s in steps]
+    return ", ".join(shown if len(shown) <= 8 else [*shown[:3], "...", *shown[-3:]])
 
 
 # -------------------------------------------------------------- the manager's thin calls
