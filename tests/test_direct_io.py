@@ -14,7 +14,7 @@ import torch
 
 import shardckpt
 from shardckpt.engine.snapshot import page_aligned
-from shardckpt.storage import direct
+from shardckpt.storage import direct, localsink
 from shardckpt.storage.local import LocalLocation
 
 MiB = 1 << 20
@@ -99,7 +99,9 @@ def test_o_direct_refused_mid_file_falls_back_to_buffered(tmp_path: Path, monkey
     monkeypatch.setattr(os, "pwrite", refuse)
     got, expected = write_all(tmp_path)
     assert got == expected
-    assert len(calls) <= 1  # after one refusal the file is written buffered
+    # after a refusal the file is written buffered; direct writes already in flight then
+    # (the staging buffers being flushed, storage/localsink.py) may be refused too
+    assert 1 <= len(calls) <= 1 + localsink.IN_FLIGHT
 
 
 def test_knob_off_means_no_direct_descriptor(tmp_path: Path, monkeypatch) -> None:

@@ -108,3 +108,46 @@ def test_an_aborted_file_is_removed_and_gives_its_stage_back(tmp_path: Path) -> 
 def test_without_direct_io_every_byte_is_buffered(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("SHARDCKPT_DIRECT_IO", "0")
     write(tmp_path, workload())
+
+
+def test_a_refusal_in_a_flusher_thread_is_rewritten_through_the_cache(tmp_path: Path,
+                                                                      monkeypatch) -> None:
+    import threading
+
+    needs_direct(tmp_path)
+    refused: list[int] = []
+    real = os.pwrite
+
+    def pwrite(fd, data, offset):  # type: ignore[no-untyped-def]
+        if threading.current_thread().name.startswith("shardckpt-flush"):
+            refused.append(offset)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fd, data, offset)
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    write(tmp_path, workload())  # exact, though a staged buffer's direct write failed
+    assert refused
+
+
+def test_flushes_overlap_the_next_writes(tmp_path: Path, monkeypatch) -> None:
+    """A full staging buffer is written by a flusher thread: the file's own thread goes on
+    filling the next one (it waits only once IN_FLIGHT are being written)."""
+    import threading
+
+    needs_direct(tmp_path)
+    release = threading.Event()
+    started = threading.Event()
+    real = localsink._pwrite_all
+
+    def slow(fd, buf, n, offset):  # type: ignore[no-untyped-def]
+        started.set()
+        assert release.wait(30)
+        return real(fd, buf, n, offset)
+    monkeypatch.setattr(localsink, "_pwrite_all", slow)
+    sink = LocalLocation(str(tmp_path)).open_sink("o.shard")
+    chunk = os.urandom(64 * 1024)
+    for _ in range(localsink.STAGE_BYTES // len(chunk) + 3):  # one full buffer and more
+        sink.write(chunk)
+    assert started.wait(30)  # the first buffer is being written, and writes went on
+    release.set()
+    sink.commit()
+    assert (tmp_path / "o.shard").read_bytes() == chunk * (localsink.STAGE_BYTES // len(chunk) + 3)
