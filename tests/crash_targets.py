@@ -29,7 +29,9 @@ import torch.distributed as dist
 
 import shardckpt
 from shardckpt.engine import snapshot as snapshot_mod
+from shardckpt.storage import direct as direct_mod
 from shardckpt.storage import local as location_mod
+from shardckpt.storage import localsink as localsink_mod
 
 MANIFEST = "manifest.json"
 RETENTION_THREAD = "shardckpt-retention"  # thread name prefix of the manager's retention runner
@@ -311,6 +313,10 @@ class _OsProxy:
         self._faults.check("fsync", _fd_path(fd))
         os.fsync(fd)
 
+    def pwrite(self, fd: int, data: Any, offset: int) -> int:  # direct and packed writes
+        self._faults.check("write", _fd_path(fd))
+        return os.pwrite(fd, data, offset)
+
     def replace(self, src: Any, dst: Any, *args: Any, **kwargs: Any) -> None:
         self._faults.check("replace", os.fspath(dst))
         os.replace(src, dst, *args, **kwargs)
@@ -329,8 +335,9 @@ class Faults:
         self.err = errno.EIO
         self.fired = 0
         self._lock = threading.Lock()
-        location_mod.os = _OsProxy(self)  # type: ignore[attr-defined]
-        location_mod.open = self._open  # type: ignore[attr-defined]
+        for mod in (location_mod, localsink_mod, direct_mod):  # where local files are written
+            mod.os = _OsProxy(self)  # type: ignore[attr-defined]
+            mod.open = self._open  # type: ignore[attr-defined]
 
     def arm(self, op: str, match: Callable[[str], bool], err: int) -> None:
         self.op, self.match, self.err, self.fired = op, match, err, 0

@@ -37,7 +37,9 @@ from incremental_helpers import zeros_like
 
 import shardckpt
 from shardckpt.format import manifest as M
+from shardckpt.storage import direct as direct_mod
 from shardckpt.storage import local as location_mod
+from shardckpt.storage import localsink as localsink_mod
 
 REAL_OS = os
 REAL_OPEN = open
@@ -90,9 +92,12 @@ class _OsProxy:
     """Stands in for ``os`` inside ``shardckpt.storage.local``: everything is the real ``os``
     except ``fsync`` and ``replace``, which go through ``hooks`` first."""
 
-    def __init__(self, fsync: Callable[[int], None], replace: Callable[..., None]) -> None:
+    def __init__(self, fsync: Callable[[int], None], replace: Callable[..., None],
+                 pwrite: Callable[..., int] | None = None) -> None:
         self.fsync = fsync
         self.replace = replace
+        if pwrite is not None:  # direct and packed writes of shard files (storage/localsink)
+            self.pwrite = pwrite
 
     def __getattr__(self, name: str) -> Any:
         return getattr(REAL_OS, name)
@@ -154,6 +159,10 @@ class Injector:
         self.check("fsync", fd_path(fd))
         REAL_OS.fsync(fd)
 
+    def pwrite(self, fd: int, data: Any, offset: int) -> int:
+        self.check("write", fd_path(fd), len(data))
+        return REAL_OS.pwrite(fd, data, offset)
+
     def replace(self, src: Any, dst: Any, *args: Any, **kwargs: Any) -> None:
         self.check("replace", os.fspath(dst))
         REAL_OS.replace(src, dst, *args, **kwargs)
@@ -172,8 +181,10 @@ class Injector:
 @pytest.fixture
 def injector(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Injector]:
     inj = Injector(tmp_path)
-    monkeypatch.setattr(location_mod, "os", _OsProxy(inj.fsync, inj.replace))
-    monkeypatch.setattr(location_mod, "open", inj.open, raising=False)
+    proxy = _OsProxy(inj.fsync, inj.replace, inj.pwrite)
+    for mod in (location_mod, localsink_mod, direct_mod):  # where local files are written
+        monkeypatch.setattr(mod, "os", proxy)
+        monkeypatch.setattr(mod, "open", inj.open, raising=False)
     yield inj
     inj.disarm()
 
@@ -465,7 +476,8 @@ def _run_sequence(tmp: Path, monkeypatch: pytest.MonkeyPatch,
     states = {1: make_state(1), 2: make_state(2)}
     reported: list[int] = []
     with monkeypatch.context() as mp:
-        mp.setattr(location_mod, "os", _OsProxy(fs.fsync, fs.replace))
+        for mod in (location_mod, localsink_mod):
+            mp.setattr(mod, "os", _OsProxy(fs.fsync, fs.replace))
         mgr = shardckpt.CheckpointManager(str(root), async_save=False, capture_rng=False)
         try:
             for step, state in states.items():

@@ -63,6 +63,21 @@ def _set_dir_mode(path: str, mode: int | None) -> None:
         os.close(fd)
 
 
+def _has_link(root: str, relpath: str) -> bool:
+    """Whether a component of ``relpath`` (plain: no ``..``) below ``root`` is a symlink, up
+    to the first that does not exist: without one, the path cannot leave the root, and the
+    full ``realpath`` (an ``lstat`` per component of the whole path, in Python) is not needed."""
+    path = root
+    for part in relpath.split("/"):
+        path = os.path.join(path, part)
+        try:
+            if stat.S_ISLNK(os.lstat(path).st_mode):
+                return True
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+    return False
+
+
 class LocalLocation(Location):
     is_local = True
 
@@ -77,7 +92,7 @@ class LocalLocation(Location):
         if relpath == "":
             return self.root
         full = os.path.join(self.root, check_relpath(relpath))
-        if must_exist or os.path.lexists(full):
+        if _has_link(self.root, relpath):  # only then can it resolve outside the root
             real_root = os.path.realpath(self.root)
             real = os.path.realpath(full)
             if real != real_root and not real.startswith(real_root + os.sep):
