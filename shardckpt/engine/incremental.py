@@ -215,15 +215,40 @@ def pick_base(locations: Sequence[Location], step: int, full_every: int,
         for loc in locations:
             lease = Lease.acquire(loc, base_dir, WRITER)
             stack.callback(_release, lease)
+            retired = retired_steps(loc.listdir(""))
             if live_leases(loc, base_dir, REAPER) or \
-                    loc.size(f"{base_dir}/{M.MANIFEST_NAME}") is None or \
-                    base.step in retired_steps(loc.listdir("")):
+                    loc.size(f"{base_dir}/{M.MANIFEST_NAME}") is None or base.step in retired:
                 return None  # a prune is deleting or retiring it: save in full
+            lacking = _lacking(loc, base, retired)
+            if lacking:  # the new step would not be readable there
+                warnings.warn(f"incremental save of step {step}: {loc.display} lacks "
+                              f"{lacking}, which the base step {base.step} holds or "
+                              f"references; saving in full (`shardckpt repair` restores it "
+                              f"from another location)", stacklevel=3)
+                return None
         return base
     except (ShardckptError, OSError) as exc:
         warnings.warn(f"incremental save of step {step}: no base ({exc}); saving in full",
                       stacklevel=3)
         return None
+
+
+def _lacking(location: Location, base: M.Manifest, retired: set[int]) -> str | None:
+    """A file the base step holds or references that ``location`` does not have (or a
+    referenced step that has neither a manifest nor a retired record there), or None. One
+    listing per step involved: presence only; the reader checks every byte it reads."""
+    need: dict[int, set[str]] = {base.step: set(base.files)}
+    for r in references(base.extra, base.step):
+        need.setdefault(r.step, set()).add(r.file)
+    for s, names in sorted(need.items()):
+        step_dir = step_dirname(s)
+        have = set(location.listdir(step_dir))
+        missing = sorted(names - have)
+        if missing:
+            return f"{step_dir}/{missing[0]}"
+        if s != base.step and M.MANIFEST_NAME not in have and s not in retired:
+            return f"{step_dir}/{M.MANIFEST_NAME}"
+    return None
 
 
 def _release(lease: Lease) -> None:
