@@ -128,11 +128,12 @@ def test_commit_refused_when_a_file_was_replaced(tmp_path: Path,
     real = stepdir.commit
     src = Path(root) / step_dirname(1) / "rank00000-000.shard"
 
-    def commit(location: Any, step_dir: str, data: bytes, lease: Any, files: Any = None) -> None:
+    def commit(location: Any, step_dir: str, data: bytes, lease: Any, files: Any = None,
+               *rest: Any) -> None:
         if step_dir == step_dirname(2):  # same size, another save's header
             (Path(location.root) / step_dir / "rank00000-000.shard").write_bytes(
                 src.read_bytes())
-        real(location, step_dir, data, lease, files)
+        real(location, step_dir, data, lease, files, *rest)
 
     monkeypatch.setattr(stepdir, "commit", commit)
     with shardckpt.CheckpointManager(root, async_save=False) as mgr:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
@@ -31,6 +31,7 @@ from ..storage.writers import (
     warn_other_jobs,
     writer_identity,
 )
+from . import pools
 from .failures import describe
 from .messages import WriteReport
 from .rootmarks import expected_markers, markers_extra, note_committed
@@ -212,15 +213,19 @@ def files_intact(location: Location, step_dir: str, files: Mapping[str, FileReco
 
 
 def commit(location: Location, step_dir: str, data: bytes, lease: StepLease | None,
-           files: Mapping[str, FileRecord] | None = None) -> None:
+           files: Mapping[str, FileRecord] | None = None,
+           checked: Callable[[], object] | None = None) -> None:
     """Make the step durable at one location: data entries first, then the manifest, last,
-    by an exclusive create (see :mod:`shardckpt.storage.writers`)."""
+    by an exclusive create (see :mod:`shardckpt.storage.writers`). ``checked`` (raising if
+    ``data`` is not a valid manifest) is called just before the manifest is written."""
     location.fsync_dir(step_dir)
     if lease is not None:  # stalled renewals: a prune may have judged this save dead
         lease.check()
         check_no_rival(location, step_dir, lease.token, "found just before the commit")
     if files is not None:
         files_intact(location, step_dir, files)
+    if checked is not None:
+        checked()
     rel = f"{step_dir}/{M.MANIFEST_NAME}"
     try:
         location.write_exclusive(rel, data)
@@ -255,19 +260,26 @@ def commit_all(locations: Sequence[Location], good: list[int], step_dir: str,
     extra["markers"] = markers_extra(locations, good, manifest.step)  # checked on a restart
     manifest = replace(manifest, extra=extra)
     data = M.serialize(manifest)
-    M.parse(data, "new manifest")  # never commit what we could not read back
     committed, failed = [], {}
     rival: ConcurrentWriterError | None = None
-    for i in good:
+    with pools.pool("commit-check", 1) as pool:
+        # never commit what we could not read back: parsed while the first location's
+        # directory is synced and its files checked, waited for before any manifest is written
+        readback = pool.submit(M.parse, data, "new manifest")
         try:
-            commit(locations[i], step_dir, data, leases.get(i),
-                   manifest.files if check_files else None)
-            committed.append(i)
-        except ConcurrentWriterError as exc:  # the whole save fails: never both writers
-            rival = exc
-            break
-        except ShardckptError as exc:
-            failed[i] = describe(exc)
+            for i in good:
+                try:
+                    commit(locations[i], step_dir, data, leases.get(i),
+                           manifest.files if check_files else None, readback.result)
+                    committed.append(i)
+                except ConcurrentWriterError as exc:  # the whole save fails: never both
+                    rival = exc
+                    break
+                except ShardckptError as exc:
+                    failed[i] = describe(exc)
+        finally:
+            if not readback.cancel():  # started: a manifest that does not read back fails
+                readback.result()  # the save, as it always did
     if rival is not None or len(committed) < min_replicas:
         for i in committed:  # no location may be left showing a save that failed
             with contextlib.suppress(ShardckptError):
