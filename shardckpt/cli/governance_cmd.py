@@ -25,9 +25,11 @@ def _locations(args: argparse.Namespace) -> list[Any]:
 
 
 def _manifest(loc: Any, step: int) -> Any:
-    from ..catalog import read_manifest
+    """The step's manifest at ``loc``; a retired step (hidden, kept only for the files later
+    steps reference) is refused as ``show`` and ``verify`` refuse it."""
+    from ..catalog import find_manifest
 
-    return read_manifest(loc, step)
+    return find_manifest([loc], step)[0]
 
 
 # ------------------------------------------------------------------------------------ log

@@ -71,8 +71,11 @@ def incremental_options(incremental: bool, full_every: int) -> dict[str, Any]:
     """``CheckpointManager(incremental=, full_every=)`` checked, as ``SaveOptions`` fields."""
     if not isinstance(incremental, bool):
         raise TypeError(f"incremental must be a bool, got {incremental!r}")
-    if type(full_every) is not int or full_every < 0:
+    if type(full_every) is not int:
+        raise TypeError(f"full_every must be an int >= 0, got {full_every!r}")
+    if full_every < 0:
         raise ValueError(f"full_every must be an int >= 0, got {full_every!r}")
+
     if full_every and not incremental:
         raise ValueError(f"full_every={full_every} needs incremental=True (every save of a "
                          f"manager without it is full)")

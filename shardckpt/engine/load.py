@@ -168,8 +168,8 @@ def _kind(exc: BaseException) -> str:
         return "other"
     if isinstance(exc, CorruptCheckpointError):
         return "corrupt"
-    if isinstance(exc, IncompleteCheckpointError):
-        return "incomplete"
+    if isinstance(exc, (IncompleteCheckpointError, FileNotFoundError)):
+        return "incomplete"  # a file the manifest lists is gone (a prune ran meanwhile, say)
     return "other"
 
 

@@ -20,6 +20,7 @@ from ..format import manifest as M
 from ..format.shard import TRAILER, TRAILER_SIZE, FileRecord, Piece
 from ..planning import tree as T
 from ..planning.assign import LeafSpec, WritePlan
+from ..retired import retired_name
 from ..storage import Location
 from ..storage.lease import StepLease
 from ..storage.marker import check_marker
@@ -71,6 +72,11 @@ def refuse_committed(location: Location, step_dir: str, found: M.Manifest) -> No
     process committed it (``writer`` in its manifest), else ``ValueError``."""
     text = (f"step directory {location.display}/{step_dir} is already committed; a committed "
             f"checkpoint is never overwritten")
+    if location.size(retired_name(found.step)) is not None:
+        raise ValueError(f"{text}: step {found.step} is retired (pruned by retention, hidden "
+                         f"from ls and steps(), its files kept because later steps reference "
+                         f"them); a retired step's number is never reused: save under a new "
+                         f"step number")
     who, me = found.extra.get("writer"), writer_identity()
     if isinstance(who, dict) and (who.get("host"), who.get("pid")) != (me["host"], me["pid"]):
         holder = f"host {who.get('host')}, pid {who.get('pid')}, job {who.get('job') or '?'}"
