@@ -298,11 +298,11 @@ def _prune(location: Location, policy: RetentionPolicy, dry_run: bool, grace: fl
     dropped = tuple(s for s in plan.deleted if s not in held)  # no delete marker on those
     if dry_run:  # what the real run would do, retired steps included (nothing is claimed)
         referenced = referenced_files(location, {**cache, **committed}, dropped)
-        held = hold_dirs(referenced, [*skipped, *stale], corrupt)
+        held = hold_dirs(referenced, [*skipped, *stale, *old_aside], corrupt)
         kept.update(hold_steps(referenced, dropped))
         dropped = tuple(s for s in dropped if s not in kept)
         return PruneReport(location.display, True, kept, dropped,
-                           (*[d for d in stale if d not in held], *old_aside,
+                           (*[d for d in (*stale, *old_aside) if d not in held],
                             *sweep_plan(location, referenced)), unheld(skipped, held), corrupt,
                            retired=tuple(s for s in dropped if s in referenced), kept_dirs=held)
 
@@ -314,7 +314,7 @@ def _prune(location: Location, policy: RetentionPolicy, dry_run: bool, grace: fl
     try:  # incremental saves: what the steps that stay reference (a fresh listing)
         referenced = referenced_files(location, {**cache, **committed}, [
             s for s in dropped if step_dirname(s) not in blocked])
-        held = hold_dirs(referenced, [*skipped, *stale], corrupt)
+        held = hold_dirs(referenced, [*skipped, *stale, *old_aside], corrupt)
         kept.update(hold_steps(referenced, dropped))
         for step in dropped:
             d = step_dirname(step)
@@ -349,6 +349,8 @@ def _prune(location: Location, policy: RetentionPolicy, dry_run: bool, grace: fl
             location.remove_tree(d)
             reaped.append(d)
         for d in old_aside:  # no writer ever writes into an aside directory
+            if d in held:  # kept steps reference its step: its files may be theirs
+                continue
             lock.check()
             location.remove_tree(d)
             reaped.append(d)

@@ -5,15 +5,17 @@ A step directory whose manifest is missing or damaged is, by its own state, an u
 its files, it is neither: it is the base of those steps, whose manifest was lost, and
 ``repair`` from a replica restores it. The prune never reaps such a directory, keeps all of
 its files (the unreferenced ones too: nothing is judged from a directory whose manifest
-cannot be read), and reports it in ``PruneReport.kept_dirs`` with why. So it does with every
-directory and dropped step below a step whose corrupt manifest may reference it
-(:func:`.prune_refs.opaque_reason`). Never imports torch.
+cannot be read), and reports it in ``PruneReport.kept_dirs`` with why; so too a directory that
+a save moved aside as corrupt (``step-N.corrupt-<utc>``) while kept steps reference step N. So
+it does with every directory and dropped step below a step whose corrupt manifest may reference
+it (:func:`.prune_refs.opaque_reason`). Never imports torch.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
+from .catalog import ASIDE_DIR
 from .prune_refs import Referenced
 from .storage import step_dirname
 from .storage.location import STEP_DIR
@@ -21,13 +23,16 @@ from .storage.location import STEP_DIR
 
 def hold_dirs(referenced: Referenced, dirs: Iterable[str], corrupt: Mapping[int, str]
               ) -> dict[str, str]:
-    """Directory -> why it stays whole, among the uncommitted ``dirs`` and ``corrupt`` steps."""
+    """Directory -> why it stays whole, among the uncommitted ``dirs`` (and directories moved
+    aside as corrupt: their files may be the ones referenced) and the ``corrupt`` steps."""
     held: dict[str, str] = {}
     for d in dirs:
-        if STEP_DIR.fullmatch(d):
-            why = referenced.hold(int(d[len("step-"):]), "missing")
+        aside = ASIDE_DIR.fullmatch(d)
+        if STEP_DIR.fullmatch(d) or aside:
+            step = int(aside.group(1) if aside else d[len("step-"):])
+            why = referenced.hold(step, "" if aside else "missing")
             if why is not None:
-                held[d] = why
+                held[d] = f"moved aside as corrupt, step {step} {why}" if aside else why
     for step in corrupt:
         why = referenced.hold(step, "damaged")
         if why is not None:

@@ -134,3 +134,21 @@ def test_a_corrupt_manifest_with_references_keeps_every_earlier_step(
     load_step(str(root), 2, lora_state(2))
     code, out, _ = _cli(capsys, "prune", str(root), "--keep-last", "1", "--json")
     assert code == 0 and json.loads(out)["deleted"] == [1, 2]
+
+
+def test_a_referenced_step_moved_aside_as_corrupt_is_kept(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = tmp_path / "run"
+    _save(str(root), [1, 2, 3], incremental=True)
+    aside = root / f"{BASE}.corrupt-20200101T000000Z"  # moved aside long ago, by hand or a save
+    (root / BASE).rename(aside)
+    base = _digests(aside)
+    code, out, _ = _cli(capsys, "prune", str(root), "--keep-last", "10", "--grace", "0s",
+                        "--json")
+    doc = json.loads(out)
+    assert code == 2 and doc["reaped"] == [], out
+    assert doc["kept_dirs"] == [{"dir": aside.name, "reason": "moved aside as corrupt, step 1 "
+                                 "referenced by steps 2-3"}]
+    assert _digests(aside) == base
+    aside.rename(root / BASE)
+    load_step(str(root), 3, lora_state(3))
