@@ -152,3 +152,23 @@ def test_a_referenced_step_moved_aside_as_corrupt_is_kept(
     assert _digests(aside) == base
     aside.rename(root / BASE)
     load_step(str(root), 3, lora_state(3))
+
+
+def test_a_retired_step_that_a_corrupt_manifest_may_reference_stays_whole(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = tmp_path / "run"
+    _save(str(root), [1, 2, 3], incremental=True)
+    assert _cli(capsys, "prune", str(root), "--keep-last", "1")[0] == 0
+    assert (root / f"{BASE}.retired").exists()  # step 3 references it
+    _save(str(root), [4])  # a full save
+    manifest = root / step_dirname(3) / "manifest.json"
+    saved = manifest.read_bytes()
+    _damage(manifest, "flipped")
+    base = _digests(root / BASE)
+    for dry in (["--dry-run"], []):
+        code, out, _ = _cli(capsys, "prune", str(root), "--keep-last", "1", "--json", *dry)
+        doc = json.loads(out)
+        assert code == 2 and doc["reaped"] == [] and doc["deleted"] == [], out
+        assert _digests(root / BASE) == base
+    manifest.write_bytes(saved)
+    load_step(str(root), 3, lora_state(3))
