@@ -5,7 +5,8 @@ all: listings show no step directory, yet the store keeps (and bills) the upload
 prune asks the location for them (:meth:`~shardckpt.storage.remote.FsspecLocation.pending_uploads`,
 listed before the leases are read, like the step directories) and treats such a step as an
 uncommitted directory: reaped (its uploads aborted) once no live writer lease holds it and its
-newest upload started more than ``grace`` ago. Never imports torch.
+newest upload started more than ``grace`` ago, and never while kept steps reference that step
+(:mod:`.prune_hold`). Never imports torch.
 """
 
 from __future__ import annotations

@@ -17,7 +17,10 @@ The steps of :func:`prune_location`, each safe to interrupt at any point (SIGKIL
    holds no visible object but an unfinished S3 multipart upload (its upload is aborted,
    see :mod:`.orphans`); and directories that
    a save moved aside because their manifest was corrupt (``step-N.corrupt-<utc>``), once
-   ``grace`` has passed since they were moved;
+   ``grace`` has passed since they were moved. A directory whose files kept steps reference
+   is never reaped, whatever the state of its own manifest (missing or damaged: ``repair``
+   from a replica restores it); nor is anything below a step whose manifest cannot be read
+   and may reference it (``kept_dirs``, :meth:`.prune_refs.Referenced.hold`);
 7. remove lease files whose holders are long gone, and release the lock.
 
 The newest committed checkpoint and any step being written are never deleted.
@@ -48,6 +51,7 @@ from .policy import (
     plan_retention,
 )
 from .prune_background import BackgroundPrune
+from .prune_hold import hold_dirs, hold_steps, unheld
 from .prune_lostlock import drop_lost_locks, release_lock
 from .prune_refs import referenced_files, retire_step, sweep_plan, sweep_retired
 from .steptags import effective_tags
@@ -101,7 +105,9 @@ class PruneReport:
     ``kept`` maps each kept committed step to its reasons; ``deleted`` lists the committed steps
     removed; ``reaped`` the uncommitted step directories removed; ``skipped`` the uncommitted
     ones left alone, with why; ``corrupt`` the steps whose manifest could not be read (step ->
-    error), which a prune never deletes. ``replicas`` holds the reports of the other locations
+    error), which a prune never deletes; ``kept_dirs`` the step directories without a valid
+    manifest (uncommitted or corrupt) kept because kept steps reference them, or may (directory
+    -> why), which an operator should repair. ``replicas`` holds the reports of the other locations
     of a manager, each pruned from its own listing.
     """
 
@@ -114,6 +120,7 @@ class PruneReport:
     corrupt: Mapping[int, str] = field(default_factory=dict)
     replicas: tuple[PruneReport, ...] = ()
     retired: tuple[int, ...] = ()  # of ``deleted``: kept steps reference them (prune_refs.py)
+    kept_dirs: Mapping[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         """The contract's ``prune`` document, plus ``reaped``, ``skipped`` and ``corrupt``."""
@@ -126,6 +133,8 @@ class PruneReport:
             "corrupt": [{"step": s, "error": self.corrupt[s]} for s in sorted(self.corrupt)],
             **({"replicas": [r.to_json() for r in self.replicas]} if self.replicas else {}),
             **({"retired": sorted(self.retired)} if self.retired else {}),
+            **({"kept_dirs": [{"dir": d, "reason": self.kept_dirs[d]}
+                              for d in sorted(self.kept_dirs)]} if self.kept_dirs else {}),
         }
 
 
@@ -289,9 +298,13 @@ def _prune(location: Location, policy: RetentionPolicy, dry_run: bool, grace: fl
     dropped = tuple(s for s in plan.deleted if s not in held)  # no delete marker on those
     if dry_run:  # what the real run would do, retired steps included (nothing is claimed)
         referenced = referenced_files(location, {**cache, **committed}, dropped)
+        held = hold_dirs(referenced, [*skipped, *stale, *old_aside], corrupt)
+        kept.update(hold_steps(referenced, dropped))
+        dropped = tuple(s for s in dropped if s not in kept)
         return PruneReport(location.display, True, kept, dropped,
-                           (*stale, *old_aside, *sweep_plan(location, referenced)), skipped,
-                           corrupt, retired=tuple(s for s in dropped if s in referenced))
+                           (*[d for d in (*stale, *old_aside) if d not in held],
+                            *sweep_plan(location, referenced)), unheld(skipped, held), corrupt,
+                           retired=tuple(s for s in dropped if s in referenced), kept_dirs=held)
 
     assert lock is not None
     claim, blocked = claim_for_deletion(location, [*map(step_dirname, dropped), *stale])
@@ -301,10 +314,14 @@ def _prune(location: Location, policy: RetentionPolicy, dry_run: bool, grace: fl
     try:  # incremental saves: what the steps that stay reference (a fresh listing)
         referenced = referenced_files(location, {**cache, **committed}, [
             s for s in dropped if step_dirname(s) not in blocked])
+        held = hold_dirs(referenced, [*skipped, *stale, *old_aside], corrupt)
+        kept.update(hold_steps(referenced, dropped))
         for step in dropped:
             d = step_dirname(step)
             if d in blocked:  # a writer started on it after the listing
                 kept[step] = ("in progress",)
+                continue
+            if step in kept:  # a corrupt later manifest may reference it: nothing goes
                 continue
             lock.check()
             if step in referenced:  # kept steps reference its files: retired, not deleted
@@ -320,6 +337,8 @@ def _prune(location: Location, policy: RetentionPolicy, dry_run: bool, grace: fl
                 location.remove_tree(d)
             deleted.append(step)
         for d in stale:
+            if d in held:  # kept steps reference it (or may): never reaped
+                continue
             if d in blocked:
                 skipped[d] = "being written (live writer lease)"
                 continue
@@ -330,6 +349,8 @@ def _prune(location: Location, policy: RetentionPolicy, dry_run: bool, grace: fl
             location.remove_tree(d)
             reaped.append(d)
         for d in old_aside:  # no writer ever writes into an aside directory
+            if d in held:  # kept steps reference its step: its files may be theirs
+                continue
             lock.check()
             location.remove_tree(d)
             reaped.append(d)
@@ -339,9 +360,9 @@ def _prune(location: Location, policy: RetentionPolicy, dry_run: bool, grace: fl
             claim.release()
     if deleted or reaped:
         location.fsync_dir("")
-    _remove_dead_leases(location, leases, now, keep_dirs=set(skipped))
-    return PruneReport(location.display, False, kept, tuple(deleted), tuple(reaped), skipped,
-                       corrupt, retired=tuple(retired))
+    _remove_dead_leases(location, leases, now, keep_dirs={*skipped, *held})
+    return PruneReport(location.display, False, kept, tuple(deleted), tuple(reaped),
+                       unheld(skipped, held), corrupt, retired=tuple(retired), kept_dirs=held)
 
 
 def _remove_dead_leases(location: Location, leases: Mapping[str, Record | None], now: float,

@@ -11,6 +11,14 @@ from .policy import RetentionPolicy
 from .prune import PruneReport, prune_location
 from .storage import Location
 from .storage.probe import reachable_all
+from .warnsite import warn_user
+
+
+def _warn_kept_dirs(report: PruneReport) -> None:
+    """A step directory kept steps reference has no valid manifest: say so (background
+    retention reports nothing else; a warning repeats once per call site, see warnsite.py)."""
+    for d, why in sorted(report.kept_dirs.items()):
+        warn_user(f"retention: {report.location}/{d} kept: {why}", UserWarning)
 
 
 def prune_locations(locations: Sequence[Location], policy: RetentionPolicy,
@@ -27,6 +35,7 @@ def prune_locations(locations: Sequence[Location], policy: RetentionPolicy,
             reports.append(prune_location(loc, policy, dry_run=dry_run, lock_wait=lock_wait,
                                           manifests=dict(manifests),
                                           unknown_metric=unknown_metric))
+            _warn_kept_dirs(reports[-1])
         except ShardckptError as exc:
             failures.append((loc.display, exc))
     if failures:

@@ -123,7 +123,11 @@ def _prune(args: argparse.Namespace, started: float, outcome: list[tuple[str, in
             continue
         docs.append({"url": loc.display, **report.to_json()})
         outcome.append((loc.display, len(report.deleted), len(report.reaped)))
-        corrupt += [f"{loc.display}: step {s}: {e}" for s, e in sorted(report.corrupt.items())]
+        held = dict(report.kept_dirs)  # referenced, without a valid manifest (prune_hold.py)
+        corrupt += [f"{loc.display}: step {s}: {e}"
+                    + (f"; kept: {held.pop(f'step-{s:010d}')}" if f"step-{s:010d}" in held else "")
+                    for s, e in sorted(report.corrupt.items())]
+        corrupt += [f"{loc.display}: {d} kept: {why}" for d, why in sorted(held.items())]
         if not args.json and not args.quiet:
             _print_prune(report)
     code = 70 if errors else 2 if corrupt else 0
@@ -165,8 +169,9 @@ def _complain(args: argparse.Namespace, errors: list[tuple[str, Any]],
 
 def _print_prune(report: Any) -> None:
     verb = "would delete" if report.dry_run else "deleted"
-    print(f"{report.location}{' (dry run)' if report.dry_run else ''}: kept {len(report.kept)}, "
-          f"{verb} {len(report.deleted)}"
+    held = f" (+{len(report.kept_dirs)} without a valid manifest)" if report.kept_dirs else ""
+    print(f"{report.location}{' (dry run)' if report.dry_run else ''}: kept {len(report.kept)}"
+          f"{held}, {verb} {len(report.deleted)}"
           f"{f' ({len(report.retired)} retired)' if report.retired else ''}, "
           f"{'would reap' if report.dry_run else 'reaped'} {len(report.reaped)}")
     rows = [(s, "keep", ", ".join(r)) for s, r in report.kept.items()]
@@ -179,6 +184,8 @@ def _print_prune(report: Any) -> None:
         print(f"{d:>12}  {'reap':<8} uncommitted, older than the grace period")
     for d, why in sorted(report.skipped.items()):
         print(f"{d:>12}  {'skip':<8} {why}")
+    for d, why in sorted(report.kept_dirs.items()):
+        print(f"{d:>12}  {'keep':<8} {why}")
 
 
 _PRUNE_EPILOG = """\
@@ -189,7 +196,9 @@ config says otherwise). Flags override --config, a TOML file of the same keys (k
 
 Deletion removes manifest.json first, then the data, so an interrupted prune never leaves a
 listed checkpoint with missing files. Uncommitted step directories are reaped once nothing
-has touched them for --grace and no live save holds a lease on them. Each location (ROOT and
+has touched them for --grace and no live save holds a lease on them, never when kept steps
+reference their files (an incremental base whose manifest was lost or damaged: kept whole,
+reported, exit 2; `shardckpt repair` from a replica restores it). Each location (ROOT and
 every --replica) is pruned from its own listing, under its own lock.
 
 For cron and systemd: run it as the user that trains (it owns the checkpoints). A root that
@@ -199,10 +208,10 @@ nothing is written there. --json prints one line per run (JSON Lines, with "time
 included ({"error": {...}}); --quiet prints nothing on success and one line on failure;
 --metrics-file keeps a Prometheus textfile of the outcome (shardckpt_prune_last_success, ...).
 
-exit codes: 0 done, or no checkpoints yet; 2 a corrupt manifest was found (reported, left
-alone, the rest pruned), or ROOT is not a checkpoint root; 64 usage error, also a --metric that
-no checkpoint has (nothing is pruned then); 70 another prune still held the lock after
---lock-wait, or storage failed.
+exit codes: 0 done, or no checkpoints yet; 2 a corrupt manifest was found, or a step directory
+that kept steps reference has no valid manifest (reported, left alone, the rest pruned), or
+ROOT is not a checkpoint root; 64 usage error, also a --metric that no checkpoint has (nothing
+is pruned then); 70 another prune still held the lock after --lock-wait, or storage failed.
 """
 
 
