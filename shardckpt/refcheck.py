@@ -110,13 +110,17 @@ def _reason(exc: Exception, location: Location, rel: str) -> str:
     return text[len(prefix):] if text.startswith(prefix) else text
 
 
-def untrusted_targets(locations: Sequence[Location], manifest: M.Manifest) -> dict[int, str]:
+def untrusted_targets(locations: Sequence[Location], manifest: M.Manifest,
+                      known: Mapping[int, M.Manifest] | None = None) -> dict[int, str]:
     """Each step ``manifest`` references that has a valid manifest at none of ``locations``:
     step -> why, at the first location (``LOCATION/step-N/manifest.json PROBLEM``). Its data
-    bytes may be intact, but no reference to it can be trusted: what ``verify`` reports, and
-    what ``repair`` from a location holding a valid manifest of it heals."""
+    bytes may be intact, but no reference to it can be trusted: what ``verify`` and ``info()``
+    report, and what ``repair`` from a location holding a valid manifest of it heals. ``known``:
+    manifests already validated, by step (not read again)."""
     out: dict[int, str] = {}
     for step in sorted({r.step for r in references(manifest.extra, manifest.step)}):
+        if known is not None and step in known:
+            continue
         why: list[str] = []
         for loc in locations:
             problem, _ = target_problem(loc, step)

@@ -78,6 +78,10 @@ def test_ls_show_verify_name_the_base_steps_manifest(
         in check["detail"], check["detail"]
     code, out, _ = cli(capsys, "verify", root, "--step", "2")  # the text says the same
     assert code == 2 and "which has no valid manifest at any location" in out, out
+    with shardckpt.CheckpointManager(root, async_save=False) as mgr:  # info() says it too
+        info = mgr.info(3)
+    assert info.depends_on == (1,)
+    assert info.dependency_problems == (f"step 1: {root}/{MANIFEST} {WHY[how]}",), info
 
 
 def test_load_without_a_step_falls_back_past_them(tmp_path: Path) -> None:
@@ -119,6 +123,8 @@ def test_repair_from_a_replica_heals_the_base_manifest(
         {"url": root, "health": f"depends on damaged step 1: {MANIFEST} {WHY[how]}, so no "
                                 f"reference to step 1 can be trusted"},
         {"url": rep, "health": "ok"}], rows[4]
+    with shardckpt.CheckpointManager(root, replicas=[rep], async_save=False) as mgr:
+        assert mgr.info(4).dependency_problems == ()  # the replica's is valid: it loads
     code, out, err = cli(capsys, "repair", root, "--replica", rep)
     assert code == 0, out + err
     assert (Path(root) / MANIFEST).read_bytes() == before
@@ -128,5 +134,7 @@ def test_repair_from_a_replica_heals_the_base_manifest(
     code, out, _ = cli(capsys, "verify", root, "--step", "4")
     assert code == 0, out
     shutil.rmtree(rep)  # ROOT alone: every step loads bit for bit
+    with shardckpt.CheckpointManager(root, async_save=False) as mgr:
+        assert mgr.info(4).dependency_problems == ()
     for step in (2, 3, 4):
         load_step(root, step, lora_state(step))
