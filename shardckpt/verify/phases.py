@@ -91,7 +91,7 @@ def integrity(locations: Sequence[Location], step: int, manifest: M.Manifest, co
         files += f" ({len(names)} of its own, {len(referenced)} referenced from step(s) " \
                  f"{data['depends_on']})"
     untrusted = untrusted_targets(locations, manifest) if bad and comm.rank == 0 else {}
-    if comm.world_size > 1:
+    if bad and comm.world_size > 1:  # ``bad`` is alike on every rank: all or none ask
         untrusted = {int(k): v for k, v in comm.broadcast_json(
             {str(k): v for k, v in untrusted.items()}, "verify: untrusted references").items()}
     if untrusted:  # the data may be intact: the references to those steps cannot be trusted
