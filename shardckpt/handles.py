@@ -22,13 +22,18 @@ class CheckpointInfo:
     replicas: tuple[str, ...]
     bytes_referenced: int = 0  # incremental: stored bytes of earlier steps' files it uses
     depends_on: tuple[int, ...] = ()  # incremental: the earlier steps those files belong to
+    # incremental, ``info()`` only: "step M: why" for each of those steps with no valid
+    # manifest at any location (the step cannot load: see shardckpt.refcheck.untrusted_targets)
+    dependency_problems: tuple[str, ...] = ()
 
     @classmethod
-    def from_manifest(cls, m: M.Manifest) -> CheckpointInfo:
+    def from_manifest(cls, m: M.Manifest, untrusted: Mapping[int, str] | None = None
+                      ) -> CheckpointInfo:
         inc = summary(m.extra, m.step, m.nbytes)
         return cls(m.step, m.time, dict(m.metrics), m.tags, m.world_size, m.nbytes,
                    tuple(m.extra.get("locations", ())), inc["bytes_referenced"],
-                   tuple(inc["depends_on"]))
+                   tuple(inc["depends_on"]),
+                   tuple(f"step {s}: {why}" for s, why in sorted((untrusted or {}).items())))
 
 
 class SaveHandle:

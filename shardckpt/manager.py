@@ -282,7 +282,10 @@ class CheckpointManager:
         return manifest
 
     def info(self, step: int) -> CheckpointInfo:
-        return CheckpointInfo.from_manifest(self.manifest(step))
+        from .refcheck import untrusted_targets  # incremental: a base without a valid manifest
+        m = self.manifest(step)
+        return CheckpointInfo.from_manifest(m, untrusted_targets(self.locations, m,
+                                                                 self._finder.manifests))
 
     # -------------------------------------------------------------------------------- load
     def load(self, state: dict[str, Any], step: int | None = None, strict: bool = True, *,

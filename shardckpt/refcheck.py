@@ -86,6 +86,52 @@ def resolve_targets(location: Location, manifest: M.Manifest,
     return out
 
 
+def target_problem(location: Location, step: int) -> tuple[str | None, M.Manifest | None]:
+    """Why the referenced ``step`` cannot be trusted at ``location`` (its directory missing,
+    no manifest: not committed, an invalid or unreadable manifest) and None, or None and its
+    manifest (retired or not): the check :func:`resolve_targets` makes, as words for ``ls``,
+    ``show`` and ``verify``."""
+    rel = f"{step_dirname(step)}/{M.MANIFEST_NAME}"
+    try:
+        return None, read_manifest(location, step)
+    except IncompleteCheckpointError:
+        if location.size(rel) is None and step not in location.list_step_dirs():
+            return "missing (no directory of that step)", None
+        return f"missing (step {step} is not committed)", None
+    except CorruptCheckpointError as exc:
+        return f"invalid ({_reason(exc, location, rel)})", None
+    except (StorageError, OSError) as exc:
+        return f"unreadable ({_reason(exc, location, rel)})", None
+
+
+def _reason(exc: Exception, location: Location, rel: str) -> str:
+    text = str(exc)
+    prefix = f"{location.display}/{rel}: "
+    return text[len(prefix):] if text.startswith(prefix) else text
+
+
+def untrusted_targets(locations: Sequence[Location], manifest: M.Manifest,
+                      known: Mapping[int, M.Manifest] | None = None) -> dict[int, str]:
+    """Each step ``manifest`` references that has a valid manifest at none of ``locations``:
+    step -> why, at the first location (``LOCATION/step-N/manifest.json PROBLEM``). Its data
+    bytes may be intact, but no reference to it can be trusted: what ``verify`` and ``info()``
+    report, and what ``repair`` from a location holding a valid manifest of it heals. ``known``:
+    manifests already validated, by step (not read again)."""
+    out: dict[int, str] = {}
+    for step in sorted({r.step for r in references(manifest.extra, manifest.step)}):
+        if known is not None and step in known:
+            continue
+        why: list[str] = []
+        for loc in locations:
+            problem, _ = target_problem(loc, step)
+            if problem is None:
+                break
+            why.append(f"{loc.display}/{step_dirname(step)}/{M.MANIFEST_NAME} {problem}")
+        else:
+            out[step] = why[0] if why else f"step {step}: no location"
+    return out
+
+
 class DeadReference(ShardckptError):
     """Marker mixed into the error raised when no location holds a usable copy of a
     referenced file or chunk: the referencing step's own file is not to blame."""
@@ -269,5 +315,5 @@ def ref_path(location: Location, ref: tuple[int, str]) -> tuple[str, str]:
 
 
 __all__ = ["DeadReference", "RefTargets", "dead", "ref_path", "referenced_todo", "resolve_targets",
-           "retired_referenced", "with_references",
+           "retired_referenced", "target_problem", "untrusted_targets", "with_references",
            "with_retired"]

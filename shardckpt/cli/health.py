@@ -69,28 +69,44 @@ def _file_state(loc: Location, rel: str, nbytes: int, header_offset: int, header
     return "ok"
 
 
-def ref_health(loc: Location, m: M.Manifest, cache: dict[tuple[str, str], str] | None = None
+def ref_health(loc: Location, m: M.Manifest, cache: dict[tuple[str, str], object] | None = None
                ) -> list[dict[str, object]]:
-    """Incremental saves: each file of an earlier step that ``m`` references and that is not
-    whole at ``loc`` (that step not committed there, the file missing, of another size, or
-    with another header than the one ``m`` recorded: the checks of :func:`file_health`), as
-    ``{"step", "file", "problem"}``, ``file`` named as ``verify`` names it
-    (``step-NNNNNNNNNN/<file>``). ``cache`` (location, path) -> state spares reading a base
-    again for each step that references it."""
+    """Incremental saves: what is not whole at ``loc`` of the earlier steps ``m`` references,
+    as ``{"step", "file", "problem"}``: once per step whose manifest is not valid there
+    (``file``: ``step-NNNNNNNNNN/manifest.json``; the directory missing, not committed, an
+    invalid or unreadable manifest: no reference to it can be trusted, as the loader refuses
+    it), else each referenced file that its manifest does not list with the record ``m``
+    copied, or that is missing, of another size or with another header (the checks of
+    :func:`file_health`), ``file`` named as ``verify`` names it (``step-NNNNNNNNNN/<file>``).
+    ``cache`` spares reading a base again for each step that references it."""
+    from ..refcheck import target_problem
+
     cache = {} if cache is None else cache
     out: list[dict[str, object]] = []
     for r in references(m.extra, m.step):
         d = step_dirname(r.step)
+        mkey = (loc.display, f"{d}/{M.MANIFEST_NAME}")
+        if mkey not in cache:
+            cache[mkey] = target_problem(loc, r.step)
+        problem, target = cache[mkey]  # type: ignore[misc]
+        if problem is not None:
+            if not any(o["step"] == r.step for o in out):
+                out.append({"step": r.step, "file": mkey[1], "problem": problem})
+            continue
         rel = f"{d}/{r.file}"
-        for path in (f"{d}/{M.MANIFEST_NAME}", rel):
-            key = (loc.display, path)
+        rec = target.files.get(r.file)
+        if rec is None:
+            state = f"not listed by the manifest of step {r.step}"
+        elif (rec.nbytes, rec.header_offset, rec.header_xxh3) != (r.nbytes, r.header_offset,
+                                                                 r.header_xxh3):
+            state = f"listed by the manifest of step {r.step} with another record"
+        else:
+            key = (loc.display, rel)
             if key not in cache:
-                cache[key] = ("ok" if loc.size(path) is not None else "not committed here "
-                              "(no manifest)") if path.endswith(M.MANIFEST_NAME) else \
-                    _file_state(loc, rel, r.nbytes, r.header_offset, r.header_xxh3)
-            if cache[key] != "ok":
-                out.append({"step": r.step, "file": rel, "problem": cache[key]})
-                break
+                cache[key] = _file_state(loc, rel, r.nbytes, r.header_offset, r.header_xxh3)
+            state = str(cache[key])
+        if state != "ok":
+            out.append({"step": r.step, "file": rel, "problem": state})
     return out
 
 
@@ -99,7 +115,9 @@ def ref_state(problems: list[dict[str, object]]) -> str:
     :func:`ref_health`) are not: names the first damaged step and file."""
     p = problems[0]
     more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-    return f"depends on damaged step {p['step']}: {p['file']} {p['problem']}{more}"
+    why = f", so no reference to step {p['step']} can be trusted" \
+        if str(p["file"]).endswith(M.MANIFEST_NAME) else ""
+    return f"depends on damaged step {p['step']}: {p['file']} {p['problem']}{why}{more}"
 
 
 def survey(locations: list[Location], progress: bool = False) -> Survey:
@@ -122,7 +140,7 @@ def survey(locations: list[Location], progress: bool = False) -> Survey:
                  aside=[(locations[i].display, name) for i, name in found.aside])
     out.problems += [f"{locations[i].display}: cannot be listed: unreachable: {why}"
                      for i, why in sorted(found.unreachable.items())]
-    cache: dict[tuple[str, str], str] = {}
+    cache: dict[tuple[str, str], object] = {}
     for step, entry in sorted(found.steps.items()):
         out.problems += [msg for i, msg in sorted(entry.errors.items())
                          if entry.state[i] in ("corrupt", "unreadable")]

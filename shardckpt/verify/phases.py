@@ -25,7 +25,7 @@ from ..errors import (
 )
 from ..format import manifest as M
 from ..format.refs import depends_on
-from ..refcheck import referenced_todo
+from ..refcheck import referenced_todo, untrusted_targets
 from ..repair import verify_file
 from ..storage import Location, step_dirname
 
@@ -90,6 +90,20 @@ def integrity(locations: Sequence[Location], step: int, manifest: M.Manifest, co
     if referenced:  # incremental: its own files and those of earlier steps it references
         files += f" ({len(names)} of its own, {len(referenced)} referenced from step(s) " \
                  f"{data['depends_on']})"
+    untrusted = untrusted_targets(locations, manifest) if bad and comm.rank == 0 else {}
+    if bad and comm.world_size > 1:  # ``bad`` is alike on every rank: all or none ask
+        untrusted = {int(k): v for k, v in comm.broadcast_json(
+            {str(k): v for k, v in untrusted.items()}, "verify: untrusted references").items()}
+    if untrusted:  # the data may be intact: the references to those steps cannot be trusted
+        data["untrusted_references"] = [{"step": s, "problem": p} for s, p in untrusted.items()]
+        first = next(iter(untrusted.items()))
+        also = f" (and step(s) {sorted(untrusted)[1:]})" if len(untrusted) > 1 else ""
+        return Check("integrity", False, f"step {step} references step {first[0]}, which has "
+                     f"no valid manifest at any location ({first[1]}){also}: no reference to "
+                     f"it can be trusted, so {len(bad)} of {files} could not be checked (their "
+                     f"bytes may be intact) and the step cannot load; `shardckpt repair` from a "
+                     f"replica holding a valid manifest of step {first[0]} restores it "
+                     f"({', '.join(b['file'] for b in bad)})", code=EXIT_INTEGRITY, data=data)
     if bad:
         more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
         own = sum(1 for b in bad if "/" not in b["file"])
