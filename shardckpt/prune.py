@@ -42,7 +42,7 @@ from .controldir import make_control_dirs
 from .errors import StorageError
 from .format import manifest as M
 from .objectlock import retention_guard
-from .orphans import pending_uploads
+from .orphans import pending_uploads, reap_temps, stale_temps
 from .policy import (
     CheckpointRecord,
     RetentionPlan,
@@ -303,7 +303,8 @@ def _prune(location: Location, policy: RetentionPolicy, dry_run: bool, grace: fl
         dropped = tuple(s for s in dropped if s not in kept)
         return PruneReport(location.display, True, kept, dropped,
                            (*[d for d in (*stale, *old_aside) if d not in held],
-                            *sweep_plan(location, referenced)), unheld(skipped, held), corrupt,
+                            *sweep_plan(location, referenced), *stale_temps(location, now, grace)),
+                           unheld(skipped, held), corrupt,
                            retired=tuple(s for s in dropped if s in referenced), kept_dirs=held)
 
     assert lock is not None
@@ -355,6 +356,7 @@ def _prune(location: Location, policy: RetentionPolicy, dry_run: bool, grace: fl
             location.remove_tree(d)
             reaped.append(d)
         reaped += sweep_retired(location, referenced, lock.check)
+        reaped += reap_temps(location, now, grace, lock.check)  # killed retirements' temps
     finally:
         if claim is not None:
             claim.release()

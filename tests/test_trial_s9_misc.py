@@ -70,3 +70,53 @@ def test_saving_a_retired_steps_number_says_it_is_retired(tmp_path: Path) -> Non
 def test_full_every_of_the_wrong_type_is_a_type_error(tmp_path: Path, bad: object) -> None:
     with pytest.raises(TypeError, match="full_every"):
         shardckpt.CheckpointManager(str(tmp_path), incremental=True, full_every=bad)
+
+
+def test_a_killed_retirements_temp_file_is_reaped_after_the_grace(tmp_path: Path) -> None:
+    """F8: a SIGKILL between writing a retired record and renaming it leaves
+    ``step-N.retired.tmp-<hex>`` in the root; a prune removes it once the grace has passed."""
+    import os
+    import time
+
+    root = retired_root(tmp_path)
+    old = root / "step-0000000001.retired.tmp-0f19907c10fd"
+    new = root / "step-0000000002.retired.tmp-997d383335bc"
+    for f in (old, new):
+        f.write_bytes(b"{}")
+    hours_ago = time.time() - 2 * 3600
+    os.utime(old, (hours_ago, hours_ago))
+    from shardckpt.prune import prune_location
+    from shardckpt.storage.local import LocalLocation
+
+    policy = shardckpt.RetentionPolicy(keep_last=5)
+    plan = prune_location(LocalLocation(str(root)), policy, dry_run=True)
+    assert old.name in plan.reaped and new.name not in plan.reaped and old.exists()
+    done = prune_location(LocalLocation(str(root)), policy)
+    assert old.name in done.reaped and not old.exists() and new.exists()
+
+
+@pytest.mark.parametrize("damage", ["lost", "flipped"])
+def test_a_new_save_never_clears_a_step_dir_later_steps_reference(tmp_path: Path,
+                                                                  damage: str) -> None:
+    """A save of step N over step N's directory without a valid manifest clears it (a dead
+    writer's leftovers) or moves it aside (corrupt): not when committed later steps reference
+    its files (their bytes would go, or no longer be where they point)."""
+    root = tmp_path / "root"
+    with shardckpt.CheckpointManager(str(root), async_save=False, incremental=True,
+                                     capture_rng=False) as mgr:
+        for step in (1, 2, 3):
+            mgr.save(step, lora_state(step))
+    manifest = root / step_dirname(1) / "manifest.json"
+    files = {p.name: p.read_bytes() for p in (root / step_dirname(1)).glob("*.shard")}
+    if damage == "lost":
+        manifest.unlink()
+    else:
+        data = bytearray(manifest.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        manifest.write_bytes(bytes(data))
+    with shardckpt.CheckpointManager(str(root), async_save=False, incremental=True,
+                                     capture_rng=False) as mgr:
+        with pytest.raises(ValueError, match="steps 2, 3 reference its files"):
+            mgr.save(1, lora_state(1))
+    assert {p.name: p.read_bytes() for p in (root / step_dirname(1)).glob("*.shard")} == files
+    assert not list(root.glob("step-0000000001.corrupt-*"))

@@ -17,11 +17,12 @@ from typing import Any
 from ..catalog import aside_dirname, read_manifest
 from ..errors import ConcurrentWriterError, CorruptCheckpointError, ShardckptError
 from ..format import manifest as M
+from ..format.refs import references
 from ..format.shard import TRAILER, TRAILER_SIZE, FileRecord, Piece
 from ..planning import tree as T
 from ..planning.assign import LeafSpec, WritePlan
 from ..retired import retired_name
-from ..storage import Location
+from ..storage import Location, step_dirname
 from ..storage.lease import StepLease
 from ..storage.marker import check_marker
 from ..storage.probe import Unreachable, reachable_all
@@ -49,11 +50,12 @@ class SaveRequest:
 def prepare_step_dir(location: Location, step_dir: str) -> None:
     """Before anyone writes (the caller holds the writer lease): refuse a committed step, move
     a step whose manifest is corrupt aside (kept, never deleted), clear a stale partial one."""
+    step = int(step_dir.removeprefix("step-"))
     if location.size(f"{step_dir}/{M.MANIFEST_NAME}") is not None:
-        step = int(step_dir.removeprefix("step-"))
         try:
             found = read_manifest(location, step)
         except CorruptCheckpointError as exc:  # not committed, but kept: moved out of the way
+            refuse_referenced(location, step, f"its manifest is corrupt ({exc})")
             aside = aside_dirname(step, time.time())
             location.move_tree(step_dir, aside)
             warnings.warn(f"{location.display}/{step_dir}: manifest corrupt ({exc}); moved "
@@ -63,8 +65,30 @@ def prepare_step_dir(location: Location, step_dir: str) -> None:
     if location.is_local:  # a dead writer's commit claim (claims are local disks' only)
         clear_claim(location, f"{step_dir}/{M.MANIFEST_NAME}")
     if location.listdir(step_dir):  # a dead writer's leftovers (no live lease: checked)
+        refuse_referenced(location, step, "it has no manifest")
         location.remove_tree(step_dir)
     location.makedirs(step_dir)
+
+
+def refuse_referenced(location: Location, step: int, why: str) -> None:
+    """A step directory about to be cleared or moved aside for a new save of ``step``: refuse
+    (``ValueError``) if committed later steps reference its files (incremental saves): its
+    bytes are theirs, and a new step N would not be the files they name."""
+    later = [s for s in location.list_step_dirs() if s > step]
+    users = []
+    for s in later:
+        try:
+            m = read_manifest(location, s)
+        except ShardckptError:
+            continue
+        if any(r.step == step for r in references(m.extra, m.step)):
+            users.append(s)
+    if users:
+        raise ValueError(f"{location.display}/{step_dirname(step)}: {why}, but steps "
+                         f"{', '.join(map(str, users))} reference its files; it is neither "
+                         f"cleared nor moved aside for a new save of step {step}: restore its "
+                         f"manifest (`shardckpt repair` from a replica) or save under a new "
+                         f"step number")
 
 
 def refuse_committed(location: Location, step_dir: str, found: M.Manifest) -> None:
