@@ -317,7 +317,9 @@ def _prune(location: Location, policy: RetentionPolicy, dry_run: bool, grace: fl
             s for s in dropped if step_dirname(s) not in blocked])
         held = hold_dirs(referenced, [*skipped, *stale, *old_aside], corrupt)
         kept.update(hold_steps(referenced, dropped))
-        for step in dropped:
+        # newest first: a step references only earlier ones, so a prune killed part-way
+        # leaves every step still listed with all the bytes it references
+        for step in sorted(dropped, reverse=True):
             d = step_dirname(step)
             if d in blocked:  # a writer started on it after the listing
                 kept[step] = ("in progress",)

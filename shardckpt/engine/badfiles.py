@@ -34,6 +34,14 @@ def forget(where: str, relpath: str) -> None:
         _bad.discard((where, relpath))
 
 
+def forget_step(where: str, step_dir: str) -> None:
+    """A new save of the step is being written there (its old directory was cleared or moved
+    aside first): what was noted of the old files no longer applies."""
+    with _lock:
+        _bad.difference_update({p for p in _bad if p[0] == where
+                                and p[1].startswith(step_dir + "/")})
+
+
 def noted(limit: int = 4096) -> list[list[str]]:
     """What this process noted, as ``[where, relpath]`` pairs (sorted; at most ``limit``): what
     a read-once load shares with its peers (:mod:`.readonce`)."""

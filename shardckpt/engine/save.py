@@ -40,6 +40,7 @@ from ..storage import Location, step_dirname
 from ..storage.lease import StepLease
 from ..storage.writers import may_remove
 from ..warnsite import warn_user
+from .badfiles import forget_step
 from .comm import Comm
 from .failpolicy import mark_agreed
 from .failures import agree_on_state, describe, raise_failures
@@ -287,8 +288,9 @@ class _SaveRun:
         try:
             todo = [PieceData(leaf.key, leaf.dtype, leaf.offsets, leaf.lengths, leaf.data)
                     for leaf in (collected.leaves[i] for i in M.expand(assignment.writes[rank]))]
-            if rank != 0:
-                for _, loc in targets:
+            for _, loc in targets:  # rank 0 cleared the directory: old notes of it are void
+                forget_step(loc.display, self.step_dir)
+                if rank != 0:
                     loc.makedirs(self.step_dir)
             opts = self.opts
             config = PipelineConfig.plan(opts.codec, opts.chunk_size, opts.memory_budget,
