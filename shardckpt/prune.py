@@ -365,8 +365,9 @@ def _prune(location: Location, policy: RetentionPolicy, dry_run: bool, grace: fl
     if deleted or reaped:
         location.fsync_dir("")
     _remove_dead_leases(location, leases, now, keep_dirs={*skipped, *held})
-    return PruneReport(location.display, False, kept, tuple(deleted), tuple(reaped),
-                       unheld(skipped, held), corrupt, retired=tuple(retired), kept_dirs=held)
+    return PruneReport(location.display, False, kept, tuple(sorted(deleted)), tuple(reaped),
+                       unheld(skipped, held), corrupt, retired=tuple(sorted(retired)),
+                       kept_dirs=held)
 
 
 def _remove_dead_leases(location: Location, leases: Mapping[str, Record | None], now: float,

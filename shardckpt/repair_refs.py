@@ -11,8 +11,9 @@ local disk, the chunks) that kept steps reference. A repair treats it so, at eve
 - it does not recreate a retired step that nothing references at a location lacking it (the
   next prune deletes it).
 
-A step is retired when a location holds its directory and its record. The *kept* steps are the
-others that hold a valid manifest somewhere. Never imports torch.
+A step is retired when a location holds its directory and its record, unless ROOT holds it
+committed (a valid manifest, no record): a replica's own retention is no damage to ROOT. The
+*kept* steps are the others that hold a valid manifest somewhere. Never imports torch.
 """
 
 from __future__ import annotations
@@ -20,13 +21,13 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from .catalog import survey
+from .catalog import MAX_MANIFEST_BYTES, survey
 from .errors import ShardckptError
 from .format import manifest as M
 from .format.refs import references
 from .holes import referenced_ranges
 from .refcheck import with_references
-from .storage import Location
+from .storage import Location, step_dirname
 
 Only = Mapping[str, set[int]]
 
@@ -49,8 +50,20 @@ class _Root:
 
 
 def _look(locations: Sequence[Location]) -> _Root:
+    """ROOT (the first location) decides which steps are retired: a step a replica's own
+    retention retired while ROOT still holds it committed is a checkpoint of ROOT, repaired
+    as one and never hidden there (a replica's pruning is no damage to ROOT)."""
     found = survey(locations, probe=False)
     retired = set(found.retired)
+    for s in [s for s, where in found.retired.items() if 0 not in where]:
+        try:  # retired at replicas only: still a checkpoint of ROOT if committed there
+            m = M.parse(locations[0].read_file(f"{step_dirname(s)}/{M.MANIFEST_NAME}",
+                                               MAX_MANIFEST_BYTES),
+                        f"{locations[0].display}/{step_dirname(s)}/{M.MANIFEST_NAME}")
+        except (ShardckptError, OSError):
+            continue  # ROOT lacks it (or its manifest): brought back retired, as before
+        if m.step == s:
+            retired.discard(s)
     kept = {s: e.manifest for s, e in found.steps.items()
             if e.manifest is not None and s not in retired}
     return _Root(kept, retired)

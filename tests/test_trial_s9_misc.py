@@ -120,3 +120,26 @@ def test_a_new_save_never_clears_a_step_dir_later_steps_reference(tmp_path: Path
             mgr.save(1, lora_state(1))
     assert {p.name: p.read_bytes() for p in (root / step_dirname(1)).glob("*.shard")} == files
     assert not list(root.glob("step-0000000001.corrupt-*"))
+
+
+def test_repair_never_imposes_a_replicas_retirements_on_root(tmp_path: Path) -> None:
+    """Trial #2: a replica pruned on its own (step 1 retired there, steps 2-3 deleted) while
+    ROOT still holds every step: ``repair ROOT --replica REP`` leaves ROOT's step 1 a visible,
+    loadable checkpoint (no retired record written at ROOT)."""
+    from shardckpt.prune import prune_location
+    from shardckpt.storage.local import LocalLocation
+
+    root, rep = tmp_path / "b", tmp_path / "a"
+    with shardckpt.CheckpointManager(str(root), replicas=[str(rep)], async_save=False,
+                                     incremental=True, capture_rng=False) as mgr:
+        for step in (1, 2, 3, 4):
+            mgr.save(step, lora_state(step))
+    prune_location(LocalLocation(str(rep)), shardckpt.RetentionPolicy(keep_last=1), grace=0)
+    assert (rep / f"{step_dirname(1)}.retired").exists()
+    assert cli_main(["repair", str(root), "--replica", str(rep)]) in (0, 2)
+    assert not (root / f"{step_dirname(1)}.retired").exists()
+    with shardckpt.CheckpointManager(str(root), capture_rng=False) as mgr:
+        assert mgr.steps() == [1, 2, 3, 4]
+        for step in (1, 4):
+            got = zeros_like(lora_state(step))
+            assert mgr.load(got, step=step) == step
