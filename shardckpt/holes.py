@@ -7,7 +7,8 @@ that changed since). On a local Linux filesystem the other chunks' space is retu
 header and the referenced chunks byte for byte; the punched ranges read as zeros, and nothing
 reads them (a reader reads a retired step's files only through references, and ``verify`` /
 ``repair`` check a referenced file by the chunks referenced). Elsewhere (object stores, other
-systems) nothing is punched. Never imports torch.
+systems) nothing is punched, and neither is a file that a *signed* kept step references (its
+signature covers the SHA-256 of the whole file). Never imports torch.
 """
 
 from __future__ import annotations
@@ -87,13 +88,25 @@ def punch_retired(location: Location, kept: Mapping[int, M.Manifest], target: M.
     if not location.is_local or _libc() is None:
         return 0
     ranges = referenced_ranges(location, kept, target.step)
+    signed = _signed_whole(location, kept, target.step)
     total = 0
     for name in files:
         rec = target.files.get(name)
-        if rec is not None:
+        if rec is not None and name not in signed:
             total += punch(location, f"{step_dirname(target.step)}/{name}",
                            gaps(ranges.get(name, []), rec.header_offset))
     return total
+
+
+def _signed_whole(location: Location, kept: Mapping[int, M.Manifest], target: int) -> set[str]:
+    """Files of ``target`` that a *signed* kept step references: kept whole, unpunched (its
+    signature covers the SHA-256 of each whole file it references: shardckpt/sign/step.py)."""
+    out: set[str] = set()
+    for s, m in kept.items():
+        refs = [r.file for r in references(m.extra, s) if r.step == target]
+        if refs and location.size(f"{step_dirname(s)}/signature.sigstore.json") is not None:
+            out.update(refs)
+    return out
 
 
 _LIBC: list[object] = []

@@ -21,6 +21,7 @@ from typing import Any
 
 from ..catalog import read_manifest
 from ..format import manifest as M
+from ..format.refs import references
 from ..storage import Location, step_dirname
 from .bundle import (
     MAX_BUNDLE_BYTES,
@@ -42,9 +43,9 @@ def covered_files(manifest: M.Manifest) -> dict[str, str]:
     d = step_dirname(manifest.step)
     names = [M.MANIFEST_NAME, *sorted(manifest.files)]
     out = {n: f"{d}/{n}" for n in names}
-    for ref_step, name in getattr(manifest, "referenced_files", ()) or ():  # incremental saves
-        rd = step_dirname(int(ref_step))
-        out[f"../{rd}/{name}"] = f"{rd}/{name}"
+    for ref in references(manifest.extra, manifest.step):  # incremental saves
+        rd = step_dirname(ref.step)
+        out[f"../{rd}/{ref.file}"] = f"{rd}/{ref.file}"
     return out
 
 
