@@ -49,7 +49,8 @@ def test_a_replica_missing_what_the_base_references_gets_a_full_save(tmp_path: P
     else:
         (lost / "manifest.json").unlink()
     said = save_next(root, rep, 4)
-    assert any(str(rep) in m and step_dirname(1) in m and "saving in full" in m for m in said), said
+    assert any(str(rep) in m and step_dirname(1) in m and "writing in full" in m
+               for m in said), said
     for where in (root, rep):
         doc = json.loads((where / step_dirname(4) / "manifest.json").read_bytes())
         assert not doc.get("references")  # full: readable wherever it was committed
@@ -62,6 +63,6 @@ def test_a_replica_missing_what_the_base_references_gets_a_full_save(tmp_path: P
 def test_a_replica_holding_everything_keeps_incremental_saves(tmp_path: Path) -> None:
     root, rep = build(tmp_path)
     said = save_next(root, rep, 4)
-    assert not [m for m in said if "saving in full" in m], said
+    assert not [m for m in said if "writing in full" in m], said
     doc = json.loads((rep / step_dirname(4) / "manifest.json").read_bytes())
     assert {r["step"] for r in doc["references"]} == {1}

@@ -226,7 +226,7 @@ def pick_base(locations: Sequence[Location], step: int, full_every: int,
             if lacking:  # the new step would not be readable there
                 warnings.warn(f"incremental save of step {step}: {loc.display} lacks "
                               f"{lacking}, which the base step {base.step} holds or "
-                              f"references; saving in full (`shardckpt repair` restores it "
+                              f"references; writing in full (`shardckpt repair` restores it "
                               f"from another location)", stacklevel=3)
                 return None
         return base
