@@ -101,10 +101,12 @@ def punch_retired(location: Location, kept: Mapping[int, M.Manifest], target: M.
 def _signed_whole(location: Location, kept: Mapping[int, M.Manifest], target: int) -> set[str]:
     """Files of ``target`` that a *signed* kept step references: kept whole, unpunched (its
     signature covers the SHA-256 of each whole file it references: shardckpt/sign/step.py)."""
+    from .sign.step import SIGNATURE_NAME  # no cryptography import: names only
+
     out: set[str] = set()
     for s, m in kept.items():
         refs = [r.file for r in references(m.extra, s) if r.step == target]
-        if refs and location.size(f"{step_dirname(s)}/signature.sigstore.json") is not None:
+        if refs and location.size(f"{step_dirname(s)}/{SIGNATURE_NAME}") is not None:
             out.update(refs)
     return out
 

@@ -43,11 +43,9 @@ class PipelineConfig:
 class EncodePipeline:
     """Ordered, bounded-window encoding over a shared thread pool (or inline with no pool)."""
 
-    def __init__(self, config: PipelineConfig, pool: ThreadPoolExecutor | None,
-                 workers: int = 1) -> None:
+    def __init__(self, config: PipelineConfig, pool: ThreadPoolExecutor | None) -> None:
         self.config = config
         self._pool = pool
-        self.workers = workers  # the pool's threads
 
     @property
     def pool(self) -> ThreadPoolExecutor | None:

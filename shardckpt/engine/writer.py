@@ -152,8 +152,7 @@ def write_rank(locations: Sequence[tuple[int, Location]], step_dir: str,
     names = [shard_name(rank, i, spread) for i in range(len(groups))]
     with pools.pool("encode", max(1, encoders), nice) as encode_pool, \
             pools.pool("write", max(1, min(threads, len(groups) or 1)), nice) as pool:
-        pipeline = EncodePipeline(config, encode_pool if encoders > 0 else None,
-                                  max(1, encoders))
+        pipeline = EncodePipeline(config, encode_pool if encoders > 0 else None)
         bounce = Bounce(config, len(groups)) if fits(config, len(groups)) else None
         futures = [pool.submit(write_file, locations, step_dir, n, g, pipeline,
                                save_id=save_id, step=step, rank=rank, base=base, bounce=bounce)
