@@ -46,11 +46,14 @@ def test_nogil_digests_are_the_bindings(i: int) -> None:
 def test_large_writable_buffers_bypass_the_binding(monkeypatch) -> None:
     assert nogilhash.available()  # x86-64 Linux with the PyPI wheel: the C entry points exist
     want = xxhash.xxh3_128_hexdigest(big := bytearray(os.urandom(2 * MiB)))
+    want_mid = xxhash.xxh3_128_hexdigest(mid := bytearray(os.urandom(70_000)))
 
     def refuse(data: object) -> str:
         raise AssertionError("the binding (with the GIL) was used")
     monkeypatch.setattr(nogilhash.xxhash, "xxh3_128_hexdigest", refuse)
     assert nogilhash.xxh3_128_hex(big) == want
+    # from HELD_MIN the binding would let the GIL go: the entry points that keep it
+    assert nogilhash.xxh3_128_hex(mid) == want_mid
     with pytest.raises(AssertionError, match="binding"):  # small: the binding, on purpose
         nogilhash.xxh3_128_hex(bytearray(100))
     with pytest.raises(AssertionError, match="binding"):  # read-only, not bytes: the binding
@@ -98,14 +101,40 @@ def test_unchanged_chunks_never_reach_the_pipeline(with_pool: bool) -> None:
     pool = ThreadPoolExecutor(1) if with_pool else None
     try:
         same = prehash.Verdicts(chunks, expects, pool)
-        todo = list(prehash.changed(chunks, same))
+        none = prehash.direct_below(same, 0)  # nothing encoded on the spot
+        todo = list(prehash.changed(chunks, same, none))
         assert [len(c) for c in todo] == [10, MiB]
-        out = list(prehash.merged(chunks, same, iter(["B", "C"])))  # type: ignore[arg-type]
+        out = list(prehash.merged(chunks, same, iter(["B", "C"]), none))  # type: ignore[arg-type]
         assert out[1:] == ["B", "C"]
         assert (out[0].reused, out[0].raw, out[0].xxh128) == (True, MiB, expects[0])
     finally:
         if pool is not None:
             pool.shutdown()
+
+
+def test_small_changed_chunks_are_encoded_on_the_spot_hashed_once(monkeypatch) -> None:
+    big, small, new = (memoryview(bytearray(os.urandom(n))) for n in (MiB, 70_000, 300))
+    chunks = [big, small, new]
+    expects: list[str | None] = ["0" * 32, "1" * 32, None]  # all changed; ``new`` has no base
+    hashed: list[int] = []
+    real = prehash.digest128
+    monkeypatch.setattr(prehash, "digest128", lambda c: hashed.append(len(c)) or real(c))
+    pool = ThreadPoolExecutor(1)
+    try:
+        same = prehash.Verdicts(chunks, expects, pool)
+        direct = prehash.direct_below(same, 100_000)
+        assert [direct(i) for i in range(3)] == [False, True, True]  # ``big`` waits for a batch
+        todo = list(prehash.changed(chunks, same, direct))
+        assert [len(c) for c in todo] == [MiB]  # only the large one goes to the pipeline
+        out = list(prehash.merged(chunks, same, iter(["BIG"]), direct))  # type: ignore[arg-type]
+    finally:
+        pool.shutdown()
+    assert out[0] == "BIG"
+    for got, c in zip(out[1:], chunks[1:]):
+        assert (got.stored, got.raw, got.codec, got.reused) == (c, len(c), "raw", False)
+        assert got.xxh128 == xxhash.xxh3_128_hexdigest(c)
+        assert got.xxh3 == xxhash.xxh3_64_hexdigest(c)
+    assert sorted(hashed) == [300, 70_000, MiB]  # each chunk hashed once, not again to encode
 
 
 def test_pieces_without_a_batch_go_first_in_order() -> None:
@@ -146,8 +175,8 @@ def test_start_writeback_on_a_real_file(tmp_path: Path) -> None:
 
 def test_incremental_save_hands_only_changed_chunks_to_the_pipeline(tmp_path: Path,
                                                                     monkeypatch) -> None:
-    """A frozen tensor's chunks never reach the encoder; the changed ones do, and the steps
-    load bit for bit."""
+    """A frozen tensor's chunks never reach the encoder; a small changed one is encoded by the
+    writer on the spot, a large one by the pipeline; the steps load bit for bit."""
     from shardckpt.engine import pipeline
 
     monkeypatch.setenv("SHARDCKPT_CHUNK_SIZE", str(MiB))
@@ -160,15 +189,18 @@ def test_incremental_save_hands_only_changed_chunks_to_the_pipeline(tmp_path: Pa
         return orig(self, chunks, fn)
     monkeypatch.setattr(pipeline.EncodePipeline, "encode", spy)
     torch.manual_seed(0)
-    state = {"frozen": torch.randn(4 * MiB // 4), "adapter": torch.randn(1000)}
+    state = {"frozen": torch.randn(4 * MiB // 4), "adapter": torch.randn(1000),
+             "head": torch.randn(MiB // 4)}
     with shardckpt.CheckpointManager(str(tmp_path), async_save=False, incremental=True,
                                      capture_rng=False) as mgr:
         mgr.save(1, state)
-        assert sum(seen) == 4 * MiB + 4000
+        assert sum(seen) == 5 * MiB + 4000
         seen.clear()
         state["adapter"].add_(1)
+        state["head"].add_(1)
         mgr.save(2, state)
-        assert sum(seen) == 4000  # only the adapter was encoded and written
+        assert sum(seen) == MiB  # the head (a batch verdict); the adapter on the spot
+        assert mgr.info(2).nbytes < MiB + 64 * 1024  # only the adapter and the head written
         out = {k: torch.zeros_like(v) for k, v in state.items()}
         mgr.load(out, step=2)
         assert all(torch.equal(out[k], state[k]) for k in state)

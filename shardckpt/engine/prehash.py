@@ -8,10 +8,13 @@ hashed (XXH3-128 of their raw bytes, without the GIL: format/nogilhash.py) in ba
 MiB, in file order, on the encoder threads, from the moment the file's write begins; small ones
 are hashed by the writer when it gets to them (shorter than a handoff). A chunk whose digest and
 size equal the base chunk's is then known to be unchanged and is never handed to the pipeline;
-the others are encoded exactly as in a full save (copied, hashed again and checksummed: the
-digest recorded is always that of the bytes written). The writer streams the changed chunks
-while the encoders still hash the large ones further on, and :func:`order` puts the pieces that
-need no batch first in the file, so their bytes are written while the hashing runs.
+the others are encoded as in a full save, except that a small raw chunk (under the pipeline's
+inline size) is encoded by the writer on the spot: its digest is the one the verdict just
+computed from the bytes about to be written, and its checksum is taken there too (no trip
+through the pipeline's layers for each of hundreds of adapter chunks). The writer streams the
+changed chunks while the encoders still hash the large ones further on, and :func:`order` puts
+the pieces that need no batch first in the file, so their bytes are written while the hashing
+runs.
 
 Reuse is still decided by the digest of the bytes alone, and every byte is hashed: in a blocking
 save the caller waits and the tensors cannot change; an async save hashes its snapshot. Each
@@ -25,7 +28,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor, Future
 from typing import TypeVar
 
-from ..format.codec import digest128
+from ..format.codec import checksum, digest128
 from ..format.nogilhash import MIN_BYTES
 from ..format.shard import EncodedChunk
 
@@ -42,6 +45,7 @@ class Verdicts:
                  pool: Executor | None) -> None:
         self.chunks, self.expects = chunks, expects
         self._known: list[bool | None] = [None if e is not None else False for e in expects]
+        self._digests: dict[int, str] = {}  # of the chunks hashed inline
         self._batch_of: dict[int, tuple[Future[list[bool]], list[int]]] = {}
         self._futures: list[Future[list[bool]]] = []
         if pool is None:
@@ -74,13 +78,20 @@ class Verdicts:
             return known
         batch = self._batch_of.get(i)
         if batch is None:
-            same = digest128(self.chunks[i]) == self.expects[i]
+            same = self.digest(i) == self.expects[i]
             self._known[i] = same
             return same
         future, idx = batch
         for j, same in zip(idx, future.result()):
             self._known[j] = same
         return bool(self._known[i])
+
+    def digest(self, i: int) -> str:
+        """The XXH3-128 of chunk ``i``, hashed by the caller (once) unless batched."""
+        d = self._digests.get(i)
+        if d is None:
+            d = self._digests[i] = digest128(self.chunks[i])
+        return d
 
     def needs_batch(self, i: int) -> bool:
         return i in self._batch_of
@@ -96,20 +107,31 @@ def order(items: Sequence[T], batched: Callable[[T], bool]) -> list[T]:
     return [x for x in items if not batched(x)] + [x for x in items if batched(x)]
 
 
-def changed(chunks: Sequence[memoryview], same: Verdicts) -> Iterator[memoryview]:
-    """The chunks that differ from the base's, in order (what the pipeline encodes)."""
-    return (c for i, c in enumerate(chunks) if not same(i))
+def direct_below(same: Verdicts, inline_max: int) -> Callable[[int], bool]:
+    """Whether chunk ``i`` is encoded by the writer on the spot (see the module): raw chunks
+    under ``inline_max`` bytes (0: none) whose verdict needs no batch."""
+    return lambda i: len(same.chunks[i]) < inline_max and not same.needs_batch(i)
 
 
-def merged(chunks: Sequence[memoryview], same: Verdicts,
-           encoded: Iterator[EncodedChunk]) -> Iterator[EncodedChunk]:
+def changed(chunks: Sequence[memoryview], same: Verdicts,
+            direct: Callable[[int], bool]) -> Iterator[memoryview]:
+    """The chunks that differ from the base's, in order, less the ``direct`` ones (what the
+    pipeline encodes)."""
+    return (c for i, c in enumerate(chunks) if not direct(i) and not same(i))
+
+
+def merged(chunks: Sequence[memoryview], same: Verdicts, encoded: Iterator[EncodedChunk],
+           direct: Callable[[int], bool]) -> Iterator[EncodedChunk]:
     """Every chunk in order: an unchanged one as a reused :class:`EncodedChunk` (nothing to
-    write), the others taken in order from ``encoded`` (the pipeline over :func:`changed`)."""
+    write), a changed ``direct`` one encoded raw here, the others taken in order from
+    ``encoded`` (the pipeline over :func:`changed`)."""
     try:
         for i, c in enumerate(chunks):
             expect = same.expects[i]
             if expect is not None and same(i):
                 yield EncodedChunk(b"", len(c), "", "", expect, True)
+            elif direct(i):
+                yield EncodedChunk(c, len(c), checksum(c), "raw", same.digest(i))
             else:
                 yield next(encoded)
     finally:

@@ -18,8 +18,8 @@ from ..storage.replicas import open_tee
 from . import pools
 from .bounce import Bounce, fits, writes_direct
 from .incremental import BaseChunks, reuse
-from .pipeline import EncodePipeline, PipelineConfig
-from .prehash import Verdicts, changed, merged, order
+from .pipeline import INLINE_MAX, EncodePipeline, PipelineConfig
+from .prehash import Verdicts, changed, direct_below, merged, order
 from .tensorbytes import byte_view
 
 
@@ -109,13 +109,15 @@ def write_file(locations: Sequence[tuple[int, Location]], step_dir: str, name: s
         if same is not None:
             same.cancel()
         raise
-    todo = chunks if same is None else changed(chunks, same)
+    if same is not None:
+        direct = direct_below(same, INLINE_MAX if pipeline.config.codec.level is None else 0)
+    todo = chunks if same is None else changed(chunks, same, direct)
     if bounce is not None and writes_direct(sink):
         encoded = bounce.released(pipeline.encode(todo, bounce.encode))
     else:
         encoded = pipeline.encode(todo)
-    if same is not None:  # the unchanged chunks never reach the pipeline
-        encoded = merged(chunks, same, encoded)
+    if same is not None:  # unchanged chunks never reach the pipeline
+        encoded = merged(chunks, same, encoded, direct)
     try:
         writer = ShardWriter(sink, name, save_id=save_id, step=step, rank=rank,
                              chunk_size=size, codec=pipeline.config.codec)
