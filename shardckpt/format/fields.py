@@ -56,6 +56,8 @@ def hex16(value: Any, where: str) -> str:
 def int_list(value: Any, where: str, hi: int = MAX_BYTES, max_len: int = MAX_NDIM) -> list[int]:
     if not isinstance(value, list) or len(value) > max_len:
         raise fail(where, f"expected a list of at most {max_len} integers")
+    if all(type(v) is int and 0 <= v <= hi for v in value):  # no name built per element
+        return list(value)
     return [integer(v, f"{where}[{i}]", 0, hi) for i, v in enumerate(value)]
 
 
