@@ -48,9 +48,13 @@ def flat(t: torch.Tensor) -> torch.Tensor:
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
-    """The C-order bytes of a tensor, without a copy when it is already contiguous on the CPU."""
+    """The C-order bytes of a tensor's values, without a copy when it is already contiguous on
+    the CPU. A lazily conjugated or negated view (``x.conj()``, ``torch._neg_view``) holds
+    bytes that are not its values: those are materialized (a blocking save refused them)."""
     if t.device.type != "cpu":
         t = t.cpu()
+    if t.is_conj() or t.is_neg():
+        t = t.resolve_conj().resolve_neg()
     t = t.contiguous()
     if t.numel() == 0:
         return memoryview(b"")
