@@ -80,3 +80,23 @@ def test_a_blocking_save_takes_conjugate_and_negative_views_by_value(tmp_path: P
         mgr.load(out, step=2)
     for k in want:  # the values (no NaN here), not the stored bytes of the lazy view
         assert torch.equal(out[k], want[k]), k
+
+
+def test_a_load_that_finds_no_good_step_names_every_step_it_tried(tmp_path: Path) -> None:
+    """From the session 10 trial: the error named only the oldest step; the others were in
+    warnings alone."""
+    from shardckpt.engine.load import CorruptLoadError
+
+    with shardckpt.CheckpointManager(str(tmp_path), async_save=False,
+                                     capture_rng=False) as mgr:
+        for step in (1, 2, 3):
+            mgr.save(step, {"w": torch.full((1000,), float(step))})
+    for shard in tmp_path.glob("step-*/*.shard"):
+        data = bytearray(shard.read_bytes())
+        data[100] ^= 0xFF  # inside the first chunk (it starts right after the 64-byte preamble)
+        shard.write_bytes(bytes(data))
+    with shardckpt.CheckpointManager(str(tmp_path), async_save=False,
+                                     capture_rng=False) as mgr:
+        with pytest.warns(UserWarning, match="cannot be loaded"), \
+                pytest.raises(CorruptLoadError, match=r"steps 3, 2, 1 \(newest first\)"):
+            mgr.load({"w": torch.zeros(1000)})

@@ -51,7 +51,12 @@ def load_state(comm: Comm, finder: Finder, state: dict[str, Any], step: int | No
         except BAD_DATA as exc:
             bad.append(candidate)
             if i + 1 == len(candidates):
-                raise
+                if len(bad) == 1:
+                    raise
+                tried = ", ".join(map(str, bad))  # every step, not only the last, is named
+                raise type(exc)(f"no committed step could be loaded: steps {tried} (newest "
+                                f"first) all have bad data; step {candidate}: {exc}",
+                                exc.failures, exc.phase) from exc
             if comm.rank == 0:
                 lines = "; ".join(f"rank {r}: {m}" for r, m in sorted(exc.failures.items()))
                 warnings.warn(f"step {candidate} cannot be loaded, its data is bad ({lines}); "
