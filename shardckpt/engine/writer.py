@@ -3,7 +3,7 @@ encode pipeline."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import wait
 from dataclasses import dataclass
 from itertools import islice
@@ -84,42 +84,39 @@ class WrittenFile:
 
 
 def write_file(locations: Sequence[tuple[int, Location]], step_dir: str, name: str,
-               pieces: Sequence[PieceData], pipeline: EncodePipeline, *, save_id: str,
-               step: int, rank: int, base: BaseChunks | None = None,
-               bounce: Bounce | None = None, views: Sequence[memoryview] | None = None
-               ) -> WrittenFile:
-    """Stream ``pieces`` into one shard file at every location, encoding each chunk once.
-    With ``base`` (incremental), a chunk whose raw XXH3-128 and size equal the base step's
-    chunk at the same place is not written but recorded as a reference to its bytes.
+               pieces: Sequence[PieceData], views: Sequence[memoryview],
+               pipeline: EncodePipeline, *, save_id: str, step: int, rank: int,
+               base: BaseChunks | None = None, bounce: Bounce | None = None) -> WrittenFile:
+    """Stream ``pieces`` (their bytes: ``views``, see :func:`write_rank`) into one shard file at
+    every location, encoding each chunk once. With ``base`` (incremental), a chunk whose raw
+    XXH3-128 and size equal the base step's chunk at the same place is not written but
+    recorded as a reference to its bytes.
 
     The file is durable wherever ``stored_at`` says when this returns; it raises only if no
     location could store it. With ``bounce``, chunks at unaligned addresses are copied into
-    aligned buffers by the encoders where the file goes direct (engine/bounce.py). ``views``:
-    the pieces' bytes (:func:`tensor_bytes`), if taken already (see :func:`write_rank`).
+    aligned buffers by the encoders where the file goes direct (engine/bounce.py).
     """
     size = pipeline.config.chunk_size
-    same: Verdicts | None = None
+    counts = [-(-len(v) // size) for v in views]  # chunks per piece: ceil(bytes / size)
+    olds = [base.chunks_of(p.key, p.offsets, p.lengths, len(v), size) if base else [None] * n
+            for p, v, n in zip(pieces, views, counts)]
+    if base is not None:  # pieces whose chunks wait for a hashing batch last (prehash.py)
+        rows = order(list(zip(pieces, views, counts, olds)), lambda r: any(
+            o is not None and o.raw >= MIN_BYTES for o in r[3]))
+        pieces, views, counts, olds = (list(x) for x in zip(*rows)) if rows else ([],) * 4
+    chunks = [c for v in views for c in split_chunks(v, size)]
+    same = Verdicts(chunks, [o.xxh128 if o is not None else None for c in olds for o in c],
+                    pipeline.pool) if base is not None else None
     try:
-        if views is None:
-            views = [tensor_bytes(p.data) for p in pieces]
-        counts = [-(-len(v) // size) for v in views]  # chunks per piece: ceil(bytes / size)
-        olds = [base.chunks_of(p.key, p.offsets, p.lengths, len(v), size) if base else
-                [None] * n for p, v, n in zip(pieces, views, counts)]
-        if base is not None:  # pieces whose chunks wait for a hashing batch last (prehash.py)
-            rows = order(list(zip(pieces, views, counts, olds)), lambda r: any(
-                o is not None and o.raw >= MIN_BYTES for o in r[3]))
-            pieces, views, counts, olds = (list(x) for x in zip(*rows)) if rows else ([],) * 4
-        chunks = [c for v in views for c in split_chunks(v, size)]
-        same = Verdicts(chunks, [o.xxh128 if o is not None else None for c in olds for o in c],
-                        pipeline.pool) if base is not None else None
         sink = open_tee(locations, f"{step_dir}/{name}")
     except BaseException:
         if same is not None:
             same.cancel()
         raise
-    if same is not None:
+    todo: Iterable[memoryview] = chunks
+    if same is not None:  # small changed raw chunks are encoded on the spot (prehash.py)
         direct = direct_below(same, INLINE_MAX if pipeline.config.codec.level is None else 0)
-    todo = chunks if same is None else changed(chunks, same, direct)
+        todo = changed(chunks, same, direct)
     if bounce is not None and writes_direct(sink):
         encoded = bounce.released(pipeline.encode(todo, bounce.encode))
     else:
@@ -163,16 +160,14 @@ def write_rank(locations: Sequence[tuple[int, Location]], step_dir: str,
     interval (5 ms) at each (an incremental save's second file started 10 ms late that way)."""
     groups = split_files(pieces, nfiles)
     views = [[tensor_bytes(p.data) for p in g] for g in groups]
-    workers = max(1, min(threads, len(groups) or 1))
     spread = not all(loc.is_local for _, loc in locations)
     names = [shard_name(rank, i, spread) for i in range(len(groups))]
     with pools.pool("encode", max(1, encoders), nice) as encode_pool, \
-            pools.pool("write", workers, nice) as pool:
+            pools.pool("write", max(1, min(threads, len(groups) or 1)), nice) as pool:
         pipeline = EncodePipeline(config, encode_pool if encoders > 0 else None)
         bounce = Bounce(config, len(groups)) if fits(config, len(groups)) else None
-        futures = [pool.submit(write_file, locations, step_dir, n, g, pipeline,
-                               save_id=save_id, step=step, rank=rank, base=base, bounce=bounce,
-                               views=v)
+        futures = [pool.submit(write_file, locations, step_dir, n, g, v, pipeline,
+                               save_id=save_id, step=step, rank=rank, base=base, bounce=bounce)
                    for n, g, v in zip(names, groups, views)]
         wait(futures)  # every file done (or failed) before this returns or raises
         return [f.result() for f in futures]
